@@ -1,0 +1,278 @@
+"""A fail-soft gRPC client of the datastore service (the client-side edge: protobufs stop here).
+
+Every call carries a deadline (a few milliseconds by default). Any failure -- timeout, server down,
+overload, bad request -- returns ``None`` (or an empty tree) and bumps a counter in ``stats``; nothing
+is raised into the decode loop. A circuit breaker skips calls for ``breaker_cooldown_s`` after
+``breaker_failures`` consecutive failures, then lets one probe through (half-open). The gRPC channel
+reconnects by itself.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import grpc
+import numpy as np
+
+from protos import datastore_pb2 as pb
+from protos import datastore_pb2_grpc as pb_grpc
+
+from .types import DraftTree
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    index_id: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    num_tokens: int
+    num_documents: int
+    max_context: int
+    max_budget: int
+    max_batch: int
+    documents_available: bool
+    manifest_json: str
+
+
+@dataclass(frozen=True)
+class Session:
+    session_id: str
+    document_ids: np.ndarray
+    ttl_s: float
+
+
+def tree_from_response(root: int, resp) -> DraftTree:
+    """RetrieveResponse (nodes below the root) -> DraftTree rooted at ``root``."""
+    n = len(resp.tokens)
+    if n == 0:
+        return DraftTree.empty(root)
+    tokens = np.empty(n + 1, dtype=np.int32)
+    tokens[0] = root
+    tokens[1:] = resp.tokens
+    parents = np.empty(n + 1, dtype=np.int32)
+    parents[0] = -1
+    parents[1:] = resp.parents
+    parents[1:] += 1
+    probs = np.empty(n + 1, dtype=np.float32)
+    probs[0] = 1.0
+    probs[1:] = resp.probs
+    sources = np.zeros(n + 1, dtype=np.uint8)
+    sources[1:] = np.frombuffer(resp.sources, dtype=np.uint8) if len(resp.sources) == n else 1
+    return DraftTree(tokens, parents, probs, sources)
+
+
+class PendingRetrieval:
+    """Handle of an in-flight Retrieve: ``result()`` blocks at most until the call's deadline."""
+
+    __slots__ = ("_client", "_future", "root", "_tree", "key")
+
+    def __init__(self, client: "DatastoreClient", future, root: int, key=None):
+        self._client = client
+        self._future = future
+        self.root = root
+        self._tree: Optional[DraftTree] = None if future is not None else DraftTree.empty(root)
+        self.key = key
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def cancel(self) -> None:
+        if self._future is not None and self._tree is None:
+            self._future.cancel()
+
+    def result(self) -> DraftTree:
+        if self._tree is None:
+            self._tree = self._client._finish(self._future, self.root)
+        return self._tree
+
+
+class DatastoreClient:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 0.005,
+        tokenizer_fingerprint: Optional[str] = None,
+        auth_token: Optional[str] = None,
+        tls: bool = False,
+        root_certificates: Optional[bytes] = None,
+        context_tail: int = 64,
+        breaker_failures: int = 5,
+        breaker_cooldown_s: float = 1.0,
+        session_timeout_s: float = 1.0,
+        channel_options: Sequence[tuple] = (),
+    ):
+        self.address = address
+        self.timeout_s = float(timeout_s)
+        self.session_timeout_s = float(session_timeout_s)
+        self.tokenizer_fingerprint = tokenizer_fingerprint or ""
+        self.context_tail = int(context_tail)
+        self.breaker_failures = int(breaker_failures)
+        self.breaker_cooldown_s = float(breaker_cooldown_s)
+        self.stats: Counter = Counter()
+        self.last_error: Optional[str] = None
+        self.last_index_id: Optional[str] = None
+        self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else None
+        opts = [("grpc.enable_retries", 0), ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000), *channel_options]
+        if tls:
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options=opts)
+        else:
+            self._channel = grpc.insecure_channel(address, options=opts)
+        self._stub = pb_grpc.DatastoreStub(self._channel)
+        self._lock = threading.Lock()
+        self._consecutive_failures = 0
+        self._open_until = 0.0
+        self._probe_in_flight = False
+
+    # ------------------------------------------------------------------ circuit breaker
+    @property
+    def breaker_open(self) -> bool:
+        return self._consecutive_failures >= self.breaker_failures and time.monotonic() < self._open_until
+
+    def _allow(self) -> bool:
+        if self._consecutive_failures < self.breaker_failures:
+            return True
+        with self._lock:
+            if time.monotonic() < self._open_until or self._probe_in_flight:
+                self.stats["skipped_breaker_open"] += 1
+                return False
+            self._probe_in_flight = True  # half-open: exactly one probe
+            self.stats["breaker_probes"] += 1
+            return True
+
+    def _success(self) -> None:
+        self._consecutive_failures = 0
+        self._probe_in_flight = False
+
+    def _failure(self, err: BaseException) -> None:
+        code = err.code() if isinstance(err, grpc.RpcError) and hasattr(err, "code") else None
+        name = code.name if code is not None else type(err).__name__
+        self.stats["failures"] += 1
+        self.stats[f"failure_{name}"] += 1
+        self.last_error = f"{name}: {err.details() if hasattr(err, 'details') else err}"
+        with self._lock:
+            self._probe_in_flight = False
+            self._consecutive_failures += 1
+            if self._consecutive_failures >= self.breaker_failures:
+                if time.monotonic() >= self._open_until:
+                    self.stats["breaker_opened"] += 1
+                self._open_until = time.monotonic() + self.breaker_cooldown_s
+
+    # ------------------------------------------------------------------ calls
+    def info(self, timeout_s: Optional[float] = None, wait_for_ready: bool = False) -> Optional[ServerInfo]:
+        try:
+            r = self._stub.Info(pb.InfoRequest(), timeout=timeout_s or self.session_timeout_s,
+                                metadata=self._metadata, wait_for_ready=wait_for_ready)
+        except grpc.RpcError as e:
+            self._failure(e)
+            return None
+        self._success()
+        self.last_index_id = r.index_id
+        return ServerInfo(r.index_id, r.tokenizer_fingerprint, r.vocab_size, r.num_tokens, r.num_documents,
+                          r.max_context, r.max_budget, r.max_batch, r.documents_available, r.manifest_json)
+
+    def open_session(self, prompt_ids: Optional[Sequence[int]] = None, prompt_text: Optional[str] = None,
+                     top_k: int = 0) -> Optional[Session]:
+        if not self._allow():
+            return None
+        req = pb.OpenSessionRequest(prompt_text=prompt_text or "", top_k=top_k,
+                                    tokenizer_fingerprint=self.tokenizer_fingerprint)
+        if not prompt_text and prompt_ids is not None:
+            req.prompt_ids.extend(np.asarray(prompt_ids, dtype=np.int64).tolist())
+        self.stats["open_session"] += 1
+        try:
+            r = self._stub.OpenSession(req, timeout=self.session_timeout_s, metadata=self._metadata)
+        except grpc.RpcError as e:
+            self._failure(e)
+            return None
+        self._success()
+        return Session(r.session_id, np.asarray(r.document_ids, dtype=np.int64), r.ttl_s)
+
+    def close_session(self, session_id: Optional[str]) -> bool:
+        if not session_id:
+            return False
+        try:
+            r = self._stub.CloseSession(pb.CloseSessionRequest(session_id=session_id),
+                                        timeout=self.session_timeout_s, metadata=self._metadata)
+        except grpc.RpcError as e:
+            self._failure(e)
+            return False
+        self._success()
+        return bool(r.closed)
+
+    def _request(self, context_tail, budget: int, session_id: Optional[str], hint) -> tuple[int, "pb.RetrieveRequest"]:
+        ctx = np.asarray(context_tail).reshape(-1)[-self.context_tail:]
+        root = int(ctx[-1])
+        req = pb.RetrieveRequest(context=ctx.astype(np.int32).tolist(), budget=int(budget),
+                                 session_id=session_id or "", tokenizer_fingerprint=self.tokenizer_fingerprint)
+        if hint is not None:
+            ht, hp = hint
+            req.hint_tokens.extend(np.asarray(ht, dtype=np.int32).tolist())
+            req.hint_probs.extend(np.asarray(hp, dtype=np.float32).tolist())
+        return root, req
+
+    def retrieve_async(self, context_tail, budget: int, session_id: Optional[str] = None,
+                       hint: Optional[tuple] = None, key=None) -> PendingRetrieval:
+        """Issue a Retrieve without waiting; ``.result()`` gives the DraftTree (empty on any failure)."""
+        root = int(np.asarray(context_tail).reshape(-1)[-1])
+        self.stats["requests"] += 1
+        if budget <= 0 or not self._allow():
+            return PendingRetrieval(self, None, root, key)
+        try:
+            root, req = self._request(context_tail, budget, session_id, hint)
+            fut = self._stub.Retrieve.future(req, timeout=self.timeout_s, metadata=self._metadata)
+        except Exception as e:  # noqa: BLE001 - e.g. a closed channel
+            self._failure(e)
+            return PendingRetrieval(self, None, root, key)
+        return PendingRetrieval(self, fut, root, key)
+
+    def _finish(self, fut, root: int) -> DraftTree:
+        try:
+            resp = fut.result()
+        except grpc.FutureCancelledError:
+            self.stats["cancelled"] += 1
+            return DraftTree.empty(root)
+        except Exception as e:  # noqa: BLE001 - grpc.RpcError, or anything else: no draft this step
+            self._failure(e)
+            return DraftTree.empty(root)
+        self._success()
+        self.last_index_id = resp.index_id
+        try:
+            tree = tree_from_response(root, resp)
+        except Exception as e:  # noqa: BLE001 - malformed answer
+            self._failure(e)
+            return DraftTree.empty(root)
+        self.stats["hits" if len(tree) > 1 else "misses"] += 1
+        return tree
+
+    def retrieve(self, context_tail, budget: int, session_id: Optional[str] = None,
+                 hint: Optional[tuple] = None) -> DraftTree:
+        return self.retrieve_async(context_tail, budget, session_id, hint).result()
+
+    def retrieve_batch(self, contexts: Sequence, budget: int, session_id: Optional[str] = None) -> list[DraftTree]:
+        roots = [int(np.asarray(c).reshape(-1)[-1]) for c in contexts]
+        self.stats["requests"] += len(contexts)
+        if not contexts or budget <= 0 or not self._allow():
+            return [DraftTree.empty(r) for r in roots]
+        try:
+            batch = pb.RetrieveBatchRequest(requests=[self._request(c, budget, session_id, None)[1] for c in contexts])
+            resp = self._stub.RetrieveBatch(batch, timeout=self.timeout_s * max(1, len(contexts) ** 0.5),
+                                            metadata=self._metadata)
+        except Exception as e:  # noqa: BLE001
+            self._failure(e)
+            return [DraftTree.empty(r) for r in roots]
+        self._success()
+        return [tree_from_response(r, x) for r, x in zip(roots, resp.responses)]
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "DatastoreClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

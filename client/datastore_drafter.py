@@ -1,0 +1,353 @@
+"""The retrieval-datastore drafter: remote (gRPC service) or embedded (the same index, in process).
+
+Per decode step the decoder calls ``prefetch(ctx, budget)`` on every drafter that has it, then local
+drafters' ``propose``, then ours: the remote round trip overlaps local drafting. ``propose`` uses the
+prefetched answer when it was issued for the same context, else makes a blocking call bounded by the
+client deadline. Any failure gives ``DraftTree.empty(root)``; nothing raises into the decode loop.
+
+Sessions: ``begin_request(prompt_ids, prompt_text)`` opens a document session (FAISS top-k documents of
+the prompt) when ``documents=True``; lookups then mark continuations found inside those documents with
+``Source.DOCUMENTS`` (and the index prefers them); ``end_request()`` closes it.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .types import DecodeContext, DraftTree, Source, StepResult
+
+log = logging.getLogger("client.datastore")
+
+
+class DatastoreUnavailableError(ConnectionError):
+    """The datastore named on the command line cannot be reached at start-up."""
+
+
+class TokenizerMismatchError(ValueError):
+    """The index was built with a different tokenizer than the model's: its token ids mean other text."""
+
+
+def cut_to_budget(tree: DraftTree, budget: int) -> DraftTree:
+    """Keep the ``budget`` draft nodes with the highest path probability (a parent-closed set)."""
+    if tree.num_drafts <= budget:
+        return tree
+    if budget <= 0:
+        return DraftTree.empty(tree.root)
+    pp = tree.path_probs()
+    # path probabilities never increase downwards, and ties are broken by index (parents come first),
+    # so the top set by (prob desc, index asc) contains the parent of each of its nodes.
+    order = np.lexsort((np.arange(1, len(tree)), -pp[1:])) + 1
+    keep = np.sort(np.concatenate([[0], order[:budget]]))
+    return tree.subset(keep)
+
+
+def tree_from_result(root: int, r) -> DraftTree:
+    """datastore.index.RetrievalResult (nodes below the root) -> DraftTree rooted at ``root``."""
+    n = len(r.tokens)
+    if n == 0:
+        return DraftTree.empty(root)
+    tokens = np.concatenate([[root], np.asarray(r.tokens)]).astype(np.int32)
+    parents = np.concatenate([[-1], np.asarray(r.parents, dtype=np.int64) + 1]).astype(np.int32)
+    probs = np.concatenate([[1.0], np.asarray(r.probs)]).astype(np.float32)
+    src = Source.DATASTORE + Source.DOCUMENTS * np.asarray(r.in_documents, dtype=bool)
+    sources = np.concatenate([[0], src]).astype(np.uint8)
+    return DraftTree(tokens, parents, probs, sources)
+
+
+class _Done:
+    """A finished 'pending' retrieval (embedded backend, or nothing to do)."""
+
+    __slots__ = ("_tree", "key")
+
+    def __init__(self, tree: DraftTree, key=None):
+        self._tree = tree
+        self.key = key
+
+    def done(self) -> bool:
+        return True
+
+    def cancel(self) -> None:
+        pass
+
+    def result(self) -> DraftTree:
+        return self._tree
+
+
+class EmbeddedBackend:
+    """The index in process: no server, no network (``spec-generate --index PATH``)."""
+
+    remote = False
+
+    def __init__(self, index: Any, *, context_tail: int = 64, retrieve_opts: Optional[dict] = None):
+        self.index = index
+        self.context_tail = int(context_tail)
+        self.retrieve_opts = dict(retrieve_opts or {})
+        self.stats: Counter = Counter()
+        self._sessions: dict[str, np.ndarray] = {}
+        self._next = 0
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return str(self.index.tokenizer_fingerprint)
+
+    def retrieve(self, context, budget: int, session_id: Optional[str] = None) -> DraftTree:
+        ctx = np.asarray(context).reshape(-1)[-self.context_tail:]
+        root = int(ctx[-1])
+        self.stats["requests"] += 1
+        if budget <= 0:
+            return DraftTree.empty(root)
+        try:
+            kw = dict(self.retrieve_opts)
+            docs = self._sessions.get(session_id) if session_id else None
+            if docs is not None:
+                kw["doc_filter"] = docs
+            r = self.index.retrieve(ctx.astype(np.int32), int(budget), **kw)
+            tree = tree_from_result(root, r)
+        except Exception as e:  # noqa: BLE001 - never into the decode loop
+            self.stats["failures"] += 1
+            log.warning("embedded retrieval failed: %s: %s", type(e).__name__, e)
+            return DraftTree.empty(root)
+        self.stats["hits" if len(tree) > 1 else "misses"] += 1
+        return tree
+
+    def retrieve_async(self, context, budget: int, session_id: Optional[str] = None, key=None):
+        return _Done(self.retrieve(context, budget, session_id), key)
+
+    def open_session(self, prompt_ids=None, prompt_text: Optional[str] = None, top_k: int = 8) -> Optional[str]:
+        if not prompt_text:
+            return None  # the index searches by text
+        try:
+            docs = np.sort(np.asarray(self.index.search_documents(prompt_text, k=top_k or 8), dtype=np.int64))
+        except Exception as e:  # noqa: BLE001
+            self.stats["failures"] += 1
+            log.warning("document search failed: %s: %s", type(e).__name__, e)
+            return None
+        self._next += 1
+        sid = f"local-{self._next}"
+        self._sessions[sid] = docs
+        return sid
+
+    def close_session(self, session_id: Optional[str]) -> None:
+        if session_id:
+            self._sessions.pop(session_id, None)
+
+    def close(self) -> None:
+        try:
+            self.index.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class RemoteBackend:
+    """The datastore service over gRPC (``spec-generate --datastore HOST:PORT``)."""
+
+    remote = True
+
+    def __init__(self, client):
+        self.client = client
+
+    @property
+    def stats(self) -> Counter:
+        return self.client.stats
+
+    def retrieve_async(self, context, budget: int, session_id: Optional[str] = None, key=None):
+        return self.client.retrieve_async(context, budget, session_id, key=key)
+
+    def retrieve(self, context, budget: int, session_id: Optional[str] = None) -> DraftTree:
+        return self.client.retrieve(context, budget, session_id)
+
+    def open_session(self, prompt_ids=None, prompt_text: Optional[str] = None, top_k: int = 0) -> Optional[str]:
+        s = self.client.open_session(prompt_ids, prompt_text, top_k)
+        return s.session_id if s is not None else None
+
+    def close_session(self, session_id: Optional[str]) -> None:
+        self.client.close_session(session_id)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class DatastoreDrafter:
+    """Drafter protocol (client/types.py) over a datastore backend."""
+
+    source = Source.DATASTORE
+
+    def __init__(self, backend, *, documents: bool = True, top_k: int = 8, max_budget: Optional[int] = None):
+        self.backend = backend
+        self.documents = bool(documents)
+        self.top_k = int(top_k)
+        self.max_budget = max_budget
+        self.session_id: Optional[str] = None
+        self._pending = None
+        self.counters: Counter = Counter()
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def remote(cls, address: str, *, documents: bool = True, top_k: int = 8, **client_opts) -> "DatastoreDrafter":
+        from .datastore_client import DatastoreClient
+
+        return cls(RemoteBackend(DatastoreClient(address, **client_opts)), documents=documents, top_k=top_k)
+
+    @classmethod
+    def embedded(cls, index_path: str, *, documents: bool = True, top_k: int = 8, context_tail: int = 64,
+                 retrieve_opts: Optional[dict] = None, index: Any = None) -> "DatastoreDrafter":
+        if index is None:
+            from datastore.index import DatastoreIndex  # torch-free; FAISS is the datastore side's business
+
+            index = DatastoreIndex.open(index_path, load_faiss=documents)
+        return cls(EmbeddedBackend(index, context_tail=context_tail, retrieve_opts=retrieve_opts),
+                   documents=documents, top_k=top_k)
+
+    # ------------------------------------------------------------------ Drafter protocol
+    @property
+    def stats(self) -> Counter:
+        return self.counters + self.backend.stats
+
+    @staticmethod
+    def _key(ctx: DecodeContext) -> tuple:
+        t = ctx.tokens
+        return (len(t), tuple(int(x) for x in t[-8:]))
+
+    def _budget(self, budget: int) -> int:
+        return min(budget, self.max_budget) if self.max_budget else budget
+
+    def _session(self, ctx: DecodeContext) -> Optional[str]:
+        return ctx.session_id or self.session_id
+
+    def prefetch(self, ctx: DecodeContext, budget: int) -> None:
+        """Issue the lookup for this step now (non-blocking for the remote backend)."""
+        try:
+            if self._pending is not None:
+                self._pending.cancel()
+            if not self.backend.remote:
+                self._pending = None  # in process the lookup is cheaper than any overlap
+                return
+            self._pending = self.backend.retrieve_async(ctx.tokens, self._budget(budget), self._session(ctx),
+                                                        key=self._key(ctx))
+            self.counters["prefetched"] += 1
+        except Exception as e:  # noqa: BLE001
+            self._pending = None
+            self.counters["errors"] += 1
+            log.warning("datastore prefetch failed: %s", e)
+
+    def propose(self, ctx: DecodeContext, budget: int) -> DraftTree:
+        root = ctx.last_token
+        try:
+            budget = self._budget(budget)
+            pending, self._pending = self._pending, None
+            if pending is not None and pending.key == self._key(ctx):
+                self.counters["prefetch_used"] += 1
+                tree = pending.result()
+            else:
+                if pending is not None:
+                    pending.cancel()
+                    self.counters["prefetch_stale"] += 1
+                tree = self.backend.retrieve(ctx.tokens, budget, self._session(ctx))
+            if tree.root != root:
+                return DraftTree.empty(root)
+            return cut_to_budget(tree, budget)
+        except Exception as e:  # noqa: BLE001 - never into the decode loop
+            self.counters["errors"] += 1
+            log.warning("datastore propose failed: %s", e)
+            return DraftTree.empty(root)
+
+    def observe(self, step: StepResult) -> None:
+        try:
+            src = step.tree.sources
+            acc = step.accepted_nodes[1:]
+            self.counters["accepted"] += int(np.count_nonzero(src[acc] & int(Source.DATASTORE)))
+            self.counters["proposed"] += int(np.count_nonzero(src & int(Source.DATASTORE)))
+        except Exception:  # noqa: BLE001
+            pass
+
+    def begin_request(self, prompt_ids: Optional[Sequence[int]] = None, prompt_text: Optional[str] = None) -> None:
+        self.end_request()
+        if not self.documents:
+            return
+        try:
+            self.session_id = self.backend.open_session(prompt_ids, prompt_text, self.top_k)
+            self.counters["sessions" if self.session_id else "session_failures"] += 1
+        except Exception as e:  # noqa: BLE001
+            self.session_id = None
+            self.counters["session_failures"] += 1
+            log.warning("datastore session failed: %s", e)
+
+    def end_request(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        sid, self.session_id = self.session_id, None
+        if sid:
+            try:
+                self.backend.close_session(sid)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def close(self) -> None:
+        self.end_request()
+        self.backend.close()
+
+
+def make_datastore_drafter(
+    address: Optional[str] = None,
+    index_path: Optional[str] = None,
+    tokenizer: Any = None,
+    *,
+    documents: bool = True,
+    top_k: int = 8,
+    timeout_s: float = 0.005,
+    connect_timeout_s: float = 5.0,
+    auth_token: Optional[str] = None,
+    tls: bool = False,
+    root_certificates: Optional[bytes] = None,
+    strict: bool = True,
+    max_budget: Optional[int] = None,
+    **client_opts,
+) -> DatastoreDrafter:
+    """Build the drafter for ``spec-generate --datastore HOST:PORT`` or ``--index PATH``.
+
+    Checks at start that the index was built with ``tokenizer`` (same fingerprint), raising
+    ``TokenizerMismatchError`` otherwise. With ``address``, an unreachable server raises
+    ``DatastoreUnavailableError`` when ``strict`` (else a warning: the drafter then drafts nothing until
+    the server comes up).
+    """
+    if (address is None) == (index_path is None):
+        raise ValueError("give exactly one of address (HOST:PORT) or index_path")
+    fp = None
+    if tokenizer is not None:
+        from .model_files import tokenizer_fingerprint
+
+        fp = tokenizer_fingerprint(tokenizer)
+    if index_path is not None:
+        drafter = DatastoreDrafter.embedded(index_path, documents=documents, top_k=top_k)
+        have = drafter.backend.tokenizer_fingerprint
+        if fp is not None and have != fp:
+            drafter.close()
+            raise TokenizerMismatchError(
+                f"index {index_path} was built with tokenizer {have}, but the model's tokenizer is {fp}: "
+                "rebuild the index with this model's tokenizer (index-build --model ...)"
+            )
+        drafter.max_budget = max_budget
+        return drafter
+    from .datastore_client import DatastoreClient
+
+    client = DatastoreClient(address, timeout_s=timeout_s, tokenizer_fingerprint=fp, auth_token=auth_token, tls=tls,
+                             root_certificates=root_certificates, **client_opts)
+    info = client.info(timeout_s=connect_timeout_s, wait_for_ready=True)
+    if info is None:
+        msg = f"cannot reach the datastore at {address} ({client.last_error})"
+        if strict:
+            client.close()
+            raise DatastoreUnavailableError(msg + "; is datastore-serve running?")
+        log.warning("%s; drafting without it until it answers", msg)
+    elif fp is not None and info.tokenizer_fingerprint != fp:
+        client.close()
+        raise TokenizerMismatchError(
+            f"the datastore at {address} serves index {info.index_id} built with tokenizer "
+            f"{info.tokenizer_fingerprint}, but the model's tokenizer is {fp}: use a matching index"
+        )
+    return DatastoreDrafter(RemoteBackend(client), documents=documents and (info is None or info.documents_available),
+                            top_k=top_k, max_budget=max_budget)

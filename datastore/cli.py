@@ -1,0 +1,137 @@
+"""datastore-serve: serve a built index over gRPC.
+
+    datastore-serve --index /data/index --port 50051 --metrics-port 9100 --reload
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .logs import setup_logging
+
+log = logging.getLogger("datastore.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="datastore-serve", description="Serve a retrieval index over gRPC.")
+    ap.add_argument("--index", required=True, help="index folder (or a symlink to the current snapshot)")
+    g = ap.add_argument_group("network")
+    g.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
+    g.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port; default 50051)")
+    g.add_argument("--port-file", default=None, help="write the bound gRPC port here once listening")
+    g.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
+    g.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (off by default)")
+    g.add_argument("--metrics-host", default="0.0.0.0")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
+    g.add_argument("--tls-key", default=None, help="PEM private key")
+    g = ap.add_argument_group("auth")
+    g.add_argument("--auth-token", default=None,
+                   help="bearer token required for writes (OpenSession, CloseSession); default: $DATASTORE_AUTH_TOKEN")
+    g.add_argument("--auth-token-file", default=None, help="read the bearer token from this file")
+    g.add_argument("--auth-reads", action="store_true", help="also require the token for Info/Retrieve/RetrieveBatch")
+    g = ap.add_argument_group("limits")
+    g.add_argument("--max-context", type=int, default=1024, help="max context ids per Retrieve (default 1024)")
+    g.add_argument("--max-budget", type=int, default=256, help="max draft nodes per Retrieve (default 256)")
+    g.add_argument("--max-batch", type=int, default=64, help="max requests per RetrieveBatch (default 64)")
+    g.add_argument("--max-concurrency", type=int, default=64,
+                   help="RPCs handled at once; beyond it RESOURCE_EXHAUSTED (default 64)")
+    g.add_argument("--session-ttl", type=float, default=600.0, help="idle session lifetime in seconds (default 600)")
+    g.add_argument("--max-sessions", type=int, default=10000, help="open sessions kept (LRU beyond; default 10000)")
+    g.add_argument("--top-k", type=int, default=8, help="documents per session by default (default 8)")
+    g = ap.add_argument_group("retrieval defaults (clients may override per request)")
+    g.add_argument("--max-span", type=int, default=None)
+    g.add_argument("--min-span", type=int, default=None)
+    g.add_argument("--max-matches", type=int, default=None)
+    g.add_argument("--depth", type=int, default=None)
+    g.add_argument("--min-prob", type=float, default=None)
+    g = ap.add_argument_group("index lifecycle")
+    g.add_argument("--no-faiss", action="store_true", help="don't load FAISS (no document sessions)")
+    g.add_argument("--tokenizer", default=None,
+                   help="model spec whose tokenizer decodes OpenSession.prompt_ids (optional)")
+    g.add_argument("--reload", action="store_true",
+                   help="watch the index path (symlink target / manifest.json) and swap to new snapshots; "
+                        "SIGHUP reloads at once")
+    g.add_argument("--reload-interval", type=float, default=2.0, help="seconds between checks (default 2)")
+    g.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="seconds in-flight RPCs get to finish on SIGTERM (default 10)")
+    g.add_argument("--drain-delay", type=float, default=0.0,
+                   help="seconds to report NOT_SERVING before refusing new RPCs on SIGTERM (default 0)")
+    g = ap.add_argument_group("logging")
+    g.add_argument("--log-level", default="info")
+    g.add_argument("--log-format", choices=("json", "text"), default="json")
+    return ap
+
+
+def _config_from_args(a):
+    from .servicer import ServiceConfig
+
+    token = a.auth_token
+    if a.auth_token_file:
+        token = Path(a.auth_token_file).read_text().strip()
+    if token is None:
+        token = os.environ.get("DATASTORE_AUTH_TOKEN") or None
+    if a.auth_reads and not token:
+        raise SystemExit("datastore-serve: --auth-reads needs a token (--auth-token, --auth-token-file or $DATASTORE_AUTH_TOKEN)")
+    defaults = {k: getattr(a, k) for k in ("max_span", "min_span", "max_matches", "depth", "min_prob")
+                if getattr(a, k) is not None}
+    return ServiceConfig(
+        max_context=a.max_context, max_budget=a.max_budget, max_batch=a.max_batch,
+        max_concurrency=a.max_concurrency, auth_token=token, auth_reads=a.auth_reads,
+        session_ttl_s=a.session_ttl, max_sessions=a.max_sessions, default_top_k=a.top_k,
+        retrieve_defaults=defaults,
+    )
+
+
+async def _serve(a) -> int:
+    from .server import DatastoreServer, ServerOptions, default_opener
+
+    config = _config_from_args(a)
+    opts = ServerOptions(
+        host=a.host, port=a.port, reflection=a.reflection, metrics_port=a.metrics_port, metrics_host=a.metrics_host,
+        tls_cert=a.tls_cert, tls_key=a.tls_key, reload=a.reload, reload_interval_s=a.reload_interval,
+        shutdown_grace_s=a.shutdown_grace, drain_delay_s=a.drain_delay,
+    )
+    tokenizer = None
+    if a.tokenizer:
+        from client.model_files import load_tokenizer  # torch-free
+
+        tokenizer = load_tokenizer(a.tokenizer)
+    server = DatastoreServer(a.index, config, opts, opener=default_opener(load_faiss=not a.no_faiss),
+                             tokenizer=tokenizer)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.reload(force=True)))
+    port = await server.start(load=False)
+    if a.port_file:
+        tmp = a.port_file + ".tmp"
+        Path(tmp).write_text(f"{port}\n")
+        os.replace(tmp, a.port_file)
+    try:
+        await server.load()
+    except Exception as e:  # noqa: BLE001
+        log.error("cannot load the index", extra={"path": a.index, "error": f"{type(e).__name__}: {e}"})
+        await server.stop(grace=0)
+        return 2
+    await stop.wait()
+    log.info("signal received, shutting down")
+    await server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    setup_logging(a.log_level, a.log_format == "json")
+    if a.metrics_port is not None and a.metrics_port < 0:
+        raise SystemExit("--metrics-port must be >= 0")
+    return asyncio.run(_serve(a))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

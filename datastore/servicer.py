@@ -1,0 +1,336 @@
+"""The gRPC servicer: protobufs in, ``DatastoreIndex`` calls, protobufs out (the server-side edge).
+
+Retrieval runs directly in the asyncio handler, on the event loop thread. A lookup is tens of
+microseconds of numpy over memory-mapped arrays; handing it to a thread pool would add a thread hop
+and a future (~50-100 us on this class of machine) plus GIL contention, i.e. more than the work itself.
+Document search (OpenSession: embedding + FAISS, milliseconds) runs in a small thread pool instead so
+that it never stalls lookups.
+
+Overload protection is a bounded in-flight counter: a request that arrives when ``max_concurrency``
+RPCs are already being handled gets RESOURCE_EXHAUSTED immediately (no queue is built in Python).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import grpc
+import numpy as np
+
+from protos import datastore_pb2 as pb
+from protos import datastore_pb2_grpc as pb_grpc
+
+from .metrics import Metrics
+from .sessions import SessionStore
+
+log = logging.getLogger("datastore.servicer")
+
+SOURCE_DATASTORE = 1
+SOURCE_DOCUMENTS = 2
+SERVER_VERSION = "0.1.0"
+
+READ_METHODS = frozenset({"Info", "Retrieve", "RetrieveBatch"})
+WRITE_METHODS = frozenset({"OpenSession", "CloseSession"})
+
+
+@dataclass
+class ServiceConfig:
+    max_context: int = 1024
+    max_budget: int = 256
+    max_batch: int = 64
+    max_concurrency: int = 64
+    auth_token: Optional[str] = None
+    auth_reads: bool = False
+    session_ttl_s: float = 600.0
+    max_sessions: int = 10_000
+    default_top_k: int = 8
+    max_top_k: int = 256
+    retrieve_defaults: dict = field(default_factory=dict)   # max_span, min_span, max_matches, depth, min_prob
+    search_workers: int = 2
+    debug_delay_s: float = 0.0       # tests only: await this long inside Retrieve (to create overload)
+
+
+class RpcError(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _invalid(msg: str) -> RpcError:
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+
+class DatastoreServicer(pb_grpc.DatastoreServicer):
+    """Serves one ``DatastoreIndex`` at a time; ``swap_index`` replaces it atomically (reload)."""
+
+    def __init__(self, index: Any = None, config: Optional[ServiceConfig] = None, metrics: Optional[Metrics] = None,
+                 tokenizer: Any = None):
+        self.config = config or ServiceConfig()
+        self.metrics = metrics or Metrics()
+        self.sessions = SessionStore(self.config.session_ttl_s, self.config.max_sessions)
+        self.tokenizer = tokenizer           # optional: decodes OpenSession.prompt_ids into a query
+        self._index = None
+        self._info: Optional[pb.InfoResponse] = None
+        self._in_flight = 0
+        self._search_pool = ThreadPoolExecutor(max(1, self.config.search_workers), thread_name_prefix="doc-search")
+        if index is not None:
+            self.swap_index(index)
+
+    # ------------------------------------------------------------------ index lifecycle
+    @property
+    def index(self):
+        return self._index
+
+    def swap_index(self, index: Any):
+        """Make ``index`` the one served; returns the previous one (the caller closes it later)."""
+        info = pb.InfoResponse(
+            index_id=str(index.index_id),
+            tokenizer_fingerprint=str(index.tokenizer_fingerprint),
+            vocab_size=int(index.vocab_size),
+            num_tokens=int(index.num_tokens),
+            num_documents=int(index.num_documents),
+            manifest_json=json.dumps(index.manifest, sort_keys=True, default=str),
+            max_context=self.config.max_context,
+            max_budget=self.config.max_budget,
+            max_batch=self.config.max_batch,
+            documents_available=bool(getattr(index, "has_faiss", True)),
+            session_ttl_s=self.config.session_ttl_s,
+            server_version=SERVER_VERSION,
+        )
+        old = self._index
+        # One reference assignment each: a handler reads ``self._index`` once at its start and uses that
+        # object to the end, so in-flight requests finish on the snapshot they started with.
+        self._info = info
+        self._index = index
+        self.metrics.set_index(info.index_id, info.tokenizer_fingerprint, info.num_tokens)
+        return old
+
+    def close(self) -> None:
+        self._search_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_auth(self, method: str, context) -> None:
+        token = self.config.auth_token
+        if not token or (method in READ_METHODS and not self.config.auth_reads):
+            return
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                v = value if isinstance(value, str) else value.decode()
+                if v.startswith("Bearer ") and hmac.compare_digest(v[7:].encode(), token.encode()):
+                    return
+                break
+        raise RpcError(grpc.StatusCode.UNAUTHENTICATED, f"{method} requires 'authorization: Bearer <token>' metadata")
+
+    def _require_index(self):
+        index = self._index
+        if index is None:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "no index loaded yet")
+        return index
+
+    async def _enter(self, method: str, context) -> None:
+        if self._in_flight >= self.config.max_concurrency:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"server overloaded ({self._in_flight} requests in flight); retry later")
+        self._check_auth(method, context)
+
+    async def _fail(self, method: str, context, err: RpcError):
+        self.metrics.error(method, err.code.name)
+        await context.abort(err.code, err.details)
+
+    def _session_docs(self, index, session_id: str) -> np.ndarray:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise _invalid(f"unknown or expired session {session_id!r}")
+        if s.index_id != str(index.index_id):
+            # The index was reloaded since the session opened: document ids may mean other documents.
+            s.doc_ids = np.sort(np.asarray(index.search_documents(s.query, k=max(1, len(s.doc_ids)) or 1), np.int64))
+            s.index_id = str(index.index_id)
+        return s.doc_ids
+
+    def _retrieve_one(self, index, req) -> pb.RetrieveResponse:
+        cfg = self.config
+        n = len(req.context)
+        if n == 0:
+            raise _invalid("context is empty (its last token is the tree root)")
+        if n > cfg.max_context:
+            raise _invalid(f"context has {n} tokens; the limit is {cfg.max_context} (send only the tail)")
+        budget = req.budget
+        if budget < 1 or budget > cfg.max_budget:
+            raise _invalid(f"budget {budget} is outside 1..{cfg.max_budget}")
+        fp = req.tokenizer_fingerprint
+        if fp and fp != self._info.tokenizer_fingerprint:
+            raise RpcError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"tokenizer fingerprint {fp} does not match the index's {self._info.tokenizer_fingerprint}",
+            )
+        vocab = self._info.vocab_size
+        ctx = np.fromiter(req.context, dtype=np.int32, count=n)
+        if int(ctx.min()) < 0 or int(ctx.max()) >= vocab:
+            raise _invalid(f"context holds token ids outside the vocabulary [0, {vocab})")
+        kwargs = dict(cfg.retrieve_defaults)
+        if req.hint_tokens:
+            if len(req.hint_tokens) != len(req.hint_probs):
+                raise _invalid("hint_tokens and hint_probs must have the same length")
+            ht = np.asarray(req.hint_tokens, dtype=np.int32)
+            hp = np.asarray(req.hint_probs, dtype=np.float32)
+            if int(ht.min()) < 0 or int(ht.max()) >= vocab:
+                raise _invalid(f"hint_tokens hold ids outside the vocabulary [0, {vocab})")
+            if not np.all((hp >= 0) & (hp <= 1)):
+                raise _invalid("hint_probs must lie in [0, 1]")
+            kwargs["hint_tokens"] = ht
+            kwargs["hint_probs"] = hp
+        elif req.hint_probs:
+            raise _invalid("hint_probs without hint_tokens")
+        if req.HasField("options"):
+            o = req.options
+            for name in ("max_span", "min_span", "max_matches", "depth"):
+                v = getattr(o, name)
+                if v:
+                    if v > 1024:
+                        raise _invalid(f"options.{name}={v} is too large")
+                    kwargs[name] = int(v)
+            if o.min_prob:
+                if not 0 <= o.min_prob <= 1:
+                    raise _invalid("options.min_prob must lie in [0, 1]")
+                kwargs["min_prob"] = float(o.min_prob)
+        if req.session_id:
+            kwargs["doc_filter"] = self._session_docs(index, req.session_id)
+        r = index.retrieve(ctx, int(budget), **kwargs)
+        m = self.metrics
+        k = len(r.tokens)
+        m.tree_size.observe(k)
+        if k == 0:
+            m.miss.inc()
+            return pb.RetrieveResponse(index_id=self._info.index_id, match_len=int(r.match_len))
+        m.hit.inc()
+        m.nodes_datastore.inc(k)
+        in_docs = np.asarray(r.in_documents, dtype=bool)
+        nd = int(in_docs.sum())
+        if nd:
+            m.nodes_documents.inc(nd)
+        sources = (SOURCE_DATASTORE + SOURCE_DOCUMENTS * in_docs).astype(np.uint8)
+        return pb.RetrieveResponse(
+            tokens=r.tokens.tolist(),
+            parents=r.parents.tolist(),
+            probs=r.probs.tolist(),
+            sources=sources.tobytes(),
+            index_id=self._info.index_id,
+            match_len=int(r.match_len),
+        )
+
+    # ------------------------------------------------------------------ RPCs
+    async def Info(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            await self._enter("Info", context)
+            self._require_index()
+            return self._info
+        except RpcError as e:
+            await self._fail("Info", context, e)
+        finally:
+            self.metrics.latency_by_method["Info"].observe(time.perf_counter() - t0)
+
+    async def Retrieve(self, request, context):
+        t0 = time.perf_counter()
+        self._in_flight += 1
+        try:
+            await self._enter("Retrieve", context)
+            index = self._require_index()
+            if self.config.debug_delay_s:
+                await asyncio.sleep(self.config.debug_delay_s)
+            resp = self._retrieve_one(index, request)
+            self.metrics.ok("Retrieve")
+            return resp
+        except RpcError as e:
+            await self._fail("Retrieve", context, e)
+        finally:
+            self._in_flight -= 1
+            self.metrics.latency_by_method["Retrieve"].observe(time.perf_counter() - t0)
+
+    async def RetrieveBatch(self, request, context):
+        t0 = time.perf_counter()
+        self._in_flight += 1
+        try:
+            await self._enter("RetrieveBatch", context)
+            index = self._require_index()
+            if len(request.requests) > self.config.max_batch:
+                raise _invalid(f"batch of {len(request.requests)} requests; the limit is {self.config.max_batch}")
+            out = pb.RetrieveBatchResponse()
+            for i, req in enumerate(request.requests):
+                try:
+                    out.responses.append(self._retrieve_one(index, req))
+                except RpcError as e:
+                    raise RpcError(e.code, f"requests[{i}]: {e.details}") from None
+            self.metrics.ok("RetrieveBatch")
+            return out
+        except RpcError as e:
+            await self._fail("RetrieveBatch", context, e)
+        finally:
+            self._in_flight -= 1
+            self.metrics.latency_by_method["RetrieveBatch"].observe(time.perf_counter() - t0)
+
+    async def OpenSession(self, request, context):
+        t0 = time.perf_counter()
+        self._in_flight += 1
+        try:
+            await self._enter("OpenSession", context)
+            index = self._require_index()
+            if request.tokenizer_fingerprint and request.tokenizer_fingerprint != self._info.tokenizer_fingerprint:
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"tokenizer fingerprint {request.tokenizer_fingerprint} does not match the index's "
+                               f"{self._info.tokenizer_fingerprint}")
+            query = request.prompt_text
+            if not query:
+                if not request.prompt_ids:
+                    raise _invalid("OpenSession needs prompt_text (or prompt_ids)")
+                if len(request.prompt_ids) > 8 * self.config.max_context:
+                    raise _invalid("prompt_ids is too long")
+                ids = np.asarray(request.prompt_ids, dtype=np.int64)
+                if ids.min() < 0 or ids.max() >= self._info.vocab_size:
+                    raise _invalid("prompt_ids hold ids outside the vocabulary")
+                if self.tokenizer is None:
+                    raise _invalid("this server has no tokenizer to decode prompt_ids: send prompt_text")
+                query = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+            top_k = request.top_k or self.config.default_top_k
+            if top_k > self.config.max_top_k:
+                raise _invalid(f"top_k {top_k} exceeds {self.config.max_top_k}")
+            if not self._info.documents_available:
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "this index has no document (FAISS) index")
+            loop = asyncio.get_running_loop()
+            try:
+                docs = await loop.run_in_executor(self._search_pool, index.search_documents, query, int(top_k))
+            except Exception as e:  # noqa: BLE001 - report, don't crash the server
+                log.exception("document search failed")
+                raise RpcError(grpc.StatusCode.INTERNAL, f"document search failed: {type(e).__name__}: {e}")
+            s = self.sessions.create(query, np.asarray(docs, dtype=np.int64), str(index.index_id))
+            self.metrics.sessions.set(len(self.sessions))
+            self.metrics.ok("OpenSession")
+            return pb.OpenSessionResponse(session_id=s.session_id, document_ids=s.doc_ids.tolist(),
+                                          ttl_s=self.sessions.ttl_s, index_id=s.index_id)
+        except RpcError as e:
+            await self._fail("OpenSession", context, e)
+        finally:
+            self._in_flight -= 1
+            self.metrics.latency_by_method["OpenSession"].observe(time.perf_counter() - t0)
+
+    async def CloseSession(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            await self._enter("CloseSession", context)
+            if not request.session_id:
+                raise _invalid("session_id is empty")
+            closed = self.sessions.close(request.session_id)
+            self.metrics.sessions.set(len(self.sessions))
+            self.metrics.ok("CloseSession")
+            return pb.CloseSessionResponse(closed=closed)
+        except RpcError as e:
+            await self._fail("CloseSession", context, e)
+        finally:
+            self.metrics.latency_by_method["CloseSession"].observe(time.perf_counter() - t0)

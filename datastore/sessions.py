@@ -1,0 +1,95 @@
+"""Document sessions: a prompt's FAISS top-k documents, kept for a TTL, bounded in number.
+
+A session remembers its query text so that, after an index reload (a new snapshot with possibly
+different document ids), its document set is recomputed lazily against the new index instead of
+silently filtering by ids that mean something else now.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+
+@dataclass
+class Session:
+    session_id: str
+    query: str
+    doc_ids: np.ndarray          # int64, sorted
+    index_id: str                # index snapshot the doc ids belong to
+    expires_at: float
+
+
+class SessionStore:
+    """Thread-safe LRU+TTL map ``session_id -> Session``.
+
+    ``max_sessions`` bounds memory: when full, expired sessions are dropped first, then the least
+    recently used one is evicted (a client that forgets CloseSession cannot exhaust the server).
+    Every successful lookup refreshes the TTL.
+    """
+
+    def __init__(self, ttl_s: float = 600.0, max_sessions: int = 10_000, clock: Callable[[], float] = time.monotonic):
+        if ttl_s <= 0 or max_sessions <= 0:
+            raise ValueError("ttl_s and max_sessions must be positive")
+        self.ttl_s = float(ttl_s)
+        self.max_sessions = int(max_sessions)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._items: "OrderedDict[str, Session]" = OrderedDict()
+        self.evicted = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def create(self, query: str, doc_ids: np.ndarray, index_id: str) -> Session:
+        now = self._clock()
+        sid = secrets.token_hex(12)
+        s = Session(sid, query, np.sort(np.asarray(doc_ids, dtype=np.int64)), index_id, now + self.ttl_s)
+        with self._lock:
+            self._purge_locked(now)
+            while len(self._items) >= self.max_sessions:
+                self._items.popitem(last=False)
+                self.evicted += 1
+            self._items[sid] = s
+        return s
+
+    def get(self, session_id: str) -> Optional[Session]:
+        now = self._clock()
+        with self._lock:
+            s = self._items.get(session_id)
+            if s is None:
+                return None
+            if s.expires_at <= now:
+                del self._items[session_id]
+                self.expired += 1
+                return None
+            s.expires_at = now + self.ttl_s
+            self._items.move_to_end(session_id)
+            return s
+
+    def close(self, session_id: str) -> bool:
+        with self._lock:
+            return self._items.pop(session_id, None) is not None
+
+    def purge(self) -> int:
+        with self._lock:
+            return self._purge_locked(self._clock())
+
+    def _purge_locked(self, now: float) -> int:
+        n = 0
+        # OrderedDict is in LRU order and every touch extends the TTL by the same amount, so expired
+        # sessions are exactly a prefix.
+        while self._items:
+            sid, s = next(iter(self._items.items()))
+            if s.expires_at > now:
+                break
+            del self._items[sid]
+            n += 1
+        self.expired += n
+        return n
