@@ -134,10 +134,11 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "no index loaded yet")
         return index
 
-    async def _enter(self, method: str, context) -> None:
-        if self._in_flight >= self.config.max_concurrency:
+    async def _enter(self, method: str, context, counted: bool = True) -> None:
+        # ``counted`` handlers have already added themselves to ``_in_flight``.
+        if counted and self._in_flight > self.config.max_concurrency:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"server overloaded ({self._in_flight} requests in flight); retry later")
+                           f"server overloaded ({self._in_flight - 1} requests in flight); retry later")
         self._check_auth(method, context)
 
     async def _fail(self, method: str, context, err: RpcError):
@@ -150,7 +151,8 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             raise _invalid(f"unknown or expired session {session_id!r}")
         if s.index_id != str(index.index_id):
             # The index was reloaded since the session opened: document ids may mean other documents.
-            s.doc_ids = np.sort(np.asarray(index.search_documents(s.query, k=max(1, len(s.doc_ids)) or 1), np.int64))
+            k = max(1, len(s.doc_ids))
+            s.doc_ids = np.sort(np.asarray(index.search_documents(s.query, k=k), dtype=np.int64))
             s.index_id = str(index.index_id)
         return s.doc_ids
 
@@ -229,7 +231,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     async def Info(self, request, context):
         t0 = time.perf_counter()
         try:
-            await self._enter("Info", context)
+            await self._enter("Info", context, counted=False)
             self._require_index()
             return self._info
         except RpcError as e:
@@ -323,7 +325,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     async def CloseSession(self, request, context):
         t0 = time.perf_counter()
         try:
-            await self._enter("CloseSession", context)
+            await self._enter("CloseSession", context, counted=False)
             if not request.session_id:
                 raise _invalid("session_id is empty")
             closed = self.sessions.close(request.session_id)
