@@ -1,0 +1,396 @@
+"""The read side of an index built by ``index-build``: memory-mapped shards, retrieval trees, FAISS search.
+
+``DatastoreIndex.open(path)`` maps every shard (tokens, reverse suffix array, buckets, document table) and,
+optionally, the FAISS index. ``retrieve(context, budget)`` returns the probability-pruned continuation tree
+of the longest context suffix found in the corpus (REST + RASD pruning); ``search_documents(query)`` returns
+the documents whose chunks are nearest to a query (dense retrieval, for sessions).
+No torch here: the query embedder is the numpy encoder of ``indexers.embedder``.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from datastore.suffix_shard import Shard
+
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 22), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+class IndexFormatError(Exception):
+    """The folder holds no complete, valid index (missing/half-written files, bad checksum, unknown format)."""
+
+
+@dataclass(frozen=True)
+class RetrievalResult:
+    tokens: np.ndarray        # [n] int32 drafted tokens (the root = last context token is NOT included)
+    parents: np.ndarray       # [n] int32 parent index into these arrays, -1 = child of the root; parents[i] < i
+    probs: np.ndarray         # [n] float32 conditional probability P(node | parent)
+    in_documents: np.ndarray  # [n] bool: node supported by a match inside the session's documents
+    match_len: int            # length of the context suffix that matched (0 = no match)
+
+    @classmethod
+    def empty(cls, match_len: int = 0) -> "RetrievalResult":
+        return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, bool),
+                   match_len)
+
+    def __len__(self) -> int:
+        return int(len(self.tokens))
+
+
+_EMPTY = RetrievalResult.empty()
+
+
+def _as_filter(doc_filter) -> Optional[np.ndarray]:
+    if doc_filter is None:
+        return None
+    arr = np.unique(np.asarray(list(doc_filter) if not isinstance(doc_filter, np.ndarray) else doc_filter,
+                               dtype=np.int64))
+    return arr
+
+
+def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if len(sorted_set) == 0:
+        return np.zeros(len(values), dtype=bool)
+    i = np.searchsorted(sorted_set, values)
+    i = np.minimum(i, len(sorted_set) - 1)
+    return sorted_set[i] == values
+
+
+def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: float,
+               hint_tokens=None, hint_probs=None, hint_confident: float = 0.8):
+    """Count continuation rows into a trie and cut it (vectorised; see ``DatastoreIndex.retrieve``).
+
+    conts: [M, D] int64 tokens, -1 after the end of a row; in_doc: [M] bool.
+    Returns (tokens, parents, probs, in_documents) in topological (preorder) order.
+    """
+    M, D = conts.shape
+    if M == 0 or D == 0 or budget <= 0:
+        return None
+    order = np.lexsort(conts.T[::-1])
+    S = conts[order]
+    F = in_doc[order]
+    valid = S >= 0
+    diff = np.empty(S.shape, dtype=bool)
+    diff[0] = True
+    np.not_equal(S[1:], S[:-1], out=diff[1:])
+    new = np.logical_or.accumulate(diff, axis=1) & valid
+    flat_new = new.ravel()
+    nn = int(flat_new.sum())
+    if nn == 0:
+        return None
+    ids = np.cumsum(flat_new).reshape(new.shape) - 1
+    cell = np.where(new, ids, -1)
+    np.maximum.accumulate(cell, axis=0, out=cell)
+    cell[~valid] = -1
+    node_tok = S.ravel()[flat_new]
+    rows, cols = np.nonzero(new)             # row-major: node ids in order
+    parent = np.full(nn, -1, dtype=np.int64)
+    deep = cols > 0
+    parent[deep] = cell[rows[deep], cols[deep] - 1]
+    vcell = cell[valid]
+    counts = np.bincount(vcell, minlength=nn).astype(np.float64)
+    in_docs = np.bincount(vcell, weights=np.broadcast_to(F[:, None], S.shape)[valid], minlength=nn) > 0
+    denom = np.where(parent < 0, float(M), counts[np.maximum(parent, 0)])
+    prob = counts / denom
+    keep = prob >= min_prob
+    if hint_tokens is not None and hint_probs is not None and len(hint_tokens):
+        ht = np.asarray(hint_tokens, dtype=np.int64)
+        hp = np.asarray(hint_probs, dtype=np.float64)
+        first = parent < 0
+        ft = node_tok[first]
+        pos = np.full(len(ft), -1)
+        srt = np.argsort(ht, kind="stable")
+        j = np.searchsorted(ht[srt], ft)
+        jj = np.minimum(j, len(ht) - 1)
+        hit = ht[srt][jj] == ft
+        h = np.where(hit, hp[srt][jj], max(0.0, 1.0 - float(hp.sum())))
+        fp = np.sqrt(prob[first] * h)   # RASD-style fusion of corpus frequency and the draft model
+        prob[first] = fp
+        kf = fp >= min_prob
+        if float(hp.max()) >= hint_confident:
+            kf &= hit                   # a confident draft model vetoes first tokens it does not predict
+        keep[first] = kf
+    # path probability and closure under parents, per cell then per node
+    cp = np.where(valid, prob[np.maximum(cell, 0)], 1.0)
+    np.cumprod(cp, axis=1, out=cp)
+    ck = np.where(valid, keep[np.maximum(cell, 0)], False)
+    np.logical_and.accumulate(ck, axis=1, out=ck)
+    pp = cp[rows, cols]
+    alive = ck[rows, cols]
+    cand = np.nonzero(alive)[0]
+    if len(cand) == 0:
+        return None
+    if len(cand) > budget:
+        sel = cand[np.lexsort((cand, -pp[cand]))[:budget]]
+        sel.sort()
+    else:
+        sel = cand
+    remap = np.full(nn, -1, dtype=np.int64)
+    remap[sel] = np.arange(len(sel))
+    par = parent[sel]
+    new_par = np.where(par >= 0, remap[np.maximum(par, 0)], -1)
+    return (node_tok[sel].astype(np.int32), new_par.astype(np.int32), prob[sel].astype(np.float32),
+            in_docs[sel])
+
+
+class DatastoreIndex:
+    path: Path
+    manifest: dict
+    index_id: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    num_tokens: int
+    num_documents: int
+
+    def __init__(self, path: Path, manifest: dict, shards: list, faiss_index=None, chunks=None):
+        self.path = path
+        self.manifest = manifest
+        self.index_id = manifest["index_id"]
+        self.tokenizer_fingerprint = manifest["tokenizer"]["fingerprint"]
+        self.vocab_size = int(manifest["vocab_size"])
+        self.num_tokens = int(manifest["stats"]["num_tokens"])
+        self.num_documents = int(manifest["stats"]["num_documents"])
+        self.token_dtype = manifest["token_dtype"]
+        self.shards: list[Shard] = shards
+        self._faiss = faiss_index
+        self._chunks = chunks
+        self._embedder = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------ open / close
+    @classmethod
+    def open(cls, path, *, load_faiss: bool = True, verify: bool = False) -> "DatastoreIndex":
+        """Map an index. ``verify=True`` also checks every file's sha256 (reads everything once)."""
+        path = Path(path)
+        mpath = path / "manifest.json"
+        if not mpath.exists():
+            raise IndexFormatError(f"{path}: no manifest.json (not an index, or a build that never finished)")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, ValueError) as e:
+            raise IndexFormatError(f"{mpath}: unreadable manifest: {e}") from None
+        if manifest.get("format") != "specstore-index":
+            raise IndexFormatError(f"{mpath}: not a specstore index manifest")
+        if manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+            raise IndexFormatError(f"{mpath}: unsupported format version {manifest.get('format_version')}")
+        try:
+            for sh in manifest["shards"]:
+                cls._check_files(path / "shards" / sh["name"], sh["files"], verify)
+            if load_faiss and manifest.get("faiss"):
+                cls._check_files(path / "faiss", manifest["faiss"]["files"], verify)
+            shards = []
+            for sh in manifest["shards"]:
+                s = Shard.load(path / "shards" / sh["name"], sh["name"])
+                if s.tokens.dtype.name != manifest["token_dtype"] or len(s.rsa) != len(s.tokens):
+                    raise IndexFormatError(f"{path}/shards/{sh['name']}: arrays disagree with the manifest")
+                shards.append(s)
+        except KeyError as e:
+            raise IndexFormatError(f"{mpath}: manifest lacks {e}") from None
+        except (OSError, ValueError) as e:
+            if isinstance(e, IndexFormatError):
+                raise
+            raise IndexFormatError(f"{path}: unreadable index file: {e}") from None
+        faiss_index = chunks = None
+        if load_faiss and manifest.get("faiss"):
+            import faiss
+
+            try:
+                faiss_index = faiss.read_index(str(path / "faiss" / "index.faiss"), faiss.IO_FLAG_MMAP)
+            except RuntimeError:
+                faiss_index = faiss.read_index(str(path / "faiss" / "index.faiss"))
+            nprobe = int(manifest["faiss"].get("nprobe") or 0)
+            if nprobe:
+                try:
+                    faiss.extract_index_ivf(faiss_index).nprobe = nprobe
+                except RuntimeError:
+                    pass
+            chunks = np.load(path / "faiss" / "chunks.npy", mmap_mode="r")
+        return cls(path, manifest, shards, faiss_index, chunks)
+
+    @staticmethod
+    def _check_files(folder: Path, files: dict, verify: bool) -> None:
+        for fname, ent in files.items():
+            fp = folder / fname
+            if not fp.exists():
+                raise IndexFormatError(f"{fp}: missing (half-written or damaged index)")
+            if fp.stat().st_size != ent["bytes"]:
+                raise IndexFormatError(f"{fp}: size {fp.stat().st_size} differs from the manifest's {ent['bytes']}")
+            if verify and _sha256(fp) != ent["sha256"]:
+                raise IndexFormatError(f"{fp}: sha256 differs from the manifest (damaged file)")
+
+    def close(self) -> None:
+        self.shards = []
+        self._faiss = None
+        self._chunks = None
+        self._embedder = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def verify(self) -> None:
+        """Check every file against the manifest's sha256 (IndexFormatError on the first mismatch)."""
+        for sh in self.manifest["shards"]:
+            self._check_files(self.path / "shards" / sh["name"], sh["files"], True)
+        if self.manifest.get("faiss"):
+            self._check_files(self.path / "faiss", self.manifest["faiss"]["files"], True)
+
+    # ------------------------------------------------------------------------------------ lookups
+    @property
+    def has_faiss(self) -> bool:
+        return self._faiss is not None
+
+    def document_ids_for(self, shard: int, positions) -> np.ndarray:
+        """Global document ids of token positions inside shard number ``shard``."""
+        return self.shards[shard].doc_of(np.asarray(positions, dtype=np.int64))
+
+    def document_tokens(self, doc_id: int) -> np.ndarray:
+        """The tokens of one document (int32), or an empty array for an unknown id."""
+        for s in self.shards:
+            j = np.searchsorted(s.doc_ids, doc_id)
+            if j < len(s.doc_ids) and s.doc_ids[j] == doc_id:
+                return np.asarray(s.tokens[s.doc_starts[j]:s.doc_starts[j + 1] - 1], dtype=np.int32)
+        return np.zeros(0, np.int32)
+
+    def longest_match(self, context, max_span: int = 16):
+        """(match length, [(shard number, positions int64)]) of the longest context suffix (<= max_span)."""
+        ctx = np.asarray(context, dtype=np.int64).ravel()[-max_span:] if max_span > 0 else np.zeros(0, np.int64)
+        rev = ctx[::-1].copy()
+        best = 0
+        found = []
+        for si, s in enumerate(self.shards):
+            m, lo, hi, rows = s.match(rev)
+            if m == 0 or m < best:
+                continue
+            if m > best:
+                best, found = m, []
+            found.append((si, lo, hi, rows))
+        return best, found
+
+    def retrieve(self, context, budget: int, *, max_span: int = 16, min_span: int = 2, max_matches: int = 64,
+                 depth: int = 8, min_prob: float = 0.1, doc_filter=None, hint_tokens=None,
+                 hint_probs=None) -> RetrievalResult:
+        """Probability-pruned continuation tree of the longest context suffix found in the corpus.
+
+        1. longest suffix of ``context`` (at most ``max_span`` tokens, at least ``min_span``) occurring in
+           any shard; 2. up to ``max_matches`` of its occurrences (evenly spread over all of them; with
+           ``doc_filter`` those inside the filter documents come first); 3. up to ``depth`` following tokens
+           of each, stopping at the end of its document; 4. a trie with P(child | parent) = count ratio
+           (the root's count is the number of matches used); 5. first-level probabilities fused with a
+           draft-model hint as sqrt(freq * hint) (absent tokens get the hint's leftover mass; when the hint's
+           top probability >= 0.8 absent tokens are dropped); 6. nodes below ``min_prob`` are dropped with
+           their subtrees; 7. the ``budget`` nodes with the highest path probability are kept (closed under
+           parents, preorder so parents[i] < i).
+        """
+        if budget <= 0 or depth <= 0 or max_matches <= 0:
+            return _EMPTY
+        m, found = self.longest_match(context, max_span)
+        if m == 0 or m < max(1, min_span):
+            return _EMPTY
+        filt = _as_filter(doc_filter)
+        total = sum((len(r) if r is not None else hi - lo) for _, lo, hi, r in found)
+        picks = []   # (shard, positions, in_filter)
+        if filt is None or len(filt) == 0:
+            for si, lo, hi, rows in found:
+                cnt = len(rows) if rows is not None else hi - lo
+                take = max(1, round(max_matches * cnt / total)) if total > max_matches else cnt
+                take = min(take, cnt)
+                sel = (np.arange(take, dtype=np.int64) * cnt) // take
+                pos = rows[sel] if rows is not None else self.shards[si].rsa[lo + sel].astype(np.int64)
+                picks.append((si, pos, np.zeros(len(pos), bool)))
+        else:
+            scan = max(4096, 16 * max_matches)
+            inside, outside = [], []
+            for si, lo, hi, rows in found:
+                cnt = len(rows) if rows is not None else hi - lo
+                k = min(cnt, scan)
+                sel = (np.arange(k, dtype=np.int64) * cnt) // k
+                pos = rows[sel] if rows is not None else self.shards[si].rsa[lo + sel].astype(np.int64)
+                ok = _in_sorted(self.shards[si].doc_of(pos), filt)
+                inside.append((si, pos[ok]))
+                outside.append((si, pos[~ok]))
+            n_in = sum(len(p) for _, p in inside)
+            room = max_matches - min(n_in, max_matches)
+            for si, pos in inside:
+                if n_in > max_matches:
+                    take = max(1, round(max_matches * len(pos) / n_in)) if len(pos) else 0
+                    pos = pos[(np.arange(take) * len(pos)) // max(take, 1)] if take else pos[:0]
+                picks.append((si, pos, np.ones(len(pos), bool)))
+            n_out = sum(len(p) for _, p in outside)
+            for si, pos in outside:
+                if room <= 0 or len(pos) == 0:
+                    continue
+                take = min(len(pos), max(1, round(room * len(pos) / n_out)))
+                pos = pos[(np.arange(take) * len(pos)) // take]
+                picks.append((si, pos, np.zeros(len(pos), bool)))
+        conts = []
+        flags = []
+        for si, pos, fl in picks:
+            if len(pos):
+                conts.append(self.shards[si].continuations(pos, depth))
+                flags.append(fl)
+        if not conts:
+            return RetrievalResult.empty(m)
+        C = conts[0] if len(conts) == 1 else np.concatenate(conts)
+        Fl = flags[0] if len(flags) == 1 else np.concatenate(flags)
+        tree = build_tree(C, Fl, budget, min_prob, hint_tokens, hint_probs)
+        if tree is None:
+            return RetrievalResult.empty(m)
+        return RetrievalResult(*tree, match_len=m)
+
+    # ------------------------------------------------------------------------------------ dense search
+    def _get_embedder(self):
+        if self._embedder is None:
+            with self._lock:
+                if self._embedder is None:
+                    from indexers.embedder import NumpyEmbedder, default_embedder_path
+
+                    f = self.manifest["faiss"]["embedder"]
+                    p = Path(f.get("path") or "")
+                    if not (p / "model.safetensors").exists():
+                        p = default_embedder_path()
+                    self._embedder = NumpyEmbedder(p)
+        return self._embedder
+
+    def embed(self, texts) -> np.ndarray:
+        return self._get_embedder().encode(list(texts))
+
+    def search_chunks(self, query: str, k: int = 8):
+        """(scores float32 [k'], chunk rows int64 [k', 4] = doc id, shard, start, end) of the nearest chunks."""
+        if self._faiss is None or self._faiss.ntotal == 0:
+            return np.zeros(0, np.float32), np.zeros((0, 4), np.int64)
+        q = self.embed([query])
+        D, I = self._faiss.search(q, int(min(k, self._faiss.ntotal)))
+        ok = I[0] >= 0
+        return D[0][ok], np.asarray(self._chunks[I[0][ok]], dtype=np.int64)
+
+    def search_documents(self, query: str, k: int = 8) -> np.ndarray:
+        """int64 ids of up to ``k`` distinct documents whose chunks are nearest to ``query`` (FAISS, inner
+        product on normalised embeddings); empty when the index has no FAISS part."""
+        if self._faiss is None or k <= 0:
+            return np.zeros(0, np.int64)
+        _, rows = self.search_chunks(query, k * 4)
+        docs = rows[:, 0]
+        _, first = np.unique(docs, return_index=True)
+        return docs[np.sort(first)][:k].astype(np.int64)
+
+    def stats(self) -> dict:
+        return dict(self.manifest["stats"], index_id=self.index_id, token_dtype=self.token_dtype,
+                    vocab_size=self.vocab_size, faiss=bool(self._faiss))

@@ -1,0 +1,166 @@
+"""One token shard and its *reverse* suffix array: build (indexer side) and longest-suffix lookup (read side).
+
+Layout of a shard's token array ``T`` (uint16 or uint32)::
+
+    SEP d0 ... SEP d1 ... SEP ... SEP        (SEP = the dtype's max value; never a real token id)
+
+``rsa`` (int32) lists the positions ``q`` of all tokens sorted by the *backward* string
+``T[q], T[q-1], T[q-2], ...`` (the suffix array of the reversed token string, stored as positions in the
+forward string). The rows whose backward string starts with a context's last ``k`` tokens reversed form
+one contiguous range, so the longest context suffix is found by narrowing one range token by token
+(k = 1, 2, ...), and its continuation starts at ``T[q + 1]``. ``buckets[c] .. buckets[c+1]`` is the
+range for the one-token pattern ``c`` (so the first step is free). Separators stop every match and every
+continuation, so nothing crosses a document boundary.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+#: ranges at most this long are resolved with one vectorised gather instead of binary search
+ONESHOT_ROWS = 256
+#: samples per level of the sampled binary search
+SAMPLE = 256
+
+
+def sep_for(dtype) -> int:
+    return int(np.iinfo(np.dtype(dtype)).max)
+
+
+def token_dtype_for(vocab_size: int):
+    """uint16 when every id (and the separator 65535) fits, else uint32."""
+    return np.uint16 if vocab_size <= 65535 else np.uint32
+
+
+def build_reverse_sa(tokens: np.ndarray) -> np.ndarray:
+    """Positions sorted by the backward string from each position (int32), built with pydivsufsort."""
+    import pydivsufsort
+
+    n = len(tokens)
+    if n >= 2**31 - 1:
+        raise ValueError("a shard must hold fewer than 2**31 tokens; lower --shard-tokens")
+    rev = np.ascontiguousarray(tokens[::-1])
+    sa = pydivsufsort.divsufsort(rev)
+    q = (n - 1) - sa.astype(np.int64)
+    return q.astype(np.int32)
+
+
+def build_buckets(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """int64 [vocab_size + 1]: rsa rows whose position holds token c are buckets[c]:buckets[c+1]."""
+    sep = sep_for(tokens.dtype)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    step = 1 << 24
+    for i in range(0, len(tokens), step):
+        t = tokens[i:i + step]
+        t = t[t != sep]
+        counts += np.bincount(t, minlength=vocab_size)[:vocab_size]
+    out = np.zeros(vocab_size + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+class Shard:
+    """Read side of one shard (all arrays memory-mapped)."""
+
+    def __init__(self, tokens: np.ndarray, rsa: np.ndarray, buckets: np.ndarray, doc_starts: np.ndarray,
+                 doc_ids: np.ndarray, name: str = ""):
+        self.tokens = tokens
+        self.rsa = rsa
+        self.buckets = buckets
+        self.doc_starts = doc_starts  # int64 [d + 1]: first token of each document, then len(tokens)
+        self.doc_ids = doc_ids        # int64 [d]: global document id of each document in this shard
+        self.name = name
+        self.n = len(tokens)
+        self.sep = sep_for(tokens.dtype)
+        self.vocab = len(buckets) - 1
+
+    @classmethod
+    def load(cls, folder: Path, name: str = "") -> "Shard":
+        return cls(
+            np.load(folder / "tokens.npy", mmap_mode="r"),
+            np.load(folder / "rsa.npy", mmap_mode="r"),
+            np.load(folder / "buckets.npy"),
+            np.load(folder / "docs.npy"),
+            np.load(folder / "doc_ids.npy"),
+            name,
+        )
+
+    # --------------------------------------------------------------------------------- lookup
+    def _lower(self, lo: int, hi: int, k: int, c: int) -> int:
+        """First row in [lo, hi) whose k-th backward token is >= c (rows there share their first k)."""
+        T, sa = self.tokens, self.rsa
+        while hi - lo > SAMPLE:
+            idx = np.arange(lo, hi, (hi - lo + SAMPLE - 1) // SAMPLE)
+            vals = T[sa[idx] - k]
+            j = int(np.searchsorted(vals, c, "left"))
+            new_lo = int(idx[j - 1]) + 1 if j > 0 else lo
+            hi = int(idx[j]) if j < len(idx) else hi
+            lo = new_lo
+        if hi <= lo:
+            return lo
+        vals = T[sa[lo:hi] - k]
+        return lo + int(np.searchsorted(vals, c, "left"))
+
+    def match(self, rev: np.ndarray):
+        """Longest prefix of ``rev`` (the context reversed, int64) found backward in this shard.
+
+        Returns ``(m, lo, hi, rows)``: ``m`` matched tokens (0 = none); the matches are either ``rows``
+        (int64 positions of the last matched token) or, when ``rows`` is None, ``rsa[lo:hi]``.
+        """
+        L = len(rev)
+        if L == 0:
+            return 0, 0, 0, None
+        c0 = int(rev[0])
+        if c0 < 0 or c0 >= self.vocab:
+            return 0, 0, 0, None
+        lo, hi = int(self.buckets[c0]), int(self.buckets[c0 + 1])
+        if lo >= hi:
+            return 0, 0, 0, None
+        k = 1
+        while hi - lo > ONESHOT_ROWS and k < L:
+            c = int(rev[k])
+            if c < 0 or c >= self.vocab:
+                return k, lo, hi, None
+            nlo = self._lower(lo, hi, k, c)
+            nhi = self._lower(nlo, hi, k, c + 1)
+            if nlo >= nhi:
+                return k, lo, hi, None
+            lo, hi = nlo, nhi
+            k += 1
+        if k >= L:
+            return k, lo, hi, None
+        q = self.rsa[lo:hi].astype(np.int64)
+        idx = q[:, None] - np.arange(k, L, dtype=np.int64)[None, :]
+        np.maximum(idx, 0, out=idx)  # T[0] is a separator: reading stops there anyway
+        eq = self.tokens[idx] == rev[None, k:L]
+        run = np.logical_and.accumulate(eq, axis=1).sum(axis=1)
+        best = int(run.max())
+        return k + best, lo, hi, q[run == best]
+
+    def continuations(self, pos: np.ndarray, depth: int) -> np.ndarray:
+        """[len(pos), depth] int64 tokens following each position, -1 from the first separator on."""
+        idx = pos[:, None] + np.arange(1, depth + 1, dtype=np.int64)[None, :]
+        np.minimum(idx, self.n - 1, out=idx)  # the last token is a separator
+        c = self.tokens[idx].astype(np.int64)
+        stop = np.logical_or.accumulate(c == self.sep, axis=1)
+        c[stop] = -1
+        return c
+
+    def doc_of(self, pos: np.ndarray) -> np.ndarray:
+        """Global document id of each position."""
+        i = np.searchsorted(self.doc_starts, pos, "right") - 1
+        return self.doc_ids[np.clip(i, 0, len(self.doc_ids) - 1)]
+
+
+def brute_force_match(tokens: np.ndarray, context, max_span: int):
+    """Reference: (longest m <= max_span such that context[-m:] occurs in ``tokens``, sorted end positions)."""
+    t = [int(x) for x in tokens]
+    ctx = [int(x) for x in context][-max_span:]
+    for m in range(len(ctx), 0, -1):
+        pat = ctx[-m:]
+        ends = [i + m - 1 for i in range(len(t) - m + 1) if t[i:i + m] == pat]
+        if ends:
+            return m, ends
+    return 0, []
