@@ -55,7 +55,8 @@ def build(train: Path, out: Path, model: str | None) -> float:
     from indexers.build import build_index
 
     t0 = time.perf_counter()
-    build_index([str(train)], out, model=model, progress=False, log=lambda *_: None)
+    # FAISS is not on the lookup path (the server runs --no-faiss here): skip the embedding stage.
+    build_index([str(train)], out, model=model, embeddings=False, progress=False, log=lambda *_: None)
     return time.perf_counter() - t0
 
 

@@ -1,0 +1,91 @@
+"""The service and the drafters over a real index (index-build on a tiny corpus, SmolLM2's tokenizer)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("datastore.index")
+pytest.importorskip("indexers.build")
+
+from client.datastore_client import DatastoreClient  # noqa: E402
+from client.datastore_drafter import TokenizerMismatchError, make_datastore_drafter  # noqa: E402
+from client.types import DecodeContext, Source  # noqa: E402
+from datastore.servicer import ServiceConfig  # noqa: E402
+from tests.integration.datastore_support import ServerThread  # noqa: E402
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. The quick brown fox runs into the forest.",
+    "Rust ownership rules: each value in Rust has an owner. There can only be one owner at a time.",
+    "To compute the area of a circle, multiply pi by the square of the radius.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from client.model_files import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def real_index(tmp_path_factory, tokenizer):
+    from indexers.build import build_index
+
+    d = tmp_path_factory.mktemp("real")
+    corpus = d / "corpus"
+    corpus.mkdir()
+    for i, t in enumerate(TEXTS):
+        (corpus / f"doc{i}.txt").write_text(t + "\n")
+    out = d / "index"
+    build_index([str(corpus)], out, tokenizer=tokenizer, progress=False, log=lambda *_: None, chunk_tokens=16)
+    return out
+
+
+def ids(tokenizer, text):
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+
+def test_service_over_real_index(real_index, tokenizer):
+    from client.model_files import tokenizer_fingerprint
+
+    fp = tokenizer_fingerprint(tokenizer)
+    with ServerThread(real_index, ServiceConfig()) as s:
+        c = DatastoreClient(s.address, timeout_s=2, tokenizer_fingerprint=fp)
+        info = c.info()
+        assert info.tokenizer_fingerprint == fp and info.vocab_size == len(tokenizer)
+        ctx = ids(tokenizer, "I saw that the quick brown")
+        t = c.retrieve(ctx, 16)
+        assert t.num_drafts > 0 and t.root == ctx[-1]
+        first = tokenizer.decode(t.tokens[t.children_lists()[0]][:1].tolist())
+        assert "fox" in first
+        sess = c.open_session(prompt_text="How many owners can a Rust value have?")
+        assert sess is not None and len(sess.document_ids) > 0
+        t = c.retrieve(ids(tokenizer, "each value in Rust"), 8, session_id=sess.session_id)
+        assert t.num_drafts > 0
+        assert c.close_session(sess.session_id)
+        assert c.stats["failures"] == 0
+        c.close()
+        d = make_datastore_drafter(s.address, tokenizer=tokenizer, timeout_s=2)
+        d.begin_request(None, "area of a circle")
+        dc = DecodeContext(ids(tokenizer, "multiply pi by the"), prompt_len=2)
+        d.prefetch(dc, 8)
+        t = d.propose(dc, 8)
+        assert t.num_drafts > 0 and all(int(x) & Source.DATASTORE for x in t.sources[1:])
+        d.close()
+
+
+def test_embedded_drafter(real_index, tokenizer):
+    d = make_datastore_drafter(index_path=str(real_index), tokenizer=tokenizer)
+    d.begin_request(None, "quick brown fox")
+    t = d.propose(DecodeContext(ids(tokenizer, "the quick brown"), prompt_len=1), 8)
+    assert t.num_drafts > 0
+    d.close()
+
+    class Other:
+        all_special_tokens = []
+
+        def get_vocab(self):
+            return {"x": 0}
+
+    with pytest.raises(TokenizerMismatchError):
+        make_datastore_drafter(index_path=str(real_index), tokenizer=Other())
