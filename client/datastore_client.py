@@ -239,6 +239,9 @@ class DatastoreClient:
         except Exception as e:  # noqa: BLE001 - grpc.RpcError, or anything else: no draft this step
             self._failure(e)
             return DraftTree.empty(root)
+        return self._convert(resp, root)
+
+    def _convert(self, resp, root: int) -> DraftTree:
         self._success()
         self.last_index_id = resp.index_id
         try:
@@ -251,7 +254,18 @@ class DatastoreClient:
 
     def retrieve(self, context_tail, budget: int, session_id: Optional[str] = None,
                  hint: Optional[tuple] = None) -> DraftTree:
-        return self.retrieve_async(context_tail, budget, session_id, hint).result()
+        """Blocking lookup (at most ``timeout_s``); the plain call path is ~0.1 ms cheaper than a future."""
+        root = int(np.asarray(context_tail).reshape(-1)[-1])
+        self.stats["requests"] += 1
+        if budget <= 0 or not self._allow():
+            return DraftTree.empty(root)
+        try:
+            root, req = self._request(context_tail, budget, session_id, hint)
+            resp = self._stub.Retrieve(req, timeout=self.timeout_s, metadata=self._metadata)
+        except Exception as e:  # noqa: BLE001 - grpc.RpcError or a closed channel: no draft this step
+            self._failure(e)
+            return DraftTree.empty(root)
+        return self._convert(resp, root)
 
     def retrieve_batch(self, contexts: Sequence, budget: int, session_id: Optional[str] = None) -> list[DraftTree]:
         roots = [int(np.asarray(c).reshape(-1)[-1]) for c in contexts]
