@@ -368,13 +368,13 @@ class DatastoreIndex:
         if self._embedder is None:
             with self._lock:
                 if self._embedder is None:
-                    from indexers.embedder import NumpyEmbedder, default_embedder_path
+                    from indexers.embedder import default_embedder_path, get_embedder
 
                     f = self.manifest["faiss"]["embedder"]
                     p = Path(f.get("path") or "")
                     if not (p / "model.safetensors").exists():
                         p = default_embedder_path()
-                    self._embedder = NumpyEmbedder(p)
+                    self._embedder = get_embedder(p)
         return self._embedder
 
     def embed(self, texts) -> np.ndarray:

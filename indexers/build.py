@@ -41,7 +41,16 @@ class SimulatedCrash(RuntimeError):
 
 
 def _crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
+    """Test hook: ``SPECSTORE_INDEX_CRASH_AT=<point>`` raises there, ``<point>!kill`` SIGKILLs the process."""
+    want = os.environ.get(CRASH_ENV)
+    if not want:
+        return
+    point, _, how = want.partition("!")
+    if point == name:
+        if how == "kill":
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         raise SimulatedCrash(f"simulated crash at {name}")
 
 
@@ -515,10 +524,10 @@ def build_index(
     # ---- stage 3 + 4: chunk embeddings and FAISS
     faiss_meta = None
     if embeddings:
-        from indexers.embedder import NumpyEmbedder
+        from indexers.embedder import get_embedder
 
         t0 = time.time()
-        emb = NumpyEmbedder(embedder)
+        emb = get_embedder(embedder)
         (staging / "embed").mkdir(exist_ok=True)
         backend = _backend_of(tokenizer)
         todo = []

@@ -71,6 +71,18 @@ def _layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nd
     return xc / np.sqrt(var + eps) * w + b
 
 
+_CACHE: dict = {}
+
+
+def get_embedder(path=None) -> "NumpyEmbedder":
+    """A process-wide shared encoder per folder (loading costs ~0.3 s; the encoder is read-only)."""
+    key = str(Path(path).resolve()) if path else str(default_embedder_path())
+    e = _CACHE.get(key)
+    if e is None:
+        e = _CACHE[key] = NumpyEmbedder(key)
+    return e
+
+
 class NumpyEmbedder:
     def __init__(self, path=None, max_length: Optional[int] = None):
         from safetensors.numpy import load_file

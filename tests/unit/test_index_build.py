@@ -1,0 +1,275 @@
+"""index-build end to end on tiny corpora: manifest, FAISS, crash/resume, --append, checksums, CLI."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from client.model_files import load_tokenizer
+from datastore.index import DatastoreIndex, IndexFormatError
+from indexers.build import CRASH_ENV, SimulatedCrash, build_index
+from indexers.cli import main
+
+DOCS = [
+    {"instruction": "Write a function that adds two numbers.", "response": "def add(a, b):\n    return a + b"},
+    {"instruction": "Write a function that multiplies two numbers.", "response": "def mul(a, b):\n    return a * b"},
+    {"instruction": "Explain photosynthesis briefly.", "response": "Plants turn sunlight, water and carbon dioxide "
+                    "into sugar and oxygen."},
+    {"instruction": "Name the capital of France.", "response": "The capital of France is Paris."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return _make_corpus(tmp_path / "corpus")
+
+
+def _make_corpus(d):
+    (d / "docs").mkdir(parents=True)
+    (d / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in DOCS))
+    (d / "docs" / "rust.md").write_text("# Ownership\n\nEach value in Rust has an owner. There can only be one "
+                                        "owner at a time. When the owner goes out of scope, the value is dropped.\n")
+    (d / "docs" / "poem.txt").write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more "
+                                         "temperate.\n" * 3)
+    return d
+
+
+def _ids(tok, s):
+    return tok(s, add_special_tokens=False)["input_ids"]
+
+
+def test_build_open_retrieve(tok, corpus, tmp_path):
+    out = tmp_path / "idx"
+    rep = build_index([corpus], out, tokenizer=tok, embeddings=False, progress=False)
+    ix = DatastoreIndex.open(out, verify=True)
+    m = ix.manifest
+    assert m["format_version"] == 1 and m["token_dtype"] == "uint16" and m["vocab_size"] == len(tok)
+    assert ix.num_documents == 6 and m["faiss"] is None and m["shards"][0]["files"]["rsa.npy"]["sha256"]
+    assert ix.tokenizer_fingerprint == rep.manifest["tokenizer"]["fingerprint"]
+    assert not list(tmp_path.glob(".idx.building"))   # staging folder renamed away
+    ctx = _ids(tok, "When the owner goes out of")
+    r = ix.retrieve(ctx, 16)
+    assert r.match_len >= 4
+    assert tok.decode(r.tokens[:1]) == " scope"
+    # a context from the poem: the continuation repeats three times
+    r = ix.retrieve(_ids(tok, "Thou art more lovely and more"), 8, depth=3)
+    assert tok.decode(r.tokens[:1]) == " temperate" and r.probs[0] == 1.0
+    text = tok.decode(ix.document_tokens(int(np.argmax([len(ix.document_tokens(i)) for i in range(6)]))))
+    assert "Shall I compare" in text
+    ix.close()
+
+
+def test_faiss_matches_exact_search(tok, corpus, tmp_path):
+    from indexers.embedder import NumpyEmbedder
+
+    out = tmp_path / "idx"
+    build_index([corpus], out, tokenizer=tok, chunk_tokens=16, progress=False)
+    ix = DatastoreIndex.open(out)
+    assert ix.has_faiss and ix.manifest["faiss"]["factory"] == "Flat"
+    chunks = np.load(out / "faiss" / "chunks.npy")
+    assert ix.manifest["faiss"]["num_vectors"] == len(chunks) > 6
+    # exact search: embed every chunk's text again and take inner products
+    emb = NumpyEmbedder()
+    T = ix.shards[0].tokens
+    X = emb.encode([tok.decode(T[s:e].tolist()) for _, _, s, e in chunks])
+    assert np.allclose(np.linalg.norm(X, axis=1), 1, atol=1e-5)
+    for q in ["capital city of France", "multiply numbers in python", "sunlight and plants"]:
+        scores, rows = ix.search_chunks(q, k=5)
+        exact = X @ emb.encode([q])[0]
+        assert np.allclose(np.sort(scores)[::-1], np.sort(exact)[::-1][:5], atol=1e-4)
+        docs = ix.search_documents(q, k=2)
+        assert docs[0] == chunks[np.argmax(exact)][0]
+    assert ix.search_documents("capital city of France", 1)[0] == 5  # docs/ (poem 0, rust 1) sorts before tasks.jsonl
+    # the same corpus through an IVF index probed exhaustively gives the same neighbours
+    out2 = tmp_path / "idx_ivf"
+    build_index([corpus], out2, tokenizer=tok, chunk_tokens=16, faiss_factory="IVF2,Flat", progress=False)
+    ix2 = DatastoreIndex.open(out2)
+    assert ix2.manifest["faiss"]["factory"] == "IVF2,Flat"
+    for q in ["capital city of France", "ownership in Rust"]:
+        assert ix2.search_documents(q, 2).tolist() == ix.search_documents(q, 2).tolist()
+    no = DatastoreIndex.open(out, load_faiss=False)
+    assert no.search_documents("anything").size == 0
+
+
+def _shard_files(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*.npy"))}
+
+
+@pytest.fixture(scope="module")
+def clean_builds(tok, tmp_path_factory):
+    """One clean reference build per embeddings setting (shared by the crash/resume cases)."""
+    root = tmp_path_factory.mktemp("clean")
+    corpus_dir = _make_corpus(root / "corpus")
+    out = {}
+    for emb in (False, True):
+        out[emb] = root / f"clean-{emb}"
+        build_index([corpus_dir], out[emb], tokenizer=tok, embeddings=emb, **CRASH_KW)
+    return corpus_dir, out
+
+
+CRASH_KW = dict(shard_tokens=60, chunk_tokens=32, progress=False)
+
+
+@pytest.mark.parametrize("point,emb", [("tokenize:shard-00001", False), ("sa:shard-00001", False),
+                                       ("embed:shard-00000", True), ("faiss", True), ("manifest", False)])
+def test_crash_then_resume_equals_clean_build(tok, clean_builds, tmp_path, monkeypatch, point, emb):
+    corpus_dir, clean = clean_builds
+    clean = clean[emb]
+    kw = dict(tokenizer=tok, embeddings=emb, **CRASH_KW)
+    out = tmp_path / "idx"
+    monkeypatch.setenv(CRASH_ENV, point)
+    with pytest.raises(SimulatedCrash):
+        build_index([corpus_dir], out, **kw)
+    assert not out.exists()                                    # nothing half-published
+    assert (tmp_path / ".idx.building" / "stages").is_dir()
+    if point != "manifest":
+        with pytest.raises(IndexFormatError):
+            DatastoreIndex.open(tmp_path / ".idx.building")    # no manifest before the last stage
+    monkeypatch.delenv(CRASH_ENV)
+    rep = build_index([corpus_dir], out, **kw)
+    assert "tokenize-00000" in rep.resumed
+    if point != "tokenize:shard-00001":
+        assert "tokenize" in rep.resumed and "sa-shard-00000" in rep.resumed
+    if point == "faiss":
+        assert "embed-shard-00000" in rep.resumed
+    assert _shard_files(out) == _shard_files(clean)
+    a, b = DatastoreIndex.open(out, verify=True), DatastoreIndex.open(clean)
+    assert a.index_id == b.index_id and len(a.manifest["shards"]) >= 3
+    ctx = _ids(tok, "Each value in Rust has an")
+    assert a.retrieve(ctx, 8).tokens.tolist() == b.retrieve(ctx, 8).tokens.tolist()
+
+
+def test_changed_inputs_discard_stale_staging(tok, corpus, tmp_path, monkeypatch):
+    out = tmp_path / "idx"
+    monkeypatch.setenv(CRASH_ENV, "sa:shard-00000")
+    with pytest.raises(SimulatedCrash):
+        build_index([corpus], out, tokenizer=tok, embeddings=False, progress=False)
+    monkeypatch.delenv(CRASH_ENV)
+    (corpus / "extra.txt").write_text("a brand new document about zebras")
+    rep = build_index([corpus], out, tokenizer=tok, embeddings=False, progress=False)
+    assert rep.resumed == [] and DatastoreIndex.open(out).num_documents == 7
+
+
+def test_append_adds_a_shard(tok, corpus, tmp_path):
+    out = tmp_path / "idx"
+    build_index([corpus / "tasks.jsonl"], out, tokenizer=tok, chunk_tokens=32, progress=False)
+    before = DatastoreIndex.open(out)
+    old_files = {p.name: (p.stat().st_ino, p.read_bytes()) for p in (out / "shards" / "shard-00000").iterdir()}
+    nvec = before.manifest["faiss"]["num_vectors"]
+    rep = build_index([corpus / "docs"], out, tokenizer=tok, append=True, progress=False)
+    ix = DatastoreIndex.open(out, verify=True)
+    assert [s["name"] for s in ix.manifest["shards"]] == ["shard-00000", "shard-00001"]
+    assert ix.num_documents == 6 and ix.manifest["stats"]["appended_from"] == before.index_id
+    assert ix.manifest["shards"][1]["doc_id_min"] == 4  # poem.txt, then rust.md = 5
+    for p in (out / "shards" / "shard-00000").iterdir():     # old shard untouched (same inode, same bytes)
+        assert (p.stat().st_ino, p.read_bytes()) == old_files[p.name]
+    assert ix.manifest["faiss"]["num_vectors"] > nvec
+    assert ix.search_documents("who owns a value in Rust", 1).tolist() == [5]
+    r = ix.retrieve(_ids(tok, "When the owner goes out of"), 4)
+    assert tok.decode(r.tokens[:1]) == " scope"
+    r = ix.retrieve(_ids(tok, "def add(a, b):\n    return"), 4)
+    assert r.match_len >= 5
+    # a tokenizer mismatch is refused
+    from indexers.build import BuildError
+    with pytest.raises(BuildError, match="fingerprint"):
+        build_index(None, out, token_docs=[[1, 2, 3]], append=True, progress=False)
+
+
+def test_checksums_and_half_indexes(tok, corpus, tmp_path):
+    out = tmp_path / "idx"
+    build_index([corpus], out, tokenizer=tok, embeddings=False, progress=False)
+    rsa = out / "shards" / "shard-00000" / "rsa.npy"
+    data = bytearray(rsa.read_bytes())
+    data[-1] ^= 0xFF
+    rsa.write_bytes(bytes(data))
+    DatastoreIndex.open(out)  # sizes still agree: cheap open succeeds ...
+    with pytest.raises(IndexFormatError, match="sha256"):
+        DatastoreIndex.open(out, verify=True)          # ... the checksum does not
+    assert main(["inspect", str(out), "--verify"]) == 2
+    rsa.write_bytes(bytes(data[:-4]))
+    with pytest.raises(IndexFormatError, match="size"):
+        DatastoreIndex.open(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(IndexFormatError, match="no manifest"):
+        DatastoreIndex.open(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexFormatError):
+        DatastoreIndex.open(out)
+
+
+def test_token_docs_and_uint32(tmp_path):
+    docs = [[70_000, 1, 65_535, 80_000], [1, 65_535, 80_000, 5], [9, 9, 9]]
+    build_index(None, tmp_path / "i", token_docs=docs, vocab_size=100_000, shard_tokens=16, progress=False)
+    ix = DatastoreIndex.open(tmp_path / "i")
+    assert ix.token_dtype == "uint32" and ix.manifest["separator"] == 2**32 - 1
+    r = ix.retrieve([1, 65_535], 8, min_prob=0.0)
+    assert r.match_len == 2 and r.tokens.tolist() == [80_000, 5] and r.parents.tolist() == [-1, 0]
+    assert ix.manifest["stats"]["bytes_per_token"] > 0
+    from indexers.build import BuildError
+    with pytest.raises(BuildError, match="outside the vocabulary"):
+        build_index(None, tmp_path / "j", token_docs=[[5, 100]], vocab_size=50, progress=False)
+
+
+def _big_vocab_tokenizer(folder, n=70_000):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(n - 1)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]").save_pretrained(str(folder))
+    return folder
+
+
+def test_cli_uint32_tokenizer_inspect_and_bad_input(tmp_path, capsys):
+    tokdir = _big_vocab_tokenizer(tmp_path / "bigtok")
+    (tmp_path / "c.jsonl").write_text('{"text": "w69000 w1 w66000 w5"}\n{"text": "w1 w66000 w7"}\n')
+    out = tmp_path / "idx"
+    assert main(["build", str(tmp_path / "c.jsonl"), "--out", str(out), "--model", str(tokdir), "--no-embeddings",
+                 "-q"]) == 0
+    ix = DatastoreIndex.open(out)
+    assert ix.token_dtype == "uint32" and ix.vocab_size == 70_000
+    r = ix.retrieve([2, 66_001], 4, min_prob=0.0)
+    assert r.match_len == 2 and sorted(r.tokens.tolist()) == [6, 8]
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    o = capsys.readouterr().out
+    assert ix.index_id in o and "uint32" in o and "70,000" in o
+    assert main(["inspect", str(out), "--json"]) == 0 and json.loads(capsys.readouterr().out)["vocab_size"] == 70_000
+    # bad input: file:line, exit 1, no traceback; --skip-bad-records goes on and reports the count
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "w1 w2"}\n{"text": w3}\n{"body": "w4"}\n')
+    assert main([str(bad), "--out", str(tmp_path / "b"), "--model", str(tokdir), "--no-embeddings", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:2: malformed JSON" in err and "Traceback" not in err
+    assert main([str(bad), "--out", str(tmp_path / "b"), "--model", str(tokdir), "--no-embeddings", "-q",
+                 "--text-field", "text", "--skip-bad-records"]) == 0
+    o = capsys.readouterr().out
+    assert "skipped 2 bad records" in o
+    assert main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "m"), "--no-embeddings", "-q",
+                 "--model", str(tokdir)]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "nowhere")]) == 2
+
+
+def test_cli_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    h = capsys.readouterr().out
+    for flag in ["--out", "--model", "--text-field", "--template", "--shard-tokens", "--workers", "--no-embeddings",
+                 "--embedder", "--faiss-factory", "--chunk-tokens", "--append", "--skip-bad-records", "--quiet"]:
+        assert flag in h
+
+
+def test_workers_give_identical_shards(tok, corpus, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_index([corpus], a, tokenizer=tok, embeddings=False, progress=False, batch_docs=2)
+    build_index([corpus], b, tokenizer=tok, embeddings=False, progress=False, batch_docs=2, workers=2)
+    assert _shard_files(a) == _shard_files(b)
