@@ -35,6 +35,16 @@ def default_opener(load_faiss: bool = True) -> Callable[[str], Any]:
     return _open
 
 
+def _warm(index: Any) -> None:
+    """Load lazily-initialised parts (the query embedder) before the index takes traffic, so that the
+    first OpenSession doesn't pay seconds of model loading inside a client's deadline."""
+    if getattr(index, "has_faiss", False):
+        try:
+            index.search_documents("warm-up", 1)
+        except Exception:  # noqa: BLE001 - a broken embedder surfaces on OpenSession, with its error
+            log.exception("warming the document search failed")
+
+
 def index_signature(path: str) -> tuple:
     """What changes when a new snapshot is published at ``path`` (symlink swap or manifest rewrite)."""
     real = os.path.realpath(path)
@@ -118,6 +128,7 @@ class DatastoreServer:
         """Load the index (in a thread: opening mmaps/FAISS may take a while) and start serving."""
         sig = index_signature(self.index_path)
         index = await asyncio.to_thread(self._opener, self.index_path)
+        await asyncio.to_thread(_warm, index)
         self._signature = sig
         self.servicer.swap_index(index)
         log.info("index loaded", extra={"index_id": index.index_id, "path": self.index_path,
@@ -140,6 +151,7 @@ class DatastoreServer:
                 return False
             try:
                 index = await asyncio.to_thread(self._opener, self.index_path)
+                await asyncio.to_thread(_warm, index)
             except Exception as e:  # noqa: BLE001
                 self.metrics.reloads.labels("failed").inc()
                 log.error("reload failed; keeping the current index", extra={"error": f"{type(e).__name__}: {e}"})

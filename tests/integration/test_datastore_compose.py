@@ -105,10 +105,10 @@ def test_compose_commands_run(tmp_path):
 
         tok = load_tokenizer()
         ids = tok("I saw the quick brown", add_special_tokens=False)["input_ids"]
-        with DatastoreClient(f"127.0.0.1:{port}", timeout_s=2) as c:
+        with DatastoreClient(f"127.0.0.1:{port}", timeout_s=5, session_timeout_s=30) as c:
             assert c.retrieve(ids, 8).num_drafts > 0
             assert c.open_session(prompt_text="fox") is None  # writes need the token
-        with DatastoreClient(f"127.0.0.1:{port}", timeout_s=2, auth_token="t") as c:
+        with DatastoreClient(f"127.0.0.1:{port}", timeout_s=5, session_timeout_s=30, auth_token="t") as c:
             assert c.open_session(prompt_text="fox") is not None
         import urllib.request
 

@@ -50,7 +50,7 @@ def test_service_over_real_index(real_index, tokenizer):
 
     fp = tokenizer_fingerprint(tokenizer)
     with ServerThread(real_index, ServiceConfig()) as s:
-        c = DatastoreClient(s.address, timeout_s=2, tokenizer_fingerprint=fp)
+        c = DatastoreClient(s.address, timeout_s=5, session_timeout_s=30, tokenizer_fingerprint=fp)
         info = c.info()
         assert info.tokenizer_fingerprint == fp and info.vocab_size == len(tokenizer)
         ctx = ids(tokenizer, "I saw that the quick brown")
@@ -65,7 +65,7 @@ def test_service_over_real_index(real_index, tokenizer):
         assert c.close_session(sess.session_id)
         assert c.stats["failures"] == 0
         c.close()
-        d = make_datastore_drafter(s.address, tokenizer=tokenizer, timeout_s=2)
+        d = make_datastore_drafter(s.address, tokenizer=tokenizer, timeout_s=5, session_timeout_s=30)
         d.begin_request(None, "area of a circle")
         dc = DecodeContext(ids(tokenizer, "multiply pi by the"), prompt_len=2)
         d.prefetch(dc, 8)
