@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -172,7 +173,9 @@ def run(args) -> int:
 
         encoder = SpeculativeDecoder(model, tokenizer, [], profile=profile, speculate=False)
 
-    meta = environment(model, command=[Path(sys.argv[0]).name] + sys.argv[1:])
+    argv = getattr(args, "argv", None)
+    meta = environment(model, command=None)
+    meta["command"] = "spec-bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     meta.update(model=model_name, max_new_tokens=args.max_new_tokens, n_per_category=args.n_per_category,
                 categories=categories, configs=configs, max_budget=max_budget, warmup_prompts=len(warmups),
                 questions=str(args.questions), pld_num_tokens=10 if not args.no_pld else None,
@@ -206,6 +209,7 @@ def run(args) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

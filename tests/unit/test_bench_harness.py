@@ -117,6 +117,7 @@ def test_cli_end_to_end(model, tmp_path, monkeypatch, capsys):
     raw = json.loads((out / "r.json").read_text())
     assert raw["meta"]["model"] == "tiny" and raw["meta"]["max_new_tokens"] == 6
     assert {"torch", "transformers", "torch_threads", "date", "command", "device"} <= set(raw["meta"])
+    assert raw["meta"]["command"].startswith("spec-bench --questions ")
     assert len(raw["records"]) == 2 * 4
     assert (out / "r.png").stat().st_size > 1000
     err = capsys.readouterr().err
@@ -140,3 +141,30 @@ def test_configs_add_datastore_variant():
     assert bench_cli._configs(p.parse_args(["--index", "/x"]))[-1] == "context,recycling,datastore"
     assert bench_cli._configs(p.parse_args(["--index", "/x", "--configs", "datastore"])) == ["datastore"]
     assert "interleaved" in p.format_help()
+
+
+def test_datastore_flags_pass_through(model, monkeypatch):
+    import client.datastore_drafter
+    from client.types import DraftTree
+
+    calls = []
+
+    class Stub:
+        def propose(self, ctx, budget):
+            return DraftTree.empty(ctx.last_token)
+
+        def observe(self, step):
+            pass
+
+    def fake(address=None, index_path=None, tokenizer=None, **kw):
+        calls.append((address, index_path, kw))
+        return Stub()
+
+    monkeypatch.setattr(client.datastore_drafter, "make_datastore_drafter", fake)
+    args = bench_cli.build_parser().parse_args(["--index", "/some/index", "--datastore-timeout-ms", "7"])
+    factory = bench_cli._drafter_factory(model, None, args)
+    assert [type(d).__name__ for d in factory("context,recycling")] == ["ContextDrafter", "RecyclingDrafter"]
+    assert not calls  # only configurations that name the datastore open it
+    ds = factory("context,recycling,datastore")
+    assert isinstance(ds[0], Stub) and len(ds) == 3
+    assert calls == [(None, "/some/index", {"timeout_s": 0.007})]
