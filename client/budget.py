@@ -1,0 +1,218 @@
+"""How many draft nodes to verify this step, from the machine's measured cost and learned acceptance.
+
+Performance model (DESIGN §7): a step that verifies ``n`` nodes costs ``t(n)`` and yields
+``1 + E[accepted drafts]`` tokens. ``CostProfile`` measures ``t(n)`` once per (model, device, dtype,
+threads) and caches it. ``BudgetController`` turns each node's raw probability estimate into a
+calibrated acceptance probability (Beta posteriors per source and probability bin, sampled Thompson
+style so that it keeps exploring), then picks the prefix of the fused tree that maximises expected tokens
+per second; 0 drafts (a plain step) whenever speculation does not pay.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .types import DraftTree
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass
+class CostProfile:
+    """sizes: tree sizes n (root included); seconds: median verify time t(n) for each."""
+
+    sizes: list[int]
+    seconds: list[float]
+    meta: dict = field(default_factory=dict)
+
+    def t(self, n: int) -> float:
+        return float(np.interp(n, self.sizes, self.seconds))
+
+    def table(self, max_n: int) -> np.ndarray:
+        """[max_n + 1] t(n) for n = 0..max_n (t(0) unused, set to t(1))."""
+        n = np.arange(max_n + 1)
+        return np.interp(np.maximum(n, 1), self.sizes, self.seconds)
+
+    @property
+    def max_size(self) -> int:
+        return int(self.sizes[-1])
+
+    def to_json(self) -> dict:
+        return {"sizes": self.sizes, "seconds": self.seconds, "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CostProfile":
+        return cls([int(s) for s in d["sizes"]], [float(s) for s in d["seconds"]], d.get("meta", {}))
+
+    @classmethod
+    def flat(cls, max_n: int = 64) -> "CostProfile":
+        """A GPU-like profile (t(n) flat); useful for tests that want speculation every step."""
+        return cls([1, max_n], [1.0, 1.0], {"kind": "flat"})
+
+
+def measure_cost_profile(model, sizes: Sequence[int] = DEFAULT_SIZES, past_len: int = 256, reps: int = 7,
+                         vocab_low: int = 100) -> CostProfile:
+    """Time one verify forward for each tree size (random chain-free star trees on a warm cache)."""
+    import torch
+
+    from .verifier import Verifier
+
+    v = Verifier(model)
+    rng = np.random.default_rng(0)
+    past = rng.integers(vocab_low, min(v.vocab_size, 30000), size=past_len + 1)
+    seconds = []
+    sync = torch.cuda.synchronize if v.device.type == "cuda" else (lambda: None)
+    v.prefill(past)
+    for n in sizes:
+        times = []
+        for r in range(reps + 1):
+            tree = DraftTree(np.concatenate([[past[-1]], rng.integers(vocab_low, 1000, n - 1)]).astype(np.int32),
+                             np.concatenate([[-1], rng.integers(0, np.arange(1, n).clip(1), n - 1)
+                                             if n > 1 else []]).astype(np.int32),
+                             np.ones(n, np.float32), np.zeros(n, np.uint8))
+            sync()
+            t0 = time.perf_counter()
+            v.verify(tree)
+            sync()
+            times.append(time.perf_counter() - t0)
+            v.commit([0])  # drop the tree again: the cache grows by one root per timing
+        seconds.append(float(np.median(times[1:])))
+    # a bigger tree never costs less: clip upward outliers (a noisy neighbour during one size's timing)
+    seconds = [min(seconds[i:]) for i in range(len(seconds))]
+    meta = {"device": str(v.device), "dtype": str(v.dtype), "threads": torch.get_num_threads(),
+            "past_len": past_len, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return CostProfile(list(map(int, sizes)), seconds, meta)
+
+
+def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None, refresh: bool = False,
+                        sizes: Sequence[int] = DEFAULT_SIZES) -> CostProfile:
+    """The machine's profile for this model, measured once and cached as JSON."""
+    import torch
+
+    from .model_files import cache_root
+
+    p = next(model.parameters())
+    key = f"{model_name}-{p.device.type}-{str(p.dtype).replace('torch.', '')}-t{torch.get_num_threads()}"
+    if p.device.type == "cuda":
+        key += "-" + torch.cuda.get_device_name(p.device).replace(" ", "_")
+    path = (cache_dir or cache_root() / "profiles") / f"{key}.json"
+    if path.exists() and not refresh:
+        try:
+            return CostProfile.from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError):
+            log.warning("ignoring unreadable cost profile %s", path)
+    log.info("measuring the verify cost profile t(n) for %s (once)", key)
+    prof = measure_cost_profile(model, sizes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(prof.to_json(), indent=1))
+    tmp.replace(path)
+    return prof
+
+
+_BINS = np.array([0.0, 0.05, 0.15, 0.3, 0.5, 0.7, 0.9, 1.01])
+
+
+class BudgetController:
+    """Calibrates draft probabilities online and chooses each step's draft-node budget.
+
+    Calibration key: (source bits of the node, bin of its raw conditional probability). Each key has a
+    Beta(a, b) posterior over "accepted | parent accepted"; the prior mean is the bin's own value,
+    shrunk towards pessimism, so an unseen source must earn its way into the tree.
+    """
+
+    def __init__(self, profile: CostProfile, max_budget: int = 63, overhead_s: float = 0.0,
+                 thompson: bool = True, prior_strength: float = 4.0, memory: float = 400.0, seed: int = 0):
+        self.profile = profile
+        self.max_budget = int(min(max_budget, profile.max_size - 1))
+        self.overhead_s = overhead_s
+        self.thompson = thompson
+        self.prior_strength = prior_strength
+        self.memory = memory
+        self._t = profile.table(self.max_budget + 1)
+        self._rng = np.random.default_rng(seed)
+        self._post: dict[tuple[int, int], list[float]] = {}
+        self.steps = 0
+        self.speculative_steps = 0
+
+    def _key(self, source: int, prob: float) -> tuple[int, int]:
+        return int(source), int(np.searchsorted(_BINS, prob, side="right") - 1)
+
+    def _posterior(self, key: tuple[int, int]) -> list[float]:
+        post = self._post.get(key)
+        if post is None:
+            mid = 0.5 * (_BINS[key[1]] + _BINS[min(key[1] + 1, len(_BINS) - 1)])
+            mean = 0.5 * min(mid, 1.0)
+            post = [self.prior_strength * mean, self.prior_strength * (1 - mean)]
+            self._post[key] = post
+        return post
+
+    def calibrate(self, tree: DraftTree) -> np.ndarray:
+        """[n] calibrated conditional acceptance probability of each node (root = 1)."""
+        q = np.ones(len(tree), dtype=np.float64)
+        sampled: dict[tuple[int, int], float] = {}
+        for i in range(1, len(tree)):
+            key = self._key(tree.sources[i], float(tree.probs[i]))
+            v = sampled.get(key)
+            if v is None:
+                a, b = self._posterior(key)
+                v = self._rng.beta(a, b) if self.thompson else a / (a + b)
+                sampled[key] = v
+            q[i] = v
+        return q
+
+    def choose(self, tree: DraftTree) -> tuple[DraftTree, float]:
+        """Cut ``tree`` to the size that maximises expected tokens per second.
+
+        Returns (tree to verify, expected accepted drafts). A one-node tree means a plain step.
+        """
+        self.steps += 1
+        if tree.num_drafts == 0:
+            return tree, 0.0
+        q = self.calibrate(tree)
+        # at most one child of a node can be accepted: siblings' probabilities sum to <= 1
+        sib = np.zeros(len(tree))
+        np.add.at(sib, tree.parents[1:], q[1:])
+        q[1:] /= np.maximum(sib[tree.parents[1:]], 1.0)
+        pp = q.copy()
+        for i in range(1, len(tree)):
+            pp[i] = min(pp[tree.parents[i]] * q[i], pp[tree.parents[i]])
+        depth = tree.depths()
+        order = np.lexsort((np.arange(1, len(tree)), depth[1:], -pp[1:])) + 1
+        order = order[: self.max_budget]
+        gain = 1.0 + np.concatenate([[0.0], np.cumsum(pp[order])])  # expected tokens with k drafts
+        cost = self._t[1: len(gain) + 1] + self.overhead_s
+        rate = gain / cost
+        k = int(np.argmax(rate))
+        if k == 0:
+            return DraftTree.empty(tree.root), 0.0
+        self.speculative_steps += 1
+        keep = np.sort(np.concatenate([[0], order[:k]]))
+        return tree.subset(keep), float(gain[k] - 1.0)
+
+    def observe(self, tree: DraftTree, accepted_nodes: Sequence[int]) -> None:
+        """Update posteriors: every node whose parent was accepted was a trial."""
+        if len(tree) <= 1:
+            return
+        acc = np.zeros(len(tree), dtype=bool)
+        acc[list(accepted_nodes)] = True
+        par = tree.parents
+        for i in range(1, len(tree)):
+            if acc[par[i]]:
+                post = self._posterior(self._key(tree.sources[i], float(tree.probs[i])))
+                post[0 if acc[i] else 1] += 1.0
+                if post[0] + post[1] > self.memory:  # forget slowly: acceptance drifts with the text
+                    post[0] *= 0.5
+                    post[1] *= 0.5
+
+    def state(self) -> dict:
+        return {f"{s}:{b}": [round(a, 2), round(c, 2)] for (s, b), (a, c) in sorted(self._post.items())}

@@ -1,0 +1,234 @@
+"""spec-generate: lossless speculative generation from the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+DRAFTER_NAMES = ("context", "recycling")
+
+EPILOG = """\
+examples:
+  spec-generate --prompt "Write a haiku about the sea."
+  spec-generate --prompts-file prompts.jsonl --json --max-new-tokens 64
+  spec-generate --prompt "..." --index ./my-index          # embedded datastore, no server
+  spec-generate --prompt "..." --datastore 127.0.0.1:50051 # shared datastore service
+  spec-generate --prompt "..." --compare-plain             # also run plain decoding, print the speedup
+
+Greedy output (the default, --temperature 0) is token for token the output of plain decoding.
+With --temperature > 0 tokens are sampled; the distribution is exactly that of plain sampling.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spec-generate", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (the chat template is applied for chat models)")
+    src.add_argument("--prompts-file", type=Path, help="JSON lines file, one object with a 'prompt' field per line")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--model", default=None,
+                   help="model: a local HF folder, a .gguf file, or smollm2-135m-instruct (default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--drafters", default="context,recycling",
+                   help=f"comma-separated local drafters from {', '.join(DRAFTER_NAMES)} (default: both)")
+    p.add_argument("--no-speculation", action="store_true", help="plain decoding through the same code path")
+    p.add_argument("--max-budget", type=int, default=None,
+                   help="largest number of draft nodes per step (default: from the cost profile, <= 32 on CPU)")
+    p.add_argument("--refresh-profile", action="store_true", help="re-measure the verify cost profile t(n)")
+    p.add_argument("--recycling-table", type=Path, default=None,
+                   help="load the token-recycling table from this file if it exists, and save it at the end")
+    p.add_argument("--datastore", metavar="HOST:PORT", default=None, help="draft from a datastore-serve service")
+    p.add_argument("--index", type=Path, default=None, help="draft from a local index in process (no server)")
+    p.add_argument("--datastore-timeout-ms", type=float, default=None, help="deadline of each remote lookup")
+    p.add_argument("--compare-plain", action="store_true",
+                   help="also decode each prompt plainly and report the speedup (and check equality when greedy)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming text")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    path: Path = args.prompts_file
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    prompts = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise ValueError(f"{path}:{i}: expected an object with a string 'prompt' field")
+        prompts.append(obj["prompt"])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def make_drafters(names: str, model, tokenizer, args) -> list:
+    from .drafters import ContextDrafter, RecyclingDrafter
+
+    out = []
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if name == "context":
+            out.append(ContextDrafter())
+        elif name == "recycling":
+            d = RecyclingDrafter(int(model.config.vocab_size))
+            if args.recycling_table is not None and args.recycling_table.exists():
+                d.load(args.recycling_table)
+            out.append(d)
+        elif name in ("none", ""):
+            continue
+        else:
+            raise ValueError(f"unknown drafter {name!r}; choose from {', '.join(DRAFTER_NAMES)}")
+    if args.datastore or args.index:
+        from .datastore_drafter import make_datastore_drafter
+
+        opts = {}
+        if args.datastore_timeout_ms is not None:
+            opts["timeout_s"] = args.datastore_timeout_ms / 1000.0
+        out.insert(0, make_datastore_drafter(address=args.datastore, index_path=str(args.index) if args.index else None,
+                                             tokenizer=tokenizer, **opts))
+    return out
+
+
+def build_decoder(args):
+    """Load the model and assemble a SpeculativeDecoder from parsed CLI arguments."""
+    import torch
+
+    from .budget import cached_cost_profile
+    from .decoder import SpeculativeDecoder
+    from .model_files import resolve_model
+    from .models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    drafters = [] if args.no_speculation else make_drafters(args.drafters, model, tokenizer, args)
+    profile = cached_cost_profile(model, resolve_model(args.model).name, refresh=args.refresh_profile)
+    default_budget = 32 if next(model.parameters()).device.type == "cpu" else 63
+    max_budget = args.max_budget or min(default_budget, profile.max_size - 1)
+    dec = SpeculativeDecoder(model, tokenizer, drafters, profile=profile, max_budget=max_budget,
+                             speculate=not args.no_speculation)
+    return dec
+
+
+def _validate(args) -> None:
+    from .sampling import SamplingParams
+
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    if args.max_budget is not None and args.max_budget < 0:
+        raise ValueError("--max-budget must be >= 0")
+    if args.datastore and args.index:
+        raise ValueError("give --datastore or --index, not both")
+
+
+def run(args) -> int:
+    _validate(args)
+    prompts = read_prompts(args)
+    dec = build_decoder(args)
+    gen_kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, stop=args.stop)
+    for i, text in enumerate(prompts):
+        ids = dec.encode_prompt(text, raw=args.raw)
+        if args.json:
+            res = dec.generate(ids, prompt_text=text, **gen_kw)
+            out = res.summary()
+        else:
+            out = _stream(dec, ids, text, gen_kw)
+        if args.compare_plain:
+            plain = _plain(dec, ids, text, gen_kw)
+            out["plain_tokens_per_second"] = round(plain.tokens_per_second, 3)
+            out["speedup"] = round(out["tokens_per_second"] / max(plain.tokens_per_second, 1e-9), 3)
+            if args.temperature == 0:
+                out["identical_to_plain"] = plain.new_tokens == out.pop("_tokens", None) or \
+                    plain.text == out.get("text")
+        out.pop("_tokens", None)
+        if args.json:
+            print(json.dumps(out, ensure_ascii=False), flush=True)
+        else:
+            stats = {k: v for k, v in out.items() if k != "text"}
+            print(f"\n[{i + 1}/{len(prompts)}] " + " ".join(f"{k}={v}" for k, v in stats.items()),
+                  file=sys.stderr, flush=True)
+    rt = getattr(args, "recycling_table", None)
+    if rt is not None:
+        for d in dec.drafters:
+            if hasattr(d, "save") and hasattr(d, "table"):
+                d.save(rt)
+    return 0
+
+
+def _stream(dec, ids, text, gen_kw) -> dict:
+    tok = dec.tokenizer
+    state: dict = {}
+    new: list[int] = []
+    shown = ""
+    for toks in dec.stream(ids, prompt_text=text, _state=state, **gen_kw):
+        new.extend(toks)
+        full = tok.decode(new, skip_special_tokens=True)
+        if not full.endswith("\ufffd"):  # wait for multi-byte characters to complete
+            sys.stdout.write(full[len(shown):])
+            sys.stdout.flush()
+            shown = full
+    final = state.get("text") or tok.decode(new, skip_special_tokens=True)
+    sys.stdout.write(final[len(shown):] + "\n")
+    sys.stdout.flush()
+    secs = state["seconds"]
+    return {"text": final, "new_tokens": len(new), "steps": state["steps"],
+            "accepted_per_step": round(len(new) / max(state["steps"], 1), 4), "decode_seconds": round(secs, 4),
+            "tokens_per_second": round(len(new) / max(secs, 1e-9), 3), "finish_reason": state["finish"],
+            "_tokens": new}
+
+
+def _plain(dec, ids, text, gen_kw):
+    spec = dec.speculate
+    dec.speculate = False
+    try:
+        return dec.generate(ids, prompt_text=text, **gen_kw)
+    finally:
+        dec.speculate = spec
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    from .model_files import ModelNotFoundError
+
+    try:
+        return run(args)
+    except (ValueError, ModelNotFoundError, FileNotFoundError, ImportError) as e:
+        print(f"spec-generate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The decode loop: propose -> fuse -> choose budget -> verify -> accept -> commit -> observe.
+
+``SpeculativeDecoder(model, tokenizer, drafters).generate(input_ids, ...)`` returns exactly the tokens
+that plain decoding of the same model returns (greedy), or tokens with exactly the same distribution
+(sampling). ``stream(...)`` yields the new tokens of each step as they are accepted.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .acceptance import greedy_accept, sample_accept
+from .budget import BudgetController, CostProfile
+from .fusion import fuse
+from .sampling import SamplingParams, warp
+from .types import DecodeContext, DraftTree, StepResult
+from .verifier import Verifier
+
+
+@dataclass
+class GenerationResult:
+    """new_tokens: generated ids (prompt excluded, EOS included when hit); sequences: prompt + new_tokens.
+    steps: target forwards after prefill; accepted_per_step: new tokens per target forward (MAT);
+    decode_seconds: wall time of the whole call (prefill included)."""
+
+    new_tokens: list[int]
+    sequences: list[int]
+    steps: int
+    decode_seconds: float
+    prefill_seconds: float
+    finish_reason: str
+    text: Optional[str] = None
+    tokens_per_step: list[int] = field(default_factory=list)
+    drafted_per_step: list[int] = field(default_factory=list)
+
+    @property
+    def accepted_per_step(self) -> float:
+        return len(self.new_tokens) / max(self.steps, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.new_tokens) / max(self.decode_seconds, 1e-9)
+
+    def summary(self) -> dict:
+        return {"text": self.text, "new_tokens": len(self.new_tokens), "steps": self.steps,
+                "accepted_per_step": round(self.accepted_per_step, 4),
+                "decode_seconds": round(self.decode_seconds, 4),
+                "tokens_per_second": round(self.tokens_per_second, 3), "finish_reason": self.finish_reason}
+
+
+def _as_id_list(input_ids) -> list[int]:
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 2:
+            if input_ids.shape[0] != 1:
+                raise ValueError("batched generation is not supported: pass one sequence")
+            input_ids = input_ids[0]
+        return [int(x) for x in input_ids.tolist()]
+    arr = np.asarray(input_ids)
+    if arr.ndim == 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 1:
+        raise ValueError("input_ids must be one sequence of token ids")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError("input_ids must be integers")
+    return [int(x) for x in arr.tolist()]
+
+
+class SpeculativeDecoder:
+    """Lossless tree-speculative decoding of one sequence at a time.
+
+    drafters: objects implementing client.types.Drafter (optional hooks: prefetch(ctx, budget),
+              begin_request(prompt_ids, prompt_text), end_request()).
+    profile:  the verify cost profile t(n); None -> a flat profile (always worth drafting).
+    speculate=False gives plain decoding through the same code path (one-node trees).
+    """
+
+    def __init__(self, model, tokenizer=None, drafters: Sequence = (), *, profile: Optional[CostProfile] = None,
+                 max_budget: int = 32, speculate: bool = True, topk: int = 8,
+                 controller: Optional[BudgetController] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.drafters = list(drafters)
+        self.speculate = speculate
+        self.topk = topk
+        self.verifier = Verifier(model, topk=topk)
+        self.vocab_size = self.verifier.vocab_size
+        self.profile = profile or CostProfile.flat(max_budget + 1)
+        self.controller = controller or BudgetController(self.profile, max_budget=max_budget)
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self._request_id = 0
+        self._needs_topk = any(hasattr(d, "table") for d in self.drafters)
+        eos = set()
+        gen_cfg = getattr(model, "generation_config", None)
+        for src in (getattr(gen_cfg, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
+                    getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None):
+            if src is None:
+                continue
+            eos.update([src] if isinstance(src, int) else list(src))
+        self.eos_token_ids = eos
+
+    # ------------------------------------------------------------------ prompts
+    def encode_prompt(self, text: str, raw: bool = False) -> list[int]:
+        """Token ids of a prompt; the tokenizer's chat template is applied unless ``raw``."""
+        if self.tokenizer is None:
+            raise ValueError("no tokenizer: pass token ids")
+        if not raw and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                     add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=True)["input_ids"]]
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: Optional[int] = None, stop: Sequence[str] = (),
+                 eos_token_id: Optional[int | Sequence[int]] = None, prompt_text: Optional[str] = None,
+                 decode_text: bool = True) -> GenerationResult:
+        """Generate to completion. Arguments as in transformers' ``generate`` (temperature 0 = greedy)."""
+        state: dict = {}
+        new: list[int] = []
+        for toks in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, eos_token_id,
+                                prompt_text, _state=state):
+            new.extend(toks)
+        text = None
+        if decode_text and self.tokenizer is not None:
+            text = state.get("text")
+            if text is None:
+                text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return GenerationResult(new, state["prompt"] + new, state["steps"], state["seconds"], state["prefill"],
+                                state["finish"], text, state["tokens_per_step"], state["drafted_per_step"])
+
+    def stream(self, input_ids, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: Optional[int] = None, stop: Sequence[str] = (),
+               eos_token_id: Optional[int | Sequence[int]] = None, prompt_text: Optional[str] = None,
+               _state: Optional[dict] = None) -> Iterator[list[int]]:
+        """Yields the list of new tokens accepted at each step."""
+        t_start = time.perf_counter()
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        prompt = _as_id_list(input_ids)
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = [t for t in prompt if t < 0 or t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+        if len(prompt) >= self.max_context:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {self.max_context}")
+        if isinstance(stop, str):
+            stop = [stop]
+        stop = [s for s in stop if s]
+        eos = set(self.eos_token_ids) if eos_token_id is None else (
+            {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+        max_new = min(int(max_new_tokens), self.max_context - len(prompt))
+        rng = np.random.default_rng(seed)
+        st = _state if _state is not None else {}
+        st.update(prompt=prompt, steps=0, tokens_per_step=[], drafted_per_step=[], finish="length", text=None)
+
+        self._request_id += 1
+        buf = np.zeros(len(prompt) + max_new + 1, dtype=np.int64)
+        buf[: len(prompt)] = prompt
+        L = len(prompt)
+        drafters = self.drafters if self.speculate else []
+        for d in drafters:
+            if hasattr(d, "begin_request"):
+                d.begin_request(prompt, prompt_text)
+        try:
+            self.verifier.prefill(buf[:L])
+            st["prefill"] = time.perf_counter() - t_start
+            produced = 0
+            while produced < max_new:
+                ctx = DecodeContext(buf[:L], len(prompt), request_id=self._request_id)
+                tree = self._propose(ctx, drafters, max_new - produced)
+                logits = self.verifier.verify(tree)
+                children = tree.children_lists()
+                if params.greedy:
+                    path, bonus = greedy_accept(tree, logits.argmax(-1).cpu().numpy(), children)
+                else:
+                    path, bonus = sample_accept(tree, lambda i: warp(logits[i], params), children, rng)
+                self.verifier.commit(path)
+                toks = [int(tree.tokens[i]) for i in path[1:]] + [int(bonus)]
+                self._observe(ctx, tree, path, toks, logits, drafters)
+                st["steps"] += 1
+                st["drafted_per_step"].append(tree.num_drafts)
+                toks = toks[: max_new - produced]
+                for j, t in enumerate(toks):
+                    if t in eos:
+                        toks = toks[: j + 1]
+                        st["finish"] = "eos"
+                        break
+                buf[L: L + len(toks)] = toks
+                L += len(toks)
+                produced += len(toks)
+                st["tokens_per_step"].append(len(toks))
+                if stop and self.tokenizer is not None:
+                    cut = self._stop_cut(buf[len(prompt): L].tolist(), stop)
+                    if cut is not None:
+                        keep, text = cut
+                        toks = toks[: max(0, keep - (produced - len(toks)))]
+                        st["text"], st["finish"] = text, "stop"
+                        if toks:
+                            yield toks
+                        break
+                if toks:
+                    yield toks
+                if st["finish"] == "eos":
+                    break
+        finally:
+            st["seconds"] = time.perf_counter() - t_start
+            st.setdefault("prefill", st["seconds"])
+            for d in drafters:
+                if hasattr(d, "end_request"):
+                    try:
+                        d.end_request()
+                    except Exception:
+                        pass
+
+    # ------------------------------------------------------------------ steps
+    def _propose(self, ctx: DecodeContext, drafters, remaining: int) -> DraftTree:
+        root = ctx.last_token
+        if not drafters:
+            return DraftTree.empty(root)
+        budget = self.controller.max_budget
+        for d in drafters:
+            if hasattr(d, "prefetch"):
+                d.prefetch(ctx, budget)
+        trees = []
+        for d in drafters:
+            t = d.propose(ctx, budget)
+            if t.num_drafts > 0 and t.root == root:
+                trees.append(t)
+        if not trees:
+            self.controller.steps += 1
+            return DraftTree.empty(root)
+        fused = fuse(trees, 4 * budget)
+        fused = self._sanitize(fused, remaining)
+        tree, _ = self.controller.choose(fused)
+        return tree
+
+    def _sanitize(self, tree: DraftTree, remaining: int) -> DraftTree:
+        """Drop nodes with ids outside the vocabulary, deeper than the room left, or past the context."""
+        room = min(remaining, self.max_context - self.verifier.past_len - 1)
+        ok = (tree.tokens >= 0) & (tree.tokens < self.vocab_size)
+        depth = tree.depths()
+        ok &= depth < max(room, 1)
+        if ok.all():
+            return tree
+        ok[0] = True
+        for i in range(1, len(tree)):  # a dropped node drops its subtree
+            ok[i] = ok[i] and ok[tree.parents[i]]
+        return tree.subset(np.flatnonzero(ok))
+
+    def _observe(self, ctx, tree: DraftTree, path, toks, logits: torch.Tensor, drafters) -> None:
+        if not drafters:
+            return
+        self.controller.observe(tree, path)
+        if self._needs_topk:
+            probs = torch.softmax(logits, dim=-1)
+            top = torch.topk(probs, self.topk, dim=-1)
+            tk, tp = top.indices.cpu().numpy(), top.values.cpu().numpy()
+        else:
+            tk = np.zeros((len(tree), 0), np.int64)
+            tp = np.zeros((len(tree), 0), np.float32)
+        step = StepResult(tree, np.asarray(path), np.asarray(toks, np.int64), tk, tp, ctx)
+        for d in drafters:
+            try:
+                d.observe(step)
+            except Exception:
+                pass
+
+    def _stop_cut(self, new: list[int], stop: Sequence[str]) -> Optional[tuple[int, str]]:
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        hits = [text.find(s) for s in stop if s in text]
+        if not hits:
+            return None
+        at = min(hits)
+        for m in range(1, len(new) + 1):  # fewest tokens whose text reaches the stop string
+            if any(s in self.tokenizer.decode(new[:m], skip_special_tokens=True) for s in stop):
+                return m, text[:at]
+        return len(new), text[:at]

@@ -1,0 +1,92 @@
+"""Loading the target model (torch + transformers), offline, with a cached converted copy.
+
+The first load of a GGUF model dequantises it with transformers and caches ``config.json`` +
+``model.safetensors`` + tokenizer files under ``ModelFiles.cache_dir``; later loads read the cache in
+seconds. A GGUF-loaded model refuses ``save_pretrained``, so the cache is written from its config and
+state dict.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .model_files import ModelFiles, resolve_model, tokenizer_folder
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def pick_device(device: Optional[str] = None) -> torch.device:
+    """``auto`` (or None) -> CUDA when present, else CPU."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but no CUDA device is available")
+    return dev
+
+
+def pick_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
+    """``auto`` -> float32 on CPU (fast and exact there), bfloat16 on CUDA."""
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(set(_DTYPES))} or auto")
+    return _DTYPES[dtype]
+
+
+def _converted_folder(files: ModelFiles) -> Path:
+    """A plain HF folder for a GGUF model (config + safetensors + tokenizer), converted once."""
+    out = files.cache_dir / "hf"
+    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+        return out
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    log.info("converting %s to safetensors (once) under %s", files.gguf_file, out)
+    model = AutoModelForCausalLM.from_pretrained(str(files.folder), gguf_file=files.gguf_file, dtype=torch.float32)
+    tmp = out.with_name(f"hf.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"))
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(str(tmp))
+    tok_dir = tokenizer_folder(files)
+    for f in tok_dir.iterdir():
+        (tmp / f.name).write_bytes(f.read_bytes())
+    if out.exists():  # another process won the race
+        return out
+    tmp.replace(out)
+    return out
+
+
+def model_folder(spec: Optional[str] = None) -> Path:
+    """A local HF folder for ``spec`` (converting and caching a GGUF model first)."""
+    files = resolve_model(spec)
+    return files.folder if files.gguf_file is None else _converted_folder(files)
+
+
+def load_model(spec: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
+               attn_implementation: str = "sdpa"):
+    """Returns (model in eval mode, tokenizer). Never touches a model hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = model_folder(spec)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt, attn_implementation=attn_implementation)
+    model.to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer

@@ -1,0 +1,75 @@
+"""Shared test fixtures: a tiny random Llama and drafters that make trees of random shapes."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from client.types import DecodeContext, DraftTree, Source
+
+
+def tiny_llama(vocab: int = 96, seed: int = 0, layers: int = 2, attn: str = "sdpa", max_pos: int = 512):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    cfg._attn_implementation = attn
+    return LlamaForCausalLM(cfg).eval()
+
+
+def plain_greedy(model, prompt: list[int], max_new: int, eos=None) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0, min_new_tokens=0)
+    return out[0, len(prompt):].tolist()
+
+
+class RandomTreeDrafter:
+    """Random trees that contain the true continuation with some probability (so paths get accepted)."""
+
+    source = Source.DRAFT_MODEL
+
+    def __init__(self, reference: list[int], prompt_len: int, vocab: int, seed: int, p_true: float = 0.6):
+        self.ref = reference
+        self.prompt_len = prompt_len
+        self.vocab = vocab
+        self.rng = np.random.default_rng(seed)
+        self.p_true = p_true
+
+    def propose(self, ctx: DecodeContext, budget: int) -> DraftTree:
+        rng = self.rng
+        n = int(rng.integers(0, budget + 1))
+        pos = len(ctx.tokens) - self.prompt_len  # index into the reference of the next token
+        tokens, parents, probs = [ctx.last_token], [-1], [1.0]
+        depth_of = [0]
+        for _ in range(n):
+            i = len(tokens)
+            par = int(rng.integers(0, i))
+            d = depth_of[par] + 1
+            # follow the reference along the first chain with probability p_true
+            on_ref = all(tokens[j] == self._ref(pos + depth_of[j] - 1) for j in self._path(parents, par)[1:])
+            if on_ref and rng.random() < self.p_true:
+                tok = self._ref(pos + d - 1)
+            else:
+                tok = int(rng.integers(0, self.vocab))
+            if any(tokens[c] == tok and parents[c] == par for c in range(1, i)):
+                tok = (tok + 1 + int(rng.integers(0, self.vocab - 1))) % self.vocab
+                if any(tokens[c] == tok and parents[c] == par for c in range(1, i)):
+                    continue
+            tokens.append(tok); parents.append(par); probs.append(float(rng.random())); depth_of.append(d)
+        return DraftTree(np.array(tokens, np.int32), np.array(parents, np.int32), np.array(probs, np.float32),
+                         np.array([0] + [int(self.source)] * (len(tokens) - 1), np.uint8))
+
+    def _ref(self, i: int) -> int:
+        return self.ref[i] if 0 <= i < len(self.ref) else 0
+
+    @staticmethod
+    def _path(parents, node):
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = parents[node]
+        return out[::-1]
+
+    def observe(self, step) -> None:
+        pass

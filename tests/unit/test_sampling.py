@@ -1,0 +1,107 @@
+"""Lossless sampling: the speculative sampler draws from exactly the plain sampling distribution."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from client.acceptance import sample_accept
+from client.budget import CostProfile
+from client.decoder import SpeculativeDecoder
+from client.sampling import SamplingParams, warp
+from client.types import DraftTree, Source
+from tests.helpers import tiny_llama
+
+VOCAB = 10
+
+
+def test_warp_filters():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    p = warp(logits, SamplingParams(1.0))
+    assert p.sum() == pytest.approx(1.0) and np.argmax(p) == 0
+    pk = warp(logits, SamplingParams(1.0, top_k=2))
+    assert (pk[2:] == 0).all() and pk.sum() == pytest.approx(1.0)
+    pp = warp(logits, SamplingParams(1.0, top_p=0.7))
+    assert pp[0] > 0 and pp[1] > 0 and (pp[2:] == 0).all()  # 0.665 < 0.7 needs the second token
+    hot = warp(logits, SamplingParams(0.1))
+    assert hot[0] > 0.99
+    for bad in [dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=float("nan"))]:
+        with pytest.raises(ValueError):
+            SamplingParams(**{"temperature": 1.0, **bad})
+
+
+def test_sibling_rejection_is_exact_for_point_masses():
+    """One step, many draft siblings: the accepted-or-bonus token has distribution p exactly."""
+    p = np.array([0.4, 0.3, 0.2, 0.1])
+    tree = DraftTree.from_paths(0, [[2], [0], [3]], Source.CONTEXT)
+    children = tree.children_lists()
+    rng = np.random.default_rng(0)
+    n = 40_000
+    counts = np.zeros(4)
+    for _ in range(n):
+        path, bonus = sample_accept(tree, lambda i: p, children, rng)
+        tok = int(tree.tokens[path[1]]) if len(path) > 1 else bonus
+        counts[tok] += 1
+    assert chisquare(counts, p * n).pvalue > 1e-3
+
+
+class FixedTreeDrafter:
+    """The same draft tree at every step: any bias of the acceptance rule then shows up systematically."""
+
+    source = Source.CONTEXT
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def propose(self, ctx, budget):
+        return DraftTree.from_paths(ctx.last_token, self.paths, self.source, [[0.5] * len(p) for p in self.paths])
+
+    def observe(self, step):
+        pass
+
+
+def exact_pair_distribution(model, prompt, params):
+    """P(first two generated tokens) computed from the model's warped distributions."""
+    with torch.no_grad():
+        l1 = model(torch.tensor([prompt])).logits[0, -1]
+        p1 = warp(l1, params)
+        probs = np.zeros((VOCAB, VOCAB))
+        for a in range(VOCAB):
+            if p1[a] == 0:
+                continue
+            l2 = model(torch.tensor([prompt + [a]])).logits[0, -1]
+            probs[a] = p1[a] * warp(l2, params)
+    return probs
+
+
+@pytest.mark.parametrize("params,drafts", [(dict(temperature=1.0), False), (dict(temperature=1.0), True),
+                                           (dict(temperature=0.8, top_k=6, top_p=0.9), True)])
+def test_generated_pairs_follow_the_plain_distribution(params, drafts):
+    model = tiny_llama(vocab=VOCAB, seed=3)
+    with torch.no_grad():  # sharpen the random model a little so that the test has power
+        model.lm_head.weight.mul_(8.0)
+    prompt = [3, 4, 5]
+    sp = SamplingParams(**params)
+    exact = exact_pair_distribution(model, prompt, sp).ravel()
+    drafters = [FixedTreeDrafter([[2, 4], [4, 2], [4, 1], [9]])] if drafts else []
+    dec = SpeculativeDecoder(model, None, drafters, profile=CostProfile.flat(9), max_budget=8)
+    n = 1500
+    counts = np.zeros(VOCAB * VOCAB)
+    drafted = 0
+    for s in range(n):
+        res = dec.generate(prompt, 2, seed=s, eos_token_id=[], **params)
+        counts[res.new_tokens[0] * VOCAB + res.new_tokens[1]] += 1
+        drafted += sum(res.drafted_per_step)
+    assert (drafted > 0) == drafts
+    assert counts[exact == 0].sum() == 0  # never a token outside top-k / top-p
+    keep = exact * n >= 5
+    obs = np.append(counts[keep], counts[~keep].sum())
+    exp = np.append(exact[keep], exact[~keep].sum()) * n
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    assert chisquare(obs, exp).pvalue > 1e-3
+    # the first token's marginal has far more samples per cell: the sharper check
+    first = counts.reshape(VOCAB, VOCAB).sum(1)
+    exp1 = exact.reshape(VOCAB, VOCAB).sum(1) * n
+    assert chisquare(first[exp1 > 0], exp1[exp1 > 0]).pvalue > 1e-3
