@@ -86,6 +86,15 @@ def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: flo
     M, D = conts.shape
     if M == 0 or D == 0 or budget <= 0:
         return None
+    if hint_tokens is None and (M == 1 or not (conts != conts[0]).any()):
+        # one distinct continuation (typical of long matches): a chain with probability 1
+        row = conts[0]
+        n = int(np.argmax(row < 0)) if (row < 0).any() else D
+        n = min(n, budget)
+        if n == 0 or min_prob > 1.0:
+            return None
+        return (row[:n].astype(np.int32), np.arange(-1, n - 1, dtype=np.int32), np.ones(n, np.float32),
+                np.full(n, bool(in_doc.any())))
     S = conts[np.lexsort(conts.T[::-1])] if M > 1 else conts
     valid = S >= 0
     new = np.empty((M, D), dtype=bool)
@@ -318,10 +327,12 @@ class DatastoreIndex:
         if filt is None or len(filt) == 0:
             for si, lo, hi, rows in found:
                 cnt = len(rows) if rows is not None else hi - lo
-                take = max(1, round(max_matches * cnt / total)) if total > max_matches else cnt
-                take = min(take, cnt)
-                sel = (np.arange(take, dtype=np.int64) * cnt) // take
-                pos = rows[sel] if rows is not None else self.shards[si].rsa[lo + sel].astype(np.int64)
+                if total <= max_matches:
+                    pos = rows if rows is not None else self.shards[si].rsa[lo:hi].astype(np.int64)
+                else:
+                    take = min(cnt, max(1, round(max_matches * cnt / total)))
+                    sel = (np.arange(take, dtype=np.int64) * cnt) // take
+                    pos = rows[sel] if rows is not None else self.shards[si].rsa[lo + sel].astype(np.int64)
                 picks.append((si, pos, np.zeros(len(pos), bool)))
         else:
             scan = max(4096, 16 * max_matches)

@@ -25,6 +25,9 @@ ONESHOT_ROWS = 256
 SAMPLE = 256
 
 
+_ARANGE = np.arange(4096, dtype=np.int64)
+
+
 def sep_for(dtype) -> int:
     return int(np.iinfo(np.dtype(dtype)).max)
 
@@ -75,6 +78,7 @@ class Shard:
         self.n = len(tokens)
         self.sep = sep_for(tokens.dtype)
         self.vocab = len(buckets) - 1
+        self._pair_cache: dict = {}   # (last token, previous token) -> rsa range (the shard is immutable)
 
     @classmethod
     def load(cls, folder: Path, name: str = "") -> "Shard":
@@ -120,6 +124,24 @@ class Shard:
         if lo >= hi:
             return 0, 0, 0, None
         k = 1
+        if hi - lo > ONESHOT_ROWS and L > 1:
+            # the two-token range of a frequent token comes from a small cache (bounded; cleared when full)
+            key = (c0, int(rev[1]))
+            rng = self._pair_cache.get(key)
+            if rng is None:
+                c = key[1]
+                if 0 <= c < self.vocab:
+                    nlo = self._lower(lo, hi, 1, c)
+                    rng = (nlo, self._lower(nlo, hi, 1, c + 1))
+                else:
+                    rng = (0, 0)
+                if len(self._pair_cache) >= 65536:
+                    self._pair_cache.clear()
+                self._pair_cache[key] = rng
+            if rng[0] >= rng[1]:
+                return 1, lo, hi, None
+            lo, hi = rng
+            k = 2
         while hi - lo > ONESHOT_ROWS and k < L:
             c = int(rev[k])
             if c < 0 or c >= self.vocab:
@@ -133,16 +155,18 @@ class Shard:
         if k >= L:
             return k, lo, hi, None
         q = self.rsa[lo:hi].astype(np.int64)
-        idx = q[:, None] - np.arange(k, L, dtype=np.int64)[None, :]
+        idx = q[:, None] - _ARANGE[k:L]
         np.maximum(idx, 0, out=idx)  # T[0] is a separator: reading stops there anyway
-        eq = self.tokens[idx] == rev[None, k:L]
+        eq = self.tokens[idx] == rev[k:L]
         run = np.logical_and.accumulate(eq, axis=1).sum(axis=1)
         best = int(run.max())
+        if best == 0:
+            return k, lo, hi, q
         return k + best, lo, hi, q[run == best]
 
     def continuations(self, pos: np.ndarray, depth: int) -> np.ndarray:
         """[len(pos), depth] int64 tokens following each position, -1 from the first separator on."""
-        idx = pos[:, None] + np.arange(1, depth + 1, dtype=np.int64)[None, :]
+        idx = pos[:, None] + _ARANGE[1:depth + 1]
         np.minimum(idx, self.n - 1, out=idx)  # the last token is a separator
         c = self.tokens[idx].astype(np.int64)
         stop = np.logical_or.accumulate(c == self.sep, axis=1)

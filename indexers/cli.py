@@ -60,7 +60,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="FAISS index_factory string (inner product on normalised vectors); default by size: "
                         "'Flat' under 20k chunks, 'IVF<n>,Flat' under 2M, else 'HNSW32,Flat'")
     b.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
-                   help="target-model tokens per embedded chunk (default 128)")
+                   help="target-model tokens per embedded chunk (default 256; each chunk vector encodes its first 128 word pieces)")
     b.add_argument("--embed-batch", type=int, default=64, metavar="N", help="chunks per embedder batch")
     b.add_argument("--append", action="store_true",
                    help="add the INPUT documents to the existing index at --out as new shard(s); old shards "

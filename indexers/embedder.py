@@ -152,14 +152,20 @@ class NumpyEmbedder:
             x = _layernorm(h @ ly["f_w"] + ly["f_b"] + x, ly["ln2_w"], ly["ln2_b"], self.eps)
         return x
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64, normalize: bool = True) -> np.ndarray:
-        """[len(texts), dim] float32 mean-pooled (and L2-normalised) sentence embeddings."""
+    def encode(self, texts: Sequence[str], batch_size: int = 64, normalize: bool = True,
+               max_length: Optional[int] = None) -> np.ndarray:
+        """[len(texts), dim] float32 mean-pooled (and L2-normalised) sentence embeddings.
+
+        ``max_length`` (word pieces, [CLS] and [SEP] included) truncates harder than the model's default.
+        """
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        encs = self.tokenizer.encode_batch(texts)
-        lens = np.array([len(e.ids) for e in encs])
+        encs = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        if max_length is not None and max_length >= 2:
+            encs = [e if len(e) <= max_length else e[:max_length - 1] + e[-1:] for e in encs]
+        lens = np.array([len(e) for e in encs])
         order = np.argsort(-lens, kind="stable")  # similar lengths together: little padding
         for a in range(0, len(order), batch_size):
             sel = order[a:a + batch_size]
@@ -167,7 +173,7 @@ class NumpyEmbedder:
             ids = np.zeros((len(sel), L), dtype=np.int64)
             mask = np.zeros((len(sel), L), dtype=np.float32)
             for r, j in enumerate(sel):
-                e = encs[j].ids
+                e = encs[j]
                 ids[r, :len(e)] = e
                 mask[r, :len(e)] = 1.0
             h = self._forward(ids, mask)
