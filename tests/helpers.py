@@ -1,10 +1,14 @@
 """Shared test fixtures: a tiny random Llama and drafters that make trees of random shapes."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from client.types import DecodeContext, DraftTree, Source
+
+TEST_DEVICE = os.environ.get("SPECSTORE_TEST_DEVICE", "cpu")
 
 
 def tiny_llama(vocab: int = 96, seed: int = 0, layers: int = 2, attn: str = "sdpa", max_pos: int = 512):
@@ -15,11 +19,12 @@ def tiny_llama(vocab: int = 96, seed: int = 0, layers: int = 2, attn: str = "sdp
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     cfg._attn_implementation = attn
-    return LlamaForCausalLM(cfg).eval()
+    # SPECSTORE_TEST_DEVICE=cuda runs the same tests on a GPU (the device check script sets it)
+    return LlamaForCausalLM(cfg).eval().to(TEST_DEVICE)
 
 
 def plain_greedy(model, prompt: list[int], max_new: int, eos=None) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+    out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=max_new, do_sample=False,
                          eos_token_id=eos, pad_token_id=0, min_new_tokens=0)
     return out[0, len(prompt):].tolist()
 

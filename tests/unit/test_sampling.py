@@ -64,13 +64,13 @@ class FixedTreeDrafter:
 def exact_pair_distribution(model, prompt, params):
     """P(first two generated tokens) computed from the model's warped distributions."""
     with torch.no_grad():
-        l1 = model(torch.tensor([prompt])).logits[0, -1]
+        l1 = model(torch.tensor([prompt], device=model.device)).logits[0, -1]
         p1 = warp(l1, params)
         probs = np.zeros((VOCAB, VOCAB))
         for a in range(VOCAB):
             if p1[a] == 0:
                 continue
-            l2 = model(torch.tensor([prompt + [a]])).logits[0, -1]
+            l2 = model(torch.tensor([prompt + [a]], device=model.device)).logits[0, -1]
             probs[a] = p1[a] * warp(l2, params)
     return probs
 

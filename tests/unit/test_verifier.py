@@ -12,7 +12,7 @@ from tests.helpers import tiny_llama
 
 def full_logits(model, ids):
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
+        return model(torch.tensor([ids], device=model.device)).logits[0].float()
 
 
 def test_mask_and_positions():

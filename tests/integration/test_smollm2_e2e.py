@@ -1,0 +1,66 @@
+"""End to end with the real SmolLM2-135M-Instruct: output identical to transformers' greedy generate."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from client.budget import CostProfile
+from client.decoder import SpeculativeDecoder
+from client.drafters import ContextDrafter, RecyclingDrafter
+from client.models import load_model
+
+PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+    "Summarize in two sentences: The quick brown fox jumps over the lazy dog. The dog did not move. "
+    "The fox jumped again and again over the lazy dog, and the dog kept sleeping.",
+    "Translate to French: I like to read books in the garden when the weather is nice.",
+]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    torch.set_num_threads(2)
+    model, tok = load_model()
+    yield model, tok
+    torch.set_num_threads(1)
+
+
+def test_greedy_identical_to_transformers_generate(smol):
+    model, tok = smol
+    # a flat profile makes the controller verify real trees at every step it has drafts
+    dec = SpeculativeDecoder(model, tok, [ContextDrafter(), RecyclingDrafter(model.config.vocab_size)],
+                             profile=CostProfile.flat(17), max_budget=16)
+    steps = new = 0
+    for p in PROMPTS:
+        ids = dec.encode_prompt(p)
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
+                             eos_token_id=sorted(dec.eos_token_ids))[0, len(ids):].tolist()
+        res = dec.generate(ids, max_new_tokens=48)
+        assert res.new_tokens == ref, (p, res.text)
+        steps += res.steps
+        new += len(res.new_tokens)
+    assert new / steps > 1.3  # drafts were accepted, not just plain steps
+
+
+def test_cli_json_and_compare_plain(tmp_path):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(json.dumps({"prompt": "List three colors of the rainbow."}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "client.cli", "--prompts-file", str(f), "--json",
+                        "--max-new-tokens", "24", "--compare-plain", "--threads", "2"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"text", "new_tokens", "steps", "accepted_per_step", "decode_seconds", "tokens_per_second"} <= set(out)
+    assert out["identical_to_plain"] is True
+    assert 0 < out["new_tokens"] <= 24
+
+
+def test_cli_rejects_prompt_longer_than_context():
+    r = subprocess.run([sys.executable, "-m", "client.cli", "--raw", "--prompt", "word " * 9000],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "context" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "client.cli", "--raw", "--prompt", ""],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr
