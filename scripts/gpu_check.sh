@@ -9,8 +9,8 @@ if ! python3 -c "import transformers,sys; sys.exit(0 if transformers.__version__
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-SPECSTORE_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider -x \
+SPECSTORE_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider -x \
   tests/unit/test_verifier.py tests/unit/test_decoder_greedy.py tests/unit/test_sampling.py \
   tests/unit/test_drafters.py tests/unit/test_draft_tree.py 2>&1 | tail -30 | tee "$OUT/gpu_tests.log"
-timeout 240 python3 bench/gpu_profile.py --config llama3-8b --dtype bfloat16 --out "$OUT/gpu_profile_llama3-8b.json" \
+timeout 180 python3 bench/gpu_profile.py --config llama3-8b --dtype bfloat16 --out "$OUT/gpu_profile_llama3-8b.json" \
   2>&1 | grep -v Warning | tail -40 | tee "$OUT/gpu_profile.log"
