@@ -288,6 +288,7 @@ class DatastoreIndex:
 
     def longest_match(self, context, max_span: int = 16):
         """(match length, [(shard number, positions int64)]) of the longest context suffix (<= max_span)."""
+        max_span = min(int(max_span), 4000)
         ctx = np.asarray(context, dtype=np.int64).ravel()[-max_span:] if max_span > 0 else np.zeros(0, np.int64)
         rev = ctx[::-1].copy()
         best = 0
@@ -318,6 +319,7 @@ class DatastoreIndex:
         """
         if budget <= 0 or depth <= 0 or max_matches <= 0:
             return _EMPTY
+        depth = min(int(depth), 4000)
         m, found = self.longest_match(context, max_span)
         if m == 0 or m < max(1, min_span):
             return _EMPTY

@@ -26,6 +26,42 @@ def tok():
     return load_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def tiny_embedder(tmp_path_factory):
+    """A 2-layer, 32-wide random BERT with MiniLM's tokenizer: exercises the pipeline at a tiny cost."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from indexers.embedder import default_embedder_path
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    src = default_embedder_path()
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / f, d / f)
+    H, I, V, P, layers = 32, 64, 30522, 512, 2
+    cfg = {"model_type": "bert", "hidden_size": H, "num_attention_heads": 2, "num_hidden_layers": layers,
+           "intermediate_size": I, "vocab_size": V, "max_position_embeddings": P, "hidden_act": "gelu",
+           "layer_norm_eps": 1e-12, "type_vocab_size": 2}
+    (d / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(0)
+    r = lambda *shape: (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    w = {"embeddings.word_embeddings.weight": r(V, H), "embeddings.position_embeddings.weight": r(P, H),
+         "embeddings.token_type_embeddings.weight": r(2, H), "embeddings.LayerNorm.weight": np.ones(H, np.float32),
+         "embeddings.LayerNorm.bias": np.zeros(H, np.float32)}
+    for i in range(layers):
+        p = f"encoder.layer.{i}."
+        for n in ("query", "key", "value"):
+            w[p + f"attention.self.{n}.weight"], w[p + f"attention.self.{n}.bias"] = r(H, H), r(H)
+        w[p + "attention.output.dense.weight"], w[p + "attention.output.dense.bias"] = r(H, H), r(H)
+        w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"] = r(I, H), r(I)
+        w[p + "output.dense.weight"], w[p + "output.dense.bias"] = r(H, I), r(H)
+        for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
+            w[p + ln + ".weight"], w[p + ln + ".bias"] = np.ones(H, np.float32), np.zeros(H, np.float32)
+    save_file(w, str(d / "model.safetensors"))
+    return d
+
+
 @pytest.fixture
 def corpus(tmp_path):
     return _make_corpus(tmp_path / "corpus")
@@ -87,15 +123,20 @@ def test_faiss_matches_exact_search(tok, corpus, tmp_path):
         docs = ix.search_documents(q, k=2)
         assert docs[0] == chunks[np.argmax(exact)][0]
     assert ix.search_documents("capital city of France", 1)[0] == 5  # docs/ (poem 0, rust 1) sorts before tasks.jsonl
-    # the same corpus through an IVF index probed exhaustively gives the same neighbours
-    out2 = tmp_path / "idx_ivf"
-    build_index([corpus], out2, tokenizer=tok, chunk_tokens=16, faiss_factory="IVF2,Flat", progress=False)
-    ix2 = DatastoreIndex.open(out2)
-    assert ix2.manifest["faiss"]["factory"] == "IVF2,Flat"
-    for q in ["capital city of France", "ownership in Rust"]:
-        assert ix2.search_documents(q, 2).tolist() == ix.search_documents(q, 2).tolist()
     no = DatastoreIndex.open(out, load_faiss=False)
     assert no.search_documents("anything").size == 0
+
+
+def test_ivf_probed_exhaustively_equals_flat(tok, corpus, tmp_path, tiny_embedder):
+    kw = dict(tokenizer=tok, chunk_tokens=16, embedder=str(tiny_embedder), progress=False)
+    build_index([corpus], tmp_path / "flat", **kw)
+    build_index([corpus], tmp_path / "ivf", faiss_factory="IVF2,Flat", **kw)
+    flat, ivf = DatastoreIndex.open(tmp_path / "flat"), DatastoreIndex.open(tmp_path / "ivf")
+    assert ivf.manifest["faiss"]["factory"] == "IVF2,Flat" and ivf.manifest["faiss"]["nprobe"] >= 2
+    assert flat.manifest["faiss"]["embedder"]["path"] == str(tiny_embedder)
+    for q in ["capital city of France", "ownership in Rust", "a poem about summer"]:
+        a, b = flat.search_chunks(q, 4), ivf.search_chunks(q, 4)
+        assert np.allclose(a[0], b[0], atol=1e-5) and a[1].tolist() == b[1].tolist()
 
 
 def _shard_files(path):
@@ -103,14 +144,15 @@ def _shard_files(path):
 
 
 @pytest.fixture(scope="module")
-def clean_builds(tok, tmp_path_factory):
+def clean_builds(tok, tmp_path_factory, tiny_embedder):
     """One clean reference build per embeddings setting (shared by the crash/resume cases)."""
     root = tmp_path_factory.mktemp("clean")
     corpus_dir = _make_corpus(root / "corpus")
     out = {}
     for emb in (False, True):
         out[emb] = root / f"clean-{emb}"
-        build_index([corpus_dir], out[emb], tokenizer=tok, embeddings=emb, **CRASH_KW)
+        build_index([corpus_dir], out[emb], tokenizer=tok, embeddings=emb, embedder=str(tiny_embedder) if emb else None,
+                    **CRASH_KW)
     return corpus_dir, out
 
 
@@ -119,10 +161,10 @@ CRASH_KW = dict(shard_tokens=60, chunk_tokens=32, progress=False)
 
 @pytest.mark.parametrize("point,emb", [("tokenize:shard-00001", False), ("sa:shard-00001", False),
                                        ("embed:shard-00000", True), ("faiss", True), ("manifest", False)])
-def test_crash_then_resume_equals_clean_build(tok, clean_builds, tmp_path, monkeypatch, point, emb):
+def test_crash_then_resume_equals_clean_build(tok, clean_builds, tmp_path, monkeypatch, point, emb, tiny_embedder):
     corpus_dir, clean = clean_builds
     clean = clean[emb]
-    kw = dict(tokenizer=tok, embeddings=emb, **CRASH_KW)
+    kw = dict(tokenizer=tok, embeddings=emb, embedder=str(tiny_embedder) if emb else None, **CRASH_KW)
     out = tmp_path / "idx"
     monkeypatch.setenv(CRASH_ENV, point)
     with pytest.raises(SimulatedCrash):
@@ -157,9 +199,10 @@ def test_changed_inputs_discard_stale_staging(tok, corpus, tmp_path, monkeypatch
     assert rep.resumed == [] and DatastoreIndex.open(out).num_documents == 7
 
 
-def test_append_adds_a_shard(tok, corpus, tmp_path):
+def test_append_adds_a_shard(tok, corpus, tmp_path, tiny_embedder):
     out = tmp_path / "idx"
-    build_index([corpus / "tasks.jsonl"], out, tokenizer=tok, chunk_tokens=32, progress=False)
+    build_index([corpus / "tasks.jsonl"], out, tokenizer=tok, chunk_tokens=32, embedder=str(tiny_embedder),
+                progress=False)
     before = DatastoreIndex.open(out)
     old_files = {p.name: (p.stat().st_ino, p.read_bytes()) for p in (out / "shards" / "shard-00000").iterdir()}
     nvec = before.manifest["faiss"]["num_vectors"]
@@ -171,7 +214,12 @@ def test_append_adds_a_shard(tok, corpus, tmp_path):
     for p in (out / "shards" / "shard-00000").iterdir():     # old shard untouched (same inode, same bytes)
         assert (p.stat().st_ino, p.read_bytes()) == old_files[p.name]
     assert ix.manifest["faiss"]["num_vectors"] > nvec
-    assert ix.search_documents("who owns a value in Rust", 1).tolist() == [5]
+    # the appended chunks are searchable: a chunk's own text finds that chunk's document first
+    chunks = np.load(out / "faiss" / "chunks.npy")
+    assert chunks[:, 0].max() == 5 and (chunks[:, 1] == 1).sum() == ix.manifest["faiss"]["num_vectors"] - nvec
+    sh = ix.shards[1]
+    doc5 = chunks[chunks[:, 0] == 5][0]
+    assert ix.search_documents(tok.decode(sh.tokens[doc5[2]:doc5[3]].tolist()), 1).tolist() == [5]
     r = ix.retrieve(_ids(tok, "When the owner goes out of"), 4)
     assert tok.decode(r.tokens[:1]) == " scope"
     r = ix.retrieve(_ids(tok, "def add(a, b):\n    return"), 4)
