@@ -126,6 +126,7 @@ def main(argv=None):
     ap.add_argument("--full-embeddings", action="store_true", help="embed the whole corpus in the main build")
     ap.add_argument("--synthetic-tokens", type=int, default=0, help="also build/query a Zipf token index this big")
     ap.add_argument("--skip-draftretriever", action="store_true")
+    ap.add_argument("--skip-embed-sample", action="store_true", help="do not measure the embed/FAISS stages")
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args(argv)
 
@@ -153,7 +154,7 @@ def main(argv=None):
     print(json.dumps(res["build"], indent=1), flush=True)
 
     # ---- 2. embed + FAISS stage throughput on a sample
-    if not args.full_embeddings:
+    if not args.full_embeddings and not args.skip_embed_sample:
         sample = args.embed_sample or str(Path(args.corpus) / "deepseek-coder_mbpp.jsonl")
         t = time.perf_counter()
         r2 = build_index([sample], work / "embed-sample", tokenizer=tok, progress=False, log=lambda *_: None)

@@ -99,14 +99,38 @@ class Shard:
         while hi - lo > SAMPLE:
             idx = np.arange(lo, hi, (hi - lo + SAMPLE - 1) // SAMPLE)
             vals = T[sa[idx] - k]
-            j = int(np.searchsorted(vals, c, "left"))
+            j = int(vals.searchsorted(c))
             new_lo = int(idx[j - 1]) + 1 if j > 0 else lo
             hi = int(idx[j]) if j < len(idx) else hi
             lo = new_lo
         if hi <= lo:
             return lo
         vals = T[sa[lo:hi] - k]
-        return lo + int(np.searchsorted(vals, c, "left"))
+        return lo + int(vals.searchsorted(c))
+
+    def _range(self, lo: int, hi: int, k: int, c: int) -> tuple:
+        """Rows in [lo, hi) whose k-th backward token equals c: both bounds found in one sampled descent
+        (they share levels until the samples separate them)."""
+        T, sa = self.tokens, self.rsa
+        key = (c, c + 1)
+        while hi - lo > SAMPLE:
+            idx = np.arange(lo, hi, (hi - lo + SAMPLE - 1) // SAMPLE)
+            vals = T[sa[idx] - k]
+            a, b = vals.searchsorted(key).tolist()
+            n = len(idx)
+            if a == b:   # no sample equals c: the whole range sits inside one gap
+                new_lo = int(idx[a - 1]) + 1 if a > 0 else lo
+                hi = int(idx[a]) if a < n else hi
+                lo = new_lo
+                continue
+            nlo = self._lower(int(idx[a - 1]) + 1 if a > 0 else lo, int(idx[a]), k, c)
+            nhi = self._lower(int(idx[b - 1]) + 1, int(idx[b]) if b < n else hi, k, c + 1)
+            return nlo, nhi
+        if hi <= lo:
+            return lo, lo
+        vals = T[sa[lo:hi] - k]
+        a, b = vals.searchsorted(key).tolist()
+        return lo + a, lo + b
 
     def match(self, rev: np.ndarray):
         """Longest prefix of ``rev`` (the context reversed, int64) found backward in this shard.
@@ -131,8 +155,7 @@ class Shard:
             if rng is None:
                 c = key[1]
                 if 0 <= c < self.vocab:
-                    nlo = self._lower(lo, hi, 1, c)
-                    rng = (nlo, self._lower(nlo, hi, 1, c + 1))
+                    rng = self._range(lo, hi, 1, c)
                 else:
                     rng = (0, 0)
                 if len(self._pair_cache) >= 65536:
@@ -146,8 +169,7 @@ class Shard:
             c = int(rev[k])
             if c < 0 or c >= self.vocab:
                 return k, lo, hi, None
-            nlo = self._lower(lo, hi, k, c)
-            nhi = self._lower(nlo, hi, k, c + 1)
+            nlo, nhi = self._range(lo, hi, k, c)
             if nlo >= nhi:
                 return k, lo, hi, None
             lo, hi = nlo, nhi
