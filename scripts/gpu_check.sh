@@ -14,3 +14,5 @@ SPECSTORE_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider 
   tests/unit/test_drafters.py tests/unit/test_draft_tree.py 2>&1 | tail -30 | tee "$OUT/gpu_tests.log"
 timeout 180 python3 bench/gpu_profile.py --config llama3-8b --dtype bfloat16 --out "$OUT/gpu_profile_llama3-8b.json" \
   2>&1 | grep -v Warning | tail -40 | tee "$OUT/gpu_profile.log"
+timeout 90 python3 bench/gpu_profile.py --config smollm2-135m --dtype bfloat16 --out "$OUT/gpu_profile_smollm2-135m.json" \
+  2>&1 | grep -v Warning | grep -E "^t\(n\)|^ours|^hf" | tee -a "$OUT/gpu_profile.log"
