@@ -38,6 +38,42 @@ def embedder_id(path) -> str:
 
 
 _SQRT1_2 = np.float32(1 / np.sqrt(2.0))
+#: batches with fewer word pieces than this run with one BLAS thread: thread hand-offs cost more than they
+#: save on small matrices, and on a busy machine a spinning OpenBLAS thread can stall every call
+SMALL_BATCH_PIECES = 4096
+
+
+class _BlasThreads:
+    """Best-effort control of numpy's bundled OpenBLAS thread count (no-op when not found)."""
+
+    def __init__(self):
+        self._set = self._get = None
+        try:
+            import ctypes
+            import glob
+            import os
+
+            libdir = os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs")
+            for lib in sorted(glob.glob(os.path.join(libdir, "*openblas*"))):
+                h = ctypes.CDLL(lib)
+                for suffix in ("scipy_openblas_{}64_", "openblas_{}64_", "openblas_{}"):
+                    setter, getter = suffix.format("set_num_threads"), suffix.format("get_num_threads")
+                    if hasattr(h, setter) and hasattr(h, getter):
+                        self._set, self._get = getattr(h, setter), getattr(h, getter)
+                        self._get.restype = ctypes.c_int
+                        return
+        except OSError:
+            pass
+
+    def get(self) -> int:
+        return int(self._get()) if self._get else 0
+
+    def set(self, n: int) -> None:
+        if self._set:
+            self._set(int(n))
+
+
+_BLAS = _BlasThreads()
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
@@ -180,7 +216,15 @@ class NumpyEmbedder:
                 e = encs[j]
                 ids[r, :len(e)] = e
                 mask[r, :len(e)] = 1.0
-            h = self._forward(ids, mask)
+            if L * len(sel) < SMALL_BATCH_PIECES and _BLAS.get() > 1:
+                prev = _BLAS.get()
+                _BLAS.set(1)
+                try:
+                    h = self._forward(ids, mask)
+                finally:
+                    _BLAS.set(prev)
+            else:
+                h = self._forward(ids, mask)
             pooled = (h * mask[:, :, None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1e-9)
             out[sel] = pooled
         if normalize:
