@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,9 +39,11 @@ def embedder_id(path) -> str:
 
 
 _SQRT1_2 = np.float32(1 / np.sqrt(2.0))
-#: batches with fewer word pieces than this run with one BLAS thread: thread hand-offs cost more than they
-#: save on small matrices, and on a busy machine a spinning OpenBLAS thread can stall every call
-SMALL_BATCH_PIECES = 4096
+#: BLAS threads for the encoder (env ``SPECSTORE_EMBED_THREADS``; default 1). Measured on the 2-core build
+#: machine while other jobs ran: a 64-chunk batch took 75 s with OpenBLAS' 2 threads (a spinning thread
+#: stalls every GEMM when the other core is busy) and ~4 s with 1 thread; small batches gain nothing from
+#: threads either. Set it to the core count on an otherwise idle machine.
+EMBED_THREADS = int(os.environ.get("SPECSTORE_EMBED_THREADS", "1") or 1)
 
 
 class _BlasThreads:
@@ -216,9 +219,9 @@ class NumpyEmbedder:
                 e = encs[j]
                 ids[r, :len(e)] = e
                 mask[r, :len(e)] = 1.0
-            if L * len(sel) < SMALL_BATCH_PIECES and _BLAS.get() > 1:
-                prev = _BLAS.get()
-                _BLAS.set(1)
+            prev = _BLAS.get()
+            if prev and prev != EMBED_THREADS:
+                _BLAS.set(EMBED_THREADS)
                 try:
                     h = self._forward(ids, mask)
                 finally:
