@@ -210,6 +210,9 @@ def _plain(dec, ids, text, gen_kw):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    # numpy's BLAS threads (the embedder behind --index sessions) spin after each call and steal the cores
+    # torch's decode threads need; set before numpy loads
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
