@@ -647,8 +647,7 @@ def _build_faiss(staging: Path, out: Path, new_shards, old_manifest, factory, em
         index = faiss.read_index(str(out / "faiss" / "index.faiss"))
         C = np.concatenate([np.load(out / "faiss" / "chunks.npy"), C])
         factory = old_manifest["faiss"]["factory"]
-        if X.shape[0]:
-            index.add(np.ascontiguousarray(X))
+        _add_batched(index, X, progress)
     else:
         factory = factory or default_faiss_factory(len(X))
         index = faiss.index_factory(emb.dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -658,7 +657,7 @@ def _build_faiss(staging: Path, out: Path, new_shards, old_manifest, factory, em
             rng = np.random.default_rng(0)
             train = X if len(X) <= 200_000 else X[rng.choice(len(X), 200_000, replace=False)]
             index.train(np.ascontiguousarray(train))
-        index.add(np.ascontiguousarray(X))
+        _add_batched(index, X, progress)
     tmp = fdir / "index.faiss.tmp"
     faiss.write_index(index, str(tmp))
     _fsync_file(tmp)
@@ -668,6 +667,15 @@ def _build_faiss(staging: Path, out: Path, new_shards, old_manifest, factory, em
             "dim": int(emb.dim), "nprobe": default_nprobe(factory), "chunk_tokens": chunk_tokens,
             "embed_max_pieces": DEFAULT_EMBED_MAX_PIECES,
             "embedder": {"id": emb.id, "path": str(embedder)}}
+
+
+def _add_batched(index, X: np.ndarray, progress: bool, step: int = 65536) -> None:
+    from tqdm import tqdm
+
+    with tqdm(total=len(X), desc="faiss", unit="vec", unit_scale=True, disable=not progress) as bar:
+        for a in range(0, len(X), step):
+            index.add(np.ascontiguousarray(X[a:a + step]))
+            bar.update(min(step, len(X) - a))
 
 
 def _publish(staging: Path, out: Path) -> None:
