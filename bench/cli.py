@@ -101,12 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _configs(args) -> list[str]:
     configs = list(args.configs) if args.configs else list(DEFAULT_CONFIGS)
     names = {n.strip() for c in configs for n in c.split(",") if n.strip()}
-    bad = names - {"context", "recycling", DATASTORE}
+    bad = names - {"context", "recycling", DATASTORE, "rest"}
     if bad:
-        raise ValueError(f"unknown drafters {sorted(bad)} in --configs; choose from context, recycling, datastore")
+        raise ValueError(f"unknown drafters {sorted(bad)} in --configs; choose from context, recycling, datastore, rest")
     remote = bool(args.datastore or args.index)
     if DATASTORE in names and not remote:
         raise ValueError("a configuration uses the datastore drafter: give --datastore HOST:PORT or --index PATH")
+    if "rest" in names and not args.index:
+        raise ValueError("the rest drafter (REST's draftretriever, for comparison) needs --index PATH")
     if remote and not args.configs:
         configs.append(f"context,recycling,{DATASTORE}")
     return configs
@@ -122,7 +124,14 @@ def _drafter_factory(model, tokenizer, args):
         ns = argparse.Namespace(recycling_table=None, datastore_timeout_ms=args.datastore_timeout_ms,
                                 datastore=args.datastore if remote else None,
                                 index=args.index if remote else None)
-        return make_drafters(",".join(n for n in parts if n != DATASTORE), model, tokenizer, ns)
+        local = ",".join(n for n in parts if n not in (DATASTORE, "rest"))
+        drafters = make_drafters(local or "none", model, tokenizer, ns)
+        if "rest" in parts:  # a fresh draftretriever Reader per configuration (it learns from its queries)
+            from .rest_drafter import RestDrafter, build_rest_index
+
+            rest_file = Path(str(args.index).rstrip("/") + ".draftretriever.idx")  # beside the immutable index
+            drafters.append(RestDrafter(build_rest_index(args.index, rest_file)))
+        return drafters
 
     return factory
 
