@@ -95,7 +95,8 @@ def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: flo
             return None
         return (row[:n].astype(np.int32), np.arange(-1, n - 1, dtype=np.int32), np.ones(n, np.float32),
                 np.full(n, bool(in_doc.any())))
-    S = conts[np.lexsort(conts.T[::-1])] if M > 1 else conts
+    order = np.lexsort(conts.T[::-1]) if M > 1 else None
+    S = conts[order] if M > 1 else conts
     valid = S >= 0
     new = np.empty((M, D), dtype=bool)
     new[0] = True
@@ -114,11 +115,8 @@ def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: flo
     cflat = cell.ravel()
     cnt = np.bincount(cflat, minlength=nn + 1).astype(np.float64)
     cnt[nn] = M
-    parent = np.empty(M * D, dtype=np.int64)
-    pv = parent.reshape(M, D)
-    pv[:, 0] = nn
-    pv[:, 1:] = cell[:, :-1]
-    parent = parent[nodes]
+    parent = cflat[nodes - 1]           # the cell to the left (same row, one level up)
+    parent[nodes % D == 0] = nn         # level-1 nodes: children of the root
     node_tok = S.ravel()[nodes]
     prob = np.empty(nn + 1, dtype=np.float64)
     np.divide(cnt[:nn], cnt[parent], out=prob[:nn])
@@ -143,8 +141,14 @@ def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: flo
         keep[first] = kf
     keep[nn] = True
     alive = np.logical_and.accumulate(keep[cell], axis=1).ravel()[nodes]
-    if alive.all() and nn <= budget:
-        sel = np.arange(nn)
+    has_doc = bool(in_doc.any())
+    if has_doc:
+        F = in_doc if M == 1 else in_doc[order]
+        ind_all = np.bincount(cflat, weights=np.repeat(F.astype(np.float64), D), minlength=nn + 1)[:nn] > 0
+    if nn <= budget and alive.all():   # nothing to cut: no re-indexing
+        parent[parent == nn] = -1
+        return (node_tok.astype(np.int32), parent.astype(np.int32), prob[:nn].astype(np.float32),
+                ind_all if has_doc else np.zeros(nn, dtype=bool))
     else:
         pp = np.cumprod(prob[cell], axis=1).ravel()[nodes]
         cand = np.flatnonzero(alive)
@@ -156,12 +160,7 @@ def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: flo
             sel = cand
     remap = np.full(nn + 1, -1, dtype=np.int32)
     remap[sel] = np.arange(len(sel), dtype=np.int32)
-    if in_doc.any():
-        F = in_doc if M == 1 else in_doc[np.lexsort(conts.T[::-1])]
-        ind = np.bincount(cflat, weights=np.repeat(F.astype(np.float64), D), minlength=nn + 1)[:nn] > 0
-        ind = ind[sel]
-    else:
-        ind = np.zeros(len(sel), dtype=bool)
+    ind = ind_all[sel] if has_doc else np.zeros(len(sel), dtype=bool)
     return node_tok[sel].astype(np.int32), remap[parent[sel]], prob[sel].astype(np.float32), ind
 
 
