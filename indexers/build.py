@@ -545,7 +545,7 @@ def build_index(
         for si, sh in todo:
             name = sh["name"]
             vecs, chunks = _embed_shard(staging / "shards" / name, si, backend, emb, chunk_tokens, embed_batch,
-                                        bar)
+                                        bar, stages, name, report)
             _save_npy(staging / "embed" / f"{name}.vec.npy", vecs)
             _save_npy(staging / "embed" / f"{name}.chunks.npy", chunks)
             _crash_point(f"embed:{name}")
@@ -614,7 +614,12 @@ def build_index(
     return report
 
 
-def _embed_shard(d: Path, shard_idx: int, backend, emb, chunk_tokens: int, batch: int, bar):
+#: chunks per embedding checkpoint: a crash in the (long) embed stage loses at most this many chunks
+EMBED_PART_CHUNKS = 4096
+
+
+def _embed_shard(d: Path, shard_idx: int, backend, emb, chunk_tokens: int, batch: int, bar, stages=None,
+                 name: str = "", report=None):
     T = np.load(d / "tokens.npy", mmap_mode="r")
     starts = np.load(d / "docs.npy")
     ids = np.load(d / "doc_ids.npy")
@@ -626,11 +631,26 @@ def _embed_shard(d: Path, shard_idx: int, backend, emb, chunk_tokens: int, batch
     chunks = np.asarray(spans, dtype=np.int64).reshape(-1, 4)
     vecs = np.zeros((len(chunks), emb.dim), dtype=np.float32)
     step = max(batch * 8, 256)
-    for a in range(0, len(chunks), step):
-        part = chunks[a:a + step]
-        texts = backend.decode_batch([T[s:e].tolist() for _, _, s, e in part], skip_special_tokens=False)
-        vecs[a:a + len(part)] = emb.encode(texts, batch_size=batch, max_length=DEFAULT_EMBED_MAX_PIECES)
-        bar.update(int((part[:, 3] - part[:, 2]).sum()))
+    part_n = max(1, EMBED_PART_CHUNKS)
+    for k, p0 in enumerate(range(0, len(chunks), part_n)):
+        p1 = min(len(chunks), p0 + part_n)
+        mark = f"embed-{name}-part{k:05d}"
+        pfile = d.parent.parent / "embed" / f"{name}.part{k:05d}.npy"
+        if stages is not None and stages.done(mark) is not None:
+            vecs[p0:p1] = np.load(pfile)
+            bar.update(int((chunks[p0:p1, 3] - chunks[p0:p1, 2]).sum()))
+            if report is not None:
+                report.resumed.append(mark)
+            continue
+        for a in range(p0, p1, step):
+            part = chunks[a:min(a + step, p1)]
+            texts = backend.decode_batch([T[s:e].tolist() for _, _, s, e in part], skip_special_tokens=False)
+            vecs[a:a + len(part)] = emb.encode(texts, batch_size=batch, max_length=DEFAULT_EMBED_MAX_PIECES)
+            bar.update(int((part[:, 3] - part[:, 2]).sum()))
+        if stages is not None and p1 < len(chunks):   # checkpoint (the last part goes into the shard file)
+            _save_npy(pfile, vecs[p0:p1])
+            stages.mark(mark, [pfile])
+            _crash_point(f"embed-part:{name}:{k}")
     return vecs, chunks
 
 
