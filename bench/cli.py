@@ -21,8 +21,6 @@ of per-prompt tokens/s ratios and, in brackets, the ratio of totals.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -219,23 +217,9 @@ def run(args) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not args.verbose:
-        from transformers.utils import logging as hf_logging
+    from client.cli_support import run_main
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    from client.model_files import ModelNotFoundError
-
-    try:
-        return run(args)
-    except (ValueError, ModelNotFoundError, FileNotFoundError, ImportError) as e:
-        print(f"spec-bench: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_main("spec-bench", run, args)
 
 
 if __name__ == "__main__":

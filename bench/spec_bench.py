@@ -9,7 +9,6 @@ harness on a tiny random model; ``bench/cli.py`` is the command line (``spec-ben
 """
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import sys
@@ -54,13 +53,9 @@ def load_questions(path: str | Path) -> list[Prompt]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file (give the Spec-Bench questions with --questions)")
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    from client.cli_support import iter_jsonl
+
+    for i, obj in iter_jsonl(path):
         turns = obj.get("turns") if isinstance(obj, dict) else None
         if not isinstance(obj, dict) or not isinstance(obj.get("category"), str) or not turns \
                 or not isinstance(turns[0], str):

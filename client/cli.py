@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
+
+from .cli_support import iter_jsonl, run_main
 
 DRAFTER_NAMES = ("context", "recycling")
 
@@ -68,13 +68,7 @@ def read_prompts(args) -> list[str]:
     if not path.exists():
         raise ValueError(f"{path}: no such file")
     prompts = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for i, obj in iter_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise ValueError(f"{path}:{i}: expected an object with a string 'prompt' field")
         prompts.append(obj["prompt"])
@@ -213,24 +207,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # numpy's BLAS threads (the embedder behind --index sessions) spin after each call and steal the cores
     # torch's decode threads need; set before numpy loads
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not args.verbose:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    from .model_files import ModelNotFoundError
-
-    try:
-        return run(args)
-    except (ValueError, ModelNotFoundError, FileNotFoundError, ImportError) as e:
-        print(f"spec-generate: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_main("spec-generate", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ numpy only (no torch): the datastore service may import this module without pull
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional, Protocol, Sequence
 
 import numpy as np
