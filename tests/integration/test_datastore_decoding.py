@@ -8,7 +8,6 @@ from client.budget import CostProfile
 from client.datastore_drafter import make_datastore_drafter
 from client.decoder import SpeculativeDecoder
 from client.drafters import ContextDrafter
-from client.models import load_model
 from tests.integration.datastore_support import ServerThread
 
 CORPUS = [
@@ -21,14 +20,6 @@ CORPUS = [
 ]
 PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
            "What are Rust's ownership rules?"]
-
-
-@pytest.fixture(scope="module")
-def smol():
-    torch.set_num_threads(2)
-    model, tok = load_model()
-    yield model, tok
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,11 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from client.budget import CostProfile
 from client.decoder import SpeculativeDecoder
 from client.drafters import ContextDrafter, RecyclingDrafter
-from client.models import load_model
 
 PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
@@ -17,14 +15,6 @@ PROMPTS = [
     "The fox jumped again and again over the lazy dog, and the dog kept sleeping.",
     "Translate to French: I like to read books in the garden when the weather is nice.",
 ]
-
-
-@pytest.fixture(scope="module")
-def smol():
-    torch.set_num_threads(2)
-    model, tok = load_model()
-    yield model, tok
-    torch.set_num_threads(1)
 
 
 def test_greedy_identical_to_transformers_generate(smol):
