@@ -147,7 +147,7 @@ def run(args) -> int:
         ids = dec.encode_prompt(text, raw=args.raw)
         if args.json:
             res = dec.generate(ids, prompt_text=text, **gen_kw)
-            out = res.summary()
+            out = {**res.summary(), "_tokens": res.new_tokens}
         else:
             out = _stream(dec, ids, text, gen_kw)
         if args.compare_plain:
@@ -155,8 +155,7 @@ def run(args) -> int:
             out["plain_tokens_per_second"] = round(plain.tokens_per_second, 3)
             out["speedup"] = round(out["tokens_per_second"] / max(plain.tokens_per_second, 1e-9), 3)
             if args.temperature == 0:
-                out["identical_to_plain"] = plain.new_tokens == out.pop("_tokens", None) or \
-                    plain.text == out.get("text")
+                out["identical_to_plain"] = plain.new_tokens == out["_tokens"]
         out.pop("_tokens", None)
         if args.json:
             print(json.dumps(out, ensure_ascii=False), flush=True)
@@ -166,8 +165,10 @@ def run(args) -> int:
                   file=sys.stderr, flush=True)
     rt = getattr(args, "recycling_table", None)
     if rt is not None:
+        from .drafters import RecyclingDrafter
+
         for d in dec.drafters:
-            if hasattr(d, "save") and hasattr(d, "table"):
+            if isinstance(d, RecyclingDrafter):
                 d.save(rt)
     return 0
 

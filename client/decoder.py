@@ -92,7 +92,8 @@ class SpeculativeDecoder:
         self.controller = controller or BudgetController(self.profile, max_budget=max_budget)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self._request_id = 0
-        self._needs_topk = any(hasattr(d, "table") for d in self.drafters)
+        # drafters that learn from the target's top-k next tokens at every verified node (Token Recycling)
+        self._needs_topk = any(getattr(d, "needs_target_topk", False) for d in self.drafters)
         eos = set()
         gen_cfg = getattr(model, "generation_config", None)
         for src in (getattr(gen_cfg, "eos_token_id", None), getattr(model.config, "eos_token_id", None),

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -93,7 +94,10 @@ def tokenizer_folder(files: ModelFiles) -> Path:
     tok = AutoTokenizer.from_pretrained(str(files.folder), gguf_file=files.gguf_file)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tok.save_pretrained(str(tmp))
-    tmp.replace(out) if not out.exists() else None
+    if out.exists():  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(out)
     return out
 
 

@@ -43,6 +43,7 @@ def load_template(path: Optional[str | Path] = None) -> list[list[int]]:
 
 class RecyclingDrafter:
     source = Source.RECYCLED
+    needs_target_topk = True
 
     def __init__(self, vocab_size: int, k: int = 8, template: Optional[str | Path] = None):
         self.vocab_size = int(vocab_size)

@@ -38,13 +38,15 @@ def test_cli_json_and_compare_plain(tmp_path):
     f = tmp_path / "prompts.jsonl"
     f.write_text(json.dumps({"prompt": "List three colors of the rainbow."}) + "\n")
     r = subprocess.run([sys.executable, "-m", "client.cli", "--prompts-file", str(f), "--json",
-                        "--max-new-tokens", "24", "--compare-plain", "--threads", "2"],
+                        "--max-new-tokens", "24", "--compare-plain", "--threads", "2",
+                        "--recycling-table", str(tmp_path / "table.npz")],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"text", "new_tokens", "steps", "accepted_per_step", "decode_seconds", "tokens_per_second"} <= set(out)
     assert out["identical_to_plain"] is True
     assert 0 < out["new_tokens"] <= 24
+    assert (tmp_path / "table.npz").exists()  # the recycling table persists across runs
 
 
 def test_cli_rejects_prompt_longer_than_context():
