@@ -145,14 +145,11 @@ def run(args) -> int:
     from .spec_bench import (OursMethod, build_methods, environment, load_questions, parse_categories,
                              run_benchmark, select_prompts)
 
-    if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be >= 1")
+    from client.cli_support import validate_common
+
+    validate_common(args)
     if args.warmup < 0:
         raise ValueError("--warmup must be >= 0")
-    if args.max_budget is not None and args.max_budget < 0:
-        raise ValueError("--max-budget must be >= 0")
-    if args.datastore and args.index:
-        raise ValueError("give --datastore or --index, not both")
     categories = parse_categories(args.categories)
     configs = _configs(args)
     questions = load_questions(args.questions)

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .fusion import rank_by_path_prob
 from .types import DraftTree
 
 log = logging.getLogger(__name__)
@@ -183,11 +184,7 @@ class BudgetController:
         sib = np.zeros(len(tree))
         np.add.at(sib, tree.parents[1:], q[1:])
         q[1:] /= np.maximum(sib[tree.parents[1:]], 1.0)
-        pp = q.copy()
-        for i in range(1, len(tree)):
-            pp[i] = min(pp[tree.parents[i]] * q[i], pp[tree.parents[i]])
-        depth = tree.depths()
-        order = np.lexsort((np.arange(1, len(tree)), depth[1:], -pp[1:])) + 1
+        order, pp = rank_by_path_prob(tree, q)
         order = order[: self.max_budget]
         gain = 1.0 + np.concatenate([[0.0], np.cumsum(pp[order])])  # expected tokens with k drafts
         cost = self._t[1: len(gain) + 1] + self.overhead_s

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .cli_support import iter_jsonl, run_main
+from .cli_support import iter_jsonl, run_main, validate_common
 
 DRAFTER_NAMES = ("context", "recycling")
 
@@ -130,12 +130,7 @@ def _validate(args) -> None:
     from .sampling import SamplingParams
 
     SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be >= 1")
-    if args.max_budget is not None and args.max_budget < 0:
-        raise ValueError("--max-budget must be >= 0")
-    if args.datastore and args.index:
-        raise ValueError("give --datastore or --index, not both")
+    validate_common(args)
 
 
 def run(args) -> int:

@@ -30,6 +30,16 @@ def run_main(prog: str, run: Callable[[object], int], args) -> int:
         return 130
 
 
+def validate_common(args) -> None:
+    """Checks of the options spec-generate and spec-bench share; ValueError names the flag."""
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    if args.max_budget is not None and args.max_budget < 0:
+        raise ValueError("--max-budget must be >= 0")
+    if args.datastore and args.index:
+        raise ValueError("give --datastore or --index, not both")
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; ValueError naming ``file:line`` on bad JSON."""
     for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):

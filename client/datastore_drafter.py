@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .fusion import cut_to_budget
 from .types import DecodeContext, DraftTree, Source, StepResult
 
 log = logging.getLogger("client.datastore")
@@ -28,20 +29,6 @@ class DatastoreUnavailableError(ConnectionError):
 
 class TokenizerMismatchError(ValueError):
     """The index was built with a different tokenizer than the model's: its token ids mean other text."""
-
-
-def cut_to_budget(tree: DraftTree, budget: int) -> DraftTree:
-    """Keep the ``budget`` draft nodes with the highest path probability (a parent-closed set)."""
-    if tree.num_drafts <= budget:
-        return tree
-    if budget <= 0:
-        return DraftTree.empty(tree.root)
-    pp = tree.path_probs()
-    # path probabilities never increase downwards, and ties are broken by index (parents come first),
-    # so the top set by (prob desc, index asc) contains the parent of each of its nodes.
-    order = np.lexsort((np.arange(1, len(tree)), -pp[1:])) + 1
-    keep = np.sort(np.concatenate([[0], order[:budget]]))
-    return tree.subset(keep)
 
 
 def tree_from_result(root: int, r) -> DraftTree:

@@ -42,6 +42,23 @@ def fuse(trees: Sequence[DraftTree], budget: int) -> DraftTree:
     return cut_to_budget(merged, budget)
 
 
+def rank_by_path_prob(tree: DraftTree, probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Order the draft nodes best first, so that every prefix of the order is closed under parents.
+
+    probs: [n] conditional probabilities to use instead of ``tree.probs``.
+    Returns (order: [n-1] node indices, path: [n] path probability of each node, clamped so that a child
+    never exceeds its parent). Ties: shallower first, then lower index.
+    """
+    q = np.asarray(tree.probs if probs is None else probs, dtype=np.float64)
+    pp = np.ones(len(tree), dtype=np.float64)
+    par = tree.parents
+    for i in range(1, len(tree)):
+        pp[i] = min(pp[par[i]] * q[i], pp[par[i]])
+    depth = tree.depths()
+    order = np.lexsort((np.arange(1, len(tree)), depth[1:], -pp[1:])) + 1
+    return order, pp
+
+
 def cut_to_budget(tree: DraftTree, budget: int) -> DraftTree:
     """Keep the root and the ``budget`` draft nodes with the highest path probability."""
     budget = max(0, int(budget))
@@ -49,11 +66,5 @@ def cut_to_budget(tree: DraftTree, budget: int) -> DraftTree:
         return tree
     if budget == 0:
         return DraftTree.empty(tree.root)
-    pp = np.minimum(tree.path_probs(), 1.0)
-    # a child never outranks its parent: clamp path probs down the tree (probs may exceed 1 by mistake)
-    for i in range(1, len(tree)):
-        pp[i] = min(pp[i], pp[tree.parents[i]])
-    depth = tree.depths()
-    order = np.lexsort((np.arange(1, len(tree)), depth[1:], -pp[1:])) + 1
-    keep = np.sort(np.concatenate([[0], order[:budget]]))
-    return tree.subset(keep)
+    order, _ = rank_by_path_prob(tree)
+    return tree.subset(np.sort(np.concatenate([[0], order[:budget]])))

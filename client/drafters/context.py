@@ -12,6 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from ..fusion import cut_to_budget
 from ..types import DecodeContext, DraftTree, Source, StepResult
 
 # short suffix matches predict worse than long ones
@@ -83,8 +84,6 @@ class ContextDrafter:
         probs[1:] = c[1:] / (c[par[1:]] + 1.0)
         first = par == 0
         probs[first] *= _MATCH_WEIGHT.get(n, 1.0)
-        from ..fusion import cut_to_budget
-
         tree = DraftTree(np.asarray(tokens, np.int32), par.astype(np.int32), probs.astype(np.float32),
                          np.concatenate([[0], np.full(len(tokens) - 1, int(Source.CONTEXT))]).astype(np.uint8))
         return cut_to_budget(tree, budget)

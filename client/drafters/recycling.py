@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..fusion import cut_to_budget
 from ..types import DecodeContext, DraftTree, Source, StepResult
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "token_recycle_tree.json"
@@ -72,8 +73,6 @@ class RecyclingDrafter:
                         break
                     tokens.append(t); parents.append(i); probs.append(float(prow[rank])); tnode.append(tchild)
                 i += 1
-            from ..fusion import cut_to_budget
-
             tree = DraftTree(np.asarray(tokens, np.int32), np.asarray(parents, np.int32),
                              np.asarray(probs, np.float32),
                              np.concatenate([[0], np.full(len(tokens) - 1, int(Source.RECYCLED))]).astype(np.uint8))

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from client.datastore_drafter import cut_to_budget, tree_from_result
+from client.datastore_drafter import tree_from_result
+from client.fusion import cut_to_budget
 from client.types import DraftTree, Source
 from datastore.sessions import SessionStore
 
