@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--index", type=Path, default=None,
                    help="a local index drafted from in process; adds context,recycling,datastore")
     g.add_argument("--datastore-timeout-ms", type=float, default=None, help="deadline of each remote lookup")
+    g.add_argument("--no-session-memory", action="store_true",
+                   help="the datastore drafter searches the corpus only, not also the request's own tokens")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
@@ -120,6 +122,7 @@ def _drafter_factory(model, tokenizer, args):
         parts = [n.strip() for n in names.split(",") if n.strip()]
         remote = DATASTORE in parts
         ns = argparse.Namespace(recycling_table=None, datastore_timeout_ms=args.datastore_timeout_ms,
+                                no_session_memory=args.no_session_memory,
                                 datastore=args.datastore if remote else None,
                                 index=args.index if remote else None)
         local = ",".join(n for n in parts if n not in (DATASTORE, "rest"))

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datastore", metavar="HOST:PORT", default=None, help="draft from a datastore-serve service")
     p.add_argument("--index", type=Path, default=None, help="draft from a local index in process (no server)")
     p.add_argument("--datastore-timeout-ms", type=float, default=None, help="deadline of each remote lookup")
+    p.add_argument("--no-session-memory", action="store_true",
+                   help="datastore lookups search the corpus only, not also this request's own tokens")
     p.add_argument("--compare-plain", action="store_true",
                    help="also decode each prompt plainly and report the speedup (and check equality when greedy); "
                         "a short unmeasured warm-up of both modes runs first")
@@ -101,7 +103,8 @@ def make_drafters(names: str, model, tokenizer, args) -> list:
         if args.datastore_timeout_ms is not None:
             opts["timeout_s"] = args.datastore_timeout_ms / 1000.0
         out.insert(0, make_datastore_drafter(address=args.datastore, index_path=str(args.index) if args.index else None,
-                                             tokenizer=tokenizer, **opts))
+                                             tokenizer=tokenizer,
+                                             memory=not getattr(args, "no_session_memory", False), **opts))
     return out
 
 

@@ -176,12 +176,15 @@ class DatastoreClient:
                           r.max_context, r.max_budget, r.max_batch, r.documents_available, r.manifest_json)
 
     def open_session(self, prompt_ids: Optional[Sequence[int]] = None, prompt_text: Optional[str] = None,
-                     top_k: int = 0) -> Optional[Session]:
-        if not self._allow():
+                     top_k: int = 0, *, memory: bool = False, documents: bool = True) -> Optional[Session]:
+        """Open a session: the prompt's FAISS documents (``documents``) and/or a server-side memory of this
+        request's tokens, seeded with ``prompt_ids`` (``memory``). None on any failure."""
+        if not self._allow() or not (memory or documents):
             return None
         req = pb.OpenSessionRequest(prompt_text=prompt_text or "", top_k=top_k,
-                                    tokenizer_fingerprint=self.tokenizer_fingerprint)
-        if not prompt_text and prompt_ids is not None:
+                                    tokenizer_fingerprint=self.tokenizer_fingerprint, memory=bool(memory),
+                                    skip_documents=not documents)
+        if prompt_ids is not None and (memory or not prompt_text):
             req.prompt_ids.extend(np.asarray(prompt_ids, dtype=np.int64).tolist())
         self.stats["open_session"] += 1
         try:
@@ -204,26 +207,29 @@ class DatastoreClient:
         self._success()
         return bool(r.closed)
 
-    def _request(self, context_tail, budget: int, session_id: Optional[str], hint) -> tuple[int, "pb.RetrieveRequest"]:
-        ctx = np.asarray(context_tail).reshape(-1)[-self.context_tail:]
+    def _request(self, context, budget: int, session_id: Optional[str], hint) -> tuple[int, "pb.RetrieveRequest"]:
+        full = np.asarray(context).reshape(-1)
+        ctx = full[-self.context_tail:]
         root = int(ctx[-1])
+        # context_end lets a memory session append exactly the tokens it has not seen yet
         req = pb.RetrieveRequest(context=ctx.astype(np.int32).tolist(), budget=int(budget),
-                                 session_id=session_id or "", tokenizer_fingerprint=self.tokenizer_fingerprint)
+                                 session_id=session_id or "", tokenizer_fingerprint=self.tokenizer_fingerprint,
+                                 context_end=len(full))
         if hint is not None:
             ht, hp = hint
             req.hint_tokens.extend(np.asarray(ht, dtype=np.int32).tolist())
             req.hint_probs.extend(np.asarray(hp, dtype=np.float32).tolist())
         return root, req
 
-    def retrieve_async(self, context_tail, budget: int, session_id: Optional[str] = None,
+    def retrieve_async(self, context, budget: int, session_id: Optional[str] = None,
                        hint: Optional[tuple] = None, key=None) -> PendingRetrieval:
         """Issue a Retrieve without waiting; ``.result()`` gives the DraftTree (empty on any failure)."""
-        root = int(np.asarray(context_tail).reshape(-1)[-1])
+        root = int(np.asarray(context).reshape(-1)[-1])
         self.stats["requests"] += 1
         if budget <= 0 or not self._allow():
             return PendingRetrieval(self, None, root, key)
         try:
-            root, req = self._request(context_tail, budget, session_id, hint)
+            root, req = self._request(context, budget, session_id, hint)
             fut = self._stub.Retrieve.future(req, timeout=self.timeout_s, metadata=self._metadata)
         except Exception as e:  # noqa: BLE001 - e.g. a closed channel
             self._failure(e)
@@ -252,15 +258,18 @@ class DatastoreClient:
         self.stats["hits" if len(tree) > 1 else "misses"] += 1
         return tree
 
-    def retrieve(self, context_tail, budget: int, session_id: Optional[str] = None,
+    def retrieve(self, context, budget: int, session_id: Optional[str] = None,
                  hint: Optional[tuple] = None) -> DraftTree:
-        """Blocking lookup (at most ``timeout_s``); the plain call path is ~0.1 ms cheaper than a future."""
-        root = int(np.asarray(context_tail).reshape(-1)[-1])
+        """Blocking lookup (at most ``timeout_s``); the plain call path is ~0.1 ms cheaper than a future.
+
+        ``context``: the request's whole token sequence so far (int [L]); only its last ``context_tail``
+        tokens travel, with L as ``context_end`` so that a memory session stays in step."""
+        root = int(np.asarray(context).reshape(-1)[-1])
         self.stats["requests"] += 1
         if budget <= 0 or not self._allow():
             return DraftTree.empty(root)
         try:
-            root, req = self._request(context_tail, budget, session_id, hint)
+            root, req = self._request(context, budget, session_id, hint)
             resp = self._stub.Retrieve(req, timeout=self.timeout_s, metadata=self._metadata)
         except Exception as e:  # noqa: BLE001 - grpc.RpcError or a closed channel: no draft this step
             self._failure(e)

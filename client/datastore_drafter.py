@@ -5,9 +5,12 @@ drafters' ``propose``, then ours: the remote round trip overlaps local drafting.
 prefetched answer when it was issued for the same context, else makes a blocking call bounded by the
 client deadline. Any failure gives ``DraftTree.empty(root)``; nothing raises into the decode loop.
 
-Sessions: ``begin_request(prompt_ids, prompt_text)`` opens a document session (FAISS top-k documents of
-the prompt) when ``documents=True``; lookups then mark continuations found inside those documents with
-``Source.DOCUMENTS`` (and the index prefers them); ``end_request()`` closes it.
+Sessions: ``begin_request(prompt_ids, prompt_text)`` opens a session on the service: the prompt's FAISS
+top-k documents when ``documents=True`` (lookups then prefer continuations inside them and mark them
+``Source.DOCUMENTS``) and a private memory of the request's own tokens when ``memory=True`` (the context's
+suffix is also matched inside the prompt and the text generated so far, like REST's self-inserted queries
+but per request; such nodes are marked ``Source.CONTEXT``). ``end_request()`` closes it. The embedded
+backend needs no session for memory: it sees the whole context.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from collections import Counter
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from datastore.memory import DEFAULT_CAPACITY as MEMORY_CAPACITY
 
 from .fusion import cut_to_budget
 from .types import DecodeContext, DraftTree, Source, StepResult
@@ -40,6 +45,9 @@ def tree_from_result(root: int, r) -> DraftTree:
     parents = np.concatenate([[-1], np.asarray(r.parents, dtype=np.int64) + 1]).astype(np.int32)
     probs = np.concatenate([[1.0], np.asarray(r.probs)]).astype(np.float32)
     src = Source.DATASTORE + Source.DOCUMENTS * np.asarray(r.in_documents, dtype=bool)
+    in_mem = getattr(r, "in_memory", None)
+    if in_mem is not None and len(in_mem) == n:
+        src = src + Source.CONTEXT * np.asarray(in_mem, dtype=bool)
     sources = np.concatenate([[0], src]).astype(np.uint8)
     return DraftTree(tokens, parents, probs, sources)
 
@@ -68,9 +76,11 @@ class EmbeddedBackend:
 
     remote = False
 
-    def __init__(self, index: Any, *, context_tail: int = 64, retrieve_opts: Optional[dict] = None):
+    def __init__(self, index: Any, *, context_tail: int = 64, retrieve_opts: Optional[dict] = None,
+                 memory: bool = True):
         self.index = index
         self.context_tail = int(context_tail)
+        self.memory = bool(memory)
         self.retrieve_opts = dict(retrieve_opts or {})
         self.stats: Counter = Counter()
         self._sessions: dict[str, np.ndarray] = {}
@@ -81,7 +91,9 @@ class EmbeddedBackend:
         return str(self.index.tokenizer_fingerprint)
 
     def retrieve(self, context, budget: int, session_id: Optional[str] = None) -> DraftTree:
-        ctx = np.asarray(context).reshape(-1)[-self.context_tail:]
+        """``context``: the request's whole token sequence (its tail is looked up, all of it is memory)."""
+        full = np.asarray(context).reshape(-1)
+        ctx = full[-self.context_tail:]
         root = int(ctx[-1])
         self.stats["requests"] += 1
         if budget <= 0:
@@ -91,6 +103,8 @@ class EmbeddedBackend:
             docs = self._sessions.get(session_id) if session_id else None
             if docs is not None:
                 kw["doc_filter"] = docs
+            if self.memory:
+                kw["memory"] = full[-MEMORY_CAPACITY:]
             r = self.index.retrieve(ctx.astype(np.int32), int(budget), **kw)
             tree = tree_from_result(root, r)
         except Exception as e:  # noqa: BLE001 - never into the decode loop
@@ -103,9 +117,10 @@ class EmbeddedBackend:
     def retrieve_async(self, context, budget: int, session_id: Optional[str] = None, key=None):
         return _Done(self.retrieve(context, budget, session_id), key)
 
-    def open_session(self, prompt_ids=None, prompt_text: Optional[str] = None, top_k: int = 8) -> Optional[str]:
-        if not prompt_text:
-            return None  # the index searches by text
+    def open_session(self, prompt_ids=None, prompt_text: Optional[str] = None, top_k: int = 8, *,
+                     memory: bool = False, documents: bool = True) -> Optional[str]:
+        if not prompt_text or not documents:
+            return None  # the index searches by text; memory needs no session in process
         try:
             docs = np.sort(np.asarray(self.index.search_documents(prompt_text, k=top_k or 8), dtype=np.int64))
         except Exception as e:  # noqa: BLE001
@@ -146,8 +161,9 @@ class RemoteBackend:
     def retrieve(self, context, budget: int, session_id: Optional[str] = None) -> DraftTree:
         return self.client.retrieve(context, budget, session_id)
 
-    def open_session(self, prompt_ids=None, prompt_text: Optional[str] = None, top_k: int = 0) -> Optional[str]:
-        s = self.client.open_session(prompt_ids, prompt_text, top_k)
+    def open_session(self, prompt_ids=None, prompt_text: Optional[str] = None, top_k: int = 0, *,
+                     memory: bool = False, documents: bool = True) -> Optional[str]:
+        s = self.client.open_session(prompt_ids, prompt_text, top_k, memory=memory, documents=documents)
         return s.session_id if s is not None else None
 
     def close_session(self, session_id: Optional[str]) -> None:
@@ -162,9 +178,11 @@ class DatastoreDrafter:
 
     source = Source.DATASTORE
 
-    def __init__(self, backend, *, documents: bool = True, top_k: int = 8, max_budget: Optional[int] = None):
+    def __init__(self, backend, *, documents: bool = True, memory: bool = True, top_k: int = 8,
+                 max_budget: Optional[int] = None):
         self.backend = backend
         self.documents = bool(documents)
+        self.memory = bool(memory)
         self.top_k = int(top_k)
         self.max_budget = max_budget
         self.session_id: Optional[str] = None
@@ -173,20 +191,23 @@ class DatastoreDrafter:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def remote(cls, address: str, *, documents: bool = True, top_k: int = 8, **client_opts) -> "DatastoreDrafter":
+    def remote(cls, address: str, *, documents: bool = True, memory: bool = True, top_k: int = 8,
+               **client_opts) -> "DatastoreDrafter":
         from .datastore_client import DatastoreClient
 
-        return cls(RemoteBackend(DatastoreClient(address, **client_opts)), documents=documents, top_k=top_k)
+        return cls(RemoteBackend(DatastoreClient(address, **client_opts)), documents=documents, memory=memory,
+                   top_k=top_k)
 
     @classmethod
-    def embedded(cls, index_path: str, *, documents: bool = True, top_k: int = 8, context_tail: int = 64,
-                 retrieve_opts: Optional[dict] = None, index: Any = None) -> "DatastoreDrafter":
+    def embedded(cls, index_path: str, *, documents: bool = True, memory: bool = True, top_k: int = 8,
+                 context_tail: int = 64, retrieve_opts: Optional[dict] = None, index: Any = None
+                 ) -> "DatastoreDrafter":
         if index is None:
             from datastore.index import DatastoreIndex  # torch-free; FAISS is the datastore side's business
 
             index = DatastoreIndex.open(index_path, load_faiss=documents)
-        return cls(EmbeddedBackend(index, context_tail=context_tail, retrieve_opts=retrieve_opts),
-                   documents=documents, top_k=top_k)
+        return cls(EmbeddedBackend(index, context_tail=context_tail, retrieve_opts=retrieve_opts, memory=memory),
+                   documents=documents, memory=memory, top_k=top_k)
 
     # ------------------------------------------------------------------ Drafter protocol
     @property
@@ -252,10 +273,13 @@ class DatastoreDrafter:
 
     def begin_request(self, prompt_ids: Optional[Sequence[int]] = None, prompt_text: Optional[str] = None) -> None:
         self.end_request()
-        if not self.documents:
+        memory = self.memory and self.backend.remote   # in process the backend sees the whole context
+        documents = self.documents and bool(prompt_text)   # documents are searched by the prompt's text
+        if not (documents or memory):
             return
         try:
-            self.session_id = self.backend.open_session(prompt_ids, prompt_text, self.top_k)
+            self.session_id = self.backend.open_session(prompt_ids, prompt_text, self.top_k, memory=memory,
+                                                        documents=documents)
             self.counters["sessions" if self.session_id else "session_failures"] += 1
         except Exception as e:  # noqa: BLE001
             self.session_id = None
@@ -284,6 +308,7 @@ def make_datastore_drafter(
     tokenizer: Any = None,
     *,
     documents: bool = True,
+    memory: bool = True,
     top_k: int = 8,
     timeout_s: float = 0.005,
     connect_timeout_s: float = 5.0,
@@ -309,7 +334,7 @@ def make_datastore_drafter(
 
         fp = tokenizer_fingerprint(tokenizer)
     if index_path is not None:
-        drafter = DatastoreDrafter.embedded(index_path, documents=documents, top_k=top_k)
+        drafter = DatastoreDrafter.embedded(index_path, documents=documents, memory=memory, top_k=top_k)
         have = drafter.backend.tokenizer_fingerprint
         if fp is not None and have != fp:
             drafter.close()
@@ -337,4 +362,4 @@ def make_datastore_drafter(
             f"{info.tokenizer_fingerprint}, but the model's tokenizer is {fp}: use a matching index"
         )
     return DatastoreDrafter(RemoteBackend(client), documents=documents and (info is None or info.documents_available),
-                            top_k=top_k, max_budget=max_budget)
+                            memory=memory, top_k=top_k, max_budget=max_budget)

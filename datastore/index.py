@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from datastore.memory import match_memory, memory_continuations
 from datastore.suffix_shard import Shard
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -41,12 +42,13 @@ class RetrievalResult:
     parents: np.ndarray       # [n] int32 parent index into these arrays, -1 = child of the root; parents[i] < i
     probs: np.ndarray         # [n] float32 conditional probability P(node | parent)
     in_documents: np.ndarray  # [n] bool: node supported by a match inside the session's documents
+    in_memory: np.ndarray     # [n] bool: node supported by a match inside the session memory (own tokens)
     match_len: int            # length of the context suffix that matched (0 = no match)
 
     @classmethod
     def empty(cls, match_len: int = 0) -> "RetrievalResult":
         return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, bool),
-                   match_len)
+                   np.zeros(0, bool), match_len)
 
     def __len__(self) -> int:
         return int(len(self.tokens))
@@ -72,11 +74,12 @@ def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 
 
 def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: float,
-               hint_tokens=None, hint_probs=None, hint_confident: float = 0.8):
+               hint_tokens=None, hint_probs=None, hint_confident: float = 0.8, in_mem: Optional[np.ndarray] = None):
     """Count continuation rows into a trie and cut it (vectorised; see ``DatastoreIndex.retrieve``).
 
-    conts: [M, D] int64 tokens, -1 after the end of a row; in_doc: [M] bool.
-    Returns (tokens, parents, probs, in_documents) in topological (preorder) order, or None if empty.
+    conts: [M, D] int64 tokens, -1 after the end of a row; in_doc, in_mem: [M] bool row flags (None = all
+    False for in_mem). Returns (tokens, parents, probs, in_documents, in_memory) in topological (preorder)
+    order, where a node's flag is the OR over the rows through it; or None if empty.
 
     Rows are sorted lexicographically, so the rows sharing a prefix are contiguous; a trie node is born at
     the first cell (row, depth) whose prefix differs from the row above. Node ids in row-major order are a
@@ -94,7 +97,7 @@ def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: flo
         if n == 0 or min_prob > 1.0:
             return None
         return (row[:n].astype(np.int32), np.arange(-1, n - 1, dtype=np.int32), np.ones(n, np.float32),
-                np.full(n, bool(in_doc.any())))
+                np.full(n, bool(in_doc.any())), np.full(n, in_mem is not None and bool(in_mem.any())))
     order = np.lexsort(conts.T[::-1]) if M > 1 else None
     S = conts[order] if M > 1 else conts
     valid = S >= 0
@@ -141,14 +144,18 @@ def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: flo
         keep[first] = kf
     keep[nn] = True
     alive = np.logical_and.accumulate(keep[cell], axis=1).ravel()[nodes]
-    has_doc = bool(in_doc.any())
-    if has_doc:
-        F = in_doc if M == 1 else in_doc[order]
-        ind_all = np.bincount(cflat, weights=np.repeat(F.astype(np.float64), D), minlength=nn + 1)[:nn] > 0
+    def node_flags(row_flags):
+        if row_flags is None or not row_flags.any():
+            return None
+        F = row_flags if M == 1 else row_flags[order]
+        return np.bincount(cflat, weights=np.repeat(F.astype(np.float64), D), minlength=nn + 1)[:nn] > 0
+
+    ind_all, inm_all = node_flags(in_doc), node_flags(in_mem)
     if nn <= budget and alive.all():   # nothing to cut: no re-indexing
         parent[parent == nn] = -1
         return (node_tok.astype(np.int32), parent.astype(np.int32), prob[:nn].astype(np.float32),
-                ind_all if has_doc else np.zeros(nn, dtype=bool))
+                ind_all if ind_all is not None else np.zeros(nn, dtype=bool),
+                inm_all if inm_all is not None else np.zeros(nn, dtype=bool))
     else:
         pp = np.cumprod(prob[cell], axis=1).ravel()[nodes]
         cand = np.flatnonzero(alive)
@@ -160,8 +167,9 @@ def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: flo
             sel = cand
     remap = np.full(nn + 1, -1, dtype=np.int32)
     remap[sel] = np.arange(len(sel), dtype=np.int32)
-    ind = ind_all[sel] if has_doc else np.zeros(len(sel), dtype=bool)
-    return node_tok[sel].astype(np.int32), remap[parent[sel]], prob[sel].astype(np.float32), ind
+    ind = ind_all[sel] if ind_all is not None else np.zeros(len(sel), dtype=bool)
+    inm = inm_all[sel] if inm_all is not None else np.zeros(len(sel), dtype=bool)
+    return node_tok[sel].astype(np.int32), remap[parent[sel]], prob[sel].astype(np.float32), ind, inm
 
 
 class DatastoreIndex:
@@ -303,28 +311,64 @@ class DatastoreIndex:
 
     def retrieve(self, context, budget: int, *, max_span: int = 16, min_span: int = 2, max_matches: int = 64,
                  depth: int = 8, min_prob: float = 0.1, doc_filter=None, hint_tokens=None,
-                 hint_probs=None) -> RetrievalResult:
-        """Probability-pruned continuation tree of the longest context suffix found in the corpus.
+                 hint_probs=None, memory=None, memory_matches: int = 16) -> RetrievalResult:
+        """Probability-pruned continuation tree of the longest context suffix found in the corpus (or in
+        the session memory).
 
         1. longest suffix of ``context`` (at most ``max_span`` tokens, at least ``min_span``) occurring in
-           any shard; 2. up to ``max_matches`` of its occurrences (evenly spread over all of them; with
-           ``doc_filter`` those inside the filter documents come first); 3. up to ``depth`` following tokens
-           of each, stopping at the end of its document; 4. a trie with P(child | parent) = count ratio
-           (the root's count is the number of matches used); 5. first-level probabilities fused with a
-           draft-model hint as sqrt(freq * hint) (absent tokens get the hint's leftover mass; when the hint's
-           top probability >= 0.8 absent tokens are dropped); 6. nodes below ``min_prob`` are dropped with
-           their subtrees; 7. the ``budget`` nodes with the highest path probability are kept (closed under
-           parents, preorder so parents[i] < i).
+           any shard, and, with ``memory`` (the session's own token history, ending with the context),
+           earlier in that history; the longer match wins, both are used on a tie;
+        2. up to ``max_matches`` of its corpus occurrences (evenly spread over all of them; with
+           ``doc_filter`` those inside the filter documents come first) and the ``memory_matches`` most
+           recent memory occurrences; 3. up to ``depth`` following tokens of each, stopping at the end of
+           its document; 4. a trie with P(child | parent) = count ratio (the root's count is the number of
+           matches used); 5. first-level probabilities fused with a draft-model hint as sqrt(freq * hint)
+           (absent tokens get the hint's leftover mass; when the hint's top probability >= 0.8 absent
+           tokens are dropped); 6. nodes below ``min_prob`` are dropped with their subtrees; 7. the
+           ``budget`` nodes with the highest path probability are kept (closed under parents, preorder so
+           parents[i] < i).
         """
         if budget <= 0 or depth <= 0 or max_matches <= 0:
             return _EMPTY
         depth = min(int(depth), 4000)
         m, found = self.longest_match(context, max_span)
-        if m == 0 or m < max(1, min_span):
+        m_mem, q_mem = 0, None
+        if memory is not None and memory_matches > 0:
+            mem = np.asarray(memory).ravel()
+            ctx = np.asarray(context).ravel()
+            if len(mem) >= 2 and len(ctx) and int(mem[-1]) == int(ctx[-1]):
+                m_mem, q_mem = match_memory(mem, max_span)
+        best = max(m, m_mem)
+        if best == 0 or best < max(1, min_span):
             return _EMPTY
+        rows, doc_flags, mem_flags = [], [], []
+        if m == best:
+            for si, pos, fl in self._corpus_picks(found, doc_filter, max_matches):
+                if len(pos):
+                    rows.append(self.shards[si].continuations(pos, depth))
+                    doc_flags.append(fl)
+                    mem_flags.append(np.zeros(len(pos), bool))
+        if m_mem == best:
+            q = q_mem[-int(memory_matches):]
+            rows.append(memory_continuations(mem, q, depth))
+            doc_flags.append(np.zeros(len(q), bool))
+            mem_flags.append(np.ones(len(q), bool))
+        if not rows:
+            return RetrievalResult.empty(best)
+        one = len(rows) == 1
+        C = rows[0] if one else np.concatenate(rows)
+        Fd = doc_flags[0] if one else np.concatenate(doc_flags)
+        Fm = (mem_flags[0] if one else np.concatenate(mem_flags)) if m_mem == best else None
+        tree = build_tree(C, Fd, budget, min_prob, hint_tokens, hint_probs, in_mem=Fm)
+        if tree is None:
+            return RetrievalResult.empty(best)
+        return RetrievalResult(*tree, match_len=best)
+
+    def _corpus_picks(self, found, doc_filter, max_matches: int) -> list:
+        """[(shard, positions int64, in_filter bool)] of at most ~``max_matches`` corpus occurrences."""
         filt = _as_filter(doc_filter)
         total = sum((len(r) if r is not None else hi - lo) for _, lo, hi, r in found)
-        picks = []   # (shard, positions, in_filter)
+        picks = []
         if filt is None or len(filt) == 0:
             for si, lo, hi, rows in found:
                 cnt = len(rows) if rows is not None else hi - lo
@@ -335,45 +379,32 @@ class DatastoreIndex:
                     sel = (np.arange(take, dtype=np.int64) * cnt) // take
                     pos = rows[sel] if rows is not None else self.shards[si].rsa[lo + sel].astype(np.int64)
                 picks.append((si, pos, np.zeros(len(pos), bool)))
-        else:
-            scan = max(4096, 16 * max_matches)
-            inside, outside = [], []
-            for si, lo, hi, rows in found:
-                cnt = len(rows) if rows is not None else hi - lo
-                k = min(cnt, scan)
-                sel = (np.arange(k, dtype=np.int64) * cnt) // k
-                pos = rows[sel] if rows is not None else self.shards[si].rsa[lo + sel].astype(np.int64)
-                ok = _in_sorted(self.shards[si].doc_of(pos), filt)
-                inside.append((si, pos[ok]))
-                outside.append((si, pos[~ok]))
-            n_in = sum(len(p) for _, p in inside)
-            room = max_matches - min(n_in, max_matches)
-            for si, pos in inside:
-                if n_in > max_matches:
-                    take = max(1, round(max_matches * len(pos) / n_in)) if len(pos) else 0
-                    pos = pos[(np.arange(take) * len(pos)) // max(take, 1)] if take else pos[:0]
-                picks.append((si, pos, np.ones(len(pos), bool)))
-            n_out = sum(len(p) for _, p in outside)
-            for si, pos in outside:
-                if room <= 0 or len(pos) == 0:
-                    continue
-                take = min(len(pos), max(1, round(room * len(pos) / n_out)))
-                pos = pos[(np.arange(take) * len(pos)) // take]
-                picks.append((si, pos, np.zeros(len(pos), bool)))
-        conts = []
-        flags = []
-        for si, pos, fl in picks:
-            if len(pos):
-                conts.append(self.shards[si].continuations(pos, depth))
-                flags.append(fl)
-        if not conts:
-            return RetrievalResult.empty(m)
-        C = conts[0] if len(conts) == 1 else np.concatenate(conts)
-        Fl = flags[0] if len(flags) == 1 else np.concatenate(flags)
-        tree = build_tree(C, Fl, budget, min_prob, hint_tokens, hint_probs)
-        if tree is None:
-            return RetrievalResult.empty(m)
-        return RetrievalResult(*tree, match_len=m)
+            return picks
+        scan = max(4096, 16 * max_matches)
+        inside, outside = [], []
+        for si, lo, hi, rows in found:
+            cnt = len(rows) if rows is not None else hi - lo
+            k = min(cnt, scan)
+            sel = (np.arange(k, dtype=np.int64) * cnt) // k
+            pos = rows[sel] if rows is not None else self.shards[si].rsa[lo + sel].astype(np.int64)
+            ok = _in_sorted(self.shards[si].doc_of(pos), filt)
+            inside.append((si, pos[ok]))
+            outside.append((si, pos[~ok]))
+        n_in = sum(len(p) for _, p in inside)
+        room = max_matches - min(n_in, max_matches)
+        for si, pos in inside:
+            if n_in > max_matches:
+                take = max(1, round(max_matches * len(pos) / n_in)) if len(pos) else 0
+                pos = pos[(np.arange(take) * len(pos)) // max(take, 1)] if take else pos[:0]
+            picks.append((si, pos, np.ones(len(pos), bool)))
+        n_out = sum(len(p) for _, p in outside)
+        for si, pos in outside:
+            if room <= 0 or len(pos) == 0:
+                continue
+            take = min(len(pos), max(1, round(room * len(pos) / n_out)))
+            pos = pos[(np.arange(take) * len(pos)) // take]
+            picks.append((si, pos, np.zeros(len(pos), bool)))
+        return picks
 
     # ------------------------------------------------------------------------------------ dense search
     def _get_embedder(self):

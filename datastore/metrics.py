@@ -39,6 +39,7 @@ class Metrics:
         self.miss = self.lookups.labels("miss")
         self.nodes_datastore = self.nodes.labels("datastore")
         self.nodes_documents = self.nodes.labels("documents")
+        self.nodes_memory = self.nodes.labels("memory")
         self._ok = {m: self.requests.labels(m, "OK") for m in _METHODS}
 
     def ok(self, method: str) -> None:

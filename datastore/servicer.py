@@ -26,6 +26,7 @@ import numpy as np
 from protos import datastore_pb2 as pb
 from protos import datastore_pb2_grpc as pb_grpc
 
+from .memory import TokenMemory
 from .metrics import Metrics
 from .sessions import SessionStore
 
@@ -33,6 +34,7 @@ log = logging.getLogger("datastore.servicer")
 
 SOURCE_DATASTORE = 1
 SOURCE_DOCUMENTS = 2
+SOURCE_CONTEXT = 8     # matched inside the session memory (the request's own tokens)
 SERVER_VERSION = "0.1.0"
 
 READ_METHODS = frozenset({"Info", "Retrieve", "RetrieveBatch"})
@@ -145,16 +147,17 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         self.metrics.error(method, err.code.name)
         await context.abort(err.code, err.details)
 
-    def _session_docs(self, index, session_id: str) -> np.ndarray:
+    def _session(self, index, session_id: str):
         s = self.sessions.get(session_id)
         if s is None:
             raise _invalid(f"unknown or expired session {session_id!r}")
         if s.index_id != str(index.index_id):
             # The index was reloaded since the session opened: document ids may mean other documents.
-            k = max(1, len(s.doc_ids))
-            s.doc_ids = np.sort(np.asarray(index.search_documents(s.query, k=k), dtype=np.int64))
+            if len(s.doc_ids) and s.query:
+                k = max(1, len(s.doc_ids))
+                s.doc_ids = np.sort(np.asarray(index.search_documents(s.query, k=k), dtype=np.int64))
             s.index_id = str(index.index_id)
-        return s.doc_ids
+        return s
 
     def _retrieve_one(self, index, req) -> pb.RetrieveResponse:
         cfg = self.config
@@ -203,7 +206,15 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
                     raise _invalid("options.min_prob must lie in [0, 1]")
                 kwargs["min_prob"] = float(o.min_prob)
         if req.session_id:
-            kwargs["doc_filter"] = self._session_docs(index, req.session_id)
+            s = self._session(index, req.session_id)
+            if len(s.doc_ids):
+                kwargs["doc_filter"] = s.doc_ids
+            if s.memory is not None:
+                if req.context_end:
+                    if req.context_end < n:
+                        raise _invalid(f"context_end {req.context_end} is smaller than the context ({n} tokens)")
+                    s.memory.sync(ctx, req.context_end)
+                kwargs["memory"] = s.memory.tokens
         r = index.retrieve(ctx, int(budget), **kwargs)
         m = self.metrics
         k = len(r.tokens)
@@ -218,6 +229,10 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         if nd:
             m.nodes_documents.inc(nd)
         sources = (SOURCE_DATASTORE + SOURCE_DOCUMENTS * in_docs).astype(np.uint8)
+        in_mem = getattr(r, "in_memory", None)
+        if in_mem is not None and len(in_mem) == k and in_mem.any():
+            sources |= (SOURCE_CONTEXT * np.asarray(in_mem, dtype=bool)).astype(np.uint8)
+            m.nodes_memory.inc(int(np.count_nonzero(in_mem)))
         return pb.RetrieveResponse(
             tokens=r.tokens.tolist(),
             parents=r.parents.tolist(),
@@ -288,34 +303,44 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
                 raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"tokenizer fingerprint {request.tokenizer_fingerprint} does not match the index's "
                                f"{self._info.tokenizer_fingerprint}")
-            query = request.prompt_text
-            if not query:
-                if not request.prompt_ids:
-                    raise _invalid("OpenSession needs prompt_text (or prompt_ids)")
+            ids = None
+            if request.prompt_ids:
                 if len(request.prompt_ids) > 8 * self.config.max_context:
-                    raise _invalid("prompt_ids is too long")
+                    raise _invalid(f"prompt_ids has {len(request.prompt_ids)} tokens; the limit is "
+                                   f"{8 * self.config.max_context}")
                 ids = np.asarray(request.prompt_ids, dtype=np.int64)
                 if ids.min() < 0 or ids.max() >= self._info.vocab_size:
                     raise _invalid("prompt_ids hold ids outside the vocabulary")
-                if self.tokenizer is None:
-                    raise _invalid("this server has no tokenizer to decode prompt_ids: send prompt_text")
-                query = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
-            top_k = request.top_k or self.config.default_top_k
-            if top_k > self.config.max_top_k:
-                raise _invalid(f"top_k {top_k} exceeds {self.config.max_top_k}")
-            if not self._info.documents_available:
-                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "this index has no document (FAISS) index")
-            loop = asyncio.get_running_loop()
-            try:
-                docs = await loop.run_in_executor(self._search_pool, index.search_documents, query, int(top_k))
-            except Exception as e:  # noqa: BLE001 - report, don't crash the server
-                log.exception("document search failed")
-                raise RpcError(grpc.StatusCode.INTERNAL, f"document search failed: {type(e).__name__}: {e}")
-            s = self.sessions.create(query, np.asarray(docs, dtype=np.int64), str(index.index_id))
+            if request.skip_documents and not request.memory:
+                raise _invalid("skip_documents needs memory: a session without documents or memory does nothing")
+            memory = TokenMemory(ids if ids is not None else ()) if request.memory else None
+            query, docs = request.prompt_text, np.zeros(0, np.int64)
+            if not request.skip_documents:
+                if not query:
+                    if ids is None:
+                        raise _invalid("OpenSession needs prompt_text (or prompt_ids)")
+                    if self.tokenizer is None:
+                        raise _invalid("this server has no tokenizer to decode prompt_ids: send prompt_text")
+                    query = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+                top_k = request.top_k or self.config.default_top_k
+                if top_k > self.config.max_top_k:
+                    raise _invalid(f"top_k {top_k} exceeds {self.config.max_top_k}")
+                if not self._info.documents_available:
+                    raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   "this index has no document (FAISS) index (open a memory-only session with "
+                                   "memory=true, skip_documents=true)")
+                loop = asyncio.get_running_loop()
+                try:
+                    docs = await loop.run_in_executor(self._search_pool, index.search_documents, query, int(top_k))
+                except Exception as e:  # noqa: BLE001 - report, don't crash the server
+                    log.exception("document search failed")
+                    raise RpcError(grpc.StatusCode.INTERNAL, f"document search failed: {type(e).__name__}: {e}")
+            s = self.sessions.create(query, np.asarray(docs, dtype=np.int64), str(index.index_id), memory)
             self.metrics.sessions.set(len(self.sessions))
             self.metrics.ok("OpenSession")
             return pb.OpenSessionResponse(session_id=s.session_id, document_ids=s.doc_ids.tolist(),
-                                          ttl_s=self.sessions.ttl_s, index_id=s.index_id)
+                                          ttl_s=self.sessions.ttl_s, index_id=s.index_id,
+                                          memory=memory is not None)
         except RpcError as e:
             await self._fail("OpenSession", context, e)
         finally:

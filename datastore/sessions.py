@@ -1,4 +1,5 @@
-"""Document sessions: a prompt's FAISS top-k documents, kept for a TTL, bounded in number.
+"""Sessions: a prompt's FAISS top-k documents and/or a memory of the request's own tokens, kept for a TTL,
+bounded in number.
 
 A session remembers its query text so that, after an index reload (a new snapshot with possibly
 different document ids), its document set is recomputed lazily against the new index instead of
@@ -15,14 +16,17 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .memory import TokenMemory
+
 
 @dataclass
 class Session:
     session_id: str
     query: str
-    doc_ids: np.ndarray          # int64, sorted
+    doc_ids: np.ndarray          # int64, sorted (empty: no document preference)
     index_id: str                # index snapshot the doc ids belong to
     expires_at: float
+    memory: Optional[TokenMemory] = None   # the request's own tokens (memory sessions)
 
 
 class SessionStore:
@@ -47,10 +51,11 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def create(self, query: str, doc_ids: np.ndarray, index_id: str) -> Session:
+    def create(self, query: str, doc_ids: np.ndarray, index_id: str, memory: Optional[TokenMemory] = None
+               ) -> Session:
         now = self._clock()
         sid = secrets.token_hex(12)
-        s = Session(sid, query, np.sort(np.asarray(doc_ids, dtype=np.int64)), index_id, now + self.ttl_s)
+        s = Session(sid, query, np.sort(np.asarray(doc_ids, dtype=np.int64)), index_id, now + self.ttl_s, memory)
         with self._lock:
             self._purge_locked(now)
             while len(self._items) >= self.max_sessions:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/datastore.proto\x12\x16specstore.datastore.v1\"\r\n\x0bInfoRequest\"\x9d\x02\n\x0cInfoResponse\x12\x10\n\x08index_id\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\x04\x12\x15\n\rnum_documents\x18\x05 \x01(\x04\x12\x15\n\rmanifest_json\x18\x06 \x01(\t\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x12\n\nmax_budget\x18\x08 \x01(\r\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x1b\n\x13\x64ocuments_available\x18\n \x01(\x08\x12\x15\n\rsession_ttl_s\x18\x0b \x01(\x01\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\"k\n\x12OpenSessionRequest\x12\x13\n\x0bprompt_text\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\"`\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x02 \x03(\x03\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\x12\x10\n\x08index_id\x18\x04 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"k\n\x0fRetrieveOptions\x12\x10\n\x08max_span\x18\x01 \x01(\r\x12\x10\n\x08min_span\x18\x02 \x01(\r\x12\x13\n\x0bmax_matches\x18\x03 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\r\x12\x10\n\x08min_prob\x18\x05 \x01(\x02\"\xc8\x01\n\x0fRetrieveRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x03(\x05\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06\x62udget\x18\x03 \x01(\r\x12\x13\n\x0bhint_tokens\x18\x04 \x03(\x05\x12\x12\n\nhint_probs\x18\x05 \x03(\x02\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\x12\x38\n\x07options\x18\x07 \x01(\x0b\x32\'.specstore.datastore.v1.RetrieveOptions\"x\n\x10RetrieveResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\x12\x0f\n\x07sources\x18\x04 \x01(\x0c\x12\x10\n\x08index_id\x18\x05 \x01(\t\x12\x11\n\tmatch_len\x18\x06 \x01(\r\"Q\n\x14RetrieveBatchRequest\x12\x39\n\x08requests\x18\x01 \x03(\x0b\x32\'.specstore.datastore.v1.RetrieveRequest\"T\n\x15RetrieveBatchResponse\x12;\n\tresponses\x18\x01 \x03(\x0b\x32(.specstore.datastore.v1.RetrieveResponse2\xfe\x03\n\tDatastore\x12Q\n\x04Info\x12#.specstore.datastore.v1.InfoRequest\x1a$.specstore.datastore.v1.InfoResponse\x12\x66\n\x0bOpenSession\x12*.specstore.datastore.v1.OpenSessionRequest\x1a+.specstore.datastore.v1.OpenSessionResponse\x12i\n\x0c\x43loseSession\x12+.specstore.datastore.v1.CloseSessionRequest\x1a,.specstore.datastore.v1.CloseSessionResponse\x12]\n\x08Retrieve\x12\'.specstore.datastore.v1.RetrieveRequest\x1a(.specstore.datastore.v1.RetrieveResponse\x12l\n\rRetrieveBatch\x12,.specstore.datastore.v1.RetrieveBatchRequest\x1a-.specstore.datastore.v1.RetrieveBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/datastore.proto\x12\x16specstore.datastore.v1\"\r\n\x0bInfoRequest\"\x9d\x02\n\x0cInfoResponse\x12\x10\n\x08index_id\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\x04\x12\x15\n\rnum_documents\x18\x05 \x01(\x04\x12\x15\n\rmanifest_json\x18\x06 \x01(\t\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x12\n\nmax_budget\x18\x08 \x01(\r\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x1b\n\x13\x64ocuments_available\x18\n \x01(\x08\x12\x15\n\rsession_ttl_s\x18\x0b \x01(\x01\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\"\x93\x01\n\x12OpenSessionRequest\x12\x13\n\x0bprompt_text\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x0e\n\x06memory\x18\x05 \x01(\x08\x12\x16\n\x0eskip_documents\x18\x06 \x01(\x08\"p\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x02 \x03(\x03\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\x12\x10\n\x08index_id\x18\x04 \x01(\t\x12\x0e\n\x06memory\x18\x05 \x01(\x08\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"k\n\x0fRetrieveOptions\x12\x10\n\x08max_span\x18\x01 \x01(\r\x12\x10\n\x08min_span\x18\x02 \x01(\r\x12\x13\n\x0bmax_matches\x18\x03 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\r\x12\x10\n\x08min_prob\x18\x05 \x01(\x02\"\xdd\x01\n\x0fRetrieveRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x03(\x05\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06\x62udget\x18\x03 \x01(\r\x12\x13\n\x0bhint_tokens\x18\x04 \x03(\x05\x12\x12\n\nhint_probs\x18\x05 \x03(\x02\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\x12\x38\n\x07options\x18\x07 \x01(\x0b\x32\'.specstore.datastore.v1.RetrieveOptions\x12\x13\n\x0b\x63ontext_end\x18\x08 \x01(\x04\"x\n\x10RetrieveResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\x12\x0f\n\x07sources\x18\x04 \x01(\x0c\x12\x10\n\x08index_id\x18\x05 \x01(\t\x12\x11\n\tmatch_len\x18\x06 \x01(\r\"Q\n\x14RetrieveBatchRequest\x12\x39\n\x08requests\x18\x01 \x03(\x0b\x32\'.specstore.datastore.v1.RetrieveRequest\"T\n\x15RetrieveBatchResponse\x12;\n\tresponses\x18\x01 \x03(\x0b\x32(.specstore.datastore.v1.RetrieveResponse2\xfe\x03\n\tDatastore\x12Q\n\x04Info\x12#.specstore.datastore.v1.InfoRequest\x1a$.specstore.datastore.v1.InfoResponse\x12\x66\n\x0bOpenSession\x12*.specstore.datastore.v1.OpenSessionRequest\x1a+.specstore.datastore.v1.OpenSessionResponse\x12i\n\x0c\x43loseSession\x12+.specstore.datastore.v1.CloseSessionRequest\x1a,.specstore.datastore.v1.CloseSessionResponse\x12]\n\x08Retrieve\x12\'.specstore.datastore.v1.RetrieveRequest\x1a(.specstore.datastore.v1.RetrieveResponse\x12l\n\rRetrieveBatch\x12,.specstore.datastore.v1.RetrieveBatchRequest\x1a-.specstore.datastore.v1.RetrieveBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +35,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_end=63
   _globals['_INFORESPONSE']._serialized_start=66
   _globals['_INFORESPONSE']._serialized_end=351
-  _globals['_OPENSESSIONREQUEST']._serialized_start=353
-  _globals['_OPENSESSIONREQUEST']._serialized_end=460
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=462
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=558
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=560
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=601
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=603
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=641
-  _globals['_RETRIEVEOPTIONS']._serialized_start=643
-  _globals['_RETRIEVEOPTIONS']._serialized_end=750
-  _globals['_RETRIEVEREQUEST']._serialized_start=753
-  _globals['_RETRIEVEREQUEST']._serialized_end=953
-  _globals['_RETRIEVERESPONSE']._serialized_start=955
-  _globals['_RETRIEVERESPONSE']._serialized_end=1075
-  _globals['_RETRIEVEBATCHREQUEST']._serialized_start=1077
-  _globals['_RETRIEVEBATCHREQUEST']._serialized_end=1158
-  _globals['_RETRIEVEBATCHRESPONSE']._serialized_start=1160
-  _globals['_RETRIEVEBATCHRESPONSE']._serialized_end=1244
-  _globals['_DATASTORE']._serialized_start=1247
-  _globals['_DATASTORE']._serialized_end=1757
+  _globals['_OPENSESSIONREQUEST']._serialized_start=354
+  _globals['_OPENSESSIONREQUEST']._serialized_end=501
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=503
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=615
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=617
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=658
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=660
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=698
+  _globals['_RETRIEVEOPTIONS']._serialized_start=700
+  _globals['_RETRIEVEOPTIONS']._serialized_end=807
+  _globals['_RETRIEVEREQUEST']._serialized_start=810
+  _globals['_RETRIEVEREQUEST']._serialized_end=1031
+  _globals['_RETRIEVERESPONSE']._serialized_start=1033
+  _globals['_RETRIEVERESPONSE']._serialized_end=1153
+  _globals['_RETRIEVEBATCHREQUEST']._serialized_start=1155
+  _globals['_RETRIEVEBATCHREQUEST']._serialized_end=1236
+  _globals['_RETRIEVEBATCHRESPONSE']._serialized_start=1238
+  _globals['_RETRIEVEBATCHRESPONSE']._serialized_end=1322
+  _globals['_DATASTORE']._serialized_start=1325
+  _globals['_DATASTORE']._serialized_end=1835
 # @@protoc_insertion_point(module_scope)

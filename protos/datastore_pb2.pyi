@@ -39,28 +39,34 @@ class InfoResponse(_message.Message):
     def __init__(self, index_id: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_tokens: _Optional[int] = ..., num_documents: _Optional[int] = ..., manifest_json: _Optional[str] = ..., max_context: _Optional[int] = ..., max_budget: _Optional[int] = ..., max_batch: _Optional[int] = ..., documents_available: _Optional[bool] = ..., session_ttl_s: _Optional[float] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("prompt_text", "prompt_ids", "top_k", "tokenizer_fingerprint")
+    __slots__ = ("prompt_text", "prompt_ids", "top_k", "tokenizer_fingerprint", "memory", "skip_documents")
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    SKIP_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     prompt_text: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     top_k: int
     tokenizer_fingerprint: str
-    def __init__(self, prompt_text: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
+    memory: bool
+    skip_documents: bool
+    def __init__(self, prompt_text: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., memory: _Optional[bool] = ..., skip_documents: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "document_ids", "ttl_s", "index_id")
+    __slots__ = ("session_id", "document_ids", "ttl_s", "index_id", "memory")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
     INDEX_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     document_ids: _containers.RepeatedScalarFieldContainer[int]
     ttl_s: float
     index_id: str
-    def __init__(self, session_id: _Optional[str] = ..., document_ids: _Optional[_Iterable[int]] = ..., ttl_s: _Optional[float] = ..., index_id: _Optional[str] = ...) -> None: ...
+    memory: bool
+    def __init__(self, session_id: _Optional[str] = ..., document_ids: _Optional[_Iterable[int]] = ..., ttl_s: _Optional[float] = ..., index_id: _Optional[str] = ..., memory: _Optional[bool] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -89,7 +95,7 @@ class RetrieveOptions(_message.Message):
     def __init__(self, max_span: _Optional[int] = ..., min_span: _Optional[int] = ..., max_matches: _Optional[int] = ..., depth: _Optional[int] = ..., min_prob: _Optional[float] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("context", "session_id", "budget", "hint_tokens", "hint_probs", "tokenizer_fingerprint", "options")
+    __slots__ = ("context", "session_id", "budget", "hint_tokens", "hint_probs", "tokenizer_fingerprint", "options", "context_end")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +103,7 @@ class RetrieveRequest(_message.Message):
     HINT_PROBS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_END_FIELD_NUMBER: _ClassVar[int]
     context: _containers.RepeatedScalarFieldContainer[int]
     session_id: str
     budget: int
@@ -104,7 +111,8 @@ class RetrieveRequest(_message.Message):
     hint_probs: _containers.RepeatedScalarFieldContainer[float]
     tokenizer_fingerprint: str
     options: RetrieveOptions
-    def __init__(self, context: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ..., budget: _Optional[int] = ..., hint_tokens: _Optional[_Iterable[int]] = ..., hint_probs: _Optional[_Iterable[float]] = ..., tokenizer_fingerprint: _Optional[str] = ..., options: _Optional[_Union[RetrieveOptions, _Mapping]] = ...) -> None: ...
+    context_end: int
+    def __init__(self, context: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ..., budget: _Optional[int] = ..., hint_tokens: _Optional[_Iterable[int]] = ..., hint_probs: _Optional[_Iterable[float]] = ..., tokenizer_fingerprint: _Optional[str] = ..., options: _Optional[_Union[RetrieveOptions, _Mapping]] = ..., context_end: _Optional[int] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("tokens", "parents", "probs", "sources", "index_id", "match_len")

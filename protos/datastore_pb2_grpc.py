@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class DatastoreStub:
-    """Retrieval datastore: suffix-array lookups over an indexed corpus, scoped by FAISS document sessions.
+    """Retrieval datastore: suffix-array lookups over an indexed corpus, scoped by sessions (FAISS documents
+    of the prompt, and a private memory of the request's own tokens).
 
     Reads:  Info, Retrieve, RetrieveBatch          (bearer token required only with --auth-reads)
     Writes: OpenSession, CloseSession               (bearer token required when the server has one)
@@ -66,7 +67,8 @@ class DatastoreStub:
 
 
 class DatastoreServicer:
-    """Retrieval datastore: suffix-array lookups over an indexed corpus, scoped by FAISS document sessions.
+    """Retrieval datastore: suffix-array lookups over an indexed corpus, scoped by sessions (FAISS documents
+    of the prompt, and a private memory of the request's own tokens).
 
     Reads:  Info, Retrieve, RetrieveBatch          (bearer token required only with --auth-reads)
     Writes: OpenSession, CloseSession               (bearer token required when the server has one)
@@ -139,7 +141,8 @@ def add_DatastoreServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Datastore:
-    """Retrieval datastore: suffix-array lookups over an indexed corpus, scoped by FAISS document sessions.
+    """Retrieval datastore: suffix-array lookups over an indexed corpus, scoped by sessions (FAISS documents
+    of the prompt, and a private memory of the request's own tokens).
 
     Reads:  Info, Retrieve, RetrieveBatch          (bearer token required only with --auth-reads)
     Writes: OpenSession, CloseSession               (bearer token required when the server has one)

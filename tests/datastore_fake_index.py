@@ -19,6 +19,7 @@ class RetrievalResult:
     parents: np.ndarray
     probs: np.ndarray
     in_documents: np.ndarray
+    in_memory: np.ndarray
     match_len: int
 
 
@@ -57,21 +58,26 @@ class FakeIndex:
         return cls(path)
 
     def retrieve(self, context, budget, *, max_span=16, min_span=2, max_matches=64, depth=8, min_prob=0.1,
-                 doc_filter=None, hint_tokens=None, hint_probs=None):
+                 doc_filter=None, hint_tokens=None, hint_probs=None, memory=None, memory_matches=16):
         assert not self.closed, "retrieve on a closed index"
         ctx = np.asarray(context)
         t = self.tokens
+        n_corpus = len(t)
+        if memory is not None and len(memory):   # the memory as one more document after the corpus
+            t = np.concatenate([t, np.asarray(memory, dtype=np.int32), [-1]])
         empty = RetrievalResult(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32),
-                                np.zeros(0, bool), 0)
+                                np.zeros(0, bool), np.zeros(0, bool), 0)
         for span in range(min(max_span, len(ctx)), min_span - 1, -1):
             pat = ctx[-span:]
-            starts = [i for i in range(len(t) - span) if np.array_equal(t[i:i + span], pat)][:max_matches]
+            # the memory's own end (the context itself) is no occurrence
+            starts = [i for i in range(len(t) - span) if np.array_equal(t[i:i + span], pat)
+                      and (i + span < n_corpus or t[i + span] >= 0)][:max_matches]
             if starts:
                 break
         else:
             return empty
         trie = {}  # (parent_node, tok) -> node
-        counts, toks, pars, indoc = [], [], [], []
+        counts, toks, pars, indoc, inmem = [], [], [], [], []
         for s in starts:
             cur = -1
             for j in range(s + span, min(s + span + depth, len(t))):
@@ -83,8 +89,11 @@ class FakeIndex:
                     node = len(toks)
                     trie[(cur, tok)] = node
                     toks.append(tok); pars.append(cur); counts.append(0); indoc.append(False)
+                    inmem.append(False)
                 counts[node] += 1
-                if doc_filter is not None and int(self.doc_of[j]) in set(np.asarray(doc_filter).tolist()):
+                inmem[node] = inmem[node] or j >= n_corpus
+                if doc_filter is not None and j < n_corpus \
+                        and int(self.doc_of[j]) in set(np.asarray(doc_filter).tolist()):
                     indoc[node] = True
                 cur = node
         if not toks:
@@ -106,6 +115,7 @@ class FakeIndex:
             np.asarray([remap[pars[i]] if pars[i] >= 0 else -1 for i in keep], np.int32),
             np.asarray([probs[i] for i in keep], np.float32),
             np.asarray([indoc[i] for i in keep], bool),
+            np.asarray([inmem[i] for i in keep], bool),
             span,
         )
 

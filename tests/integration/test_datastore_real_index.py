@@ -89,3 +89,26 @@ def test_embedded_drafter(real_index, tokenizer):
 
     with pytest.raises(TokenizerMismatchError):
         make_datastore_drafter(index_path=str(real_index), tokenizer=Other())
+
+
+def test_memory_session_remote_and_embedded_agree(real_index, tokenizer):
+    """A memory session drafts from the request's own tokens (text the corpus never saw), over gRPC from
+    per-step context tails exactly as in process from the whole context."""
+    prompt = ids(tokenizer, "Zebra quartz violin paper. Repeat: Zebra quartz violin paper. Again: Zebra")
+    with ServerThread(real_index, ServiceConfig()) as s:
+        remote = make_datastore_drafter(s.address, tokenizer=tokenizer, timeout_s=5, session_timeout_s=30)
+        remote.backend.client.context_tail = 4    # small tails: the server must stitch its memory together
+        local = make_datastore_drafter(index_path=str(real_index), tokenizer=tokenizer)
+        off = make_datastore_drafter(index_path=str(real_index), tokenizer=tokenizer, memory=False)
+        for d in (remote, local, off):
+            d.begin_request(prompt.tolist(), None)
+        seq = prompt.copy()
+        for step in range(3):
+            dc = DecodeContext(seq, prompt_len=len(prompt))
+            tr, tl, to = (d.propose(dc, 8) for d in (remote, local, off))
+            assert tr.tokens.tolist() == tl.tokens.tolist() and tr.sources.tolist() == tl.sources.tolist()
+            assert tr.num_drafts > 0 and all(int(x) & Source.CONTEXT for x in tr.sources[1:])
+            assert not any(int(x) & Source.CONTEXT for x in to.sources[1:])
+            seq = np.concatenate([seq, tr.tokens[1:2]])   # accept the first drafted token
+        for d in (remote, local, off):
+            d.close()

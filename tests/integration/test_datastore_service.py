@@ -87,6 +87,29 @@ def test_sessions_mark_documents(stub):
         == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_memory_sessions(stub):
+    """A memory-only session remembers prompt_ids plus each Retrieve's tail and drafts from them."""
+    s = stub.OpenSession(pb.OpenSessionRequest(prompt_ids=[40, 41, 42, 43, 40, 41], memory=True,
+                                               skip_documents=True), timeout=5, metadata=AUTH)
+    assert s.memory and len(s.document_ids) == 0
+    r = stub.Retrieve(pb.RetrieveRequest(context=[40, 41], budget=8, session_id=s.session_id, context_end=6),
+                      timeout=5)
+    assert list(r.tokens) == [42, 43, 40, 41] and set(r.sources) == {1 | 8}
+    # this tail extends the history by 44, 40, 41: now 41 was followed by 42 once and by 44 once
+    r = stub.Retrieve(pb.RetrieveRequest(context=[40, 41, 44, 40, 41], budget=8, session_id=s.session_id,
+                                         context_end=9), timeout=5)
+    first = {t: p for t, p, par in zip(r.tokens, r.probs, r.parents) if par == -1}
+    assert first.keys() == {42, 44} and np.allclose(list(first.values()), 0.5)
+    assert code_of(stub.Retrieve, pb.RetrieveRequest(context=[40, 41], budget=4, session_id=s.session_id,
+                                                     context_end=1)) == grpc.StatusCode.INVALID_ARGUMENT
+    stub.CloseSession(pb.CloseSessionRequest(session_id=s.session_id), timeout=5, metadata=AUTH)
+    # a session with neither documents nor memory is refused
+    assert code_of(stub.OpenSession, pb.OpenSessionRequest(prompt_ids=[1], skip_documents=True), metadata=AUTH) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(stub.OpenSession, pb.OpenSessionRequest(prompt_ids=[1, 500], memory=True, skip_documents=True),
+                   metadata=AUTH) == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_retrieve_batch(stub):
     reqs = [pb.RetrieveRequest(context=c, budget=4) for c in ([2, 3], [50, 51], [5, 5])]
     r = stub.RetrieveBatch(pb.RetrieveBatchRequest(requests=reqs), timeout=5)

@@ -167,4 +167,7 @@ def test_datastore_flags_pass_through(model, monkeypatch):
     assert not calls  # only configurations that name the datastore open it
     ds = factory("context,recycling,datastore")
     assert isinstance(ds[0], Stub) and len(ds) == 3
-    assert calls == [(None, "/some/index", {"timeout_s": 0.007})]
+    assert calls == [(None, "/some/index", {"timeout_s": 0.007, "memory": True})]
+    args = bench_cli.build_parser().parse_args(["--index", "/some/index", "--no-session-memory"])
+    bench_cli._drafter_factory(model, None, args)("datastore")
+    assert calls[-1] == (None, "/some/index", {"memory": False})
