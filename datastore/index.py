@@ -2,7 +2,8 @@
 
 ``DatastoreIndex.open(path)`` maps every shard (tokens, reverse suffix array, buckets, document table) and,
 optionally, the FAISS index. ``retrieve(context, budget)`` returns the probability-pruned continuation tree
-of the longest context suffix found in the corpus (REST + RASD pruning); ``search_documents(query)`` returns
+of the longest context suffix found in the corpus or in the session memory (REST + RASD pruning; the loops
+are compiled, datastore/kernels.py); ``search_documents(query)`` returns
 the documents whose chunks are nearest to a query (dense retrieval, for sessions).
 No torch here: the query embedder is the numpy encoder of ``indexers.embedder``.
 """
@@ -16,6 +17,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from datastore.kernels import count_and_cut
 from datastore.memory import match_memory, memory_continuations
 from datastore.suffix_shard import Shard
 
@@ -73,103 +75,39 @@ def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[i] == values
 
 
+_NO_HINT_TOK = np.zeros(0, np.int64)
+_NO_HINT_PROB = np.zeros(0, np.float64)
+
+
 def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: float,
                hint_tokens=None, hint_probs=None, hint_confident: float = 0.8, in_mem: Optional[np.ndarray] = None):
-    """Count continuation rows into a trie and cut it (vectorised; see ``DatastoreIndex.retrieve``).
+    """Count continuation rows into a trie and cut it (see ``DatastoreIndex.retrieve``).
 
     conts: [M, D] int64 tokens, -1 after the end of a row; in_doc, in_mem: [M] bool row flags (None = all
-    False for in_mem). Returns (tokens, parents, probs, in_documents, in_memory) in topological (preorder)
-    order, where a node's flag is the OR over the rows through it; or None if empty.
-
-    Rows are sorted lexicographically, so the rows sharing a prefix are contiguous; a trie node is born at
-    the first cell (row, depth) whose prefix differs from the row above. Node ids in row-major order are a
-    preorder, so parents come first. ``cell[r, d]`` is the node covering cell (r, d) (``nn`` for cells past
-    the end of a row: a dummy node that also stands for the root).
+    False for in_mem). P(node | parent) = rows through the node / rows through the parent (the root's
+    count is M). With a hint, first-level probabilities become sqrt(freq * hint) (a token the hint lacks
+    gets the hint's leftover mass, and is dropped when the hint's top probability >= ``hint_confident``).
+    Nodes below ``min_prob`` go with their subtrees; then the ``budget`` nodes with the highest path
+    probability stay (ties to the older node, so the result is closed under parents).
+    Returns (tokens int32, parents int32, probs float32, in_documents, in_memory) with parents[i] < i
+    (-1 = child of the root), a node's flag being the OR over the rows through it; or None if empty.
+    The loops are compiled (datastore/kernels.py).
     """
     M, D = conts.shape
     if M == 0 or D == 0 or budget <= 0:
         return None
-    if hint_tokens is None and (M == 1 or not (conts != conts[0]).any()):
-        # one distinct continuation (typical of long matches): a chain with probability 1
-        row = conts[0]
-        n = int(np.argmax(row < 0)) if (row < 0).any() else D
-        n = min(n, budget)
-        if n == 0 or min_prob > 1.0:
-            return None
-        return (row[:n].astype(np.int32), np.arange(-1, n - 1, dtype=np.int32), np.ones(n, np.float32),
-                np.full(n, bool(in_doc.any())), np.full(n, in_mem is not None and bool(in_mem.any())))
-    order = np.lexsort(conts.T[::-1]) if M > 1 else None
-    S = conts[order] if M > 1 else conts
-    valid = S >= 0
-    new = np.empty((M, D), dtype=bool)
-    new[0] = True
-    np.not_equal(S[1:], S[:-1], out=new[1:])
-    np.logical_or.accumulate(new, axis=1, out=new)
-    new &= valid
-    flat = new.ravel()
-    nodes = np.flatnonzero(flat)
-    nn = len(nodes)
-    if nn == 0:
-        return None
-    ids = np.cumsum(flat) - 1
-    cell = np.where(flat, ids, -1).reshape(M, D)
-    np.maximum.accumulate(cell, axis=0, out=cell)
-    cell[~valid] = nn
-    cflat = cell.ravel()
-    cnt = np.bincount(cflat, minlength=nn + 1).astype(np.float64)
-    cnt[nn] = M
-    parent = cflat[nodes - 1]           # the cell to the left (same row, one level up)
-    parent[nodes % D == 0] = nn         # level-1 nodes: children of the root
-    node_tok = S.ravel()[nodes]
-    prob = np.empty(nn + 1, dtype=np.float64)
-    np.divide(cnt[:nn], cnt[parent], out=prob[:nn])
-    prob[nn] = 1.0
-    keep = np.empty(nn + 1, dtype=bool)
-    np.greater_equal(prob, min_prob, out=keep)
     if hint_tokens is not None and hint_probs is not None and len(hint_tokens):
         ht = np.asarray(hint_tokens, dtype=np.int64)
         hp = np.asarray(hint_probs, dtype=np.float64)
-        first = np.flatnonzero(parent == nn)
-        ft = node_tok[first]
         srt = np.argsort(ht, kind="stable")
-        hts, hps = ht[srt], hp[srt]
-        jj = np.minimum(np.searchsorted(hts, ft), len(hts) - 1)
-        hit = hts[jj] == ft
-        h = np.where(hit, hps[jj], max(0.0, 1.0 - float(hp.sum())))
-        fp = np.sqrt(prob[first] * h)   # RASD-style fusion of corpus frequency and the draft model
-        prob[first] = fp
-        kf = fp >= min_prob
-        if float(hp.max()) >= hint_confident:
-            kf &= hit                   # a confident draft model vetoes first tokens it does not predict
-        keep[first] = kf
-    keep[nn] = True
-    alive = np.logical_and.accumulate(keep[cell], axis=1).ravel()[nodes]
-    def node_flags(row_flags):
-        if row_flags is None or not row_flags.any():
-            return None
-        F = row_flags if M == 1 else row_flags[order]
-        return np.bincount(cflat, weights=np.repeat(F.astype(np.float64), D), minlength=nn + 1)[:nn] > 0
-
-    ind_all, inm_all = node_flags(in_doc), node_flags(in_mem)
-    if nn <= budget and alive.all():   # nothing to cut: no re-indexing
-        parent[parent == nn] = -1
-        return (node_tok.astype(np.int32), parent.astype(np.int32), prob[:nn].astype(np.float32),
-                ind_all if ind_all is not None else np.zeros(nn, dtype=bool),
-                inm_all if inm_all is not None else np.zeros(nn, dtype=bool))
+        hint = (ht[srt], hp[srt], max(0.0, 1.0 - float(hp.sum())), float(hp.max()) >= hint_confident)
     else:
-        pp = np.cumprod(prob[cell], axis=1).ravel()[nodes]
-        cand = np.flatnonzero(alive)
-        if len(cand) == 0:
-            return None
-        if len(cand) > budget:
-            sel = np.sort(cand[np.lexsort((cand, -pp[cand]))[:budget]])
-        else:
-            sel = cand
-    remap = np.full(nn + 1, -1, dtype=np.int32)
-    remap[sel] = np.arange(len(sel), dtype=np.int32)
-    ind = ind_all[sel] if ind_all is not None else np.zeros(len(sel), dtype=bool)
-    inm = inm_all[sel] if inm_all is not None else np.zeros(len(sel), dtype=bool)
-    return node_tok[sel].astype(np.int32), remap[parent[sel]], prob[sel].astype(np.float32), ind, inm
+        hint = (_NO_HINT_TOK, _NO_HINT_PROB, 0.0, False)
+    fdoc = np.ascontiguousarray(in_doc, dtype=np.bool_)
+    fmem = np.zeros(M, np.bool_) if in_mem is None else np.ascontiguousarray(in_mem, dtype=np.bool_)
+    out = count_and_cut(np.ascontiguousarray(conts, dtype=np.int64), fdoc, fmem, int(budget), float(min_prob),
+                        *hint)
+    return out if len(out[0]) else None
 
 
 class DatastoreIndex:
@@ -294,19 +232,20 @@ class DatastoreIndex:
         return np.zeros(0, np.int32)
 
     def longest_match(self, context, max_span: int = 16):
-        """(match length, [(shard number, positions int64)]) of the longest context suffix (<= max_span)."""
+        """(match length, [(shard number, lo, hi)]) of the longest context suffix (<= max_span tokens);
+        the occurrences in a shard are the positions ``shard.rsa[lo:hi]``."""
         max_span = min(int(max_span), 4000)
         ctx = np.asarray(context, dtype=np.int64).ravel()[-max_span:] if max_span > 0 else np.zeros(0, np.int64)
         rev = ctx[::-1].copy()
         best = 0
         found = []
         for si, s in enumerate(self.shards):
-            m, lo, hi, rows = s.match(rev)
+            m, lo, hi = s.match(rev)
             if m == 0 or m < best:
                 continue
             if m > best:
                 best, found = m, []
-            found.append((si, lo, hi, rows))
+            found.append((si, lo, hi))
         return best, found
 
     def retrieve(self, context, budget: int, *, max_span: int = 16, min_span: int = 2, max_matches: int = 64,
@@ -365,28 +304,27 @@ class DatastoreIndex:
         return RetrievalResult(*tree, match_len=best)
 
     def _corpus_picks(self, found, doc_filter, max_matches: int) -> list:
-        """[(shard, positions int64, in_filter bool)] of at most ~``max_matches`` corpus occurrences."""
+        """[(shard, positions int64, in_filter bool)] of at most ~``max_matches`` corpus occurrences, spread
+        evenly over each shard's range (and over shards in proportion to their counts)."""
         filt = _as_filter(doc_filter)
-        total = sum((len(r) if r is not None else hi - lo) for _, lo, hi, r in found)
+        total = sum(hi - lo for _, lo, hi in found)
         picks = []
         if filt is None or len(filt) == 0:
-            for si, lo, hi, rows in found:
-                cnt = len(rows) if rows is not None else hi - lo
+            for si, lo, hi in found:
+                cnt = hi - lo
                 if total <= max_matches:
-                    pos = rows if rows is not None else self.shards[si].rsa[lo:hi].astype(np.int64)
+                    pos = self.shards[si].rsa[lo:hi].astype(np.int64)
                 else:
                     take = min(cnt, max(1, round(max_matches * cnt / total)))
-                    sel = (np.arange(take, dtype=np.int64) * cnt) // take
-                    pos = rows[sel] if rows is not None else self.shards[si].rsa[lo + sel].astype(np.int64)
+                    pos = self.shards[si].rsa[lo + (np.arange(take, dtype=np.int64) * cnt) // take].astype(np.int64)
                 picks.append((si, pos, np.zeros(len(pos), bool)))
             return picks
         scan = max(4096, 16 * max_matches)
         inside, outside = [], []
-        for si, lo, hi, rows in found:
-            cnt = len(rows) if rows is not None else hi - lo
+        for si, lo, hi in found:
+            cnt = hi - lo
             k = min(cnt, scan)
-            sel = (np.arange(k, dtype=np.int64) * cnt) // k
-            pos = rows[sel] if rows is not None else self.shards[si].rsa[lo + sel].astype(np.int64)
+            pos = self.shards[si].rsa[lo + (np.arange(k, dtype=np.int64) * cnt) // k].astype(np.int64)
             ok = _in_sorted(self.shards[si].doc_of(pos), filt)
             inside.append((si, pos[ok]))
             outside.append((si, pos[~ok]))

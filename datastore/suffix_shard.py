@@ -19,11 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-#: ranges at most this long are resolved with one vectorised gather instead of binary search
-ONESHOT_ROWS = 256
-#: samples per level of the sampled binary search
-SAMPLE = 256
-
+from datastore.kernels import backward_range
 
 _ARANGE = np.arange(4096, dtype=np.int64)
 
@@ -78,7 +74,6 @@ class Shard:
         self.n = len(tokens)
         self.sep = sep_for(tokens.dtype)
         self.vocab = len(buckets) - 1
-        self._pair_cache: dict = {}   # (last token, previous token) -> rsa range (the shard is immutable)
 
     @classmethod
     def load(cls, folder: Path, name: str = "") -> "Shard":
@@ -93,98 +88,14 @@ class Shard:
         )
 
     # --------------------------------------------------------------------------------- lookup
-    def _lower(self, lo: int, hi: int, k: int, c: int) -> int:
-        """First row in [lo, hi) whose k-th backward token is >= c (rows there share their first k)."""
-        T, sa = self.tokens, self.rsa
-        while hi - lo > SAMPLE:
-            idx = np.arange(lo, hi, (hi - lo + SAMPLE - 1) // SAMPLE)
-            vals = T[sa[idx] - k]
-            j = int(vals.searchsorted(c))
-            new_lo = int(idx[j - 1]) + 1 if j > 0 else lo
-            hi = int(idx[j]) if j < len(idx) else hi
-            lo = new_lo
-        if hi <= lo:
-            return lo
-        vals = T[sa[lo:hi] - k]
-        return lo + int(vals.searchsorted(c))
-
-    def _range(self, lo: int, hi: int, k: int, c: int) -> tuple:
-        """Rows in [lo, hi) whose k-th backward token equals c: both bounds found in one sampled descent
-        (they share levels until the samples separate them)."""
-        T, sa = self.tokens, self.rsa
-        key = (c, c + 1)
-        while hi - lo > SAMPLE:
-            idx = np.arange(lo, hi, (hi - lo + SAMPLE - 1) // SAMPLE)
-            vals = T[sa[idx] - k]
-            a, b = vals.searchsorted(key).tolist()
-            n = len(idx)
-            if a == b:   # no sample equals c: the whole range sits inside one gap
-                new_lo = int(idx[a - 1]) + 1 if a > 0 else lo
-                hi = int(idx[a]) if a < n else hi
-                lo = new_lo
-                continue
-            nlo = self._lower(int(idx[a - 1]) + 1 if a > 0 else lo, int(idx[a]), k, c)
-            nhi = self._lower(int(idx[b - 1]) + 1, int(idx[b]) if b < n else hi, k, c + 1)
-            return nlo, nhi
-        if hi <= lo:
-            return lo, lo
-        vals = T[sa[lo:hi] - k]
-        a, b = vals.searchsorted(key).tolist()
-        return lo + a, lo + b
-
     def match(self, rev: np.ndarray):
         """Longest prefix of ``rev`` (the context reversed, int64) found backward in this shard.
 
-        Returns ``(m, lo, hi, rows)``: ``m`` matched tokens (0 = none); the matches are either ``rows``
-        (int64 positions of the last matched token) or, when ``rows`` is None, ``rsa[lo:hi]``.
+        Returns ``(m, lo, hi)``: ``m`` matched tokens (0 = none); the occurrences are ``rsa[lo:hi]``
+        (positions of the last matched token). Compiled binary searches (datastore/kernels.py).
         """
-        L = len(rev)
-        if L == 0:
-            return 0, 0, 0, None
-        c0 = int(rev[0])
-        if c0 < 0 or c0 >= self.vocab:
-            return 0, 0, 0, None
-        lo, hi = int(self.buckets[c0]), int(self.buckets[c0 + 1])
-        if lo >= hi:
-            return 0, 0, 0, None
-        k = 1
-        if hi - lo > ONESHOT_ROWS and L > 1:
-            # the two-token range of a frequent token comes from a small cache (bounded; cleared when full)
-            key = (c0, int(rev[1]))
-            rng = self._pair_cache.get(key)
-            if rng is None:
-                c = key[1]
-                if 0 <= c < self.vocab:
-                    rng = self._range(lo, hi, 1, c)
-                else:
-                    rng = (0, 0)
-                if len(self._pair_cache) >= 65536:
-                    self._pair_cache.clear()
-                self._pair_cache[key] = rng
-            if rng[0] >= rng[1]:
-                return 1, lo, hi, None
-            lo, hi = rng
-            k = 2
-        while hi - lo > ONESHOT_ROWS and k < L:
-            c = int(rev[k])
-            if c < 0 or c >= self.vocab:
-                return k, lo, hi, None
-            nlo, nhi = self._range(lo, hi, k, c)
-            if nlo >= nhi:
-                return k, lo, hi, None
-            lo, hi = nlo, nhi
-            k += 1
-        if k >= L:
-            return k, lo, hi, None
-        q = self.rsa[lo:hi].astype(np.int64)
-        idx = q[:, None] - _ARANGE[k:L]
-        np.maximum(idx, 0, out=idx)  # T[0] is a separator: reading stops there anyway
-        eq = self.tokens[idx] == rev[k:L]
-        run = np.logical_and.accumulate(eq, axis=1).sum(axis=1)
-        best = int(run.max())
-        if best == 0:
-            return k, lo, hi, q
-        return k + best, lo, hi, q[run == best]
+        return backward_range(self.tokens, self.rsa, self.buckets, np.ascontiguousarray(rev, dtype=np.int64),
+                              self.vocab)
 
     def continuations(self, pos: np.ndarray, depth: int) -> np.ndarray:
         """[len(pos), depth] int64 tokens following each position, -1 from the first separator on."""

@@ -118,8 +118,8 @@ def test_shard_match_vs_brute_force(docs, ctx):
         d2 = [[t + offset for t in d] for d in docs]
         s = make_shard(d2, vocab=offset + 4, dtype=dtype)
         c2 = [t + offset for t in ctx]
-        m, lo, hi, rows = s.match(np.asarray(c2[::-1], dtype=np.int64))
-        pos = np.sort(rows if rows is not None else s.rsa[lo:hi].astype(np.int64))
+        m, lo, hi = s.match(np.asarray(c2[::-1], dtype=np.int64))
+        pos = np.sort(s.rsa[lo:hi].astype(np.int64))
         T = np.asarray(s.tokens)
         bm, ends = brute_force_match(T, c2, len(c2))
         assert m == bm

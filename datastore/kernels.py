@@ -1,0 +1,172 @@
+"""Compiled inner loops of a lookup (numba, cached on disk after the first compile).
+
+A lookup is a chain of small steps (narrow a suffix-array range token by token, count ~64 continuation
+rows into a trie, prune, cut). In numpy each step is a handful of calls of ~1 us of fixed overhead on
+arrays of a few hundred elements, so the overhead, not the work, set the latency (~60 us). Here the same
+steps are plain loops: a lookup costs ~10 us. ``nogil`` lets several server threads run lookups at once.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def backward_range(T, sa, buckets, rev, vocab):
+    """Longest prefix of ``rev`` (a context reversed, int64) found backward in one shard.
+
+    T: [n] uint16/uint32 tokens; sa: [n] int32 reverse suffix array (positions sorted by the backward
+    string from each position); buckets: [vocab + 1] int64 row range of each one-token pattern.
+    Returns (m, lo, hi): m matched tokens (0 = none), and the rows ``sa[lo:hi]`` are the positions of the
+    last matched token of every occurrence. Rows in a range share their first k backward tokens, so the
+    (k+1)-th backward token ``T[sa[r] - k]`` is sorted inside it: two binary searches narrow it. Real
+    tokens never equal the separator, so a match never crosses one (and ``sa[r] - k`` stays >= 0: T[0]
+    is a separator).
+    """
+    L = rev.shape[0]
+    if L == 0:
+        return 0, 0, 0
+    c0 = rev[0]
+    if c0 < 0 or c0 >= vocab:
+        return 0, 0, 0
+    lo = buckets[c0]
+    hi = buckets[c0 + 1]
+    if lo >= hi:
+        return 0, 0, 0
+    k = 1
+    while k < L:
+        c = rev[k]
+        if c < 0 or c >= vocab:
+            break
+        a = lo
+        b = hi
+        while a < b:
+            mid = (a + b) >> 1
+            if np.int64(T[np.int64(sa[mid]) - k]) < c:
+                a = mid + 1
+            else:
+                b = mid
+        nlo = a
+        b = hi
+        while a < b:
+            mid = (a + b) >> 1
+            if np.int64(T[np.int64(sa[mid]) - k]) <= c:
+                a = mid + 1
+            else:
+                b = mid
+        if nlo >= a:
+            break
+        lo = nlo
+        hi = a
+        k += 1
+    return k, lo, hi
+
+
+@njit(cache=True, nogil=True)
+def count_and_cut(C, fdoc, fmem, budget, min_prob, hint_tok, hint_prob, hint_left, hint_veto):
+    """Count continuation rows into a trie, estimate, prune and cut it (see ``index.build_tree``).
+
+    C: [M, D] int64 tokens (-1 after a row's end); fdoc, fmem: [M] bool row flags; hint_tok: sorted int64
+    first-token hint (may be empty) with hint_prob aligned; hint_left: the probability of a token the
+    hint lacks; hint_veto: drop first tokens the hint lacks.
+    Returns (tokens int32, parents int32, probs float32, in_doc bool, in_mem bool), nodes in creation
+    order (parents first), or empty arrays.
+    """
+    M, D = C.shape
+    cap = M * D
+    tok = np.empty(cap, np.int64)
+    par = np.empty(cap, np.int64)
+    cnt = np.zeros(cap, np.float64)
+    first_child = np.full(cap, -1, np.int64)
+    last_child = np.full(cap, -1, np.int64)
+    next_sib = np.full(cap, -1, np.int64)
+    ndoc = np.zeros(cap, np.bool_)
+    nmem = np.zeros(cap, np.bool_)
+    root_first = -1
+    root_last = -1
+    nn = 0
+    for r in range(M):
+        cur = -1
+        for d in range(D):
+            t = C[r, d]
+            if t < 0:
+                break
+            ch = root_first if cur < 0 else first_child[cur]
+            while ch >= 0 and tok[ch] != t:
+                ch = next_sib[ch]
+            if ch < 0:
+                ch = nn
+                nn += 1
+                tok[ch] = t
+                par[ch] = cur
+                if cur < 0:
+                    if root_last >= 0:
+                        next_sib[root_last] = ch
+                    else:
+                        root_first = ch
+                    root_last = ch
+                else:
+                    if last_child[cur] >= 0:
+                        next_sib[last_child[cur]] = ch
+                    else:
+                        first_child[cur] = ch
+                    last_child[cur] = ch
+            cnt[ch] += 1.0
+            if fdoc[r]:
+                ndoc[ch] = True
+            if fmem[r]:
+                nmem[ch] = True
+            cur = ch
+    prob = np.empty(nn, np.float64)
+    pp = np.empty(nn, np.float64)
+    alive = np.empty(nn, np.bool_)
+    na = 0
+    nh = hint_tok.shape[0]
+    for i in range(nn):
+        p = par[i]
+        pr = cnt[i] / (M if p < 0 else cnt[p])
+        ok = True
+        if p < 0 and nh > 0:
+            j = np.searchsorted(hint_tok, tok[i])
+            hit = j < nh and hint_tok[j] == tok[i]
+            h = hint_prob[j] if hit else hint_left
+            pr = math.sqrt(pr * h)
+            if hint_veto and not hit:
+                ok = False
+        prob[i] = pr
+        ok = ok and pr >= min_prob and (p < 0 or alive[p])
+        alive[i] = ok
+        pp[i] = pr if p < 0 else pr * pp[p]
+        if ok:
+            na += 1
+    cand = np.empty(na, np.int64)
+    j = 0
+    for i in range(nn):
+        if alive[i]:
+            cand[j] = i
+            j += 1
+    if na > budget:
+        # best path probability first, ties to the older node (so a parent always precedes its child)
+        order = np.argsort(-pp[cand], kind="mergesort")[:budget]
+        sel = np.sort(cand[order])
+    else:
+        sel = cand
+    n = sel.shape[0]
+    remap = np.full(nn, -1, np.int64)
+    out_tok = np.empty(n, np.int32)
+    out_par = np.empty(n, np.int32)
+    out_prob = np.empty(n, np.float32)
+    out_doc = np.empty(n, np.bool_)
+    out_mem = np.empty(n, np.bool_)
+    for k in range(n):
+        i = sel[k]
+        remap[i] = k
+        out_tok[k] = tok[i]
+        p = par[i]
+        out_par[k] = -1 if p < 0 else remap[p]
+        out_prob[k] = prob[i]
+        out_doc[k] = ndoc[i]
+        out_mem[k] = nmem[i]
+    return out_tok, out_par, out_prob, out_doc, out_mem
