@@ -276,7 +276,7 @@ class DatastoreIndex:
             mem = np.asarray(memory).ravel()
             ctx = np.asarray(context).ravel()
             if len(mem) >= 2 and len(ctx) and int(mem[-1]) == int(ctx[-1]):
-                m_mem, q_mem = match_memory(mem, max_span)
+                m_mem, q_mem = match_memory(mem, min(int(max_span), len(ctx)))
         best = max(m, m_mem)
         if best == 0 or best < max(1, min_span):
             return _EMPTY

@@ -170,3 +170,32 @@ def count_and_cut(C, fdoc, fmem, budget, min_prob, hint_tok, hint_prob, hint_lef
         out_doc[k] = ndoc[i]
         out_mem[k] = nmem[i]
     return out_tok, out_par, out_prob, out_doc, out_mem
+
+
+@njit(cache=True, nogil=True)
+def memory_suffix_matches(mem, max_span):
+    """Longest suffix of ``mem`` (<= max_span tokens) occurring earlier in it with a token after it.
+
+    Returns (m, q): m matched tokens (0 = none), q int64 ascending end positions of those occurrences.
+    """
+    L = mem.shape[0]
+    limit = min(max_span, L - 1)
+    best = 0
+    n = 0
+    q = np.empty(max(L - 1, 0), np.int64)
+    if limit < 1:
+        return 0, q[:0]
+    last = mem[L - 1]
+    for p in range(L - 1):
+        if mem[p] != last:
+            continue
+        k = 1
+        while k < limit and k <= p and mem[p - k] == mem[L - 1 - k]:
+            k += 1
+        if k > best:
+            best = k
+            n = 0
+        if k == best:
+            q[n] = p
+            n += 1
+    return best, q[:n]

@@ -7,11 +7,13 @@ alone. REST's ``draftretriever`` gets a cruder form of this by inserting every q
 
 ``TokenMemory`` rebuilds the full history on the server from the context *tails* a client sends per step
 (each tail carries its absolute end position), so the wire stays small. ``match_memory`` and
-``memory_continuations`` are the lookup (numpy over at most ``capacity`` tokens: a few microseconds).
+``memory_continuations`` are the lookup (one compiled pass over at most ``capacity`` tokens).
 """
 from __future__ import annotations
 
 import numpy as np
+
+from datastore.kernels import memory_suffix_matches
 
 _ARANGE = np.arange(4096, dtype=np.int64)
 DEFAULT_CAPACITY = 8192   # tokens per session: 32 KiB, so 10k sessions stay under 330 MB
@@ -91,24 +93,12 @@ def match_memory(mem: np.ndarray, max_span: int = 16):
     """Longest suffix of ``mem`` (at most ``max_span`` tokens) that also occurs earlier, followed by a token.
 
     Returns ``(m, q)``: ``m`` matched tokens (0 = none) and ``q`` int64, ascending positions of the last
-    token of each earlier occurrence (so ``mem[q + 1]`` is its continuation).
+    token of each earlier occurrence (so ``mem[q + 1]`` is its continuation). Compiled: one pass.
     """
-    L = len(mem)
-    if L < 2 or max_span < 1:
+    if len(mem) < 2 or max_span < 1:
         return 0, None
-    q = np.flatnonzero(mem[:L - 1] == mem[L - 1])
-    if len(q) == 0:
-        return 0, None
-    k = 1
-    limit = min(int(max_span), L - 1)
-    while k < limit:
-        nq = q[q >= k]
-        nq = nq[mem[nq - k] == mem[L - 1 - k]]
-        if len(nq) == 0:
-            break
-        q = nq
-        k += 1
-    return k, q
+    m, q = memory_suffix_matches(np.ascontiguousarray(mem), int(max_span))
+    return (int(m), q) if m else (0, None)
 
 
 def memory_continuations(mem: np.ndarray, q: np.ndarray, depth: int) -> np.ndarray:
