@@ -1,6 +1,10 @@
 """datastore-serve: serve a built index over gRPC.
 
     datastore-serve --index /data/index --port 50051 --metrics-port 9100 --reload
+    datastore-serve --index /data/index --port 50051 --workers auto     # one server process per CPU
+
+With ``--workers N`` (N > 1) this process becomes a supervisor of N server processes sharing the port
+(datastore/workers.py).
 """
 from __future__ import annotations
 
@@ -11,6 +15,10 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from .workers import Worker
 
 from .logs import setup_logging
 
@@ -23,9 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("network")
     g.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
     g.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port; default 50051)")
-    g.add_argument("--port-file", default=None, help="write the bound gRPC port here once listening")
+    g.add_argument("--port-file", default=None,
+                   help="write the bound gRPC port here once listening (with --workers N > 1: once every worker "
+                        "listens with its index loaded)")
+    g.add_argument("--workers", default="1", metavar="N|auto",
+                   help="server processes sharing the port via SO_REUSEPORT (default 1: one process, no "
+                        "SO_REUSEPORT). 0 or 'auto' = one per CPU. The kernel spreads connections, not calls: "
+                        "all calls of one gRPC channel reach one worker, so sessions work per channel. "
+                        "Each worker maps the index itself; --metrics-port P serves worker i on P+i")
     g.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
-    g.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (off by default)")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics port (off by default; with --workers N: worker i on port+i, or each "
+                        "on a free port with 0)")
     g.add_argument("--metrics-host", default="0.0.0.0")
     g.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
     g.add_argument("--tls-key", default=None, help="PEM private key")
@@ -87,7 +104,9 @@ def _config_from_args(a):
     )
 
 
-async def _serve(a) -> int:
+async def _serve(a, worker: Optional["Worker"] = None) -> int:
+    """Serve until SIGTERM/SIGINT. ``worker``: this is one process of ``--workers N`` (datastore/workers.py),
+    which loads its index before it listens, shares the port (SO_REUSEPORT) and reports to the supervisor."""
     from .server import DatastoreServer, ServerOptions, default_opener
 
     config = _config_from_args(a)
@@ -95,6 +114,7 @@ async def _serve(a) -> int:
         host=a.host, port=a.port, reflection=a.reflection, metrics_port=a.metrics_port, metrics_host=a.metrics_host,
         tls_cert=a.tls_cert, tls_key=a.tls_key, reload=a.reload, reload_interval_s=a.reload_interval,
         shutdown_grace_s=a.shutdown_grace, drain_delay_s=a.drain_delay,
+        reuse_port=worker is not None, worker_id=None if worker is None else worker.id,
     )
     tokenizer = None
     if a.tokenizer:
@@ -105,9 +125,30 @@ async def _serve(a) -> int:
                              tokenizer=tokenizer)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.reload(force=True)))
+
+    def handle_signals():
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.reload(force=True)))
+
+    if worker is not None:
+        # A worker loads first and only then listens: the kernel hands connections to listening sockets
+        # only, so no client of the shared port ever reaches a worker without an index. Until it listens
+        # the signals keep their default action (SIGTERM ends it at once; there is nothing to drain yet).
+        try:
+            await server.load()
+        except Exception as e:  # noqa: BLE001
+            log.error("cannot load the index", extra={"path": a.index, "error": f"{type(e).__name__}: {e}"})
+            server.servicer.close()
+            return 2
+        await server.start(load=False)
+        handle_signals()
+        worker.ready(server.metrics_port)
+        await stop.wait()
+        log.info("signal received, shutting down")
+        await server.stop()
+        return 0
+    handle_signals()
     port = await server.start(load=False)
     if a.port_file:
         tmp = a.port_file + ".tmp"
@@ -130,7 +171,20 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(a.log_level, a.log_format == "json")
     if a.metrics_port is not None and a.metrics_port < 0:
         raise SystemExit("--metrics-port must be >= 0")
-    return asyncio.run(_serve(a))
+    from .workers import parse_workers
+
+    try:
+        workers = parse_workers(a.workers)
+    except ValueError as e:
+        raise SystemExit(f"datastore-serve: --workers: {e}") from None
+    if workers == 1:
+        return asyncio.run(_serve(a))
+    if a.metrics_port and a.metrics_port + workers - 1 > 65535:
+        raise SystemExit(f"datastore-serve: --metrics-port {a.metrics_port} + {workers} workers exceeds 65535")
+    _config_from_args(a)  # bad auth settings fail here once, not in every worker
+    from .workers import run_workers
+
+    return run_workers(a, workers, _serve)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import datastore_pb2, datastore_pb2_grpc
@@ -36,8 +37,13 @@ def default_opener(load_faiss: bool = True) -> Callable[[str], Any]:
 
 
 def _warm(index: Any) -> None:
-    """Load lazily-initialised parts (the query embedder) before the index takes traffic, so that the
-    first OpenSession doesn't pay seconds of model loading inside a client's deadline."""
+    """Load lazily-initialised parts before the index takes traffic: the lookup's compiled code (one
+    throw-away lookup) and the query embedder, so that the first Retrieve / OpenSession doesn't pay
+    compilation or seconds of model loading inside a client's deadline."""
+    try:
+        index.retrieve(np.zeros(2, dtype=np.int32), 1)
+    except Exception:  # noqa: BLE001 - a broken lookup surfaces on Retrieve, with its error
+        log.exception("warming the lookup failed")
     if getattr(index, "has_faiss", False):
         try:
             index.search_documents("warm-up", 1)
@@ -69,6 +75,8 @@ class ServerOptions:
     retire_after_s: float = 10.0           # close a replaced index this long after the swap
     shutdown_grace_s: float = 10.0         # in-flight RPCs get this long to finish on SIGTERM
     drain_delay_s: float = 0.0             # NOT_SERVING this long before refusing new RPCs
+    reuse_port: bool = False               # SO_REUSEPORT: worker processes share the port (--workers N)
+    worker_id: Optional[int] = None        # this process's number under --workers N (None: single process)
 
 
 class DatastoreServer:
@@ -77,7 +85,8 @@ class DatastoreServer:
         self.index_path = str(index_path)
         self.options = options or ServerOptions()
         self.metrics = Metrics()
-        self.servicer = DatastoreServicer(None, config or ServiceConfig(), self.metrics, tokenizer=tokenizer)
+        self.servicer = DatastoreServicer(None, config or ServiceConfig(), self.metrics, tokenizer=tokenizer,
+                                          worker_id=self.options.worker_id)
         self.health = health.aio.HealthServicer()
         self._opener = opener or default_opener()
         self._signature: Optional[tuple] = None
@@ -91,9 +100,15 @@ class DatastoreServer:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, *, load: bool = True) -> int:
-        """Bind and start serving (health NOT_SERVING), then load the index (health SERVING)."""
+        """Bind and start serving (health NOT_SERVING), then load the index (health SERVING).
+
+        A server whose index was loaded before ``start`` (``load()`` first, as each ``--workers`` process
+        does) reports SERVING from its first RPC. SO_REUSEPORT stays off unless ``options.reuse_port``, so
+        that a single server on a taken port fails to bind instead of silently sharing it.
+        """
         o = self.options
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if o.reuse_port else 0),
+                                          ("grpc.max_receive_message_length", 8 << 20)])
         datastore_pb2_grpc.add_DatastoreServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if o.reflection:
@@ -113,13 +128,14 @@ class DatastoreServer:
             self.port = server.add_insecure_port(addr)
         if not self.port:
             raise OSError(f"could not bind {addr}")
-        await self._set_health(NOT_SERVING)
+        loaded = self.servicer.index is not None and not self._draining
+        await self._set_health(SERVING if loaded else NOT_SERVING)
         await server.start()
         self._server = server
         if o.metrics_port is not None:
             self.metrics_port, self._metrics_http = self.metrics.serve(o.metrics_port, o.metrics_host)
         log.info("listening", extra={"port": self.port, "metrics_port": self.metrics_port, "tls": bool(o.tls_cert),
-                                     "reflection": o.reflection})
+                                     "reflection": o.reflection, "reuse_port": o.reuse_port})
         if load:
             await self.load()
         return self.port

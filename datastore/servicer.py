@@ -69,14 +69,25 @@ def _invalid(msg: str) -> RpcError:
     return RpcError(grpc.StatusCode.INVALID_ARGUMENT, msg)
 
 
+def _session_worker(session_id: str) -> Optional[int]:
+    """The worker number in a ``w<N>-...`` session id (``--workers N``), else None."""
+    head, sep, _ = session_id.partition("-")
+    if sep and head[:1] == "w" and head[1:].isdigit():
+        return int(head[1:])
+    return None
+
+
 class DatastoreServicer(pb_grpc.DatastoreServicer):
     """Serves one ``DatastoreIndex`` at a time; ``swap_index`` replaces it atomically (reload)."""
 
     def __init__(self, index: Any = None, config: Optional[ServiceConfig] = None, metrics: Optional[Metrics] = None,
-                 tokenizer: Any = None):
+                 tokenizer: Any = None, worker_id: Optional[int] = None):
         self.config = config or ServiceConfig()
         self.metrics = metrics or Metrics()
-        self.sessions = SessionStore(self.config.session_ttl_s, self.config.max_sessions)
+        # Under --workers N each process keeps its own sessions; their ids name the worker that holds them.
+        self.worker_id = worker_id
+        self.sessions = SessionStore(self.config.session_ttl_s, self.config.max_sessions,
+                                     prefix="" if worker_id is None else f"w{worker_id}-")
         self.tokenizer = tokenizer           # optional: decodes OpenSession.prompt_ids into a query
         self._index = None
         self._info: Optional[pb.InfoResponse] = None
@@ -150,6 +161,11 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     def _session(self, index, session_id: str):
         s = self.sessions.get(session_id)
         if s is None:
+            owner = _session_worker(session_id)
+            if self.worker_id is not None and owner is not None and owner != self.worker_id:
+                raise _invalid(f"session {session_id!r} lives in worker {owner} of this server, but this call reached "
+                               f"worker {self.worker_id}: send a session's calls over the channel (connection) that "
+                               "opened it, or serve with --workers 1")
             raise _invalid(f"unknown or expired session {session_id!r}")
         if s.index_id != str(index.index_id):
             # The index was reloaded since the session opened: document ids may mean other documents.

@@ -35,11 +35,16 @@ class SessionStore:
     ``max_sessions`` bounds memory: when full, expired sessions are dropped first, then the least
     recently used one is evicted (a client that forgets CloseSession cannot exhaust the server).
     Every successful lookup refreshes the TTL.
+
+    ``prefix`` starts every session id (``datastore-serve --workers N`` uses ``w<worker>-``, so that a
+    worker receiving another worker's session can say so).
     """
 
-    def __init__(self, ttl_s: float = 600.0, max_sessions: int = 10_000, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, ttl_s: float = 600.0, max_sessions: int = 10_000, clock: Callable[[], float] = time.monotonic,
+                 prefix: str = ""):
         if ttl_s <= 0 or max_sessions <= 0:
             raise ValueError("ttl_s and max_sessions must be positive")
+        self.prefix = prefix
         self.ttl_s = float(ttl_s)
         self.max_sessions = int(max_sessions)
         self._clock = clock
@@ -54,7 +59,7 @@ class SessionStore:
     def create(self, query: str, doc_ids: np.ndarray, index_id: str, memory: Optional[TokenMemory] = None
                ) -> Session:
         now = self._clock()
-        sid = secrets.token_hex(12)
+        sid = self.prefix + secrets.token_hex(12)
         s = Session(sid, query, np.sort(np.asarray(doc_ids, dtype=np.int64)), index_id, now + self.ttl_s, memory)
         with self._lock:
             self._purge_locked(now)
