@@ -37,6 +37,10 @@ SOURCE_DOCUMENTS = 2
 SOURCE_CONTEXT = 8     # matched inside the session memory (the request's own tokens)
 SERVER_VERSION = "0.1.0"
 
+# ``sources`` of a tree whose nodes all come from the corpus outside any session document (the common
+# answer), by node count
+_ALL_DATASTORE = tuple(bytes([SOURCE_DATASTORE]) * k for k in range(257))
+
 READ_METHODS = frozenset({"Info", "Retrieve", "RetrieveBatch"})
 WRITE_METHODS = frozenset({"OpenSession", "CloseSession"})
 
@@ -147,8 +151,9 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "no index loaded yet")
         return index
 
-    async def _enter(self, method: str, context, counted: bool = True) -> None:
-        # ``counted`` handlers have already added themselves to ``_in_flight``.
+    def _enter(self, method: str, context, counted: bool = True) -> None:
+        # ``counted`` handlers have already added themselves to ``_in_flight``. (A plain function, not a
+        # coroutine: it never waits, and an await per RPC costs a coroutine object.)
         if counted and self._in_flight > self.config.max_concurrency:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"server overloaded ({self._in_flight - 1} requests in flight); retry later")
@@ -192,8 +197,9 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
                 f"tokenizer fingerprint {fp} does not match the index's {self._info.tokenizer_fingerprint}",
             )
         vocab = self._info.vocab_size
-        ctx = np.fromiter(req.context, dtype=np.int32, count=n)
-        if int(ctx.min()) < 0 or int(ctx.max()) >= vocab:
+        ctx = np.array(req.context, dtype=np.int32)
+        # one reduction for both bounds: as uint32, negative ids are >= 2**31 > vocab
+        if int(ctx.view(np.uint32).max()) >= vocab:
             raise _invalid(f"context holds token ids outside the vocabulary [0, {vocab})")
         kwargs = dict(cfg.retrieve_defaults)
         if req.hint_tokens:
@@ -241,19 +247,24 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         m.hit.inc()
         m.nodes_datastore.inc(k)
         in_docs = np.asarray(r.in_documents, dtype=bool)
-        nd = int(in_docs.sum())
-        if nd:
-            m.nodes_documents.inc(nd)
-        sources = (SOURCE_DATASTORE + SOURCE_DOCUMENTS * in_docs).astype(np.uint8)
+        nd = np.count_nonzero(in_docs)          # (count_nonzero: a fraction of ndarray.any()'s cost)
         in_mem = getattr(r, "in_memory", None)
-        if in_mem is not None and len(in_mem) == k and in_mem.any():
-            sources |= (SOURCE_CONTEXT * np.asarray(in_mem, dtype=bool)).astype(np.uint8)
-            m.nodes_memory.inc(int(np.count_nonzero(in_mem)))
+        nm = np.count_nonzero(in_mem) if in_mem is not None and len(in_mem) == k else 0
+        if not nd and not nm:
+            sources = _ALL_DATASTORE[k] if k < len(_ALL_DATASTORE) else bytes([SOURCE_DATASTORE]) * k
+        else:
+            src = (SOURCE_DATASTORE + SOURCE_DOCUMENTS * in_docs).astype(np.uint8)
+            if nd:
+                m.nodes_documents.inc(nd)
+            if nm:
+                src |= (SOURCE_CONTEXT * np.asarray(in_mem, dtype=bool)).astype(np.uint8)
+                m.nodes_memory.inc(nm)
+            sources = src.tobytes()
         return pb.RetrieveResponse(
             tokens=r.tokens.tolist(),
             parents=r.parents.tolist(),
             probs=r.probs.tolist(),
-            sources=sources.tobytes(),
+            sources=sources,
             index_id=self._info.index_id,
             match_len=int(r.match_len),
         )
@@ -262,7 +273,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     async def Info(self, request, context):
         t0 = time.perf_counter()
         try:
-            await self._enter("Info", context, counted=False)
+            self._enter("Info", context, counted=False)
             self._require_index()
             return self._info
         except RpcError as e:
@@ -274,7 +285,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         t0 = time.perf_counter()
         self._in_flight += 1
         try:
-            await self._enter("Retrieve", context)
+            self._enter("Retrieve", context)
             index = self._require_index()
             if self.config.debug_delay_s:
                 await asyncio.sleep(self.config.debug_delay_s)
@@ -291,7 +302,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         t0 = time.perf_counter()
         self._in_flight += 1
         try:
-            await self._enter("RetrieveBatch", context)
+            self._enter("RetrieveBatch", context)
             index = self._require_index()
             if len(request.requests) > self.config.max_batch:
                 raise _invalid(f"batch of {len(request.requests)} requests; the limit is {self.config.max_batch}")
@@ -313,7 +324,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         t0 = time.perf_counter()
         self._in_flight += 1
         try:
-            await self._enter("OpenSession", context)
+            self._enter("OpenSession", context)
             index = self._require_index()
             if request.tokenizer_fingerprint and request.tokenizer_fingerprint != self._info.tokenizer_fingerprint:
                 raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -366,7 +377,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     async def CloseSession(self, request, context):
         t0 = time.perf_counter()
         try:
-            await self._enter("CloseSession", context, counted=False)
+            self._enter("CloseSession", context, counted=False)
             if not request.session_id:
                 raise _invalid("session_id is empty")
             closed = self.sessions.close(request.session_id)
