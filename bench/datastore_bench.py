@@ -6,10 +6,26 @@ bench index does not contain) is tokenized with the model's tokenizer and a wind
 query is the 64-token context tail ending at one position.
 
     python bench/datastore_bench.py --corpus ../shared/data/corpus --work /tmp/ds_bench \
-        --queries 10000 --clients 16 --budget 32
+        --queries 10000 --clients 16 --budget 32 [--workers 2]
 
-Builds the index once into WORK/index (reused on later runs), starts `datastore-serve` as a separate
-process on 127.0.0.1, and prints a Markdown table.
+Builds the index once into WORK/index (reused on later runs), starts `datastore-serve` (with
+`--workers N`) as a separate process on 127.0.0.1, and prints a Markdown table.
+
+Latency (p50/p99) is one synchronous client on one channel, i.e. one connection, so it always reaches one
+worker. Throughput: `--clients` concurrent callers, each on its own gRPC channel with its own TCP connection
+(`grpc.use_local_subchannel_pool`; without it all channels of a process share one connection, which the
+kernel's SO_REUSEPORT would hand to a single worker), spread over `--client-procs` asyncio load-generator
+processes (default: half the CPUs, at least one) so that the client side is not held to one core by its own
+GIL; `client_busy_max` is the busiest load process's CPU share, and a warning is printed above 0.9 (add
+processes then).
+
+The load generator runs on the same machine as the server: on the 2-core VM client and server share the
+2 cores, so the lookups/s measured there is what server + client sustain together, not the server's
+capacity alone. The result therefore also reports, for the measured window, the CPU time the server
+processes and the load generator each spent per lookup (`server_cpu_us_per_lookup`,
+`client_cpu_us_per_lookup`; the server alone on C free cores with >= C workers would sustain about
+C * 1e6 / server_cpu_us_per_lookup lookups/s) and how many cores the server, the load generator and all
+other processes kept busy (`cores_busy`, from /proc/stat): a non-zero `other` means the machine was shared.
 """
 from __future__ import annotations
 
@@ -91,13 +107,13 @@ def bench_in_process(index_path: Path, queries, budget: int) -> dict:
             "mean_nodes": float(np.mean(sizes))}
 
 
-def start_server(index_path: Path, work: Path) -> tuple[subprocess.Popen, str]:
+def start_server(index_path: Path, work: Path, workers: str = "1") -> tuple[subprocess.Popen, str]:
     port_file = work / "port"
     port_file.unlink(missing_ok=True)
     exe = shutil.which("datastore-serve", path=str(Path(sys.executable).parent)) or None
     cmd = [exe] if exe else [sys.executable, "-m", "datastore.cli"]
     cmd += ["--index", str(index_path), "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-            "--no-faiss", "--log-level", "warning", "--max-concurrency", "256"]
+            "--no-faiss", "--log-level", "warning", "--max-concurrency", "256", "--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     from datastore.healthcheck import check
 
@@ -145,41 +161,125 @@ def bench_grpc_latency(addr: str, queries, budget: int) -> dict:
             "failures": c.stats["failures"]}
 
 
-async def _throughput(addr: str, queries, budget: int, clients: int, seconds: float) -> dict:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its child processes (datastore-serve --workers N: the supervisor and its workers)."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return [pid, *kids]
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for p in pids:
+        try:
+            total += _cpu_seconds(p)
+        except OSError:
+            pass
+    return total
+
+
+async def _load(addr: str, contexts: list, budget: int, first: int, step: int, n: int, start_at: float,
+                stop_at: float) -> dict:
+    """``n`` concurrent callers, each on its own channel and connection, querying contexts first, first+step,
+    ...; warm-up until ``start_at`` (wall clock, shared by all load processes), counted until ``stop_at``."""
+    import resource
+
     import grpc
 
     from protos import datastore_pb2 as pb
     from protos import datastore_pb2_grpc as pb_grpc
 
-    reqs = [pb.RetrieveRequest(context=q.tolist(), budget=budget) for q in queries]
-    channels = [grpc.aio.insecure_channel(addr) for _ in range(clients)]
+    reqs = [pb.RetrieveRequest(context=c, budget=budget) for c in contexts]
+    channels = [grpc.aio.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(n)]
     stubs = [pb_grpc.DatastoreStub(ch) for ch in channels]
     done, errors, lat = 0, 0, []
-    stop_at = 0.0
+    late_s = max(0.0, time.time() - start_at)   # > 0: this process was not ready when the window opened
 
-    async def worker(i: int):
+    async def caller(i: int, until: float, counted: bool):
         nonlocal done, errors
-        j = i
-        while time.perf_counter() < stop_at:
+        stub, j = stubs[i], first + i * step
+        while time.time() < until:
             t0 = time.perf_counter()
             try:
-                await stubs[i].Retrieve(reqs[j % len(reqs)], timeout=1)
-                done += 1
-                lat.append(time.perf_counter() - t0)
+                await stub.Retrieve(reqs[j % len(reqs)], timeout=1)
+                if counted:
+                    done += 1
+                    lat.append(time.perf_counter() - t0)
             except grpc.RpcError:
-                errors += 1
-            j += clients
+                if counted:
+                    errors += 1
+            j += n * step
 
-    stop_at = time.perf_counter() + 1.0  # warm-up
-    await asyncio.gather(*(worker(i) for i in range(clients)))
-    done, errors, lat = 0, 0, []
-    t0 = time.perf_counter()
-    stop_at = t0 + seconds
-    await asyncio.gather(*(worker(i) for i in range(clients)))
-    wall = time.perf_counter() - t0
+    await asyncio.gather(*(caller(i, start_at, False) for i in range(n)))
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    await asyncio.gather(*(caller(i, stop_at, True) for i in range(n)))
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     for ch in channels:
         await ch.close()
-    return {"lookups_per_s": done / wall, "errors": errors, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
+    return {"done": done, "errors": errors, "lat": lat, "late_s": late_s,
+            "cpu_s": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)}
+
+
+def _load_process(args, out) -> None:
+    out.put(asyncio.run(_load(*args)))
+
+
+def bench_throughput(addr: str, queries, budget: int, clients: int, seconds: float, procs: int,
+                     server_pid: int, warmup_s: float = 1.0) -> dict:
+    """``clients`` callers over ``procs`` load-generator processes; lookups/s over a common ``seconds`` window."""
+    import multiprocessing as mp
+
+    procs = max(1, min(procs, clients))
+    contexts = [q.tolist() for q in queries]
+    ctx = mp.get_context("spawn")      # this process already holds gRPC channels: no fork
+    out = ctx.Queue()
+    start_at = time.time() + 4.0 + warmup_s   # spawning a process and importing grpc take a few seconds here
+    stop_at = start_at + seconds
+    shares = [clients // procs + (k < clients % procs) for k in range(procs)]
+    workers = [ctx.Process(target=_load_process, daemon=True,
+                           args=((addr, contexts, budget, k, procs, shares[k], start_at, stop_at), out))
+               for k in range(procs)]
+    for w in workers:
+        w.start()
+    server_pids = _process_tree(server_pid)
+    time.sleep(max(0.0, start_at - time.time()))
+    s0, m0 = _server_cpu(server_pids), _machine_busy_seconds()
+    time.sleep(max(0.0, stop_at - time.time()))
+    s1, m1 = _server_cpu(server_pids), _machine_busy_seconds()
+    results = [out.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(30)
+    done = sum(r["done"] for r in results)
+    lat = [x for r in results for x in r["lat"]]
+    client_cpu = sum(r["cpu_s"] for r in results)
+    server_cores, client_cores = (s1 - s0) / seconds, client_cpu / seconds
+    return {"lookups_per_s": done / seconds, "errors": sum(r["errors"] for r in results),
+            "p50_ms": pct(lat, 50) * 1e3 if lat else None, "p99_ms": pct(lat, 99) * 1e3 if lat else None,
+            "client_procs": procs, "server_processes": len(server_pids),
+            "server_cpu_us_per_lookup": (s1 - s0) / max(done, 1) * 1e6,
+            "client_cpu_us_per_lookup": client_cpu / max(done, 1) * 1e6,
+            "client_busy_max": max(r["cpu_s"] for r in results) / seconds,
+            "client_late_s": max(r["late_s"] for r in results),
+            "cores_busy": {"server": server_cores, "load_generator": client_cores,
+                           "other": max(0.0, (m1 - m0) / seconds - server_cores - client_cores)}}
 
 
 def main(argv=None) -> int:
@@ -188,7 +288,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/ds_bench")
     ap.add_argument("--model", default=None)
     ap.add_argument("--queries", type=int, default=10000)
-    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--clients", type=int, default=16, help="concurrent callers, one connection each (default 16)")
+    ap.add_argument("--client-procs", type=int, default=max(1, (os.cpu_count() or 1) // 2),
+                    help="load-generator processes the callers are spread over (default: half the CPUs, >= 1)")
+    ap.add_argument("--workers", default="1", help="datastore-serve --workers (default 1)")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--budget", type=int, default=32)
     ap.add_argument("--tail", type=int, default=64)
@@ -209,14 +312,14 @@ def main(argv=None) -> int:
     queries = make_queries(held, tok, a.queries, a.tail)
     manifest = json.loads((index_path / "manifest.json").read_text())
     res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core CPU, no GPU ({platform.machine()})",
-           "queries": len(queries), "budget": a.budget, "tail": a.tail, "clients": a.clients,
+           "queries": len(queries), "budget": a.budget, "tail": a.tail, "clients": a.clients, "workers": a.workers,
            "index_tokens": manifest.get("num_tokens") or manifest.get("stats", {}).get("num_tokens"),
            "build_s": build_s}
     res["in_process"] = bench_in_process(index_path, queries, a.budget)
-    proc, addr = start_server(index_path, work)
+    proc, addr = start_server(index_path, work, a.workers)
     try:
         res["grpc"] = bench_grpc_latency(addr, queries, a.budget)
-        res["throughput"] = asyncio.run(_throughput(addr, queries, a.budget, a.clients, a.seconds))
+        res["throughput"] = bench_throughput(addr, queries, a.budget, a.clients, a.seconds, a.client_procs, proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -224,13 +327,22 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     ip, g, t = res["in_process"], res["grpc"], res["throughput"]
+    cb = t["cores_busy"]
+    if t["client_late_s"] > 0:
+        print(f"WARNING: a load-generator process started {t['client_late_s']:.1f} s into the window",
+              file=sys.stderr)
+    if t["client_busy_max"] > 0.9:
+        print(f"WARNING: a load-generator process was {t['client_busy_max']:.0%} busy: the client may be the "
+              "bottleneck; raise --client-procs", file=sys.stderr)
     print(f"""
 | measure | value | goal |
 |---|---|---|
 | in-process lookup p50 / p99 | {ip['p50_us']:.0f} us / {ip['p99_us']:.0f} us | p50 <= 50 us |
 | gRPC loopback p50 / p99 (raw stub) | {g['p50_ms']:.3f} ms / {g['p99_ms']:.3f} ms | <= 0.6 ms / <= 2 ms |
 | gRPC loopback p50 / p99 (DatastoreClient -> DraftTree) | {g['client_p50_ms']:.3f} ms / {g['client_p99_ms']:.3f} ms | |
-| throughput, {a.clients} concurrent clients | {t['lookups_per_s']:.0f} lookups/s ({t['errors']} errors) | >= 2,000/s |
+| throughput, {a.clients} concurrent clients, --workers {a.workers} | {t['lookups_per_s']:.0f} lookups/s ({t['errors']} errors) | >= 2,000/s |
+| CPU per lookup during it: server / load generator ({t['client_procs']} process{'es' if t['client_procs'] != 1 else ''}) | {t['server_cpu_us_per_lookup']:.0f} us / {t['client_cpu_us_per_lookup']:.0f} us | |
+| cores busy during it: server / load generator / other processes | {cb['server']:.2f} / {cb['load_generator']:.2f} / {cb['other']:.2f} | other = 0: quiet machine |
 | hit rate / mean nodes per tree | {ip['hit_rate']:.2f} / {ip['mean_nodes']:.1f} | |
 """)
     return 0
