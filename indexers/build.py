@@ -262,6 +262,7 @@ def build_index(
     embeddings: bool = True,
     embedder: Optional[str] = None,
     faiss_factory: Optional[str] = None,
+    faiss_device: str = "auto",
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     embed_batch: int = 64,
     append: bool = False,
@@ -287,6 +288,8 @@ def build_index(
     from client.model_files import load_tokenizer, tokenizer_fingerprint
 
     t_start = time.time()
+    if faiss_device not in FAISS_DEVICES:
+        raise BuildError(f"--faiss-device must be one of {', '.join(FAISS_DEVICES)}, not {faiss_device!r}")
     out = Path(out).expanduser().resolve()
     if shard_tokens < 16 or shard_tokens >= 2**31 - 1:
         raise BuildError("--shard-tokens must be between 16 and 2**31-2")
@@ -562,7 +565,7 @@ def build_index(
             faiss_meta = json.loads((stages.dir / "faiss.json").read_text())["meta"]
         else:
             faiss_meta = _build_faiss(staging, out, new_shards, old_manifest, faiss_factory, emb, embedder,
-                                      chunk_tokens, progress)
+                                      chunk_tokens, progress, faiss_device, log)
             _crash_point("faiss")
             stages.mark("faiss", [fdir / "index.faiss", fdir / "chunks.npy"], meta=faiss_meta)
         faiss_meta["files"] = {f: _file_entry(fdir / f) for f in ("index.faiss", "chunks.npy")}
@@ -654,8 +657,39 @@ def _embed_shard(d: Path, shard_idx: int, backend, emb, chunk_tokens: int, batch
     return vecs, chunks
 
 
+FAISS_DEVICES = ("auto", "cpu", "gpu")
+
+
+def faiss_gpu_count(faiss) -> int:
+    """GPUs a FAISS build can use (0 for faiss-cpu, whose ``get_num_gpus`` is absent or returns 0)."""
+    try:
+        return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    except Exception:  # noqa: BLE001 - a GPU build without a usable driver
+        return 0
+
+
+def _to_device(faiss, index, device: str, log: Callable[[str], None]):
+    """(index to train/add on, True if it lives on GPUs). ``auto`` uses every GPU a FAISS GPU build sees
+    (the ``gpu`` extra) and falls back to the CPU for index types FAISS cannot move (e.g. HNSW)."""
+    if device == "cpu":
+        return index, False
+    n = faiss_gpu_count(faiss)
+    if n == 0:
+        if device == "gpu":
+            raise BuildError("--faiss-device gpu: this FAISS build sees no GPU (install the gpu extra: "
+                             "pip uninstall faiss-cpu && pip install faiss-gpu-cu12)")
+        return index, False
+    try:
+        return faiss.index_cpu_to_all_gpus(index), True
+    except Exception as e:  # noqa: BLE001 - FAISS raises RuntimeError for indexes without a GPU version
+        if device == "gpu":
+            raise BuildError(f"--faiss-device gpu: FAISS cannot put this index on a GPU: {e}") from None
+        log(f"faiss: index type has no GPU version ({str(e).splitlines()[0][:120]}); building on the CPU")
+        return index, False
+
+
 def _build_faiss(staging: Path, out: Path, new_shards, old_manifest, factory, emb, embedder, chunk_tokens,
-                 progress):
+                 progress, device: str = "auto", log: Callable[[str], None] = print):
     import faiss
 
     fdir = staging / "faiss"
@@ -667,17 +701,21 @@ def _build_faiss(staging: Path, out: Path, new_shards, old_manifest, factory, em
         index = faiss.read_index(str(out / "faiss" / "index.faiss"))
         C = np.concatenate([np.load(out / "faiss" / "chunks.npy"), C])
         factory = old_manifest["faiss"]["factory"]
-        _add_batched(index, X, progress)
+        work, on_gpu = _to_device(faiss, index, device, log)
+        _add_batched(work, X, progress)
     else:
         factory = factory or default_faiss_factory(len(X))
         index = faiss.index_factory(emb.dim, factory, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:
+        work, on_gpu = _to_device(faiss, index, device, log)
+        if not work.is_trained:
             if len(X) == 0:
                 raise BuildError("no chunks to train the FAISS index")
             rng = np.random.default_rng(0)
             train = X if len(X) <= 200_000 else X[rng.choice(len(X), 200_000, replace=False)]
-            index.train(np.ascontiguousarray(train))
-        _add_batched(index, X, progress)
+            work.train(np.ascontiguousarray(train))
+        _add_batched(work, X, progress)
+    if on_gpu:   # the file format and the service are CPU-side: bring it back before writing
+        index = faiss.index_gpu_to_cpu(work)
     tmp = fdir / "index.faiss.tmp"
     faiss.write_index(index, str(tmp))
     _fsync_file(tmp)
@@ -685,7 +723,7 @@ def _build_faiss(staging: Path, out: Path, new_shards, old_manifest, factory, em
     _save_npy(fdir / "chunks.npy", C)
     return {"factory": factory, "metric": "inner_product", "normalized": True, "num_vectors": int(index.ntotal),
             "dim": int(emb.dim), "nprobe": default_nprobe(factory), "chunk_tokens": chunk_tokens,
-            "embed_max_pieces": DEFAULT_EMBED_MAX_PIECES,
+            "embed_max_pieces": DEFAULT_EMBED_MAX_PIECES, "built_on": "gpu" if on_gpu else "cpu",
             "embedder": {"id": emb.id, "path": str(embedder)}}
 
 

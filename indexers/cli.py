@@ -59,6 +59,9 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--faiss-factory", metavar="STR", default=None,
                    help="FAISS index_factory string (inner product on normalised vectors); default by size: "
                         "'Flat' under 20k chunks, 'IVF<n>,Flat' under 2M, else 'HNSW32,Flat'")
+    b.add_argument("--faiss-device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="where FAISS trains and adds vectors: auto (default) uses the GPUs a FAISS GPU build "
+                        "sees (the 'gpu' extra) and the CPU otherwise; gpu fails when there is none")
     b.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
                    help="target-model tokens per embedded chunk (default 256; each chunk vector encodes its first 128 word pieces)")
     b.add_argument("--embed-batch", type=int, default=64, metavar="N", help="chunks per embedder batch")
@@ -147,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.inputs, args.out, model=args.model, text_field=args.text_field, template=_unescape(args.template),
             shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, workers=max(1, args.workers),
             batch_docs=max(1, args.batch_docs), embeddings=not args.no_embeddings, embedder=args.embedder,
-            faiss_factory=args.faiss_factory, chunk_tokens=args.chunk_tokens or DEFAULT_CHUNK_TOKENS,
+            faiss_factory=args.faiss_factory, faiss_device=args.faiss_device, chunk_tokens=args.chunk_tokens or DEFAULT_CHUNK_TOKENS,
             embed_batch=args.embed_batch, append=args.append, skip_bad_records=args.skip_bad_records,
             progress=not args.quiet, log=lambda s: print(s, file=sys.stderr),
         )

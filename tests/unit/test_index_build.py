@@ -344,3 +344,59 @@ def test_workers_give_identical_shards(tok, corpus, tmp_path):
     build_index([corpus], a, tokenizer=tok, embeddings=False, progress=False, batch_docs=2)
     build_index([corpus], b, tokenizer=tok, embeddings=False, progress=False, batch_docs=2, workers=2)
     assert _shard_files(a) == _shard_files(b)
+
+
+class _FakeGpuFaiss:
+    """The real faiss-cpu module dressed up as a GPU build with one GPU: 'moving' an index to the GPU
+    clones it (so train/add must happen on the moved copy to count), and refuses HNSW like FAISS does."""
+
+    def __init__(self, real):
+        self._real = real
+        self.moves = []
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def get_num_gpus(self):
+        return 1
+
+    def index_cpu_to_all_gpus(self, index):
+        if "HNSW" in type(index).__name__:
+            raise RuntimeError("Error: 'false' failed: this index type is not implemented on GPU")
+        self.moves.append("to_gpu")
+        return self._real.clone_index(index)
+
+    def index_gpu_to_cpu(self, index):
+        self.moves.append("to_cpu")
+        return self._real.clone_index(index)
+
+
+def test_faiss_gpu_path_builds_the_same_index(tok, corpus, tmp_path, tiny_embedder, monkeypatch):
+    """The build path a FAISS GPU build (the 'gpu' extra) takes, exercised on the CPU with a stand-in module:
+    train/add on the moved index, bring it back, same search results as the CPU build."""
+    import sys
+
+    import faiss
+
+    from indexers.build import BuildError
+
+    kw = dict(tokenizer=tok, chunk_tokens=16, embedder=str(tiny_embedder), progress=False, log=lambda *_: None)
+    with pytest.raises(BuildError, match="sees no GPU"):
+        build_index([corpus], tmp_path / "nogpu", faiss_device="gpu", **kw)
+    with pytest.raises(BuildError, match="faiss-device"):
+        build_index([corpus], tmp_path / "bad", faiss_device="tpu", **kw)
+    build_index([corpus], tmp_path / "cpu", faiss_factory="IVF2,Flat", **kw)
+    fake = _FakeGpuFaiss(faiss)
+    monkeypatch.setitem(sys.modules, "faiss", fake)
+    build_index([corpus], tmp_path / "gpu", faiss_factory="IVF2,Flat", faiss_device="gpu", **kw)
+    assert fake.moves == ["to_gpu", "to_cpu"]
+    logs = []
+    build_index([corpus], tmp_path / "hnsw", faiss_factory="HNSW8,Flat", **dict(kw, log=logs.append))
+    assert any("building on the CPU" in line for line in logs)   # auto falls back for index types without GPU
+    monkeypatch.setitem(sys.modules, "faiss", faiss)
+    cpu, gpu = DatastoreIndex.open(tmp_path / "cpu"), DatastoreIndex.open(tmp_path / "gpu")
+    assert gpu.manifest["faiss"]["built_on"] == "gpu" and cpu.manifest["faiss"]["built_on"] == "cpu"
+    assert DatastoreIndex.open(tmp_path / "hnsw").manifest["faiss"]["built_on"] == "cpu"
+    for q in ["capital city of France", "ownership in Rust"]:
+        a, b = cpu.search_chunks(q, 4), gpu.search_chunks(q, 4)
+        assert np.allclose(a[0], b[0], atol=1e-5) and a[1].tolist() == b[1].tolist()
