@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from datastore.kernels import count_and_cut
+from datastore.kernels import count_and_cut, lookup_one_shard
 from datastore.memory import match_memory, memory_continuations
 from datastore.suffix_shard import Shard
 
@@ -57,6 +57,7 @@ class RetrievalResult:
 
 
 _EMPTY = RetrievalResult.empty()
+_NO_TOKENS = np.zeros(0, np.int64)
 
 
 def _as_filter(doc_filter) -> Optional[np.ndarray]:
@@ -270,6 +271,9 @@ class DatastoreIndex:
         if budget <= 0 or depth <= 0 or max_matches <= 0:
             return _EMPTY
         depth = min(int(depth), 4000)
+        if len(self.shards) == 1 and doc_filter is None and (hint_tokens is None or not len(hint_tokens)):
+            return self._retrieve_one_shard(context, int(budget), max_span, min_span, max_matches, depth,
+                                            float(min_prob), memory, memory_matches)
         m, found = self.longest_match(context, max_span)
         m_mem, q_mem = 0, None
         if memory is not None and memory_matches > 0:
@@ -302,6 +306,26 @@ class DatastoreIndex:
         if tree is None:
             return RetrievalResult.empty(best)
         return RetrievalResult(*tree, match_len=best)
+
+    def _retrieve_one_shard(self, context, budget, max_span, min_span, max_matches, depth, min_prob, memory,
+                            memory_matches) -> RetrievalResult:
+        """``retrieve`` for one shard without document filter or hint: one compiled call (the service's
+        usual request; a lookup is dominated by per-call overhead, not by its work)."""
+        max_span = min(int(max_span), 4000)
+        ctx = np.asarray(context).ravel()
+        rev = ctx[len(ctx) - min(max_span, len(ctx)):][::-1].astype(np.int64) if max_span > 0 else _NO_TOKENS
+        mem = _NO_TOKENS
+        if memory is not None and len(ctx):
+            mm = np.asarray(memory).ravel()
+            if len(mm) >= 2 and int(mm[-1]) == int(ctx[-1]):
+                mem = mm
+        s = self.shards[0]
+        best, tok, par, prob, ind, inm = lookup_one_shard(
+            s.tokens, s.rsa, s.buckets, rev, s.vocab, s.sep, mem, min(max_span, len(ctx)), int(memory_matches),
+            int(max_matches), depth, int(min_span), budget, min_prob)
+        if best == 0:
+            return _EMPTY
+        return RetrievalResult(tok, par, prob, ind, inm, int(best))
 
     def _corpus_picks(self, found, doc_filter, max_matches: int) -> list:
         """[(shard, positions int64, in_filter bool)] of at most ~``max_matches`` corpus occurrences, spread

@@ -199,3 +199,63 @@ def memory_suffix_matches(mem, max_span):
             q[n] = p
             n += 1
     return best, q[:n]
+
+
+_NO_HINT_TOK = np.zeros(0, np.int64)
+_NO_HINT_PROB = np.zeros(0, np.float64)
+
+
+@njit(cache=True, nogil=True)
+def lookup_one_shard(T, sa, buckets, rev, vocab, sep, mem, mem_span, mem_matches, max_matches, depth, min_span,
+                     budget, min_prob):
+    """The whole of ``DatastoreIndex.retrieve`` for the common case, in one call: one shard, no document
+    filter, no draft hint (same semantics as the general path, which tests check against brute force).
+
+    mem: the session memory (ending with the context; empty = none), searched up to ``mem_span`` tokens.
+    Returns (match length, tokens, parents, probs, in_doc, in_mem); match length 0 = no usable match.
+    """
+    m, lo, hi = backward_range(T, sa, buckets, rev, vocab)
+    mm = 0
+    q = np.empty(0, np.int64)
+    if mem.shape[0] >= 2 and mem_matches > 0:
+        mm, q = memory_suffix_matches(mem, mem_span)
+    best = max(m, mm)
+    e_tok = np.empty(0, np.int32)
+    e_prob = np.empty(0, np.float32)
+    e_flag = np.empty(0, np.bool_)
+    if best == 0 or best < max(1, min_span):
+        return 0, e_tok, e_tok, e_prob, e_flag, e_flag
+    n_corpus = 0
+    if m == best:
+        n_corpus = min(hi - lo, max_matches)
+    n_mem = 0
+    if mm == best:
+        n_mem = min(q.shape[0], mem_matches)
+    M = n_corpus + n_mem
+    C = np.full((M, depth), -1, np.int64)
+    fdoc = np.zeros(M, np.bool_)
+    fmem = np.zeros(M, np.bool_)
+    n = T.shape[0]
+    cnt = hi - lo
+    for r in range(n_corpus):
+        pos = np.int64(sa[lo + (r * cnt) // n_corpus])   # evenly spread over all occurrences
+        for d in range(depth):
+            i = min(pos + 1 + d, n - 1)                  # the last token is a separator
+            t = np.int64(T[i])
+            if t == sep:
+                break
+            C[r, d] = t
+    L = mem.shape[0]
+    q0 = q.shape[0] - n_mem                              # the most recent occurrences
+    for j in range(n_mem):
+        r = n_corpus + j
+        fmem[r] = True
+        pos = q[q0 + j]
+        for d in range(depth):
+            i = pos + 1 + d
+            if i >= L:
+                break
+            C[r, d] = mem[i]
+    tok, par, prob, ind, inm = count_and_cut(C, fdoc, fmem, budget, min_prob, _NO_HINT_TOK, _NO_HINT_PROB, 0.0,
+                                             False)
+    return best, tok, par, prob, ind, inm

@@ -92,9 +92,10 @@ def reference(docs, memory, context, max_span, min_span, depth):
 @given(docs=st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=30), min_size=1, max_size=5),
        history=st.lists(st.integers(0, 4), min_size=0, max_size=30),
        ctx=st.lists(st.integers(0, 4), min_size=1, max_size=10), max_span=st.integers(1, 8),
-       min_span=st.integers(1, 3), depth=st.integers(1, 5))
-def test_retrieve_with_memory_vs_brute_force(docs, history, ctx, max_span, min_span, depth):
-    ix = mem_index(docs, vocab=5)
+       min_span=st.integers(1, 3), depth=st.integers(1, 5), two_shards=st.booleans())
+def test_retrieve_with_memory_vs_brute_force(docs, history, ctx, max_span, min_span, depth, two_shards):
+    # one shard takes the single compiled call, two shards the general path: both must match the reference
+    ix = mem_index(docs, vocab=5, split=[1] if two_shards and len(docs) > 1 else None)
     memory = history + ctx                 # the memory always ends with the context
     r = ix.retrieve(ctx, 10_000, max_span=max_span, min_span=min_span, max_matches=10_000, depth=depth,
                     min_prob=0.0, memory=np.asarray(memory, np.int32), memory_matches=10_000)
