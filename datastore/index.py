@@ -76,8 +76,18 @@ def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[i] == values
 
 
-_NO_HINT_TOK = np.zeros(0, np.int64)
-_NO_HINT_PROB = np.zeros(0, np.float64)
+_NO_HINT = (np.zeros(0, np.int64), np.zeros(0, np.float64), 0.0, False)
+
+
+def _hint_args(hint_tokens, hint_probs, hint_confident: float = 0.8) -> tuple:
+    """The draft hint as the compiled kernels take it: (sorted tokens int64, their probs float64, the
+    probability of a token the hint lacks, whether the hint is confident enough to veto such tokens)."""
+    if hint_tokens is None or hint_probs is None or not len(hint_tokens):
+        return _NO_HINT
+    ht = np.asarray(hint_tokens, dtype=np.int64)
+    hp = np.asarray(hint_probs, dtype=np.float64)
+    srt = np.argsort(ht, kind="stable")
+    return ht[srt], hp[srt], max(0.0, 1.0 - float(hp.sum())), float(hp.max()) >= hint_confident
 
 
 def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: float,
@@ -97,13 +107,7 @@ def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: flo
     M, D = conts.shape
     if M == 0 or D == 0 or budget <= 0:
         return None
-    if hint_tokens is not None and hint_probs is not None and len(hint_tokens):
-        ht = np.asarray(hint_tokens, dtype=np.int64)
-        hp = np.asarray(hint_probs, dtype=np.float64)
-        srt = np.argsort(ht, kind="stable")
-        hint = (ht[srt], hp[srt], max(0.0, 1.0 - float(hp.sum())), float(hp.max()) >= hint_confident)
-    else:
-        hint = (_NO_HINT_TOK, _NO_HINT_PROB, 0.0, False)
+    hint = _hint_args(hint_tokens, hint_probs, hint_confident)
     fdoc = np.ascontiguousarray(in_doc, dtype=np.bool_)
     fmem = np.zeros(M, np.bool_) if in_mem is None else np.ascontiguousarray(in_mem, dtype=np.bool_)
     out = count_and_cut(np.ascontiguousarray(conts, dtype=np.int64), fdoc, fmem, int(budget), float(min_prob),
@@ -271,9 +275,10 @@ class DatastoreIndex:
         if budget <= 0 or depth <= 0 or max_matches <= 0:
             return _EMPTY
         depth = min(int(depth), 4000)
-        if len(self.shards) == 1 and doc_filter is None and (hint_tokens is None or not len(hint_tokens)):
+        if len(self.shards) == 1 and doc_filter is None:
             return self._retrieve_one_shard(context, int(budget), max_span, min_span, max_matches, depth,
-                                            float(min_prob), memory, memory_matches)
+                                            float(min_prob), memory, memory_matches,
+                                            _hint_args(hint_tokens, hint_probs))
         m, found = self.longest_match(context, max_span)
         m_mem, q_mem = 0, None
         if memory is not None and memory_matches > 0:
@@ -308,9 +313,9 @@ class DatastoreIndex:
         return RetrievalResult(*tree, match_len=best)
 
     def _retrieve_one_shard(self, context, budget, max_span, min_span, max_matches, depth, min_prob, memory,
-                            memory_matches) -> RetrievalResult:
-        """``retrieve`` for one shard without document filter or hint: one compiled call (the service's
-        usual request; a lookup is dominated by per-call overhead, not by its work)."""
+                            memory_matches, hint) -> RetrievalResult:
+        """``retrieve`` for one shard without document filter: one compiled call (the service's usual
+        request; a lookup is dominated by per-call overhead, not by its work)."""
         max_span = min(int(max_span), 4000)
         ctx = np.asarray(context).ravel()
         rev = ctx[len(ctx) - min(max_span, len(ctx)):][::-1].astype(np.int64) if max_span > 0 else _NO_TOKENS
@@ -322,7 +327,7 @@ class DatastoreIndex:
         s = self.shards[0]
         best, tok, par, prob, ind, inm = lookup_one_shard(
             s.tokens, s.rsa, s.buckets, rev, s.vocab, s.sep, mem, min(max_span, len(ctx)), int(memory_matches),
-            int(max_matches), depth, int(min_span), budget, min_prob)
+            int(max_matches), depth, int(min_span), budget, min_prob, *hint)
         if best == 0:
             return _EMPTY
         return RetrievalResult(tok, par, prob, ind, inm, int(best))

@@ -201,15 +201,12 @@ def memory_suffix_matches(mem, max_span):
     return best, q[:n]
 
 
-_NO_HINT_TOK = np.zeros(0, np.int64)
-_NO_HINT_PROB = np.zeros(0, np.float64)
-
-
 @njit(cache=True, nogil=True)
 def lookup_one_shard(T, sa, buckets, rev, vocab, sep, mem, mem_span, mem_matches, max_matches, depth, min_span,
-                     budget, min_prob):
+                     budget, min_prob, hint_tok, hint_prob, hint_left, hint_veto):
     """The whole of ``DatastoreIndex.retrieve`` for the common case, in one call: one shard, no document
-    filter, no draft hint (same semantics as the general path, which tests check against brute force).
+    filter (same semantics as the general path; tests check both against brute force). The hint arguments
+    are those of ``count_and_cut``.
 
     mem: the session memory (ending with the context; empty = none), searched up to ``mem_span`` tokens.
     Returns (match length, tokens, parents, probs, in_doc, in_mem); match length 0 = no usable match.
@@ -256,6 +253,6 @@ def lookup_one_shard(T, sa, buckets, rev, vocab, sep, mem, mem_span, mem_matches
             if i >= L:
                 break
             C[r, d] = mem[i]
-    tok, par, prob, ind, inm = count_and_cut(C, fdoc, fmem, budget, min_prob, _NO_HINT_TOK, _NO_HINT_PROB, 0.0,
-                                             False)
+    tok, par, prob, ind, inm = count_and_cut(C, fdoc, fmem, budget, min_prob, hint_tok, hint_prob, hint_left,
+                                             hint_veto)
     return best, tok, par, prob, ind, inm

@@ -165,9 +165,10 @@ def test_max_matches_sampling_and_doc_filter():
     assert r.probs[r.tokens.tolist().index(5)] == pytest.approx(0.25)
 
 
-def test_hint_fusion():
+@pytest.mark.parametrize("split", [None, [5]], ids=["one-shard", "two-shards"])
+def test_hint_fusion(split):
     docs = [[1, 2, 3]] * 6 + [[1, 2, 4]] * 4
-    ix = mem_index(docs, vocab=6)
+    ix = mem_index(docs, vocab=6, split=split)
     r = ix.retrieve([1, 2], 10, min_prob=0.0, hint_tokens=[4], hint_probs=[0.9])   # confident: 3 vetoed
     assert r.tokens.tolist() == [4] and r.probs[0] == pytest.approx(np.sqrt(0.4 * 0.9))
     r = ix.retrieve([1, 2], 10, min_prob=0.0, hint_tokens=[4], hint_probs=[0.5])   # unsure: 3 kept, reweighted
