@@ -15,7 +15,6 @@ continuation, so nothing crosses a document boundary.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 

@@ -9,7 +9,6 @@ removed after the swap, so a reader sees either the old complete index or the ne
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
