@@ -20,8 +20,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from datastore.memory import DEFAULT_CAPACITY as MEMORY_CAPACITY
-
 from .fusion import cut_to_budget
 from .types import DecodeContext, DraftTree, Source, StepResult
 
@@ -44,10 +42,8 @@ def tree_from_result(root: int, r) -> DraftTree:
     tokens = np.concatenate([[root], np.asarray(r.tokens)]).astype(np.int32)
     parents = np.concatenate([[-1], np.asarray(r.parents, dtype=np.int64) + 1]).astype(np.int32)
     probs = np.concatenate([[1.0], np.asarray(r.probs)]).astype(np.float32)
-    src = Source.DATASTORE + Source.DOCUMENTS * np.asarray(r.in_documents, dtype=bool)
-    in_mem = getattr(r, "in_memory", None)
-    if in_mem is not None and len(in_mem) == n:
-        src = src + Source.CONTEXT * np.asarray(in_mem, dtype=bool)
+    src = (Source.DATASTORE + Source.DOCUMENTS * np.asarray(r.in_documents, dtype=bool)
+           + Source.CONTEXT * np.asarray(r.in_memory, dtype=bool))
     sources = np.concatenate([[0], src]).astype(np.uint8)
     return DraftTree(tokens, parents, probs, sources)
 
@@ -78,9 +74,11 @@ class EmbeddedBackend:
 
     def __init__(self, index: Any, *, context_tail: int = 64, retrieve_opts: Optional[dict] = None,
                  memory: bool = True):
+        from datastore.memory import DEFAULT_CAPACITY   # (the index side, imported by embedded use only)
+
         self.index = index
         self.context_tail = int(context_tail)
-        self.memory = bool(memory)
+        self.memory_tokens = DEFAULT_CAPACITY if memory else 0   # history searched per lookup
         self.retrieve_opts = dict(retrieve_opts or {})
         self.stats: Counter = Counter()
         self._sessions: dict[str, np.ndarray] = {}
@@ -103,8 +101,8 @@ class EmbeddedBackend:
             docs = self._sessions.get(session_id) if session_id else None
             if docs is not None:
                 kw["doc_filter"] = docs
-            if self.memory:
-                kw["memory"] = full[-MEMORY_CAPACITY:]
+            if self.memory_tokens:
+                kw["memory"] = full[-self.memory_tokens:]
             r = self.index.retrieve(ctx.astype(np.int32), int(budget), **kw)
             tree = tree_from_result(root, r)
         except Exception as e:  # noqa: BLE001 - never into the decode loop

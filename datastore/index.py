@@ -60,6 +60,15 @@ _EMPTY = RetrievalResult.empty()
 _NO_TOKENS = np.zeros(0, np.int64)
 
 
+def _usable_memory(memory, ctx: np.ndarray) -> Optional[np.ndarray]:
+    """The session memory as a flat array, or None when there is none or it does not end with the
+    context (then it is some other history: matching in it would draft for the wrong place)."""
+    if memory is None or not len(ctx):
+        return None
+    mem = np.asarray(memory).ravel()
+    return mem if len(mem) >= 2 and int(mem[-1]) == int(ctx[-1]) else None
+
+
 def _as_filter(doc_filter) -> Optional[np.ndarray]:
     if doc_filter is None:
         return None
@@ -281,11 +290,10 @@ class DatastoreIndex:
                                             _hint_args(hint_tokens, hint_probs))
         m, found = self.longest_match(context, max_span)
         m_mem, q_mem = 0, None
-        if memory is not None and memory_matches > 0:
-            mem = np.asarray(memory).ravel()
-            ctx = np.asarray(context).ravel()
-            if len(mem) >= 2 and len(ctx) and int(mem[-1]) == int(ctx[-1]):
-                m_mem, q_mem = match_memory(mem, min(int(max_span), len(ctx)))
+        ctx = np.asarray(context).ravel()
+        mem = _usable_memory(memory, ctx)
+        if mem is not None and memory_matches > 0:
+            m_mem, q_mem = match_memory(mem, min(int(max_span), len(ctx)))
         best = max(m, m_mem)
         if best == 0 or best < max(1, min_span):
             return _EMPTY
@@ -319,14 +327,11 @@ class DatastoreIndex:
         max_span = min(int(max_span), 4000)
         ctx = np.asarray(context).ravel()
         rev = ctx[len(ctx) - min(max_span, len(ctx)):][::-1].astype(np.int64) if max_span > 0 else _NO_TOKENS
-        mem = _NO_TOKENS
-        if memory is not None and len(ctx):
-            mm = np.asarray(memory).ravel()
-            if len(mm) >= 2 and int(mm[-1]) == int(ctx[-1]):
-                mem = mm
+        mem = _usable_memory(memory, ctx)
         s = self.shards[0]
         best, tok, par, prob, ind, inm = lookup_one_shard(
-            s.tokens, s.rsa, s.buckets, rev, s.vocab, s.sep, mem, min(max_span, len(ctx)), int(memory_matches),
+            s.tokens, s.rsa, s.buckets, rev, s.vocab, s.sep, _NO_TOKENS if mem is None else mem,
+            min(max_span, len(ctx)), int(memory_matches),
             int(max_matches), depth, int(min_span), budget, min_prob, *hint)
         if best == 0:
             return _EMPTY

@@ -173,6 +173,33 @@ def count_and_cut(C, fdoc, fmem, budget, min_prob, hint_tok, hint_prob, hint_lef
 
 
 @njit(cache=True, nogil=True)
+def corpus_rows(T, sep, pos, C, r0):
+    """Row r0 + i of C (pre-filled with -1) = the tokens after position pos[i] of a shard, up to C's width,
+    stopping at the first separator (the last token of a shard is one, so reads stay inside)."""
+    n = T.shape[0]
+    for j in range(pos.shape[0]):
+        p = pos[j]
+        for d in range(C.shape[1]):
+            t = np.int64(T[min(p + 1 + d, n - 1)])
+            if t == sep:
+                break
+            C[r0 + j, d] = t
+
+
+@njit(cache=True, nogil=True)
+def memory_rows(mem, q, C, r0):
+    """Row r0 + i of C (pre-filled with -1) = the tokens after position q[i] of the memory, up to C's width
+    or the memory's end."""
+    L = mem.shape[0]
+    for j in range(q.shape[0]):
+        for d in range(C.shape[1]):
+            i = q[j] + 1 + d
+            if i >= L:
+                break
+            C[r0 + j, d] = mem[i]
+
+
+@njit(cache=True, nogil=True)
 def memory_suffix_matches(mem, max_span):
     """Longest suffix of ``mem`` (<= max_span tokens) occurring earlier in it with a token after it.
 
@@ -232,27 +259,13 @@ def lookup_one_shard(T, sa, buckets, rev, vocab, sep, mem, mem_span, mem_matches
     C = np.full((M, depth), -1, np.int64)
     fdoc = np.zeros(M, np.bool_)
     fmem = np.zeros(M, np.bool_)
-    n = T.shape[0]
     cnt = hi - lo
+    pos = np.empty(n_corpus, np.int64)
     for r in range(n_corpus):
-        pos = np.int64(sa[lo + (r * cnt) // n_corpus])   # evenly spread over all occurrences
-        for d in range(depth):
-            i = min(pos + 1 + d, n - 1)                  # the last token is a separator
-            t = np.int64(T[i])
-            if t == sep:
-                break
-            C[r, d] = t
-    L = mem.shape[0]
-    q0 = q.shape[0] - n_mem                              # the most recent occurrences
-    for j in range(n_mem):
-        r = n_corpus + j
-        fmem[r] = True
-        pos = q[q0 + j]
-        for d in range(depth):
-            i = pos + 1 + d
-            if i >= L:
-                break
-            C[r, d] = mem[i]
+        pos[r] = sa[lo + (r * cnt) // n_corpus]          # evenly spread over all occurrences
+    corpus_rows(T, sep, pos, C, 0)
+    memory_rows(mem, q[q.shape[0] - n_mem:], C, n_corpus)   # the most recent occurrences
+    fmem[n_corpus:] = True
     tok, par, prob, ind, inm = count_and_cut(C, fdoc, fmem, budget, min_prob, hint_tok, hint_prob, hint_left,
                                              hint_veto)
     return best, tok, par, prob, ind, inm

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from datastore.kernels import memory_suffix_matches
+from datastore.kernels import memory_rows, memory_suffix_matches
 
-_ARANGE = np.arange(4096, dtype=np.int64)
 DEFAULT_CAPACITY = 8192   # tokens per session: 32 KiB, so 10k sessions stay under 330 MB
 
 
@@ -103,7 +102,6 @@ def match_memory(mem: np.ndarray, max_span: int = 16):
 
 def memory_continuations(mem: np.ndarray, q: np.ndarray, depth: int) -> np.ndarray:
     """[len(q), depth] int64 tokens following each position in ``mem``, -1 past its end."""
-    idx = q[:, None] + _ARANGE[1:depth + 1]
-    out = mem[np.minimum(idx, len(mem) - 1)].astype(np.int64)
-    out[idx >= len(mem)] = -1
+    out = np.full((len(q), depth), -1, np.int64)
+    memory_rows(np.ascontiguousarray(mem), np.ascontiguousarray(q, dtype=np.int64), out, 0)
     return out

@@ -248,8 +248,8 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         m.nodes_datastore.inc(k)
         in_docs = np.asarray(r.in_documents, dtype=bool)
         nd = np.count_nonzero(in_docs)          # (count_nonzero: a fraction of ndarray.any()'s cost)
-        in_mem = getattr(r, "in_memory", None)
-        nm = np.count_nonzero(in_mem) if in_mem is not None and len(in_mem) == k else 0
+        in_mem = r.in_memory
+        nm = np.count_nonzero(in_mem)
         if not nd and not nm:
             sources = _ALL_DATASTORE[k] if k < len(_ALL_DATASTORE) else bytes([SOURCE_DATASTORE]) * k
         else:

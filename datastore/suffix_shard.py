@@ -18,10 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datastore.kernels import backward_range
-
-_ARANGE = np.arange(4096, dtype=np.int64)
-
+from datastore.kernels import backward_range, corpus_rows
 
 def sep_for(dtype) -> int:
     return int(np.iinfo(np.dtype(dtype)).max)
@@ -98,11 +95,8 @@ class Shard:
 
     def continuations(self, pos: np.ndarray, depth: int) -> np.ndarray:
         """[len(pos), depth] int64 tokens following each position, -1 from the first separator on."""
-        idx = pos[:, None] + _ARANGE[1:depth + 1]
-        np.minimum(idx, self.n - 1, out=idx)  # the last token is a separator
-        c = self.tokens[idx].astype(np.int64)
-        stop = np.logical_or.accumulate(c == self.sep, axis=1)
-        c[stop] = -1
+        c = np.full((len(pos), depth), -1, np.int64)
+        corpus_rows(self.tokens, self.sep, np.ascontiguousarray(pos, dtype=np.int64), c, 0)
         return c
 
     def doc_of(self, pos: np.ndarray) -> np.ndarray:

@@ -71,8 +71,9 @@ def test_tree_from_result_sources():
         parents = np.array([-1, 0], np.int32)
         probs = np.array([0.5, 0.25], np.float32)
         in_documents = np.array([True, False])
+        in_memory = np.array([False, True])
         match_len = 3
 
     t = tree_from_result(9, R)
     assert t.tokens.tolist() == [9, 5, 6] and t.parents.tolist() == [-1, 0, 1]
-    assert t.sources.tolist() == [0, Source.DATASTORE | Source.DOCUMENTS, Source.DATASTORE]
+    assert t.sources.tolist() == [0, Source.DATASTORE | Source.DOCUMENTS, Source.DATASTORE | Source.CONTEXT]
