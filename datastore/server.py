@@ -41,7 +41,9 @@ def _warm(index: Any) -> None:
     throw-away lookup) and the query embedder, so that the first Retrieve / OpenSession doesn't pay
     compilation or seconds of model loading inside a client's deadline."""
     try:
-        index.retrieve(np.zeros(2, dtype=np.int32), 1)
+        ctx = np.zeros(2, dtype=np.int32)
+        index.retrieve(ctx, 1)
+        index.retrieve(ctx, 1, memory=ctx)   # memory sessions take their own compiled variant (int32 memory)
     except Exception:  # noqa: BLE001 - a broken lookup surfaces on Retrieve, with its error
         log.exception("warming the lookup failed")
     if getattr(index, "has_faiss", False):
