@@ -131,34 +131,48 @@ def start_server(index_path: Path, work: Path, workers: str = "1") -> tuple[subp
 
 
 def bench_grpc_latency(addr: str, queries, budget: int) -> dict:
+    """Sequential round trips, four ways, interleaved query by query (the same queries, the same minutes):
+    unary ``Retrieve`` and ``RetrieveStream`` on a raw stub (request built beforehand), and
+    ``DatastoreClient.retrieve`` -> ``DraftTree`` over either transport."""
+    import queue
+
     import grpc
 
+    from client.datastore_client import DatastoreClient
     from protos import datastore_pb2 as pb
     from protos import datastore_pb2_grpc as pb_grpc
 
     reqs = [pb.RetrieveRequest(context=q.tolist(), budget=budget) for q in queries]
-    with grpc.insecure_channel(addr) as ch:
+    lat = {k: [] for k in ("unary", "stream", "client_stream", "client_unary")}
+    with grpc.insecure_channel(addr) as ch, DatastoreClient(addr, timeout_s=1.0) as cs, \
+            DatastoreClient(addr, timeout_s=1.0, stream=False) as cu:
         stub = pb_grpc.DatastoreStub(ch)
-        for r in reqs[:300]:
-            stub.Retrieve(r, timeout=1)
-        lat = []
-        for r in reqs:
-            t0 = time.perf_counter()
-            stub.Retrieve(r, timeout=1)
-            lat.append(time.perf_counter() - t0)
-    # the end-to-end client path (DatastoreClient: request building + DraftTree conversion)
-    from client.datastore_client import DatastoreClient
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        stream = stub.RetrieveStream(iter(outbox.get, None))
 
-    c = DatastoreClient(addr, timeout_s=1.0)
-    lat_c = []
-    for q in queries:
-        t0 = time.perf_counter()
-        c.retrieve(q, budget)
-        lat_c.append(time.perf_counter() - t0)
-    c.close()
-    return {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "mean_ms": float(np.mean(lat)) * 1e3,
-            "client_p50_ms": pct(lat_c, 50) * 1e3, "client_p99_ms": pct(lat_c, 99) * 1e3,
-            "failures": c.stats["failures"]}
+        def ask(r):
+            outbox.put(r)
+            return next(stream)
+
+        paths = {"unary": lambda i: stub.Retrieve(reqs[i], timeout=1), "stream": lambda i: ask(reqs[i]),
+                 "client_stream": lambda i: cs.retrieve(queries[i], budget),
+                 "client_unary": lambda i: cu.retrieve(queries[i], budget)}
+        for i in range(300):   # warm-up
+            for f in paths.values():
+                f(i % len(reqs))
+        for i in range(len(reqs)):
+            for k, f in paths.items():
+                t0 = time.perf_counter()
+                f(i)
+                lat[k].append(time.perf_counter() - t0)
+        outbox.put(None)
+        failures = cs.stats["failures"] + cu.stats["failures"]
+    out = {"failures": failures}
+    for k, v in lat.items():
+        pre = "" if k == "unary" else f"{k}_"
+        out[f"{pre}p50_ms"], out[f"{pre}p99_ms"] = pct(v, 50) * 1e3, pct(v, 99) * 1e3
+    out["mean_ms"] = float(np.mean(lat["unary"])) * 1e3
+    return out
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -197,9 +211,10 @@ def _server_cpu(pids: list[int]) -> float:
 
 
 async def _load(addr: str, contexts: list, budget: int, first: int, step: int, n: int, start_at: float,
-                stop_at: float) -> dict:
+                stop_at: float, stream: bool = False) -> dict:
     """``n`` concurrent callers, each on its own channel and connection, querying contexts first, first+step,
-    ...; warm-up until ``start_at`` (wall clock, shared by all load processes), counted until ``stop_at``."""
+    ...; warm-up until ``start_at`` (wall clock, shared by all load processes), counted until ``stop_at``.
+    ``stream``: each caller sends its lookups on one RetrieveStream instead of unary Retrieve calls."""
     import resource
 
     import grpc
@@ -213,13 +228,21 @@ async def _load(addr: str, contexts: list, budget: int, first: int, step: int, n
     done, errors, lat = 0, 0, []
     late_s = max(0.0, time.time() - start_at)   # > 0: this process was not ready when the window opened
 
+    calls = [stub.RetrieveStream() for stub in stubs] if stream else None
+
+    async def ask(i: int, req):
+        if calls is None:
+            return await stubs[i].Retrieve(req, timeout=1)
+        await calls[i].write(req)
+        return await calls[i].read()
+
     async def caller(i: int, until: float, counted: bool):
         nonlocal done, errors
-        stub, j = stubs[i], first + i * step
+        j = first + i * step
         while time.time() < until:
             t0 = time.perf_counter()
             try:
-                await stub.Retrieve(reqs[j % len(reqs)], timeout=1)
+                await ask(i, reqs[j % len(reqs)])
                 if counted:
                     done += 1
                     lat.append(time.perf_counter() - t0)
@@ -232,6 +255,8 @@ async def _load(addr: str, contexts: list, budget: int, first: int, step: int, n
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     await asyncio.gather(*(caller(i, stop_at, True) for i in range(n)))
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    for call in calls or ():
+        await call.done_writing()
     for ch in channels:
         await ch.close()
     return {"done": done, "errors": errors, "lat": lat, "late_s": late_s,
@@ -243,7 +268,7 @@ def _load_process(args, out) -> None:
 
 
 def bench_throughput(addr: str, queries, budget: int, clients: int, seconds: float, procs: int,
-                     server_pid: int, warmup_s: float = 1.0) -> dict:
+                     server_pid: int, warmup_s: float = 1.0, stream: bool = False) -> dict:
     """``clients`` callers over ``procs`` load-generator processes; lookups/s over a common ``seconds`` window."""
     import multiprocessing as mp
 
@@ -255,7 +280,7 @@ def bench_throughput(addr: str, queries, budget: int, clients: int, seconds: flo
     stop_at = start_at + seconds
     shares = [clients // procs + (k < clients % procs) for k in range(procs)]
     workers = [ctx.Process(target=_load_process, daemon=True,
-                           args=((addr, contexts, budget, k, procs, shares[k], start_at, stop_at), out))
+                           args=((addr, contexts, budget, k, procs, shares[k], start_at, stop_at, stream), out))
                for k in range(procs)]
     for w in workers:
         w.start()
@@ -295,6 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--budget", type=int, default=32)
     ap.add_argument("--tail", type=int, default=64)
+    ap.add_argument("--transport", choices=("unary", "stream", "both"), default="both",
+                    help="throughput load over unary Retrieve calls, RetrieveStream streams, or both (default)")
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args(argv)
@@ -319,32 +346,50 @@ def main(argv=None) -> int:
     proc, addr = start_server(index_path, work, a.workers)
     try:
         res["grpc"] = bench_grpc_latency(addr, queries, a.budget)
-        res["throughput"] = bench_throughput(addr, queries, a.budget, a.clients, a.seconds, a.client_procs, proc.pid)
+        for transport in (("unary", "stream") if a.transport == "both" else (a.transport,)):
+            key = "throughput" if transport == "unary" else "throughput_stream"
+            res[key] = bench_throughput(addr, queries, a.budget, a.clients, a.seconds, a.client_procs, proc.pid,
+                                        stream=transport == "stream")
     finally:
         proc.terminate()
         proc.wait(30)
     print(json.dumps(res, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
-    ip, g, t = res["in_process"], res["grpc"], res["throughput"]
-    cb = t["cores_busy"]
-    if t["client_late_s"] > 0:
-        print(f"WARNING: a load-generator process started {t['client_late_s']:.1f} s into the window",
-              file=sys.stderr)
-    if t["client_busy_max"] > 0.9:
-        print(f"WARNING: a load-generator process was {t['client_busy_max']:.0%} busy: the client may be the "
-              "bottleneck; raise --client-procs", file=sys.stderr)
-    print(f"""
-| measure | value | goal |
-|---|---|---|
-| in-process lookup p50 / p99 | {ip['p50_us']:.0f} us / {ip['p99_us']:.0f} us | p50 <= 50 us |
-| gRPC loopback p50 / p99 (raw stub) | {g['p50_ms']:.3f} ms / {g['p99_ms']:.3f} ms | <= 0.6 ms / <= 2 ms |
-| gRPC loopback p50 / p99 (DatastoreClient -> DraftTree) | {g['client_p50_ms']:.3f} ms / {g['client_p99_ms']:.3f} ms | |
-| throughput, {a.clients} concurrent clients, --workers {a.workers} | {t['lookups_per_s']:.0f} lookups/s ({t['errors']} errors) | >= 2,000/s |
-| CPU per lookup during it: server / load generator ({t['client_procs']} process{'es' if t['client_procs'] != 1 else ''}) | {t['server_cpu_us_per_lookup']:.0f} us / {t['client_cpu_us_per_lookup']:.0f} us | |
-| cores busy during it: server / load generator / other processes | {cb['server']:.2f} / {cb['load_generator']:.2f} / {cb['other']:.2f} | other = 0: quiet machine |
-| hit rate / mean nodes per tree | {ip['hit_rate']:.2f} / {ip['mean_nodes']:.1f} | |
-""")
+    ip, g = res["in_process"], res["grpc"]
+    rows = [
+        f"| in-process lookup p50 / p99 | {ip['p50_us']:.0f} us / {ip['p99_us']:.0f} us | p50 <= 50 us |",
+        f"| gRPC loopback p50 / p99, unary Retrieve (raw stub) | {g['p50_ms']:.3f} ms / {g['p99_ms']:.3f} ms "
+        "| <= 0.6 ms / <= 2 ms |",
+        f"| gRPC loopback p50 / p99, RetrieveStream (raw stub) | {g['stream_p50_ms']:.3f} ms / "
+        f"{g['stream_p99_ms']:.3f} ms | <= 0.6 ms / <= 2 ms |",
+        f"| DatastoreClient -> DraftTree p50 / p99, stream (default) | {g['client_stream_p50_ms']:.3f} ms / "
+        f"{g['client_stream_p99_ms']:.3f} ms | |",
+        f"| DatastoreClient -> DraftTree p50 / p99, unary | {g['client_unary_p50_ms']:.3f} ms / "
+        f"{g['client_unary_p99_ms']:.3f} ms | |",
+    ]
+    for key, name in (("throughput", "unary"), ("throughput_stream", "stream")):
+        t = res.get(key)
+        if t is None:
+            continue
+        cb = t["cores_busy"]
+        if t["client_late_s"] > 0:
+            print(f"WARNING ({name}): a load-generator process started {t['client_late_s']:.1f} s into the window",
+                  file=sys.stderr)
+        if t["client_busy_max"] > 0.9:
+            print(f"WARNING ({name}): a load-generator process was {t['client_busy_max']:.0%} busy: the client may "
+                  "be the bottleneck; raise --client-procs", file=sys.stderr)
+        procs = f"{t['client_procs']} process{'es' if t['client_procs'] != 1 else ''}"
+        rows += [
+            f"| throughput ({name}), {a.clients} concurrent clients, --workers {a.workers} | "
+            f"{t['lookups_per_s']:.0f} lookups/s ({t['errors']} errors) | >= 2,000/s |",
+            f"| CPU per lookup ({name}): server / load generator ({procs}) | "
+            f"{t['server_cpu_us_per_lookup']:.0f} us / {t['client_cpu_us_per_lookup']:.0f} us | |",
+            f"| cores busy ({name}): server / load generator / other processes | {cb['server']:.2f} / "
+            f"{cb['load_generator']:.2f} / {cb['other']:.2f} | other = 0: quiet machine |",
+        ]
+    rows.append(f"| hit rate / mean nodes per tree | {ip['hit_rate']:.2f} / {ip['mean_nodes']:.1f} | |")
+    print("\n| measure | value | goal |\n|---|---|---|\n" + "\n".join(rows) + "\n")
     return 0
 
 

@@ -5,9 +5,15 @@ overload, bad request -- returns ``None`` (or an empty tree) and bumps a counter
 is raised into the decode loop. A circuit breaker skips calls for ``breaker_cooldown_s`` after
 ``breaker_failures`` consecutive failures, then lets one probe through (half-open). The gRPC channel
 reconnects by itself.
+
+Lookups travel on one long-lived ``RetrieveStream`` call per client (``stream=True``, the default): a
+message on an open stream costs the Python gRPC runtime about a third less than a new unary call. A
+stream that ends (server restart, a rejected request) is replaced by a new one at the next lookup; a
+server without RetrieveStream (UNIMPLEMENTED) turns the client to unary ``Retrieve`` calls.
 """
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import Counter
@@ -64,6 +70,111 @@ def tree_from_response(root: int, resp) -> DraftTree:
     return DraftTree(tokens, parents, probs, sources)
 
 
+class StreamLookupError(grpc.RpcError):
+    """A RetrieveStream lookup without an answer: its deadline passed, or the stream ended cleanly."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class _StreamLookup:
+    """One lookup on a RetrieveStream, with the future interface that PendingRetrieval and ``_finish`` use."""
+
+    __slots__ = ("_stream", "_seq", "_box", "_deadline", "_cancelled")
+
+    def __init__(self, stream: "_RetrieveStream", seq: int, box: queue.SimpleQueue, deadline: float):
+        self._stream, self._seq, self._box, self._deadline = stream, seq, box, deadline
+        self._cancelled = False
+
+    def done(self) -> bool:
+        return self._cancelled or not self._box.empty()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._stream.forget(self._seq)
+
+    def result(self):
+        """The RetrieveResponse; raises the stream's error, or DEADLINE_EXCEEDED. Call it once."""
+        if self._cancelled:
+            raise grpc.FutureCancelledError()
+        try:
+            item = self._box.get(timeout=max(0.0, self._deadline - time.monotonic()))
+        except queue.Empty:
+            self._stream.forget(self._seq)   # a late answer is dropped by the reader
+            raise StreamLookupError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    "no answer on the stream before the deadline") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class _RetrieveStream:
+    """One RetrieveStream call. Requests go through a queue to gRPC's request thread; a reader thread hands
+    each response to the lookup waiting for its ``seq``. When the stream ends, every waiting lookup gets
+    the error (the server's status, e.g. INVALID_ARGUMENT for the request it rejected)."""
+
+    def __init__(self, stub, metadata):
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: dict[int, queue.SimpleQueue] = {}
+        self._lock = threading.Lock()
+        self._seq = 0
+        self.ended = False
+        self._call = stub.RetrieveStream(self._requests(), metadata=metadata)   # no deadline: lives until closed
+        threading.Thread(target=self._read, name="datastore-stream-reader", daemon=True).start()
+
+    def _requests(self):
+        while True:
+            req = self._outbox.get()
+            if req is None:
+                return
+            yield req
+
+    def _read(self) -> None:
+        err: BaseException
+        try:
+            for resp in self._call:
+                box = self._waiting.pop(resp.seq, None)
+                if box is not None:
+                    box.put(resp)
+            err = StreamLookupError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
+        except grpc.RpcError as e:
+            err = e
+        except Exception as e:  # noqa: BLE001 - e.g. a malformed message: fail the waiters, never hang them
+            err = e
+        with self._lock:
+            self.ended = True
+            boxes = list(self._waiting.values())
+            self._waiting.clear()
+        for box in boxes:
+            box.put(err)
+
+    def send(self, req, deadline: float) -> Optional[_StreamLookup]:
+        """Queue ``req`` (its ``seq`` is set here); None when the stream has ended."""
+        box: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            if self.ended:
+                return None
+            self._seq += 1
+            req.seq = seq = self._seq
+            self._waiting[seq] = box
+        self._outbox.put(req)
+        return _StreamLookup(self, seq, box, deadline)
+
+    def forget(self, seq: int) -> None:
+        self._waiting.pop(seq, None)
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self._call.cancel()
+
+
 class PendingRetrieval:
     """Handle of an in-flight Retrieve: ``result()`` blocks at most until the call's deadline."""
 
@@ -77,7 +188,7 @@ class PendingRetrieval:
         self.key = key
 
     def done(self) -> bool:
-        return self._future is None or self._future.done()
+        return self._tree is not None or self._future is None or self._future.done()
 
     def cancel(self) -> None:
         if self._future is not None and self._tree is None:
@@ -104,8 +215,10 @@ class DatastoreClient:
         breaker_cooldown_s: float = 1.0,
         session_timeout_s: float = 1.0,
         channel_options: Sequence[tuple] = (),
+        stream: bool = True,
     ):
         self.address = address
+        self.stream = bool(stream)
         self.timeout_s = float(timeout_s)
         self.session_timeout_s = float(session_timeout_s)
         self.tokenizer_fingerprint = tokenizer_fingerprint or ""
@@ -127,6 +240,7 @@ class DatastoreClient:
         self._consecutive_failures = 0
         self._open_until = 0.0
         self._probe_in_flight = False
+        self._stream: Optional[_RetrieveStream] = None
 
     # ------------------------------------------------------------------ circuit breaker
     @property
@@ -221,6 +335,22 @@ class DatastoreClient:
             req.hint_probs.extend(np.asarray(hp, dtype=np.float32).tolist())
         return root, req
 
+    def _send(self, req):
+        """Start one lookup: on the RetrieveStream (opened or replaced as needed), else a unary future."""
+        if self.stream:
+            for _ in range(2):   # a stream found ended is replaced once
+                s = self._stream
+                if s is None or s.ended:
+                    with self._lock:
+                        if self._stream is s:
+                            self._stream = _RetrieveStream(self._stub, self._metadata)
+                            self.stats["streams_opened"] += 1
+                        s = self._stream
+                lookup = s.send(req, time.monotonic() + self.timeout_s)
+                if lookup is not None:
+                    return lookup
+        return self._stub.Retrieve.future(req, timeout=self.timeout_s, metadata=self._metadata)
+
     def retrieve_async(self, context, budget: int, session_id: Optional[str] = None,
                        hint: Optional[tuple] = None, key=None) -> PendingRetrieval:
         """Issue a Retrieve without waiting; ``.result()`` gives the DraftTree (empty on any failure)."""
@@ -230,7 +360,10 @@ class DatastoreClient:
             return PendingRetrieval(self, None, root, key)
         try:
             root, req = self._request(context, budget, session_id, hint)
-            fut = self._stub.Retrieve.future(req, timeout=self.timeout_s, metadata=self._metadata)
+            fut = self._send(req)
+            if self.stream:
+                # let gRPC's request thread take the GIL and send now, not when this thread next blocks
+                time.sleep(0)
         except Exception as e:  # noqa: BLE001 - e.g. a closed channel
             self._failure(e)
             return PendingRetrieval(self, None, root, key)
@@ -243,6 +376,10 @@ class DatastoreClient:
             self.stats["cancelled"] += 1
             return DraftTree.empty(root)
         except Exception as e:  # noqa: BLE001 - grpc.RpcError, or anything else: no draft this step
+            if (self.stream and isinstance(fut, _StreamLookup) and isinstance(e, grpc.RpcError)
+                    and e.code() == grpc.StatusCode.UNIMPLEMENTED):
+                self.stream = False   # an older server: unary Retrieve from now on
+                self.stats["stream_unsupported"] += 1
             self._failure(e)
             return DraftTree.empty(root)
         return self._convert(resp, root)
@@ -260,7 +397,7 @@ class DatastoreClient:
 
     def retrieve(self, context, budget: int, session_id: Optional[str] = None,
                  hint: Optional[tuple] = None) -> DraftTree:
-        """Blocking lookup (at most ``timeout_s``); the plain call path is ~0.1 ms cheaper than a future.
+        """Blocking lookup (at most ``timeout_s``).
 
         ``context``: the request's whole token sequence so far (int [L]); only its last ``context_tail``
         tokens travel, with L as ``context_end`` so that a memory session stays in step."""
@@ -270,6 +407,9 @@ class DatastoreClient:
             return DraftTree.empty(root)
         try:
             root, req = self._request(context, budget, session_id, hint)
+            if self.stream:
+                return self._finish(self._send(req), root)
+            # the plain unary call path is ~0.1 ms cheaper than a unary future
             resp = self._stub.Retrieve(req, timeout=self.timeout_s, metadata=self._metadata)
         except Exception as e:  # noqa: BLE001 - grpc.RpcError or a closed channel: no draft this step
             self._failure(e)
@@ -292,6 +432,9 @@ class DatastoreClient:
         return [tree_from_response(r, x) for r, x in zip(roots, resp.responses)]
 
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         self._channel.close()
 
     def __enter__(self) -> "DatastoreClient":

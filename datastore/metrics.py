@@ -9,7 +9,7 @@ _LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0
 )
 _TREE_BUCKETS = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-_METHODS = ("Info", "OpenSession", "CloseSession", "Retrieve", "RetrieveBatch")
+_METHODS = ("Info", "OpenSession", "CloseSession", "Retrieve", "RetrieveBatch", "RetrieveStream")
 
 
 class Metrics:
@@ -32,6 +32,7 @@ class Metrics:
         )
         self.in_flight = Gauge("datastore_in_flight", "RPCs being handled", registry=r)
         self.sessions = Gauge("datastore_sessions", "Open document sessions", registry=r)
+        self.streams = Gauge("datastore_streams", "Open RetrieveStream streams", registry=r)
         self.reloads = Counter("datastore_reloads", "Index reloads by outcome", ["outcome"], registry=r)
         self.index_info = Info("datastore_index", "The index being served", registry=r)
         self.latency_by_method = {m: self.latency.labels(m) for m in _METHODS}

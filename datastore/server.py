@@ -203,6 +203,9 @@ class DatastoreServer:
             await asyncio.sleep(self.options.drain_delay_s)
         if self._reload_task is not None:
             self._reload_task.cancel()
+        ended = self.servicer.end_streams()   # else an idle stream would hold shutdown for the whole grace
+        if ended:
+            log.info("ended retrieve streams", extra={"streams": ended})
         await self._server.stop(self.options.shutdown_grace_s if grace is None else grace)
         self._server = None
         if self._metrics_http is not None:

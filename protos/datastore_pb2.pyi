@@ -95,7 +95,7 @@ class RetrieveOptions(_message.Message):
     def __init__(self, max_span: _Optional[int] = ..., min_span: _Optional[int] = ..., max_matches: _Optional[int] = ..., depth: _Optional[int] = ..., min_prob: _Optional[float] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("context", "session_id", "budget", "hint_tokens", "hint_probs", "tokenizer_fingerprint", "options", "context_end")
+    __slots__ = ("context", "session_id", "budget", "hint_tokens", "hint_probs", "tokenizer_fingerprint", "options", "context_end", "seq")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class RetrieveRequest(_message.Message):
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_END_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     context: _containers.RepeatedScalarFieldContainer[int]
     session_id: str
     budget: int
@@ -112,23 +113,26 @@ class RetrieveRequest(_message.Message):
     tokenizer_fingerprint: str
     options: RetrieveOptions
     context_end: int
-    def __init__(self, context: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ..., budget: _Optional[int] = ..., hint_tokens: _Optional[_Iterable[int]] = ..., hint_probs: _Optional[_Iterable[float]] = ..., tokenizer_fingerprint: _Optional[str] = ..., options: _Optional[_Union[RetrieveOptions, _Mapping]] = ..., context_end: _Optional[int] = ...) -> None: ...
+    seq: int
+    def __init__(self, context: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ..., budget: _Optional[int] = ..., hint_tokens: _Optional[_Iterable[int]] = ..., hint_probs: _Optional[_Iterable[float]] = ..., tokenizer_fingerprint: _Optional[str] = ..., options: _Optional[_Union[RetrieveOptions, _Mapping]] = ..., context_end: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("tokens", "parents", "probs", "sources", "index_id", "match_len")
+    __slots__ = ("tokens", "parents", "probs", "sources", "index_id", "match_len", "seq")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     PROBS_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     INDEX_ID_FIELD_NUMBER: _ClassVar[int]
     MATCH_LEN_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     parents: _containers.RepeatedScalarFieldContainer[int]
     probs: _containers.RepeatedScalarFieldContainer[float]
     sources: bytes
     index_id: str
     match_len: int
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ..., sources: _Optional[bytes] = ..., index_id: _Optional[str] = ..., match_len: _Optional[int] = ...) -> None: ...
+    seq: int
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ..., sources: _Optional[bytes] = ..., index_id: _Optional[str] = ..., match_len: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class RetrieveBatchRequest(_message.Message):
     __slots__ = ("requests",)

@@ -1,0 +1,271 @@
+"""RetrieveStream (one decoder's lookups on one long-lived stream), on a real gRPC server at 127.0.0.1:0:
+the same answers as unary Retrieve, errors that end the stream with Retrieve's status codes, draining,
+reload, and the client's side (stream replacement, deadlines, late answers, fallback to unary)."""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from client.datastore_client import DatastoreClient
+from datastore.server import ServerOptions
+from datastore.servicer import DatastoreServicer, ServiceConfig
+from protos import datastore_pb2 as pb
+from protos import datastore_pb2_grpc as pb_grpc
+from tests.datastore_fake_index import FakeIndex, write_fake_index
+from tests.integration.datastore_support import ServerThread
+
+DOCS = [[1, 2, 3, 4, 5, 6, 7], [9, 2, 3, 4, 8, 8], [5, 5, 5, 11, 12]]
+FP = "fp-test"
+TOKEN = "s3cret"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.fixture(scope="module")
+def index_path(tmp_path_factory):
+    return write_fake_index(tmp_path_factory.mktemp("sidx") / "index", DOCS, fingerprint=FP, vocab_size=100)
+
+
+@pytest.fixture(scope="module")
+def server(index_path):
+    cfg = ServiceConfig(max_context=32, max_budget=16, auth_token=TOKEN)
+    with ServerThread(index_path, cfg, ServerOptions(metrics_port=0), opener=FakeIndex.open) as s:
+        yield s
+
+
+class RawStream:
+    """A RetrieveStream driven request by request from the test."""
+
+    def __init__(self, stub, metadata=None):
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.call = stub.RetrieveStream(iter(self.q.get, None), timeout=30, metadata=metadata)
+
+    def ask(self, req):
+        self.q.put(req)
+        return next(self.call)
+
+    def close(self):
+        self.q.put(None)
+
+
+def without_seq(resp) -> bytes:
+    r = pb.RetrieveResponse()
+    r.CopyFrom(resp)
+    r.seq = 0
+    return r.SerializeToString(deterministic=True)
+
+
+def test_stream_answers_like_retrieve(server):
+    with grpc.insecure_channel(server.address) as ch:
+        st = pb_grpc.DatastoreStub(ch)
+        sess = st.OpenSession(pb.OpenSessionRequest(prompt_text="p", top_k=2), timeout=5, metadata=AUTH)
+        mem = st.OpenSession(pb.OpenSessionRequest(prompt_ids=[40, 41, 42, 43, 40, 41], memory=True,
+                                                   skip_documents=True), timeout=5, metadata=AUTH)
+        reqs = [
+            pb.RetrieveRequest(context=[0, 2, 3], budget=16, tokenizer_fingerprint=FP),
+            pb.RetrieveRequest(context=[0, 2, 3], budget=2),
+            pb.RetrieveRequest(context=[50, 51, 52], budget=8),                       # a miss
+            pb.RetrieveRequest(context=[2, 3], budget=16, session_id=sess.session_id),
+            pb.RetrieveRequest(context=[2, 3], budget=4, hint_tokens=[4], hint_probs=[0.9]),
+            pb.RetrieveRequest(context=[40, 41], budget=8, session_id=mem.session_id, context_end=6),
+        ]
+        s = RawStream(st)
+        streamed = []
+        for i, r in enumerate(reqs):
+            q = pb.RetrieveRequest()
+            q.CopyFrom(r)
+            q.seq = 100 + i
+            resp = s.ask(q)
+            assert resp.seq == 100 + i
+            streamed.append(resp)
+        s.close()
+        # the memory session has seen that tail; a unary call with the same context_end adds nothing new
+        unary = [st.Retrieve(r, timeout=5) for r in reqs]
+        assert [without_seq(a) for a in streamed] == [without_seq(b) for b in unary]
+        assert list(streamed[0].tokens) == [4, 5, 6, 7, 8, 8] and len(streamed[2].tokens) == 0
+        assert set(streamed[3].sources) == {1 | 2} and set(streamed[5].sources) == {1 | 8}
+
+
+@pytest.mark.parametrize("bad, code", [
+    (pb.RetrieveRequest(context=[1, 100], budget=4), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RetrieveRequest(context=[1, 2], budget=17), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RetrieveRequest(context=[1, 2], budget=4, session_id="nope"), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.RetrieveRequest(context=[1, 2], budget=4, tokenizer_fingerprint="other"), grpc.StatusCode.FAILED_PRECONDITION),
+], ids=["id-eq-vocab", "big-budget", "session", "fingerprint"])
+def test_rejected_request_ends_the_stream_with_its_code(server, bad, code):
+    with grpc.insecure_channel(server.address) as ch:
+        s = RawStream(pb_grpc.DatastoreStub(ch))
+        assert len(s.ask(pb.RetrieveRequest(context=[2, 3], budget=4, seq=1)).tokens) > 0
+        with pytest.raises(grpc.RpcError) as ei:
+            s.ask(bad)
+        assert ei.value.code() == code
+
+
+def test_auth_reads_checked_once_per_stream(index_path):
+    cfg = ServiceConfig(auth_token=TOKEN, auth_reads=True)
+    with ServerThread(index_path, cfg, opener=FakeIndex.open) as srv, grpc.insecure_channel(srv.address) as ch:
+        st = pb_grpc.DatastoreStub(ch)
+        with pytest.raises(grpc.RpcError) as ei:
+            RawStream(st).ask(pb.RetrieveRequest(context=[2, 3], budget=4))
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        s = RawStream(st, metadata=AUTH)
+        assert all(len(s.ask(pb.RetrieveRequest(context=[2, 3], budget=4, seq=i)).tokens) for i in range(3))
+        s.close()
+
+
+def test_resource_exhausted_ends_the_stream_at_once(index_path):
+    cfg = ServiceConfig(max_concurrency=1, debug_delay_s=0.5)
+    with ServerThread(index_path, cfg, opener=FakeIndex.open) as srv, grpc.insecure_channel(srv.address) as ch:
+        st = pb_grpc.DatastoreStub(ch)
+        req = pb.RetrieveRequest(context=[2, 3], budget=4)
+        slow = [st.Retrieve.future(req, timeout=5) for _ in range(1)]
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as ei:
+            RawStream(st).ask(req)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.perf_counter() - t0 < 0.25, "overload must be refused at once, not queued"
+        assert all(len(f.result().tokens) > 0 for f in slow)
+
+
+def test_metrics_count_stream_lookups(server):
+    import urllib.request
+
+    with grpc.insecure_channel(server.address) as ch:
+        s = RawStream(pb_grpc.DatastoreStub(ch))
+        for i in range(3):
+            s.ask(pb.RetrieveRequest(context=[2, 3], budget=4, seq=i))
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read()
+        body = body.decode()
+        assert 'datastore_requests_total{code="OK",method="RetrieveStream"}' in body
+        assert "datastore_streams 1.0" in body
+        s.close()
+
+
+def test_drain_ends_idle_streams_without_waiting_out_the_grace(index_path):
+    srv = ServerThread(index_path, ServiceConfig(), ServerOptions(shutdown_grace_s=20), opener=FakeIndex.open)
+    ch = grpc.insecure_channel(srv.address)
+    try:
+        s = RawStream(pb_grpc.DatastoreStub(ch))
+        assert len(s.ask(pb.RetrieveRequest(context=[2, 3], budget=4)).tokens) > 0
+        t0 = time.perf_counter()
+        srv.call(srv.server.stop(None), timeout=30)   # the configured 20 s grace
+        assert time.perf_counter() - t0 < 5, "an idle stream held the shutdown"
+        with pytest.raises((grpc.RpcError, StopIteration)):
+            s.ask(pb.RetrieveRequest(context=[2, 3], budget=4))
+    finally:
+        ch.close()
+        srv.loop.call_soon_threadsafe(srv.loop.stop)
+
+
+def test_reload_under_a_stream(tmp_path):
+    """Swap the snapshot while one stream keeps asking: no lookup fails, answers move to the new index."""
+    a = write_fake_index(tmp_path / "snap-a", DOCS, index_id="snap-a", fingerprint=FP)
+    b = write_fake_index(tmp_path / "snap-b", DOCS + [[2, 3, 42, 43]], index_id="snap-b", fingerprint=FP)
+    link = tmp_path / "current"
+    link.symlink_to(a)
+    opts = ServerOptions(reload=True, reload_interval_s=0.1, retire_after_s=0.5)
+    with ServerThread(link, ServiceConfig(), opts, opener=FakeIndex.open) as srv, \
+            grpc.insecure_channel(srv.address) as ch:
+        s = RawStream(pb_grpc.DatastoreStub(ch))
+        seen, i = [], 0
+        tmp = tmp_path / "current.tmp"
+        tmp.symlink_to(b)
+        tmp.replace(link)
+        deadline = time.time() + 10
+        while time.time() < deadline and (not seen or seen[-1] != "snap-b"):
+            i += 1
+            r = s.ask(pb.RetrieveRequest(context=[2, 3], budget=8, seq=i))
+            assert r.seq == i and len(r.tokens) > 0
+            seen.append(r.index_id)
+            time.sleep(0.01)
+        assert seen[-1] == "snap-b" and 42 in list(r.tokens)
+        s.close()
+
+
+# ---------------------------------------------------------------------------------------------- the client
+def test_client_replaces_a_stream_the_server_ended(server):
+    with DatastoreClient(server.address, timeout_s=2) as c:
+        good = c.retrieve([0, 2, 3], 8)
+        assert good.num_drafts == 6 and c.stats["streams_opened"] == 1
+        assert c.retrieve([2, 300], 4).num_drafts == 0          # rejected: INVALID_ARGUMENT ends the stream
+        assert c.stats["failure_INVALID_ARGUMENT"] == 1
+        again = c.retrieve([0, 2, 3], 8)
+        assert c.stats["streams_opened"] == 2
+        assert np.array_equal(again.tokens, good.tokens) and np.array_equal(again.parents, good.parents)
+
+
+def test_late_answers_are_dropped(index_path):
+    """A lookup that times out must not hand its late answer to the next lookup on the stream."""
+    with ServerThread(index_path, ServiceConfig(debug_delay_s=0.2), opener=FakeIndex.open) as srv:
+        with DatastoreClient(srv.address, timeout_s=5, stream=False) as ref:
+            want = ref.retrieve([5, 5, 5], 8)
+            assert want.num_drafts > 0 and not np.array_equal(want.tokens, ref.retrieve([0, 2, 3], 8).tokens)
+        c = DatastoreClient(srv.address, timeout_s=0.05)
+        assert c.retrieve([0, 2, 3], 8).num_drafts == 0
+        assert c.stats["failure_DEADLINE_EXCEEDED"] == 1
+        c.timeout_s = 5.0
+        got = c.retrieve([5, 5, 5], 8)   # queued behind the late one on the same stream
+        assert np.array_equal(got.tokens, want.tokens) and np.array_equal(got.parents, want.parents)
+        assert c.stats["streams_opened"] == 1
+        c.close()
+
+
+def test_cancelled_prefetch_does_not_leak_into_the_next_lookup(server):
+    with DatastoreClient(server.address, timeout_s=2) as c:
+        p = c.retrieve_async([0, 2, 3], 8)
+        p.cancel()
+        t = c.retrieve([5, 5, 5], 8)
+        assert t.root == 5 and 4 not in t.tokens.tolist()
+        assert c.retrieve_async([0, 2, 3], 8).result().num_drafts == 6
+
+
+def _old_server(index_path):
+    """A server of an earlier version: the Datastore service without RetrieveStream."""
+    servicer = DatastoreServicer(FakeIndex.open(index_path), ServiceConfig())
+    handlers = {"Retrieve": grpc.unary_unary_rpc_method_handler(
+        servicer.Retrieve, request_deserializer=pb.RetrieveRequest.FromString,
+        response_serializer=pb.RetrieveResponse.SerializeToString)}
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def start():
+        s = grpc.aio.server()
+        s.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("specstore.datastore.v1.Datastore",
+                                                                         handlers),))
+        port = s.add_insecure_port("127.0.0.1:0")
+        await s.start()
+        return s, port
+
+    s, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    return loop, s, port
+
+
+def test_client_falls_back_to_unary_without_retrieve_stream(index_path):
+    loop, s, port = _old_server(index_path)
+    try:
+        with DatastoreClient(f"127.0.0.1:{port}", timeout_s=2) as c:
+            assert c.retrieve([0, 2, 3], 8).num_drafts == 0           # the stream is refused once ...
+            assert c.stats["stream_unsupported"] == 1 and not c.stream
+            assert c.retrieve([0, 2, 3], 8).num_drafts == 6           # ... then unary Retrieve serves
+            assert c.retrieve_async([0, 2, 3], 8).result().num_drafts == 6
+    finally:
+        asyncio.run_coroutine_threadsafe(s.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
+def test_client_paths_give_the_same_trees(server, stream):
+    with DatastoreClient(server.address, timeout_s=2, stream=stream) as c, \
+            DatastoreClient(server.address, timeout_s=2, stream=not stream) as other:
+        for ctx in ([0, 2, 3], [9, 2, 3, 4], [5, 5], [50, 51]):
+            a, b = c.retrieve(ctx, 8), other.retrieve_async(ctx, 8).result()
+            for f in ("tokens", "parents", "probs", "sources"):
+                assert np.array_equal(getattr(a, f), getattr(b, f)), (ctx, f)
+        assert c.stats["failures"] == 0 and other.stats["failures"] == 0
+        assert (c.stats["streams_opened"] > 0) == stream
