@@ -55,18 +55,17 @@ def tree_from_response(root: int, resp) -> DraftTree:
     n = len(resp.tokens)
     if n == 0:
         return DraftTree.empty(root)
-    tokens = np.empty(n + 1, dtype=np.int32)
-    tokens[0] = root
-    tokens[1:] = resp.tokens
-    parents = np.empty(n + 1, dtype=np.int32)
-    parents[0] = -1
-    parents[1:] = resp.parents
+    # list unpacking reads a repeated field ~2x faster than numpy's sequence protocol does
+    tokens = np.array([root, *resp.tokens], dtype=np.int32)
+    parents = np.array([-1, *resp.parents], dtype=np.int32)
     parents[1:] += 1
-    probs = np.empty(n + 1, dtype=np.float32)
-    probs[0] = 1.0
-    probs[1:] = resp.probs
-    sources = np.zeros(n + 1, dtype=np.uint8)
-    sources[1:] = np.frombuffer(resp.sources, dtype=np.uint8) if len(resp.sources) == n else 1
+    probs = np.array([1.0, *resp.probs], dtype=np.float32)
+    src = resp.sources
+    if len(src) == n:
+        sources = np.frombuffer(bytearray(b"\0" + src), dtype=np.uint8)   # bytearray: a writable array
+    else:
+        sources = np.ones(n + 1, dtype=np.uint8)
+        sources[0] = 0
     return DraftTree(tokens, parents, probs, sources)
 
 
@@ -82,6 +81,11 @@ class StreamLookupError(grpc.RpcError):
 
     def details(self) -> str:
         return self._details
+
+
+def _unimplemented(err: Optional[BaseException]) -> bool:
+    return isinstance(err, grpc.RpcError) and callable(getattr(err, "code", None)) \
+        and err.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 class _StreamLookup:
@@ -126,6 +130,7 @@ class _RetrieveStream:
         self._lock = threading.Lock()
         self._seq = 0
         self.ended = False
+        self.error: Optional[BaseException] = None   # why the stream ended
         self._call = stub.RetrieveStream(self._requests(), metadata=metadata)   # no deadline: lives until closed
         threading.Thread(target=self._read, name="datastore-stream-reader", daemon=True).start()
 
@@ -149,6 +154,7 @@ class _RetrieveStream:
         except Exception as e:  # noqa: BLE001 - e.g. a malformed message: fail the waiters, never hang them
             err = e
         with self._lock:
+            self.error = err
             self.ended = True
             boxes = list(self._waiting.values())
             self._waiting.clear()
@@ -340,6 +346,9 @@ class DatastoreClient:
         if self.stream:
             for _ in range(2):   # a stream found ended is replaced once
                 s = self._stream
+                if s is not None and s.ended and _unimplemented(s.error):
+                    self._no_stream()   # refused before it carried a lookup
+                    break
                 if s is None or s.ended:
                     with self._lock:
                         if self._stream is s:
@@ -350,6 +359,12 @@ class DatastoreClient:
                 if lookup is not None:
                     return lookup
         return self._stub.Retrieve.future(req, timeout=self.timeout_s, metadata=self._metadata)
+
+    def _no_stream(self) -> None:
+        """The server has no RetrieveStream (an older version): unary Retrieve from now on."""
+        if self.stream:
+            self.stream = False
+            self.stats["stream_unsupported"] += 1
 
     def retrieve_async(self, context, budget: int, session_id: Optional[str] = None,
                        hint: Optional[tuple] = None, key=None) -> PendingRetrieval:
@@ -376,10 +391,8 @@ class DatastoreClient:
             self.stats["cancelled"] += 1
             return DraftTree.empty(root)
         except Exception as e:  # noqa: BLE001 - grpc.RpcError, or anything else: no draft this step
-            if (self.stream and isinstance(fut, _StreamLookup) and isinstance(e, grpc.RpcError)
-                    and e.code() == grpc.StatusCode.UNIMPLEMENTED):
-                self.stream = False   # an older server: unary Retrieve from now on
-                self.stats["stream_unsupported"] += 1
+            if self.stream and isinstance(fut, _StreamLookup) and _unimplemented(e):
+                self._no_stream()
             self._failure(e)
             return DraftTree.empty(root)
         return self._convert(resp, root)

@@ -23,6 +23,17 @@ class Source(enum.IntFlag):
     EARLY_EXIT = 32
 
 
+_NODE_NUMBERS = np.arange(1, 1025, dtype=np.uint64)
+
+
+def _node_numbers(n: int) -> np.ndarray:
+    """[1, 2, ..., n-1] as uint64 (a cached range: tree validation runs on every drafted tree)."""
+    global _NODE_NUMBERS
+    if n - 1 > len(_NODE_NUMBERS):
+        _NODE_NUMBERS = np.arange(1, 2 * n, dtype=np.uint64)
+    return _NODE_NUMBERS[:n - 1]
+
+
 @dataclass(frozen=True, slots=True)
 class DraftTree:
     """A draft tree in topological order.
@@ -49,9 +60,9 @@ class DraftTree:
         if int(self.parents[0]) != -1:
             raise ValueError("parents[0] must be -1 (node 0 is the root)")
         if n > 1:
-            idx = np.arange(1, n)
-            p = self.parents[1:]
-            if np.any(p < 0) or np.any(p >= idx):
+            # one comparison for both bounds: viewed as unsigned, a negative parent is >= 2**63 > i
+            p = np.asarray(self.parents[1:], dtype=np.int64).view(np.uint64)
+            if (p >= _node_numbers(n)).any():
                 raise ValueError("parents[i] must satisfy 0 <= parents[i] < i")
 
     # ------------------------------------------------------------------ construction

@@ -85,6 +85,15 @@ def _session_worker(session_id: str) -> Optional[int]:
     return None
 
 
+class _OpenStream:
+    """An open RetrieveStream: its handler task, and whether it is waiting for its next request."""
+
+    __slots__ = ("task", "idle", "cancelled_idle")
+
+    def __init__(self, task: asyncio.Task):
+        self.task, self.idle, self.cancelled_idle = task, False, False
+
+
 class DatastoreServicer(pb_grpc.DatastoreServicer):
     """Serves one ``DatastoreIndex`` at a time; ``swap_index`` replaces it atomically (reload)."""
 
@@ -100,7 +109,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         self._index = None
         self._info: Optional[pb.InfoResponse] = None
         self._in_flight = 0
-        self._streams: set = set()           # handler tasks of open RetrieveStream calls
+        self._streams: set[_OpenStream] = set()
         self._draining = False
         self._search_pool = ThreadPoolExecutor(max(1, self.config.search_workers), thread_name_prefix="doc-search")
         if index is not None:
@@ -139,15 +148,17 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         self._search_pool.shutdown(wait=False, cancel_futures=True)
 
     def end_streams(self) -> int:
-        """Draining: end every open RetrieveStream with status OK. A stream waits for its next request
-        between lookups (a lookup never awaits, except ``debug_delay_s`` in tests), so no lookup is cut
-        midway; its client opens a new stream at its next lookup, on another server behind a balancer.
-        Returns how many streams were ended."""
+        """Draining: end every open RetrieveStream with status OK, and refuse new ones. A stream waiting
+        for its next request is woken (cancelled inside that wait, which it turns into a normal end); one
+        busy with a lookup ends after sending that answer. No lookup is cut midway; a client opens a new
+        stream at its next lookup (on another server, behind a balancer). Returns how many were open."""
         self._draining = True
-        tasks = list(self._streams)
-        for t in tasks:
-            t.cancel()
-        return len(tasks)
+        streams = list(self._streams)
+        for st in streams:
+            if st.idle:
+                st.cancelled_idle = True
+                st.task.cancel()
+        return len(streams)
 
     # ------------------------------------------------------------------ helpers
     def _check_auth(self, method: str, context) -> None:
@@ -323,13 +334,21 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         except RpcError as e:
             await self._fail("RetrieveStream", context, e)
             return
-        task = asyncio.current_task()
-        self._streams.add(task)
-        self.metrics.streams.inc()
+        me = _OpenStream(asyncio.current_task())
+        self._streams.add(me)
         m, cfg = self.metrics, self.config
+        m.streams.inc()
         latency = m.latency_by_method["RetrieveStream"]
+        requests = request_iterator.__aiter__()
         try:
-            async for request in request_iterator:
+            while not self._draining:
+                me.idle = True
+                try:
+                    request = await requests.__anext__()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    me.idle = False
                 t0 = time.perf_counter()
                 self._in_flight += 1
                 try:
@@ -350,11 +369,12 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
                     latency.observe(time.perf_counter() - t0)
                 yield resp
         except asyncio.CancelledError:
-            if not self._draining:
+            if not (self._draining and me.cancelled_idle):
                 raise
-            # end_streams(): finish with OK (a cancelled handler would leave the call open until the grace ends)
+            # end_streams() woke this idle stream: finish with status OK (left cancelled, the call would stay
+            # open until the shutdown grace ends)
         finally:
-            self._streams.discard(task)
+            self._streams.discard(me)
             m.streams.dec()
 
     async def RetrieveBatch(self, request, context):

@@ -60,3 +60,4 @@ def test_remote_datastore_decoding_is_lossless(smol, index):
         check_identical(model, tok, drafter)
         stats = drafter.client.stats if hasattr(drafter, "client") else drafter.stats
         assert stats["hits"] > 0  # the server really answered with trees
+        assert stats["streams_opened"] >= 1 and stats["failures"] == 0   # lookups went over RetrieveStream

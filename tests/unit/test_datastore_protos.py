@@ -24,3 +24,22 @@ def test_response_roundtrip_to_draft_tree():
     assert t.tokens.tolist() == [7, 4, 5, 8] and t.parents.tolist() == [-1, 0, 1, 0]
     assert np.allclose(t.probs, [1, 0.9, 0.5, 0.1]) and t.sources.tolist() == [0, 1, 3, 1]
     assert len(tree_from_response(7, pb.RetrieveResponse())) == 1
+    # sources of the wrong length read as "datastore"; the tree's arrays are writable (fusion edits them)
+    t = tree_from_response(7, pb.RetrieveResponse(tokens=[4, 5], parents=[-1, 0], probs=[1, 1], sources=b"\x01"))
+    assert t.sources.tolist() == [0, 1, 1]
+    t = tree_from_response(7, wire)
+    t.sources[1] |= 4
+    assert t.sources.tolist() == [0, 5, 3, 1]
+
+
+def test_malformed_responses_are_rejected():
+    import pytest
+
+    from client.datastore_client import tree_from_response
+    from protos import datastore_pb2 as pb
+
+    for bad in (pb.RetrieveResponse(tokens=[4, 5], parents=[-1, 1], probs=[1, 1]),      # a node is its own parent
+                pb.RetrieveResponse(tokens=[4, 5], parents=[-1, -2], probs=[1, 1]),     # below the root
+                pb.RetrieveResponse(tokens=[4, 5], parents=[-1], probs=[1, 1])):        # lengths differ
+        with pytest.raises(ValueError):
+            tree_from_response(7, bad)

@@ -23,6 +23,16 @@ def test_invalid_trees_are_rejected():
         DraftTree(np.array([1], np.int32), np.array([0], np.int32), np.ones(1, np.float32), np.zeros(1, np.uint8))
     with pytest.raises(ValueError):
         DraftTree(np.array([], np.int32), np.array([], np.int32), np.ones(0, np.float32), np.zeros(0, np.uint8))
+    # a negative parent below the root, in either integer width, and a forward reference deep in a big tree
+    for dtype in (np.int32, np.int64):
+        with pytest.raises(ValueError):
+            DraftTree(np.arange(3, dtype=np.int32), np.array([-1, 0, -1], dtype), np.ones(3, np.float32),
+                      np.zeros(3, np.uint8))
+    parents = np.arange(-1, 1999, dtype=np.int32)
+    DraftTree(np.zeros(2000, np.int32), parents, np.ones(2000, np.float32), np.zeros(2000, np.uint8))   # a chain
+    parents[1500] = 1500
+    with pytest.raises(ValueError):
+        DraftTree(np.zeros(2000, np.int32), parents, np.ones(2000, np.float32), np.zeros(2000, np.uint8))
 
 
 def test_fuse_longest_prefix_merge_ors_sources():
