@@ -9,10 +9,13 @@ query is the 64-token context tail ending at one position.
         --queries 10000 --clients 16 --budget 32 [--workers 2]
 
 Builds the index once into WORK/index (reused on later runs), starts `datastore-serve` (with
-`--workers N`) as a separate process on 127.0.0.1, and prints a Markdown table.
+`--workers N`) as a separate process on 127.0.0.1, and prints a Markdown table. `--index PATH` serves an
+existing index instead (e.g. the synthetic 100M-token one that `bench/index_bench.py --synthetic-tokens`
+builds), queried with context tails sampled from its own tokens.
 
 Latency (p50/p99) is one synchronous client on one channel, i.e. one connection, so it always reaches one
-worker. Throughput: `--clients` concurrent callers, each on its own gRPC channel with its own TCP connection
+worker; four paths are timed interleaved query by query: unary Retrieve and RetrieveStream on a raw stub,
+and DatastoreClient -> DraftTree over either. Throughput runs once per `--transport` (default both). Throughput: `--clients` concurrent callers, each on its own gRPC channel with its own TCP connection
 (`grpc.use_local_subchannel_pool`; without it all channels of a process share one connection, which the
 kernel's SO_REUSEPORT would hand to a single worker), spread over `--client-procs` asyncio load-generator
 processes (default: half the CPUs, at least one) so that the client side is not held to one core by its own
@@ -88,6 +91,22 @@ def make_queries(held: list[str], tokenizer, n: int, tail: int, seed: int = 0) -
 
 def pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs), q))
+
+
+def index_queries(index_path: Path, n: int, tail: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` context tails of ``tail`` tokens at random positions of the index's first shard, none crossing a
+    document boundary (for an index without a held-out corpus, such as a synthetic one)."""
+    from datastore.index import DatastoreIndex
+
+    idx = DatastoreIndex.open(str(index_path), load_faiss=False)
+    shard, rng, out = idx.shards[0], np.random.default_rng(seed), []
+    while len(out) < n:
+        p = int(rng.integers(tail, shard.n - 1))
+        c = np.asarray(shard.tokens[p - tail:p], dtype=np.int64)
+        if not (c == shard.sep).any():
+            out.append(c)
+    idx.close()
+    return out
 
 
 def bench_in_process(index_path: Path, queries, budget: int) -> dict:
@@ -323,20 +342,28 @@ def main(argv=None) -> int:
     ap.add_argument("--transport", choices=("unary", "stream", "both"), default="both",
                     help="throughput load over unary Retrieve calls, RetrieveStream streams, or both (default)")
     ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--index", default=None,
+                    help="serve this existing index instead of building one from --corpus; queries are then "
+                         "context tails sampled from the index's own tokens (e.g. index_bench.py's synthetic "
+                         "100M-token index: --index /tmp/specstore-index-bench/synthetic)")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args(argv)
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    train, held = prepare_corpus(Path(a.corpus), work)
-    index_path = work / "index"
     build_s = None
-    if a.rebuild or not (index_path / "manifest.json").exists():
-        build_s = build(train, index_path, a.model)
-    from client.model_files import load_tokenizer
+    if a.index:
+        index_path = Path(a.index)
+        queries = index_queries(index_path, a.queries, a.tail)
+    else:
+        train, held = prepare_corpus(Path(a.corpus), work)
+        index_path = work / "index"
+        if a.rebuild or not (index_path / "manifest.json").exists():
+            build_s = build(train, index_path, a.model)
+        from client.model_files import load_tokenizer
 
-    tok = load_tokenizer(a.model)
-    queries = make_queries(held, tok, a.queries, a.tail)
+        tok = load_tokenizer(a.model)
+        queries = make_queries(held, tok, a.queries, a.tail)
     manifest = json.loads((index_path / "manifest.json").read_text())
     res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core CPU, no GPU ({platform.machine()})",
            "queries": len(queries), "budget": a.budget, "tail": a.tail, "clients": a.clients, "workers": a.workers,
