@@ -43,3 +43,23 @@ class ServerThread:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def reloading_server(tmp_path: Path, docs, fingerprint: str) -> tuple[ServerThread, Any]:
+    """A server (``--reload`` every 0.1 s, old snapshots closed 0.5 s after a swap) on snapshot "snap-a" of
+    ``docs``, published behind the symlink ``tmp_path/current``, and a function that publishes "snap-b" (the
+    same documents plus [2, 3, 42, 43], so that context [2, 3] drafts 42 only from it) by an atomic swap."""
+    from tests.datastore_fake_index import FakeIndex, write_fake_index
+
+    a = write_fake_index(tmp_path / "snap-a", docs, index_id="snap-a", fingerprint=fingerprint)
+    b = write_fake_index(tmp_path / "snap-b", [*docs, [2, 3, 42, 43]], index_id="snap-b", fingerprint=fingerprint)
+    link = tmp_path / "current"
+    link.symlink_to(a)
+
+    def publish_b() -> None:
+        tmp = tmp_path / "current.tmp"
+        tmp.symlink_to(b)
+        tmp.replace(link)   # atomic publish
+
+    opts = ServerOptions(reload=True, reload_interval_s=0.1, retire_after_s=0.5)
+    return ServerThread(link, ServiceConfig(), opts, opener=FakeIndex.open), publish_b

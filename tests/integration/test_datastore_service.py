@@ -16,7 +16,7 @@ from datastore.servicer import ServiceConfig
 from protos import datastore_pb2 as pb
 from protos import datastore_pb2_grpc as pb_grpc
 from tests.datastore_fake_index import FakeIndex, write_fake_index
-from tests.integration.datastore_support import ServerThread
+from tests.integration.datastore_support import ServerThread, reloading_server
 
 DOCS = [[1, 2, 3, 4, 5, 6, 7], [9, 2, 3, 4, 8, 8], [5, 5, 5, 11, 12]]
 FP = "fp-test"
@@ -246,13 +246,8 @@ def test_health_transitions(index_path):
 
 def test_reload_under_load(tmp_path):
     """Swap the snapshot behind a symlink while clients hammer Retrieve: no request fails."""
-    a = write_fake_index(tmp_path / "snap-a", DOCS, index_id="snap-a", fingerprint=FP)
-    b = write_fake_index(tmp_path / "snap-b", DOCS + [[2, 3, 42, 43]], index_id="snap-b", fingerprint=FP)
-    link = tmp_path / "current"
-    link.symlink_to(a)
-    opts = ServerOptions(reload=True, reload_interval_s=0.1, retire_after_s=0.5)
-    with ServerThread(link, ServiceConfig(), opts, opener=FakeIndex.open) as s, \
-            grpc.insecure_channel(s.address) as ch:
+    server, publish_b = reloading_server(tmp_path, DOCS, FP)
+    with server as s, grpc.insecure_channel(s.address) as ch:
         st = pb_grpc.DatastoreStub(ch)
         seen, errors, stop = set(), [], threading.Event()
 
@@ -269,9 +264,7 @@ def test_reload_under_load(tmp_path):
         for t in threads:
             t.start()
         time.sleep(0.3)
-        tmp = tmp_path / "current.tmp"
-        tmp.symlink_to(b)
-        tmp.replace(link)  # atomic publish
+        publish_b()
         deadline = time.time() + 10
         while "snap-b" not in seen and time.time() < deadline:
             time.sleep(0.05)

@@ -18,7 +18,7 @@ from datastore.servicer import DatastoreServicer, ServiceConfig
 from protos import datastore_pb2 as pb
 from protos import datastore_pb2_grpc as pb_grpc
 from tests.datastore_fake_index import FakeIndex, write_fake_index
-from tests.integration.datastore_support import ServerThread
+from tests.integration.datastore_support import ServerThread, reloading_server
 
 DOCS = [[1, 2, 3, 4, 5, 6, 7], [9, 2, 3, 4, 8, 8], [5, 5, 5, 11, 12]]
 FP = "fp-test"
@@ -188,18 +188,12 @@ def test_drain_lets_a_busy_stream_answer_then_ends_it(index_path):
 
 def test_reload_under_a_stream(tmp_path):
     """Swap the snapshot while one stream keeps asking: no lookup fails, answers move to the new index."""
-    a = write_fake_index(tmp_path / "snap-a", DOCS, index_id="snap-a", fingerprint=FP)
-    b = write_fake_index(tmp_path / "snap-b", DOCS + [[2, 3, 42, 43]], index_id="snap-b", fingerprint=FP)
-    link = tmp_path / "current"
-    link.symlink_to(a)
-    opts = ServerOptions(reload=True, reload_interval_s=0.1, retire_after_s=0.5)
-    with ServerThread(link, ServiceConfig(), opts, opener=FakeIndex.open) as srv, \
-            grpc.insecure_channel(srv.address) as ch:
+    server, publish_b = reloading_server(tmp_path, DOCS, FP)
+    with server as srv, grpc.insecure_channel(srv.address) as ch:
         s = RawStream(pb_grpc.DatastoreStub(ch))
-        seen, i = [], 0
-        tmp = tmp_path / "current.tmp"
-        tmp.symlink_to(b)
-        tmp.replace(link)
+        assert s.ask(pb.RetrieveRequest(context=[2, 3], budget=8, seq=1)).index_id == "snap-a"
+        seen, i = [], 1
+        publish_b()
         deadline = time.time() + 10
         while time.time() < deadline and (not seen or seen[-1] != "snap-b"):
             i += 1
