@@ -147,6 +147,15 @@ def render_markdown(result: BenchResult, summary: Optional[dict] = None, plot_pa
                              + ("above" if o > p else "**not above**"))
         lines.append("")
 
+    counters = result.meta.get("drafter_counters")
+    if counters:
+        lines.append("## Drafter counters (whole run, warm-up included)")
+        lines.append("")
+        for m, by_drafter in counters.items():
+            for drafter, c in by_drafter.items():
+                lines.append(f"- {m} / {drafter}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+        lines.append("")
+
     if plot_path is not None:
         rel = Path(plot_path)
         if report_path is not None:

@@ -359,7 +359,23 @@ def run_benchmark(methods: Sequence, prompts: Sequence[Prompt], encode: Callable
     finally:
         if bar is not None:
             bar.close()
-    return BenchResult(dict(meta or {}), names, records)
+    meta = dict(meta or {})
+    counters = drafter_counters(methods)
+    if counters:
+        meta["drafter_counters"] = counters
+    return BenchResult(meta, names, records)
+
+
+def drafter_counters(methods: Sequence) -> dict:
+    """{method: {drafter class: {counter: value}}} of every drafter that keeps counters (``.stats``, e.g. the
+    datastore drafter: lookups, hits, failures by gRPC code, prefetches used), summed over the whole run."""
+    out: dict = {}
+    for m in methods:
+        for d in getattr(getattr(m, "decoder", None), "drafters", ()):
+            stats = getattr(d, "stats", None)
+            if stats:
+                out.setdefault(m.name, {})[type(d).__name__] = {k: int(v) for k, v in sorted(dict(stats).items())}
+    return out
 
 
 def _progress(total: int, enabled: bool):

@@ -49,6 +49,7 @@ def test_interleaved_run_is_lossless_and_rotates(model):
     res = run_benchmark(methods, prompts, encode=None, max_new_tokens=10, warmup=[repetitive_prompts(1, 9)[0]],
                         progress=False, log=lambda s: None)
     assert methods[3].decoder is dec_before
+    assert "drafter_counters" not in res.meta   # context and recycling keep no counters
     assert len(res.records) == 3 * len(names)
     assert not res.mismatches()
     assert all(r.identical for r in res.records if r.method.startswith("ours"))
@@ -171,3 +172,31 @@ def test_datastore_flags_pass_through(model, monkeypatch):
     args = bench_cli.build_parser().parse_args(["--index", "/some/index", "--no-session-memory"])
     bench_cli._drafter_factory(model, None, args)("datastore")
     assert calls[-1] == (None, "/some/index", {"memory": False})
+
+
+def test_drafter_counters_are_recorded(model):
+    from collections import Counter
+
+    from client.drafters import ContextDrafter
+    from client.types import DraftTree
+
+    class Counting:
+        def __init__(self):
+            self.stats = Counter()
+
+        def propose(self, ctx, budget):
+            self.stats["requests"] += 1
+            return DraftTree.empty(ctx.last_token)
+
+        def observe(self, step):
+            pass
+
+    counting = Counting()
+    methods = build_methods(model, None, ["context,counting"], include_pld=False, include_ours_plain=False,
+                            drafter_factory=lambda names: [ContextDrafter(), counting])
+    res = run_benchmark(methods, repetitive_prompts(2), encode=None, max_new_tokens=6, progress=False,
+                        log=lambda s: None)
+    got = res.meta["drafter_counters"]
+    assert list(got) == ["ours:context,counting"]
+    assert got["ours:context,counting"] == {"Counting": {"requests": counting.stats["requests"]}}
+    assert counting.stats["requests"] > 0

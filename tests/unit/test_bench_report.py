@@ -70,3 +70,12 @@ def test_helpers():
     assert first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert first_difference([1, 2], [1, 2, 3]) == 2
     assert median([3.0, None, 1.0, 2.0]) == 2.0 and median([]) is None
+
+
+def test_markdown_lists_drafter_counters():
+    res = fake_result()
+    assert "Drafter counters" not in render_markdown(res)
+    res.meta["drafter_counters"] = {"ours:datastore": {"DatastoreDrafter": {"failures": 0, "hits": 41,
+                                                                            "requests": 50}}}
+    md = render_markdown(res)
+    assert "## Drafter counters" in md and "- ours:datastore / DatastoreDrafter: failures 0, hits 41, requests 50" in md
