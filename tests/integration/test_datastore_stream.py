@@ -289,3 +289,27 @@ def test_client_paths_give_the_same_trees(server, stream):
                 assert np.array_equal(getattr(a, f), getattr(b, f)), (ctx, f)
         assert c.stats["failures"] == 0 and other.stats["failures"] == 0
         assert (c.stats["streams_opened"] > 0) == stream
+
+
+def test_threads_sharing_one_client_get_their_own_answers(server):
+    """Several threads' lookups interleave on the one stream; each answer reaches the lookup it belongs to."""
+    contexts = [[0, 2, 3], [9, 2, 3, 4], [5, 5], [5, 5, 5], [1, 2], [50, 51]]
+    with DatastoreClient(server.address, timeout_s=5, stream=False) as ref:
+        want = [ref.retrieve(c, 8) for c in contexts]
+    assert len({tuple(t.tokens) for t in want}) > 3   # the answers differ, so a mix-up would show
+    errors: list = []
+    with DatastoreClient(server.address, timeout_s=5) as c:
+        def worker(k: int):
+            for i in range(60):
+                j = (k + i) % len(contexts)
+                got = c.retrieve_async(contexts[j], 8).result() if i % 2 else c.retrieve(contexts[j], 8)
+                if not (np.array_equal(got.tokens, want[j].tokens) and np.array_equal(got.parents, want[j].parents)):
+                    errors.append((k, i, contexts[j]))
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors[:3]
+        assert c.stats["failures"] == 0 and c.stats["streams_opened"] == 1
