@@ -15,7 +15,10 @@ builds), queried with context tails sampled from its own tokens.
 
 Latency (p50/p99) is one synchronous client on one channel, i.e. one connection, so it always reaches one
 worker; four paths are timed interleaved query by query: unary Retrieve and RetrieveStream on a raw stub,
-and DatastoreClient -> DraftTree over either. Throughput runs once per `--transport` (default both). Throughput: `--clients` concurrent callers, each on its own gRPC channel with its own TCP connection
+and DatastoreClient -> DraftTree over either.
+
+Throughput runs once per `--transport` (default both): `--clients` concurrent callers, each on its own gRPC
+channel with its own TCP connection
 (`grpc.use_local_subchannel_pool`; without it all channels of a process share one connection, which the
 kernel's SO_REUSEPORT would hand to a single worker), spread over `--client-procs` asyncio load-generator
 processes (default: half the CPUs, at least one) so that the client side is not held to one core by its own
@@ -94,19 +97,16 @@ def pct(xs, q) -> float:
 
 
 def index_queries(index_path: Path, n: int, tail: int, seed: int = 0) -> list[np.ndarray]:
-    """``n`` context tails of ``tail`` tokens at random positions of the index's first shard, none crossing a
-    document boundary (for an index without a held-out corpus, such as a synthetic one)."""
+    """``n`` context tails of ``tail`` tokens sampled from the index's own tokens (index_bench's in-corpus
+    queries), for an index without a held-out corpus, such as a synthetic one."""
+    from bench.index_bench import incorpus_queries
     from datastore.index import DatastoreIndex
 
     idx = DatastoreIndex.open(str(index_path), load_faiss=False)
-    shard, rng, out = idx.shards[0], np.random.default_rng(seed), []
-    while len(out) < n:
-        p = int(rng.integers(tail, shard.n - 1))
-        c = np.asarray(shard.tokens[p - tail:p], dtype=np.int64)
-        if not (c == shard.sep).any():
-            out.append(c)
-    idx.close()
-    return out
+    try:
+        return incorpus_queries(idx, n, np.random.default_rng(seed), ctx=tail)
+    finally:
+        idx.close()
 
 
 def bench_in_process(index_path: Path, queries, budget: int) -> dict:

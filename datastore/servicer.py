@@ -179,12 +179,17 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "no index loaded yet")
         return index
 
+    def _check_load(self) -> None:
+        """RESOURCE_EXHAUSTED past ``max_concurrency``; the caller has already added itself to ``_in_flight``."""
+        if self._in_flight > self.config.max_concurrency:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"server overloaded ({self._in_flight - 1} requests in flight); retry later")
+
     def _enter(self, method: str, context, counted: bool = True) -> None:
         # ``counted`` handlers have already added themselves to ``_in_flight``. (A plain function, not a
         # coroutine: it never waits, and an await per RPC costs a coroutine object.)
-        if counted and self._in_flight > self.config.max_concurrency:
-            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"server overloaded ({self._in_flight - 1} requests in flight); retry later")
+        if counted:
+            self._check_load()
         self._check_auth(method, context)
 
     async def _fail(self, method: str, context, err: RpcError):
@@ -352,9 +357,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
                 t0 = time.perf_counter()
                 self._in_flight += 1
                 try:
-                    if self._in_flight > cfg.max_concurrency:
-                        raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                       f"server overloaded ({self._in_flight - 1} requests in flight); retry later")
+                    self._check_load()
                     index = self._require_index()
                     if cfg.debug_delay_s:
                         await asyncio.sleep(cfg.debug_delay_s)
