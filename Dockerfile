@@ -32,7 +32,7 @@ USER specstore
 
 EXPOSE 50051 9100
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "datastore.healthcheck", "127.0.0.1:50051"]
+    CMD ["python", "-m", "specstore.datastore.healthcheck", "127.0.0.1:50051"]
 # SIGTERM drains (health NOT_SERVING, in-flight RPCs finish) before exit.
 STOPSIGNAL SIGTERM
 CMD ["datastore-serve", "--index", "/index/current", "--port", "50051", "--metrics-port", "9100", "--reload"]

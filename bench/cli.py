@@ -116,7 +116,7 @@ def _configs(args) -> list[str]:
 
 def _drafter_factory(model, tokenizer, args):
     """Drafters by name; the datastore drafter through client.cli.make_drafters (imported lazily)."""
-    from client.cli import make_drafters
+    from ..client.cli import make_drafters
 
     def factory(names: str) -> list:
         parts = [n.strip() for n in names.split(",") if n.strip()]
@@ -140,15 +140,15 @@ def _drafter_factory(model, tokenizer, args):
 def run(args) -> int:
     import torch
 
-    from client.budget import cached_cost_profile
-    from client.model_files import resolve_model
-    from client.models import load_model
+    from ..client.budget import cached_cost_profile
+    from ..client.model_files import resolve_model
+    from ..client.models import load_model
 
     from .report import OVERALL, write_reports
     from .spec_bench import (OursMethod, build_methods, environment, load_questions, parse_categories,
                              run_benchmark, select_prompts)
 
-    from client.cli_support import validate_common
+    from ..client.cli_support import validate_common
 
     validate_common(args)
     if args.warmup < 0:
@@ -176,7 +176,7 @@ def run(args) -> int:
                             drafter_factory=_drafter_factory(model, tokenizer, args))
     encoder = next((m.decoder for m in methods if isinstance(m, OursMethod)), None)
     if encoder is None:  # only transformers' methods: still encode prompts the same way
-        from client.decoder import SpeculativeDecoder
+        from ..client.decoder import SpeculativeDecoder
 
         encoder = SpeculativeDecoder(model, tokenizer, [], profile=profile, speculate=False)
 
@@ -217,7 +217,7 @@ def run(args) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    from client.cli_support import run_main
+    from ..client.cli_support import run_main
 
     return run_main("spec-bench", run, args)
 

@@ -5,7 +5,7 @@ Contexts are real: a held-out slice of the corpus (the last 10% of grade-school-
 bench index does not contain) is tokenized with the model's tokenizer and a window slides over it; each
 query is the 64-token context tail ending at one position.
 
-    python bench/datastore_bench.py --corpus ../shared/data/corpus --work /tmp/ds_bench \
+    python -m specstore.bench.datastore_bench --corpus ../shared/data/corpus --work /tmp/ds_bench \
         --queries 10000 --clients 16 --budget 32 [--workers 2]
 
 Builds the index once into WORK/index (reused on later runs), starts `datastore-serve` (with
@@ -74,7 +74,7 @@ def prepare_corpus(corpus: Path, work: Path, held_fraction: float = 0.1) -> tupl
 
 
 def build(train: Path, out: Path, model: str | None) -> float:
-    from indexers.build import build_index
+    from ..indexers.build import build_index
 
     t0 = time.perf_counter()
     # FAISS is not on the lookup path (the server runs --no-faiss here): skip the embedding stage.
@@ -99,8 +99,8 @@ def pct(xs, q) -> float:
 def index_queries(index_path: Path, n: int, tail: int, seed: int = 0) -> list[np.ndarray]:
     """``n`` context tails of ``tail`` tokens sampled from the index's own tokens (index_bench's in-corpus
     queries), for an index without a held-out corpus, such as a synthetic one."""
-    from bench.index_bench import incorpus_queries
-    from datastore.index import DatastoreIndex
+    from .index_bench import incorpus_queries
+    from ..datastore.index import DatastoreIndex
 
     idx = DatastoreIndex.open(str(index_path), load_faiss=False)
     try:
@@ -110,7 +110,7 @@ def index_queries(index_path: Path, n: int, tail: int, seed: int = 0) -> list[np
 
 
 def bench_in_process(index_path: Path, queries, budget: int) -> dict:
-    from datastore.index import DatastoreIndex
+    from ..datastore.index import DatastoreIndex
 
     idx = DatastoreIndex.open(str(index_path), load_faiss=False)
     for q in queries[:200]:
@@ -130,11 +130,11 @@ def start_server(index_path: Path, work: Path, workers: str = "1") -> tuple[subp
     port_file = work / "port"
     port_file.unlink(missing_ok=True)
     exe = shutil.which("datastore-serve", path=str(Path(sys.executable).parent)) or None
-    cmd = [exe] if exe else [sys.executable, "-m", "datastore.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "specstore.datastore.cli"]
     cmd += ["--index", str(index_path), "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
             "--no-faiss", "--log-level", "warning", "--max-concurrency", "256", "--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
-    from datastore.healthcheck import check
+    from ..datastore.healthcheck import check
 
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -157,9 +157,9 @@ def bench_grpc_latency(addr: str, queries, budget: int) -> dict:
 
     import grpc
 
-    from client.datastore_client import DatastoreClient
-    from protos import datastore_pb2 as pb
-    from protos import datastore_pb2_grpc as pb_grpc
+    from ..client.datastore_client import DatastoreClient
+    from ..protos import datastore_pb2 as pb
+    from ..protos import datastore_pb2_grpc as pb_grpc
 
     reqs = [pb.RetrieveRequest(context=q.tolist(), budget=budget) for q in queries]
     lat = {k: [] for k in ("unary", "stream", "client_stream", "client_unary")}
@@ -238,8 +238,8 @@ async def _load(addr: str, contexts: list, budget: int, first: int, step: int, n
 
     import grpc
 
-    from protos import datastore_pb2 as pb
-    from protos import datastore_pb2_grpc as pb_grpc
+    from ..protos import datastore_pb2 as pb
+    from ..protos import datastore_pb2_grpc as pb_grpc
 
     reqs = [pb.RetrieveRequest(context=c, budget=budget) for c in contexts]
     channels = [grpc.aio.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(n)]
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
         index_path = work / "index"
         if a.rebuild or not (index_path / "manifest.json").exists():
             build_s = build(train, index_path, a.model)
-        from client.model_files import load_tokenizer
+        from ..client.model_files import load_tokenizer
 
         tok = load_tokenizer(a.model)
         queries = make_queries(held, tok, a.queries, a.tail)

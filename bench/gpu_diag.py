@@ -3,15 +3,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from bench.gpu_profile import CONFIGS  # noqa: E402
-from client.tree_attention import build_tree_attention  # noqa: E402
-from client.types import DraftTree  # noqa: E402
-from client.verifier import Verifier  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from .gpu_profile import CONFIGS
+from ..client.tree_attention import build_tree_attention
+from ..client.types import DraftTree
+from ..client.verifier import Verifier
+from transformers import LlamaConfig, LlamaForCausalLM
 
 layers = int(sys.argv[1]) if len(sys.argv) > 1 else 8
 cfg = LlamaConfig(bos_token_id=1, eos_token_id=2, **{**CONFIGS["llama3-8b"], "num_hidden_layers": layers})

@@ -8,7 +8,7 @@ acceptance is not (a random model's drafts are rarely accepted). What this measu
   * plain tokens/s: transformers' generate vs our decoder with speculation off (same code path);
   * greedy agreement of our speculative decoder with transformers' generate on this model and dtype.
 
-usage: python bench/gpu_profile.py --config llama3-8b --dtype bfloat16 --out profile.json
+usage: python -m specstore.bench.gpu_profile --config llama3-8b --dtype bfloat16 --out profile.json
 """
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 CONFIGS = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -55,10 +54,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    from client.budget import measure_cost_profile
-    from client.decoder import SpeculativeDecoder
-    from client.drafters import ContextDrafter, RecyclingDrafter
-    from client.models import pick_dtype
+    from ..client.budget import measure_cost_profile
+    from ..client.decoder import SpeculativeDecoder
+    from ..client.drafters import ContextDrafter, RecyclingDrafter
+    from ..client.models import pick_dtype
 
     dtype = pick_dtype(args.dtype, torch.device(args.device))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)

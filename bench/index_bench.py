@@ -1,6 +1,6 @@
 """Index benchmark: build over the shared corpus, in-process lookup latency, side by side with REST's draftretriever.
 
-    .venv/bin/python bench/index_bench.py [--corpus ../shared/data/corpus] [--queries 10000]
+    .venv/bin/python -m specstore.bench.index_bench [--corpus ../shared/data/corpus] [--queries 10000]
         [--embed-sample PATH] [--full-embeddings] [--synthetic-tokens 100000000] [--json OUT.json]
 
 Workloads (the same query list is given to both systems):
@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from datastore.index import DatastoreIndex  # noqa: E402
-from indexers.build import build_index  # noqa: E402
+from ..datastore.index import DatastoreIndex
+from ..indexers.build import build_index
 
 
 def pct(a, q):
@@ -130,7 +129,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args(argv)
 
-    from client.model_files import load_tokenizer
+    from ..client.model_files import load_tokenizer
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

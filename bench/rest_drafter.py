@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from client.types import DecodeContext, DraftTree, Source, StepResult
+from ..client.types import DecodeContext, DraftTree, Source, StepResult
 
 
 def build_rest_index(index_dir: str | Path, out_file: str | Path) -> Path:
     """A draftretriever index over the same token documents as one of our indexes (cached by path)."""
     import draftretriever
 
-    from datastore.index import DatastoreIndex
+    from ..datastore.index import DatastoreIndex
 
     out = Path(out_file)
     if out.exists():

@@ -53,7 +53,7 @@ def load_questions(path: str | Path) -> list[Prompt]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file (give the Spec-Bench questions with --questions)")
     out = []
-    from client.cli_support import iter_jsonl
+    from ..client.cli_support import iter_jsonl
 
     for i, obj in iter_jsonl(path):
         turns = obj.get("turns") if isinstance(obj, dict) else None
@@ -209,7 +209,7 @@ def build_methods(model, tokenizer, configs: Sequence[str], *, profile=None, max
     drafter_factory(names) -> list of drafters; default: ContextDrafter / RecyclingDrafter by name
     (``datastore`` needs a factory that knows the address: see bench/cli.py).
     """
-    from client.decoder import SpeculativeDecoder
+    from ..client.decoder import SpeculativeDecoder
 
     counter = ForwardCounter(model)
     plain_dec = SpeculativeDecoder(model, tokenizer, [], profile=profile, max_budget=max_budget, speculate=False)
@@ -236,7 +236,7 @@ def build_methods(model, tokenizer, configs: Sequence[str], *, profile=None, max
 
 
 def default_drafters(names: str, model) -> list:
-    from client.drafters import ContextDrafter, RecyclingDrafter
+    from ..client.drafters import ContextDrafter, RecyclingDrafter
 
     out = []
     for n in [s.strip() for s in names.split(",") if s.strip()]:

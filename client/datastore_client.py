@@ -23,8 +23,8 @@ from typing import Optional, Sequence
 import grpc
 import numpy as np
 
-from protos import datastore_pb2 as pb
-from protos import datastore_pb2_grpc as pb_grpc
+from ..protos import datastore_pb2 as pb
+from ..protos import datastore_pb2_grpc as pb_grpc
 
 from .types import DraftTree
 

@@ -74,7 +74,7 @@ class EmbeddedBackend:
 
     def __init__(self, index: Any, *, context_tail: int = 64, retrieve_opts: Optional[dict] = None,
                  memory: bool = True):
-        from datastore.memory import DEFAULT_CAPACITY   # (the index side, imported by embedded use only)
+        from ..datastore.memory import DEFAULT_CAPACITY   # (the index side, imported by embedded use only)
 
         self.index = index
         self.context_tail = int(context_tail)
@@ -201,7 +201,7 @@ class DatastoreDrafter:
                  context_tail: int = 64, retrieve_opts: Optional[dict] = None, index: Any = None
                  ) -> "DatastoreDrafter":
         if index is None:
-            from datastore.index import DatastoreIndex  # torch-free; FAISS is the datastore side's business
+            from ..datastore.index import DatastoreIndex  # torch-free; FAISS is the datastore side's business
 
             index = DatastoreIndex.open(index_path, load_faiss=documents)
         return cls(EmbeddedBackend(index, context_tail=context_tail, retrieve_opts=retrieve_opts, memory=memory),

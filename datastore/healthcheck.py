@@ -1,6 +1,6 @@
 """Exit 0 when a datastore server answers SERVING on grpc.health.v1, else 1 (docker healthcheck).
 
-    python -m datastore.healthcheck 127.0.0.1:50051 [--service NAME] [--timeout 2] [--tls --ca FILE]
+    python -m specstore.datastore.healthcheck 127.0.0.1:50051 [--service NAME] [--timeout 2] [--tls --ca FILE]
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def check(address: str, service: str = "", timeout: float = 2.0, tls: bool = Fal
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m datastore.healthcheck", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m specstore.datastore.healthcheck", description=__doc__.splitlines()[0])
     ap.add_argument("address", help="HOST:PORT")
     ap.add_argument("--service", default="", help="service name ('' = the whole server)")
     ap.add_argument("--timeout", type=float, default=2.0)

@@ -17,9 +17,9 @@ from typing import Optional
 
 import numpy as np
 
-from datastore.kernels import count_and_cut, lookup_one_shard
-from datastore.memory import match_memory, memory_continuations
-from datastore.suffix_shard import Shard
+from .kernels import count_and_cut, lookup_one_shard
+from .memory import match_memory, memory_continuations
+from .suffix_shard import Shard
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
@@ -383,7 +383,7 @@ class DatastoreIndex:
         if self._embedder is None:
             with self._lock:
                 if self._embedder is None:
-                    from indexers.embedder import default_embedder_path, get_embedder
+                    from ..indexers.embedder import default_embedder_path, get_embedder
 
                     f = self.manifest["faiss"]["embedder"]
                     p = Path(f.get("path") or "")

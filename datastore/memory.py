@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from datastore.kernels import memory_rows, memory_suffix_matches
+from .kernels import memory_rows, memory_suffix_matches
 
 DEFAULT_CAPACITY = 8192   # tokens per session: 32 KiB, so 10k sessions stay under 330 MB
 

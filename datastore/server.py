@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protos import datastore_pb2, datastore_pb2_grpc
+from ..protos import datastore_pb2, datastore_pb2_grpc
 
 from .metrics import Metrics
 from .servicer import DatastoreServicer, ServiceConfig

@@ -27,8 +27,8 @@ from typing import Any, Optional
 import grpc
 import numpy as np
 
-from protos import datastore_pb2 as pb
-from protos import datastore_pb2_grpc as pb_grpc
+from ..protos import datastore_pb2 as pb
+from ..protos import datastore_pb2_grpc as pb_grpc
 
 from .memory import TokenMemory
 from .metrics import Metrics

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datastore.kernels import backward_range, corpus_rows
+from .kernels import backward_range, corpus_rows
 
 def sep_for(dtype) -> int:
     return int(np.iinfo(np.dtype(dtype)).max)

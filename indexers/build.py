@@ -21,8 +21,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from datastore.suffix_shard import build_buckets, build_reverse_sa, sep_for, token_dtype_for
-from indexers.readers import ReadStats, input_signature, iter_documents
+from ..datastore.suffix_shard import build_buckets, build_reverse_sa, sep_for, token_dtype_for
+from .readers import ReadStats, input_signature, iter_documents
 
 FORMAT = "specstore-index"
 FORMAT_VERSION = 1
@@ -284,7 +284,7 @@ def build_index(
     """
     from tqdm import tqdm
 
-    from client.model_files import load_tokenizer, tokenizer_fingerprint
+    from ..client.model_files import load_tokenizer, tokenizer_fingerprint
 
     t_start = time.time()
     if faiss_device not in FAISS_DEVICES:
@@ -332,7 +332,7 @@ def build_index(
 
     emb_id = None
     if embeddings:
-        from indexers.embedder import default_embedder_path, embedder_id
+        from .embedder import default_embedder_path, embedder_id
 
         embedder = str(Path(embedder).expanduser().resolve()) if embedder else str(default_embedder_path())
         emb_id = embedder_id(embedder)
@@ -529,7 +529,7 @@ def build_index(
     # ---- stage 3 + 4: chunk embeddings and FAISS
     faiss_meta = None
     if embeddings:
-        from indexers.embedder import get_embedder
+        from .embedder import get_embedder
 
         t0 = time.time()
         emb = get_embedder(embedder)

@@ -5,8 +5,9 @@
 
 The generator is pinned (``grpcio-tools==1.85.1``, the ``dev`` extra) so that the output is byte-for-byte
 reproducible; ``tests/unit/test_datastore_protos.py`` runs ``--check``.
-Protos are compiled with the repository root as the include path, so the generated stubs import each
-other as ``from protos import ...`` (a real package import, no sys.path tricks).
+Protos are compiled with the repository root as the include path (``protos/datastore.proto`` is the file's
+registered name); protoc then writes ``from protos import ...``, which ``_relative_imports`` turns into
+``from . import ...`` so that the stubs work wherever the package is installed (``specstore.protos``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ PROTO_DIR = ROOT / "protos"
 def _generated_names(proto: Path) -> list[str]:
     stem = proto.stem
     return [f"{stem}_pb2.py", f"{stem}_pb2_grpc.py", f"{stem}_pb2.pyi"]
+
+
+def _relative_imports(path: Path) -> None:
+    """protoc's absolute ``protos`` imports and module names -> the installed package's (relative imports)."""
+    text = path.read_text()
+    text = text.replace("from protos import ", "from . import ")
+    text = text.replace("(DESCRIPTOR, 'protos.", "(DESCRIPTOR, 'specstore.protos.")
+    path.write_text(text)
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -60,7 +69,9 @@ def generate(out_root: Path) -> list[Path]:
         )
         if rc != 0:
             raise SystemExit(f"protoc failed on {rel} (exit {rc})")
-        written += [out_root / "protos" / n for n in _generated_names(proto)]
+        for name in _generated_names(proto):
+            _relative_imports(out_root / "protos" / name)
+            written.append(out_root / "protos" / name)
     return written
 
 

@@ -8,11 +8,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 if ! python3 -c "import transformers,sys; sys.exit(0 if transformers.__version__.startswith('5.') else 1)" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 SPECSTORE_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider -x \
   tests/unit/test_verifier.py tests/unit/test_decoder_greedy.py tests/unit/test_sampling.py \
   tests/unit/test_drafters.py tests/unit/test_draft_tree.py 2>&1 | tail -30 | tee "$OUT/gpu_tests.log"
-timeout 180 python3 bench/gpu_profile.py --config llama3-8b --dtype bfloat16 --out "$OUT/gpu_profile_llama3-8b.json" \
+timeout 180 python -m specstore.bench.gpu_profile --config llama3-8b --dtype bfloat16 --out "$OUT/gpu_profile_llama3-8b.json" \
   2>&1 | grep -v Warning | tail -40 | tee "$OUT/gpu_profile.log"
-timeout 90 python3 bench/gpu_profile.py --config smollm2-135m --dtype bfloat16 --out "$OUT/gpu_profile_smollm2-135m.json" \
+timeout 90 python -m specstore.bench.gpu_profile --config smollm2-135m --dtype bfloat16 --out "$OUT/gpu_profile_smollm2-135m.json" \
   2>&1 | grep -v Warning | grep -E "^t\(n\)|^ours|^hf" | tee -a "$OUT/gpu_profile.log"

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from client.types import DecodeContext, DraftTree, Source
+from specstore.client.types import DecodeContext, DraftTree, Source
 
 TEST_DEVICE = os.environ.get("SPECSTORE_TEST_DEVICE", "cpu")
 

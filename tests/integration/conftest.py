@@ -5,7 +5,7 @@ import torch
 @pytest.fixture(scope="session")
 def smol():
     """The real SmolLM2-135M-Instruct (model, tokenizer), loaded once for the integration tests."""
-    from client.models import load_model
+    from specstore.client.models import load_model
 
     torch.set_num_threads(2)
     model, tok = load_model()

@@ -8,11 +8,11 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from datastore.server import DatastoreServer, ServerOptions
-from datastore.servicer import ServiceConfig
+from specstore.datastore.server import DatastoreServer, ServerOptions
+from specstore.datastore.servicer import ServiceConfig
 
-REAL_INDEX = importlib.util.find_spec("datastore.index") is not None and \
-    importlib.util.find_spec("indexers.build") is not None
+REAL_INDEX = importlib.util.find_spec("specstore.datastore.index") is not None and \
+    importlib.util.find_spec("specstore.indexers.build") is not None
 
 
 class ServerThread:

@@ -7,11 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from client.datastore_client import DatastoreClient
-from client.datastore_drafter import (DatastoreDrafter, DatastoreUnavailableError, RemoteBackend,
+from specstore.client.datastore_client import DatastoreClient
+from specstore.client.datastore_drafter import (DatastoreDrafter, DatastoreUnavailableError, RemoteBackend,
                                       TokenizerMismatchError, make_datastore_drafter)
-from client.types import DecodeContext, DraftTree, Source, StepResult
-from datastore.servicer import ServiceConfig
+from specstore.client.types import DecodeContext, DraftTree, Source, StepResult
+from specstore.datastore.servicer import ServiceConfig
 from tests.datastore_fake_index import FakeIndex, write_fake_index
 from tests.integration.datastore_support import ServerThread
 
@@ -83,7 +83,7 @@ def test_server_down_breaker_and_recovery(index_path):
     assert d.propose(ctx(1, 2, 3), 8).num_drafts == 0
     d.end_request()
     # the server comes up on that port: after the cool-down a probe closes the breaker
-    from datastore.server import ServerOptions
+    from specstore.datastore.server import ServerOptions
 
     with ServerThread(index_path, ServiceConfig(), ServerOptions(port=port), opener=FakeIndex.open):
         c.timeout_s = 2.0
@@ -152,7 +152,7 @@ class _Tok:
 
 
 def test_factory_checks_fingerprint_and_reachability(server):
-    from client.model_files import tokenizer_fingerprint
+    from specstore.client.model_files import tokenizer_fingerprint
 
     tok = _Tok({"a": 0, "b": 1})
     with pytest.raises(TokenizerMismatchError, match="tokenizer"):

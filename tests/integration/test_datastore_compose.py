@@ -20,7 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 # console scripts of pyproject.toml; run as modules when the scripts are not installed
-SCRIPTS = {"index-build": "indexers.cli", "datastore-serve": "datastore.cli"}
+SCRIPTS = {"index-build": "specstore.indexers.cli", "datastore-serve": "specstore.datastore.cli"}
 
 
 def resolve(cmd: list[str], mounts: dict[str, Path]) -> list[str]:
@@ -100,8 +100,8 @@ def test_compose_commands_run(tmp_path):
             time.sleep(0.3)
         assert "SERVING" in h.stdout
 
-        from client.datastore_client import DatastoreClient
-        from client.model_files import load_tokenizer
+        from specstore.client.datastore_client import DatastoreClient
+        from specstore.client.model_files import load_tokenizer
 
         tok = load_tokenizer()
         ids = tok("I saw the quick brown", add_special_tokens=False)["input_ids"]

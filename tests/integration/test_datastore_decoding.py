@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.budget import CostProfile
-from client.datastore_drafter import make_datastore_drafter
-from client.decoder import SpeculativeDecoder
-from client.drafters import ContextDrafter
+from specstore.client.budget import CostProfile
+from specstore.client.datastore_drafter import make_datastore_drafter
+from specstore.client.decoder import SpeculativeDecoder
+from specstore.client.drafters import ContextDrafter
 from tests.integration.datastore_support import ServerThread
 
 CORPUS = [
@@ -24,7 +24,7 @@ PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory, smol):
-    from indexers.build import build_index
+    from specstore.indexers.build import build_index
 
     d = tmp_path_factory.mktemp("dsdec")
     (d / "corpus").mkdir()

@@ -13,8 +13,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import datastore_pb2 as pb
-from protos import datastore_pb2_grpc as pb_grpc
+from specstore.protos import datastore_pb2 as pb
+from specstore.protos import datastore_pb2_grpc as pb_grpc
 from tests.datastore_fake_index import write_fake_index
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # in flight when SIGTERM arrives). Everything else -- flags, signals, health, drain -- is the real CLI.
 DRIVER = textwrap.dedent("""
     import sys, dataclasses
-    import datastore.server as server, datastore.cli as cli
+    import specstore.datastore.server as server, specstore.datastore.cli as cli
     from tests.datastore_fake_index import FakeIndex
     server.default_opener = lambda load_faiss=True: FakeIndex.open
     _cfg = cli._config_from_args

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("datastore.index")
-pytest.importorskip("indexers.build")
+pytest.importorskip("specstore.datastore.index")
+pytest.importorskip("specstore.indexers.build")
 
-from client.datastore_client import DatastoreClient  # noqa: E402
-from client.datastore_drafter import TokenizerMismatchError, make_datastore_drafter  # noqa: E402
-from client.types import DecodeContext, Source  # noqa: E402
-from datastore.servicer import ServiceConfig  # noqa: E402
+from specstore.client.datastore_client import DatastoreClient  # noqa: E402
+from specstore.client.datastore_drafter import TokenizerMismatchError, make_datastore_drafter  # noqa: E402
+from specstore.client.types import DecodeContext, Source  # noqa: E402
+from specstore.datastore.servicer import ServiceConfig  # noqa: E402
 from tests.integration.datastore_support import ServerThread  # noqa: E402
 
 TEXTS = [
@@ -22,14 +22,14 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from client.model_files import load_tokenizer
+    from specstore.client.model_files import load_tokenizer
 
     return load_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def real_index(tmp_path_factory, tokenizer):
-    from indexers.build import build_index
+    from specstore.indexers.build import build_index
 
     d = tmp_path_factory.mktemp("real")
     corpus = d / "corpus"
@@ -46,7 +46,7 @@ def ids(tokenizer, text):
 
 
 def test_service_over_real_index(real_index, tokenizer):
-    from client.model_files import tokenizer_fingerprint
+    from specstore.client.model_files import tokenizer_fingerprint
 
     fp = tokenizer_fingerprint(tokenizer)
     with ServerThread(real_index, ServiceConfig()) as s:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from datastore.server import SERVICE_NAME, ServerOptions
-from datastore.servicer import ServiceConfig
-from protos import datastore_pb2 as pb
-from protos import datastore_pb2_grpc as pb_grpc
+from specstore.datastore.server import SERVICE_NAME, ServerOptions
+from specstore.datastore.servicer import ServiceConfig
+from specstore.protos import datastore_pb2 as pb
+from specstore.protos import datastore_pb2_grpc as pb_grpc
 from tests.datastore_fake_index import FakeIndex, write_fake_index
 from tests.integration.datastore_support import ServerThread, reloading_server
 

@@ -12,11 +12,11 @@ import grpc
 import numpy as np
 import pytest
 
-from client.datastore_client import DatastoreClient
-from datastore.server import ServerOptions
-from datastore.servicer import DatastoreServicer, ServiceConfig
-from protos import datastore_pb2 as pb
-from protos import datastore_pb2_grpc as pb_grpc
+from specstore.client.datastore_client import DatastoreClient
+from specstore.datastore.server import ServerOptions
+from specstore.datastore.servicer import DatastoreServicer, ServiceConfig
+from specstore.protos import datastore_pb2 as pb
+from specstore.protos import datastore_pb2_grpc as pb_grpc
 from tests.datastore_fake_index import FakeIndex, write_fake_index
 from tests.integration.datastore_support import ServerThread, reloading_server
 

@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from datastore.healthcheck import check
-from datastore.server import ServerOptions
-from datastore.servicer import ServiceConfig
+from specstore.datastore.healthcheck import check
+from specstore.datastore.server import ServerOptions
+from specstore.datastore.servicer import ServiceConfig
 from tests.datastore_fake_index import FakeIndex, write_fake_index
 from tests.integration.datastore_support import ServerThread
 
@@ -22,7 +22,7 @@ def test_tls_roundtrip(tmp_path):
     index = write_fake_index(tmp_path / "index", [[1, 2, 3, 4]], fingerprint="fp")
     opts = ServerOptions(tls_cert=str(cert), tls_key=str(key))
     with ServerThread(index, ServiceConfig(), opts, opener=FakeIndex.open) as s:
-        from client.datastore_client import DatastoreClient
+        from specstore.client.datastore_client import DatastoreClient
 
         addr = f"localhost:{s.port}"
         with DatastoreClient(addr, timeout_s=5, tls=True, root_certificates=cert.read_bytes()) as c:

@@ -17,8 +17,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import datastore_pb2 as pb
-from protos import datastore_pb2_grpc as pb_grpc
+from specstore.protos import datastore_pb2 as pb
+from specstore.protos import datastore_pb2_grpc as pb_grpc
 from tests.datastore_fake_index import write_fake_index
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT load spreading: Linux")
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # datastore-serve's own main() serving the stand-in index; flags, workers, signals are the real CLI.
 DRIVER = textwrap.dedent("""
     import sys
-    import datastore.server as server, datastore.cli as cli
+    import specstore.datastore.server as server, specstore.datastore.cli as cli
     from tests.datastore_fake_index import FakeIndex
     server.default_opener = lambda load_faiss=True: FakeIndex.open
     sys.exit(cli.main(sys.argv[1:]))
@@ -212,7 +212,7 @@ def test_port_clash_fails_loudly(tmp_path, index):
 
 
 def test_workers_flag_values():
-    from datastore.workers import cpu_count, parse_workers
+    from specstore.datastore.workers import cpu_count, parse_workers
 
     assert parse_workers("1") == 1 and parse_workers("3") == 3
     assert parse_workers("auto") == parse_workers("0") == cpu_count() >= 1

@@ -17,7 +17,7 @@ def run(*args, env=None):
     e = dict(os.environ)
     e.pop("SPECSTORE_INDEX_CRASH_AT", None)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "indexers.cli", *args], cwd=ROOT, env=e, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "specstore.indexers.cli", *args], cwd=ROOT, env=e, capture_output=True,
                           text=True, timeout=300)
 
 

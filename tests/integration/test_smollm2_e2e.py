@@ -5,9 +5,9 @@ import sys
 
 import torch
 
-from client.budget import CostProfile
-from client.decoder import SpeculativeDecoder
-from client.drafters import ContextDrafter, RecyclingDrafter
+from specstore.client.budget import CostProfile
+from specstore.client.decoder import SpeculativeDecoder
+from specstore.client.drafters import ContextDrafter, RecyclingDrafter
 
 PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
@@ -37,7 +37,7 @@ def test_greedy_identical_to_transformers_generate(smol):
 def test_cli_json_and_compare_plain(tmp_path):
     f = tmp_path / "prompts.jsonl"
     f.write_text(json.dumps({"prompt": "List three colors of the rainbow."}) + "\n")
-    r = subprocess.run([sys.executable, "-m", "client.cli", "--prompts-file", str(f), "--json",
+    r = subprocess.run([sys.executable, "-m", "specstore.client.cli", "--prompts-file", str(f), "--json",
                         "--max-new-tokens", "24", "--compare-plain", "--threads", "2",
                         "--recycling-table", str(tmp_path / "table.npz")],
                        capture_output=True, text=True, timeout=900)
@@ -50,9 +50,9 @@ def test_cli_json_and_compare_plain(tmp_path):
 
 
 def test_cli_rejects_prompt_longer_than_context():
-    r = subprocess.run([sys.executable, "-m", "client.cli", "--raw", "--prompt", "word " * 9000],
+    r = subprocess.run([sys.executable, "-m", "specstore.client.cli", "--raw", "--prompt", "word " * 9000],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "context" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "client.cli", "--raw", "--prompt", ""],
+    r = subprocess.run([sys.executable, "-m", "specstore.client.cli", "--raw", "--prompt", ""],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from client.decoder import SpeculativeDecoder
-from client.model_files import ModelNotFoundError, resolve_model
+from specstore.client.decoder import SpeculativeDecoder
+from specstore.client.model_files import ModelNotFoundError, resolve_model
 from tests.helpers import tiny_llama
 
 
@@ -36,7 +36,7 @@ def test_unknown_model_path():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "specstore.client.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from bench import cli as bench_cli
-from bench.spec_bench import (OURS_PLAIN, PLAIN, PLD, Prompt, Run, build_methods, run_benchmark)
+from specstore.bench import cli as bench_cli
+from specstore.bench.spec_bench import (OURS_PLAIN, PLAIN, PLD, Prompt, Run, build_methods, run_benchmark)
 from tests.helpers import tiny_llama
 from tests.unit.test_bench_prompts import write_questions
 
@@ -99,14 +99,14 @@ def test_plain_must_come_first(model):
 
 
 def test_cli_end_to_end(model, tmp_path, monkeypatch, capsys):
-    import client.budget
-    import client.model_files
-    import client.models
-    from client.budget import CostProfile
+    import specstore.client.budget
+    import specstore.client.model_files
+    import specstore.client.models
+    from specstore.client.budget import CostProfile
 
-    monkeypatch.setattr(client.models, "load_model", lambda *a, **k: (model, FakeTokenizer()))
-    monkeypatch.setattr(client.budget, "cached_cost_profile", lambda *a, **k: CostProfile.flat(33))
-    monkeypatch.setattr(client.model_files, "resolve_model", lambda spec: type("F", (), {"name": "tiny"})())
+    monkeypatch.setattr(specstore.client.models, "load_model", lambda *a, **k: (model, FakeTokenizer()))
+    monkeypatch.setattr(specstore.client.budget, "cached_cost_profile", lambda *a, **k: CostProfile.flat(33))
+    monkeypatch.setattr(specstore.client.model_files, "resolve_model", lambda spec: type("F", (), {"name": "tiny"})())
     q = write_questions(tmp_path / "q.jsonl", per_sub=1, per_cat=2)
     out = tmp_path / "out"
     argv = ["--questions", str(q), "--categories", "qa,mt_bench", "--n-per-category", "1",
@@ -145,8 +145,8 @@ def test_configs_add_datastore_variant():
 
 
 def test_datastore_flags_pass_through(model, monkeypatch):
-    import client.datastore_drafter
-    from client.types import DraftTree
+    import specstore.client.datastore_drafter
+    from specstore.client.types import DraftTree
 
     calls = []
 
@@ -161,7 +161,7 @@ def test_datastore_flags_pass_through(model, monkeypatch):
         calls.append((address, index_path, kw))
         return Stub()
 
-    monkeypatch.setattr(client.datastore_drafter, "make_datastore_drafter", fake)
+    monkeypatch.setattr(specstore.client.datastore_drafter, "make_datastore_drafter", fake)
     args = bench_cli.build_parser().parse_args(["--index", "/some/index", "--datastore-timeout-ms", "7"])
     factory = bench_cli._drafter_factory(model, None, args)
     assert [type(d).__name__ for d in factory("context,recycling")] == ["ContextDrafter", "RecyclingDrafter"]
@@ -177,8 +177,8 @@ def test_datastore_flags_pass_through(model, monkeypatch):
 def test_drafter_counters_are_recorded(model):
     from collections import Counter
 
-    from client.drafters import ContextDrafter
-    from client.types import DraftTree
+    from specstore.client.drafters import ContextDrafter
+    from specstore.client.types import DraftTree
 
     class Counting:
         def __init__(self):

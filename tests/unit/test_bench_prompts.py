@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bench.spec_bench import (CATEGORIES, DEFAULT_QUESTIONS, MT_BENCH_SUBCATEGORIES, category_of, load_questions,
+from specstore.bench.spec_bench import (CATEGORIES, DEFAULT_QUESTIONS, MT_BENCH_SUBCATEGORIES, category_of, load_questions,
                               parse_categories, select_prompts)
 
 

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from bench.report import OVERALL, render_markdown, summarize, write_reports
-from bench.spec_bench import BenchResult, Record, first_difference, median
+from specstore.bench.report import OVERALL, render_markdown, summarize, write_reports
+from specstore.bench.spec_bench import BenchResult, Record, first_difference, median
 
 METHODS = ["plain", "pld", "ours-plain", "ours:context"]
 

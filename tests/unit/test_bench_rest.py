@@ -4,9 +4,9 @@ import pytest
 
 pytest.importorskip("draftretriever")
 
-from bench.rest_drafter import RestDrafter, build_rest_index  # noqa: E402
-from client.types import DecodeContext  # noqa: E402
-from indexers.build import build_index  # noqa: E402
+from specstore.bench.rest_drafter import RestDrafter, build_rest_index  # noqa: E402
+from specstore.client.types import DecodeContext  # noqa: E402
+from specstore.indexers.build import build_index  # noqa: E402
 
 
 def test_rest_drafter_proposes_corpus_continuations(tmp_path):

@@ -15,8 +15,8 @@ def test_generated_code_is_fresh():
 
 
 def test_response_roundtrip_to_draft_tree():
-    from client.datastore_client import tree_from_response
-    from protos import datastore_pb2 as pb
+    from specstore.client.datastore_client import tree_from_response
+    from specstore.protos import datastore_pb2 as pb
 
     resp = pb.RetrieveResponse(tokens=[4, 5, 8], parents=[-1, 0, -1], probs=[0.9, 0.5, 0.1], sources=bytes([1, 3, 1]))
     wire = pb.RetrieveResponse.FromString(resp.SerializeToString())
@@ -35,8 +35,8 @@ def test_response_roundtrip_to_draft_tree():
 def test_malformed_responses_are_rejected():
     import pytest
 
-    from client.datastore_client import tree_from_response
-    from protos import datastore_pb2 as pb
+    from specstore.client.datastore_client import tree_from_response
+    from specstore.protos import datastore_pb2 as pb
 
     for bad in (pb.RetrieveResponse(tokens=[4, 5], parents=[-1, 1], probs=[1, 1]),      # a node is its own parent
                 pb.RetrieveResponse(tokens=[4, 5], parents=[-1, -2], probs=[1, 1]),     # below the root

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from client.datastore_drafter import tree_from_result
-from client.fusion import cut_to_budget
-from client.types import DraftTree, Source
-from datastore.sessions import SessionStore
+from specstore.client.datastore_drafter import tree_from_result
+from specstore.client.fusion import cut_to_budget
+from specstore.client.types import DraftTree, Source
+from specstore.datastore.sessions import SessionStore
 
 
 class Clock:

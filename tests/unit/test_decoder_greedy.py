@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from client.budget import BudgetController, CostProfile
-from client.decoder import SpeculativeDecoder
-from client.drafters import ContextDrafter, RecyclingDrafter
+from specstore.client.budget import BudgetController, CostProfile
+from specstore.client.decoder import SpeculativeDecoder
+from specstore.client.drafters import ContextDrafter, RecyclingDrafter
 from tests.helpers import RandomTreeDrafter, plain_greedy, tiny_llama
 
 VOCAB = 96

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from client.fusion import cut_to_budget, fuse
-from client.types import DraftTree, Source
+from specstore.client.fusion import cut_to_budget, fuse
+from specstore.client.types import DraftTree, Source
 from hypothesis import given, settings, strategies as st
 
 

@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from client.budget import BudgetController, CostProfile
-from client.drafters import ContextDrafter, RecyclingDrafter
-from client.drafters.recycling import load_template
-from client.types import DecodeContext, DraftTree, Source, StepResult
+from specstore.client.budget import BudgetController, CostProfile
+from specstore.client.drafters import ContextDrafter, RecyclingDrafter
+from specstore.client.drafters.recycling import load_template
+from specstore.client.types import DecodeContext, DraftTree, Source, StepResult
 
 
 def ctx(tokens, req=1):
@@ -83,7 +83,7 @@ def test_controller_learns_and_prefers_accepted_sources():
     q_good = c.calibrate(good)
     q_bad = c.calibrate(bad)
     assert q_good[1] > 0.9 and q_bad[1] < 0.1
-    from client.fusion import fuse
+    from specstore.client.fusion import fuse
 
     chosen, expected = c.choose(fuse([good, bad], 8))
     assert paths_of(chosen) == {(1,), (1, 2), (1, 2, 3)}

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from client.model_files import load_tokenizer
-from datastore.index import DatastoreIndex, IndexFormatError
-from indexers.build import CRASH_ENV, SimulatedCrash, build_index
-from indexers.cli import main
+from specstore.client.model_files import load_tokenizer
+from specstore.datastore.index import DatastoreIndex, IndexFormatError
+from specstore.indexers.build import CRASH_ENV, SimulatedCrash, build_index
+from specstore.indexers.cli import main
 
 DOCS = [
     {"instruction": "Write a function that adds two numbers.", "response": "def add(a, b):\n    return a + b"},
@@ -33,7 +33,7 @@ def tiny_embedder(tmp_path_factory):
 
     from safetensors.numpy import save_file
 
-    from indexers.embedder import default_embedder_path
+    from specstore.indexers.embedder import default_embedder_path
 
     d = tmp_path_factory.mktemp("tiny-bert")
     src = default_embedder_path()
@@ -103,7 +103,7 @@ def test_build_open_retrieve(tok, corpus, tmp_path):
 
 
 def test_faiss_matches_exact_search(tok, corpus, tmp_path):
-    from indexers.embedder import NumpyEmbedder
+    from specstore.indexers.embedder import NumpyEmbedder
 
     out = tmp_path / "idx"
     build_index([corpus], out, tokenizer=tok, chunk_tokens=40, progress=False)
@@ -189,7 +189,7 @@ def test_crash_then_resume_equals_clean_build(tok, clean_builds, tmp_path, monke
 
 
 def test_embed_checkpoints_resume_mid_shard(tok, clean_builds, tmp_path, monkeypatch, tiny_embedder):
-    import indexers.build as B
+    import specstore.indexers.build as B
 
     corpus_dir, clean = clean_builds
     kw = dict(tokenizer=tok, embeddings=True, embedder=str(tiny_embedder), **CRASH_KW)
@@ -248,7 +248,7 @@ def test_append_adds_a_shard(tok, corpus, tmp_path, tiny_embedder):
     r = ix.retrieve(_ids(tok, "def add(a, b):\n    return"), 4)
     assert r.match_len >= 5
     # a tokenizer mismatch is refused
-    from indexers.build import BuildError
+    from specstore.indexers.build import BuildError
     with pytest.raises(BuildError, match="fingerprint"):
         build_index(None, out, token_docs=[[1, 2, 3]], append=True, progress=False)
 
@@ -283,7 +283,7 @@ def test_token_docs_and_uint32(tmp_path):
     r = ix.retrieve([1, 65_535], 8, min_prob=0.0)
     assert r.match_len == 2 and r.tokens.tolist() == [80_000, 5] and r.parents.tolist() == [-1, 0]
     assert ix.manifest["stats"]["bytes_per_token"] > 0
-    from indexers.build import BuildError
+    from specstore.indexers.build import BuildError
     with pytest.raises(BuildError, match="outside the vocabulary"):
         build_index(None, tmp_path / "j", token_docs=[[5, 100]], vocab_size=50, progress=False)
 
@@ -378,7 +378,7 @@ def test_faiss_gpu_path_builds_the_same_index(tok, corpus, tmp_path, tiny_embedd
 
     import faiss
 
-    from indexers.build import BuildError
+    from specstore.indexers.build import BuildError
 
     kw = dict(tokenizer=tok, chunk_tokens=16, embedder=str(tiny_embedder), progress=False, log=lambda *_: None)
     with pytest.raises(BuildError, match="sees no GPU"):

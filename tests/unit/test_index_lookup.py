@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from datastore.index import DatastoreIndex, RetrievalResult, build_tree
-from datastore.suffix_shard import Shard, build_buckets, build_reverse_sa, brute_force_match, sep_for
+from specstore.datastore.index import DatastoreIndex, RetrievalResult, build_tree
+from specstore.datastore.suffix_shard import Shard, build_buckets, build_reverse_sa, brute_force_match, sep_for
 
 
 def make_shard(docs, vocab, dtype, first_id=0, name="s"):

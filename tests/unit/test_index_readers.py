@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from indexers.readers import BadRecordError, ReadStats, iter_documents, record_text
+from specstore.indexers.readers import BadRecordError, ReadStats, iter_documents, record_text
 
 
 def texts(*inputs, **kw):
@@ -31,7 +31,7 @@ def test_json_array_streamed_with_line_numbers(tmp_path, monkeypatch):
     p = tmp_path / "arr.json"
     recs = [{"text": f"document number {i} " + "x" * (i * 37 % 200)} for i in range(50)]
     p.write_text(json.dumps(recs, indent=2))
-    import indexers.readers as R
+    import specstore.indexers.readers as R
 
     real = R._iter_json_array
     monkeypatch.setattr(R, "_iter_json_array", lambda path: real(path, chunk_chars=64))  # force many refills

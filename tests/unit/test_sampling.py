@@ -6,11 +6,11 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from client.acceptance import sample_accept
-from client.budget import CostProfile
-from client.decoder import SpeculativeDecoder
-from client.sampling import SamplingParams, warp
-from client.types import DraftTree, Source
+from specstore.client.acceptance import sample_accept
+from specstore.client.budget import CostProfile
+from specstore.client.decoder import SpeculativeDecoder
+from specstore.client.sampling import SamplingParams, warp
+from specstore.client.types import DraftTree, Source
 from tests.helpers import tiny_llama
 
 VOCAB = 10

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from datastore.memory import TokenMemory, match_memory, memory_continuations
+from specstore.datastore.memory import TokenMemory, match_memory, memory_continuations
 from tests.unit.test_index_lookup import mem_index, result_paths
 
 

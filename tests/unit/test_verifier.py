@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from client.tree_attention import ancestor_matrix, build_tree_attention
-from client.types import DraftTree
-from client.verifier import Verifier
+from specstore.client.tree_attention import ancestor_matrix, build_tree_attention
+from specstore.client.types import DraftTree
+from specstore.client.verifier import Verifier
 from tests.helpers import tiny_llama
 
 
