@@ -196,6 +196,37 @@ class BudgetController:
         keep = np.sort(np.concatenate([[0], order[:k]]))
         return tree.subset(keep), float(gain[k] - 1.0)
 
+    def choose_chain(self, tree: DraftTree, max_len: int, token_cost: float) -> tuple[DraftTree, float]:
+        """The best single path of ``tree`` for an engine that verifies chains (vLLM).
+
+        A chain of d drafts is taken to cost ``1 + token_cost * d`` plain steps (``token_cost``: the
+        verify cost of one more token relative to a step, which grows with the engine's batch). Among the
+        paths (cut to ``max_len`` drafts) the one that maximises expected tokens per cost wins; the root
+        alone (no drafts) is a candidate too. Returns (the chain as a DraftTree, expected accepted drafts).
+        """
+        self.steps += 1
+        if tree.num_drafts == 0 or max_len <= 0:
+            return DraftTree.empty(tree.root), 0.0
+        q = self.calibrate(tree)
+        sib = np.zeros(len(tree))
+        np.add.at(sib, tree.parents[1:], q[1:])
+        q[1:] /= np.maximum(sib[tree.parents[1:]], 1.0)
+        par = tree.parents
+        depth = tree.depths()
+        pp = np.ones(len(tree))
+        gain = np.ones(len(tree))   # 1 + expected accepted drafts along the path to each node
+        for i in range(1, len(tree)):
+            pp[i] = pp[par[i]] * q[i]
+            gain[i] = gain[par[i]] + pp[i]
+        rate = gain / (1.0 + float(token_cost) * depth)
+        rate[depth > max_len] = -1.0
+        best = int(np.argmax(rate))
+        if best == 0:
+            return DraftTree.empty(tree.root), 0.0
+        self.speculative_steps += 1
+        keep = np.asarray([0, *tree.path_to(best)], dtype=np.int64)
+        return tree.subset(keep), float(gain[best] - 1.0)
+
     def observe(self, tree: DraftTree, accepted_nodes: Sequence[int]) -> None:
         """Update posteriors: every node whose parent was accepted was a trial."""
         if len(tree) <= 1:

@@ -429,13 +429,20 @@ class DatastoreClient:
             return DraftTree.empty(root)
         return self._convert(resp, root)
 
-    def retrieve_batch(self, contexts: Sequence, budget: int, session_id: Optional[str] = None) -> list[DraftTree]:
+    def retrieve_batch(self, contexts: Sequence, budget: int,
+                       session_id: Optional[str] | Sequence[Optional[str]] = None) -> list[DraftTree]:
+        """One RetrieveBatch call for several contexts (e.g. every running request of an engine step).
+
+        ``session_id``: one session for all contexts, or one per context (None = no session)."""
         roots = [int(np.asarray(c).reshape(-1)[-1]) for c in contexts]
         self.stats["requests"] += len(contexts)
         if not contexts or budget <= 0 or not self._allow():
             return [DraftTree.empty(r) for r in roots]
+        sessions = [session_id] * len(contexts) if session_id is None or isinstance(session_id, str) \
+            else list(session_id)
         try:
-            batch = pb.RetrieveBatchRequest(requests=[self._request(c, budget, session_id, None)[1] for c in contexts])
+            batch = pb.RetrieveBatchRequest(requests=[self._request(c, budget, s, None)[1]
+                                                      for c, s in zip(contexts, sessions)])
             resp = self._stub.RetrieveBatch(batch, timeout=self.timeout_s * max(1, len(contexts) ** 0.5),
                                             metadata=self._metadata)
         except Exception as e:  # noqa: BLE001

@@ -115,6 +115,10 @@ class EmbeddedBackend:
     def retrieve_async(self, context, budget: int, session_id: Optional[str] = None, key=None):
         return _Done(self.retrieve(context, budget, session_id), key)
 
+    def retrieve_many(self, contexts: Sequence, budget: int, session_ids: Sequence[Optional[str]]) -> list[DraftTree]:
+        """One lookup per context (an engine step's running requests); in process there is nothing to batch."""
+        return [self.retrieve(c, budget, s) for c, s in zip(contexts, session_ids)]
+
     def open_session(self, prompt_ids=None, prompt_text: Optional[str] = None, top_k: int = 8, *,
                      memory: bool = False, documents: bool = True) -> Optional[str]:
         if not prompt_text or not documents:
@@ -158,6 +162,10 @@ class RemoteBackend:
 
     def retrieve(self, context, budget: int, session_id: Optional[str] = None) -> DraftTree:
         return self.client.retrieve(context, budget, session_id)
+
+    def retrieve_many(self, contexts: Sequence, budget: int, session_ids: Sequence[Optional[str]]) -> list[DraftTree]:
+        """Every context in one RetrieveBatch call, each with its own session."""
+        return self.client.retrieve_batch(contexts, budget, session_ids)
 
     def open_session(self, prompt_ids=None, prompt_text: Optional[str] = None, top_k: int = 0, *,
                      memory: bool = False, documents: bool = True) -> Optional[str]:

@@ -1,0 +1,331 @@
+"""The product's drafting as a vLLM speculative proposer (``method: custom_class``).
+
+    from vllm import LLM
+    llm = LLM(model=HF_FOLDER, speculative_config={
+        "method": "custom_class", "num_speculative_tokens": 8,
+        "model": "specstore.client.vllm_proposer.SpecstoreProposer"})
+    # or: vllm serve HF_FOLDER --speculative-config '{"method": "custom_class", ...}'
+
+Configured without code, by environment variables (read when vLLM builds the proposer, in its worker
+process) or a JSON file named by ``SPECSTORE_VLLM_CONFIG`` holding the same keys in lower case without the
+prefix (``{"datastore": "host:port", "timeout_ms": 5}``); the variables win over the file:
+
+  SPECSTORE_DATASTORE=HOST:PORT   the shared datastore service (gRPC)          } at most one of
+  SPECSTORE_INDEX=DIR             an index opened in process (embedded)        } these two
+  SPECSTORE_DRAFTERS=context,datastore   which sources to fuse (default: context, + datastore if configured)
+  SPECSTORE_TIMEOUT_MS=5          deadline of one engine step's batched datastore lookup
+  SPECSTORE_DOCUMENTS=1           sessions search the prompt's FAISS documents (when the index has them)
+  SPECSTORE_MEMORY=1              sessions also match inside each request's own tokens
+  SPECSTORE_TOKEN_COST=0.02       verify cost of one more draft token per running request, relative to a
+                                  plain engine step; chains get shorter as the batch grows
+  SPECSTORE_AUTH_TOKEN=T          bearer token for the datastore's session calls
+
+Per engine step ``propose`` sees batch rows, not request ids. A request is followed by the key (row, hash
+of its first tokens): a row that changes hands (the key changes) or disappears ends the old request's state
+(its datastore session is closed). Every running request's lookup travels in one ``RetrieveBatch`` call
+(remote) or runs in process (embedded); its tree is fused with the context drafter's by longest prefix,
+calibrated by the acceptance learned so far (what vLLM accepted of earlier chains, read back from the
+tokens that follow), and the best chain is kept. Fail-soft: a slow or dead datastore costs its drafts for
+that step (deadline), never a stalled step or a changed output; vLLM verifies every draft.
+
+vLLM calls this interface experimental: it is pinned (``VLLM_VERSION``), and
+``tests/vllm/test_vllm_proposer.py`` fails loudly when the runner's call changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .budget import BudgetController, CostProfile
+from .drafters.context import ContextDrafter
+from .fusion import fuse
+from .types import DecodeContext, DraftTree
+
+log = logging.getLogger(__name__)
+
+VLLM_VERSION = "0.32.0"   # the release whose custom_class call this adapter is written and tested against
+_KEY_TOKENS = 32          # a request's identity: its row and a hash of this many first tokens
+_FUSE_BUDGET = 64         # nodes kept of the fused tree before the chain is chosen
+
+
+@dataclass
+class ProposerOptions:
+    """What ``SPECSTORE_*`` variables (or the ``SPECSTORE_VLLM_CONFIG`` JSON file) configure."""
+
+    datastore: Optional[str] = None
+    index: Optional[str] = None
+    drafters: Optional[str] = None
+    timeout_ms: float = 5.0
+    documents: bool = True
+    memory: bool = True
+    token_cost: float = 0.02
+    auth_token: Optional[str] = None
+    top_k: int = 8
+
+    @classmethod
+    def from_env(cls, env: Optional[dict] = None) -> "ProposerOptions":
+        env = os.environ if env is None else env
+        raw: dict[str, Any] = {}
+        cfg = env.get("SPECSTORE_VLLM_CONFIG")
+        if cfg:
+            try:
+                raw.update(json.loads(Path(cfg).read_text()))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"SPECSTORE_VLLM_CONFIG={cfg}: cannot read it as JSON ({e})") from e
+        for f in fields(cls):
+            v = env.get(f"SPECSTORE_{f.name.upper()}")
+            if v not in (None, ""):
+                raw[f.name] = v
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown specstore vLLM option(s): {sorted(unknown)}")
+        opts = cls()
+        for f in fields(cls):
+            if f.name in raw:
+                setattr(opts, f.name, _convert(f.name, raw[f.name], getattr(cls, f.name, None)))
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        if self.datastore and self.index:
+            raise ValueError("set one of SPECSTORE_DATASTORE (a service) or SPECSTORE_INDEX (in process), not both")
+        if self.timeout_ms <= 0 or self.token_cost < 0:
+            raise ValueError("SPECSTORE_TIMEOUT_MS must be > 0 and SPECSTORE_TOKEN_COST >= 0")
+        names = self.drafter_names()
+        bad = names - {"context", "datastore"}
+        if bad:
+            raise ValueError(f"SPECSTORE_DRAFTERS: unknown drafter(s) {sorted(bad)}; choose from context, datastore")
+        if "datastore" in names and not (self.datastore or self.index):
+            raise ValueError("SPECSTORE_DRAFTERS names datastore, but neither SPECSTORE_DATASTORE nor SPECSTORE_INDEX is set")
+
+    def drafter_names(self) -> set[str]:
+        if self.drafters:
+            return {d.strip() for d in self.drafters.split(",") if d.strip()}
+        return {"context", "datastore"} if (self.datastore or self.index) else {"context"}
+
+
+def _convert(name: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, int):
+        return int(value)
+    return None if value is None else str(value)
+
+
+@dataclass
+class _Request:
+    """One running request's drafting state, from its first engine step to its end."""
+
+    key: tuple
+    context: ContextDrafter
+    session_id: Optional[str] = None
+    chain: Optional[DraftTree] = None   # the chain proposed at the last step ...
+    chain_at: int = 0                   # ... after this many tokens
+    steps: int = 0
+
+
+@dataclass
+class ProposerStats:
+    steps: int = 0
+    rows: int = 0
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    requests_started: int = 0
+    requests_released: int = 0
+    datastore_seconds: float = 0.0
+    errors: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class SpecstoreProposer:
+    """vLLM ``custom_class`` proposer: built by vLLM with its ``VllmConfig``."""
+
+    def __init__(self, vllm_config: Any, options: Optional[ProposerOptions] = None, backend: Any = None):
+        spec = vllm_config.speculative_config
+        self.k = int(spec.num_speculative_tokens)
+        self.max_model_len = int(vllm_config.model_config.max_model_len)
+        self.options = options or ProposerOptions.from_env()
+        names = self.options.drafter_names()
+        self.use_context = "context" in names
+        self.backend = backend
+        if self.backend is None and "datastore" in names:
+            self.backend = self._open_backend(vllm_config)
+        self.controller = BudgetController(CostProfile.flat(self.k + 1), max_budget=self.k)
+        self.stats = ProposerStats()
+        self._requests: dict[int, _Request] = {}   # row -> state
+        self._tokenizer = None
+        log.info("specstore proposer: k=%d, drafters=%s, datastore=%s", self.k, sorted(names),
+                 self.options.datastore or self.options.index or "-")
+
+    # ------------------------------------------------------------------ set-up
+    def _open_backend(self, vllm_config: Any):
+        """The datastore backend, checked against the engine's tokenizer (a mismatch is a config error)."""
+        from .datastore_drafter import make_datastore_drafter
+
+        tok = self._load_tokenizer(vllm_config)
+        drafter = make_datastore_drafter(
+            address=self.options.datastore, index_path=self.options.index, tokenizer=tok,
+            documents=self.options.documents, memory=self.options.memory, top_k=self.options.top_k,
+            timeout_s=self.options.timeout_ms / 1000.0, auth_token=self.options.auth_token, strict=False)
+        self._documents = drafter.documents
+        return drafter.backend
+
+    def _load_tokenizer(self, vllm_config: Any):
+        from .model_files import load_tokenizer
+
+        path = getattr(vllm_config.model_config, "tokenizer", None) or vllm_config.model_config.model
+        self._tokenizer = load_tokenizer(str(path))
+        return self._tokenizer
+
+    def load_model(self, *args, **kwargs) -> None:
+        """vLLM hands every proposer the target model; drafting needs none of it."""
+
+    # ------------------------------------------------------------------ per request
+    @staticmethod
+    def request_key(row: int, tokens: np.ndarray, length: Optional[int] = None) -> tuple:
+        """(row, L, hash of the first L tokens); L is fixed when the request is first seen, so that the
+        key stays the same while the request grows."""
+        length = min(_KEY_TOKENS, len(tokens)) if length is None else length
+        head = np.ascontiguousarray(tokens[:length], dtype=np.int64)
+        return row, length, hashlib.blake2b(head.tobytes(), digest_size=8).hexdigest()
+
+    def _begin(self, key: tuple, tokens: np.ndarray) -> _Request:
+        req = _Request(key=key, context=ContextDrafter())
+        self.stats.requests_started += 1
+        if self.backend is not None and (self.options.memory or self.options.documents):
+            text = None
+            if self.options.documents and getattr(self, "_documents", False) and self._tokenizer is not None:
+                try:
+                    text = self._tokenizer.decode(tokens.tolist())
+                except Exception:  # noqa: BLE001 - no text, no document search
+                    text = None
+            memory = self.options.memory and self.backend.remote
+            if memory or text:
+                try:
+                    req.session_id = self.backend.open_session(tokens, text, self.options.top_k, memory=memory,
+                                                               documents=bool(text))
+                except Exception as e:  # noqa: BLE001
+                    self._error("datastore session", e)
+        return req
+
+    def _end(self, req: _Request) -> None:
+        self.stats.requests_released += 1
+        if req.session_id and self.backend is not None:
+            try:
+                self.backend.close_session(req.session_id)
+            except Exception as e:  # noqa: BLE001
+                self._error("datastore session close", e)
+
+    def _sync(self, n_rows: int, num_tokens: np.ndarray, token_ids: np.ndarray) -> None:
+        """Follow requests across steps: release the state of rows that changed hands or are gone."""
+        for row in list(self._requests):
+            req = self._requests[row]
+            n = int(num_tokens[row]) if row < n_rows else 0
+            if row >= n_rows or n < req.key[1] or self.request_key(row, token_ids[row, :n], req.key[1]) != req.key:
+                self._end(self._requests.pop(row))
+
+    def _learn(self, req: _Request, tokens: np.ndarray) -> None:
+        """What vLLM accepted of the last chain: the drafts that the tokens after it repeat."""
+        chain, at = req.chain, req.chain_at
+        req.chain = None
+        if chain is None or chain.num_drafts == 0 or len(tokens) <= at:
+            return
+        new = tokens[at:]
+        drafts = chain.tokens[1:]
+        m = min(len(new) - 1, len(drafts))   # the last new token is vLLM's own (bonus or correction)
+        acc = 0
+        while acc < m and int(new[acc]) == int(drafts[acc]):
+            acc += 1
+        self.controller.observe(chain, list(range(acc + 1)))
+        self.stats.accepted_tokens += acc
+
+    # ------------------------------------------------------------------ the engine's call
+    def propose(self, sampled_token_ids: Sequence[Sequence[int]], num_tokens_no_spec: np.ndarray,
+                token_ids_cpu: np.ndarray, slot_mappings: Any = None, **_: Any) -> list[list[int]]:
+        """One engine step: draft ids for every batch row (an empty list = no speculation for that row).
+
+        sampled_token_ids:  [B] the tokens each row got at this step (empty: the row is not decoding)
+        num_tokens_no_spec: [>=B] int, tokens of each row so far, the sampled ones included
+        token_ids_cpu:      [>=B, max_model_len] int32, each row's tokens (prompt + output)
+        """
+        t0 = time.perf_counter()
+        n_rows = len(sampled_token_ids)
+        out: list[list[int]] = [[] for _ in range(n_rows)]
+        try:
+            self._sync(n_rows, num_tokens_no_spec, token_ids_cpu)
+            live: list[tuple[int, _Request, np.ndarray]] = []
+            for row in range(n_rows):
+                n = int(num_tokens_no_spec[row])
+                if not len(sampled_token_ids[row]) or n == 0 or n >= self.max_model_len:
+                    continue
+                tokens = token_ids_cpu[row, :n]
+                req = self._requests.get(row)
+                if req is None:
+                    req = self._requests[row] = self._begin(self.request_key(row, tokens), tokens)
+                self._learn(req, tokens)
+                live.append((row, req, tokens))
+            self.stats.steps += 1
+            self.stats.rows += len(live)
+            if not live:
+                return out
+            room = [min(self.k, self.max_model_len - len(t) - 1) for _, _, t in live]
+            remote = self._datastore_trees(live)
+            token_cost = self.options.token_cost * len(live)
+            for i, (row, req, tokens) in enumerate(live):
+                if room[i] <= 0:
+                    continue
+                trees = [remote[i]] if remote is not None else []
+                if self.use_context:
+                    ctx = DecodeContext(tokens=tokens.astype(np.int64), prompt_len=0, request_id=hash(req.key))
+                    trees.append(req.context.propose(ctx, _FUSE_BUDGET))
+                trees = [t for t in trees if t.root == int(tokens[-1])]
+                if not trees:
+                    continue
+                chain, _ = self.controller.choose_chain(fuse(trees, _FUSE_BUDGET), room[i], token_cost)
+                req.chain, req.chain_at, req.steps = chain, len(tokens), req.steps + 1
+                out[row] = chain.tokens[1:].tolist()
+                self.stats.proposed_tokens += len(out[row])
+        except Exception as e:  # noqa: BLE001 - a drafting failure costs drafts, never the step
+            self._error("propose", e)
+            out = [[] for _ in range(n_rows)]
+        self.stats.extra["last_propose_s"] = time.perf_counter() - t0
+        return out
+
+    def _datastore_trees(self, live: list) -> Optional[list[DraftTree]]:
+        if self.backend is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            trees = self.backend.retrieve_many([t for _, _, t in live], _FUSE_BUDGET,
+                                               [r.session_id for _, r, _ in live])
+        except Exception as e:  # noqa: BLE001
+            self._error("datastore lookup", e)
+            trees = [DraftTree.empty(int(t[-1])) for _, _, t in live]
+        self.stats.datastore_seconds += time.perf_counter() - t0
+        return trees
+
+    _last_log = 0.0
+
+    def _error(self, what: str, e: BaseException) -> None:
+        self.stats.errors += 1
+        now = time.monotonic()
+        if now - self._last_log > 10.0:   # rate-limited: one line per 10 s at most
+            self._last_log = now
+            log.warning("specstore proposer: %s failed (%d errors so far): %s: %s", what, self.stats.errors,
+                        type(e).__name__, e)
+
+    def close(self) -> None:
+        for row in list(self._requests):
+            self._end(self._requests.pop(row))
+        if self.backend is not None:
+            self.backend.close()

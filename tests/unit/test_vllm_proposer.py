@@ -1,0 +1,177 @@
+"""The vLLM proposer's logic without vLLM: a small engine loop with vLLM's call shape and chain verification.
+
+The real engine runs in tests/vllm/ (its own environment); here the engine is simulated: rows of a
+``token_ids_cpu`` array, ``num_tokens_no_spec``, and greedy verification of each row's chain by the target's
+argmax, with requests finishing and new ones taking over their rows.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from specstore.client.types import DraftTree, Source
+from specstore.client.vllm_proposer import ProposerOptions, SpecstoreProposer
+from tests.helpers import plain_greedy, tiny_llama
+
+MAX_LEN = 256
+
+
+def _config(k: int = 6):
+    return SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=k),
+                           model_config=SimpleNamespace(max_model_len=MAX_LEN, model="unused", tokenizer=None))
+
+
+class ReferenceBackend:
+    """Answers every lookup with the true continuation (from a table of plain outputs), records sessions."""
+
+    remote = True
+
+    def __init__(self, refs: dict[int, list[int]], fail: bool = False):
+        self.refs = refs          # prompt first token -> full reference sequence (prompt + output)
+        self.fail = fail
+        self.opened, self.closed, self.calls = [], [], 0
+
+    def open_session(self, prompt_ids, prompt_text=None, top_k=0, *, memory=False, documents=True):
+        sid = f"s{len(self.opened)}"
+        self.opened.append(sid)
+        return sid
+
+    def close_session(self, sid):
+        self.closed.append(sid)
+
+    def retrieve_many(self, contexts, budget, session_ids):
+        self.calls += 1
+        if self.fail:
+            raise ConnectionError("datastore down")
+        out = []
+        for c in contexts:
+            ref = self.refs[int(c[0])]
+            nxt = ref[len(c): len(c) + 4]
+            out.append(DraftTree.from_paths(int(c[-1]), [nxt], Source.DATASTORE, [[0.9] * len(nxt)])
+                       if nxt else DraftTree.empty(int(c[-1])))
+        return out
+
+    def close(self):
+        pass
+
+
+def _engine(model, prompts: list[list[int]], max_new: int, proposer, batch: int) -> dict[int, list[int]]:
+    """Greedy decoding of ``prompts`` with at most ``batch`` running at once; returns outputs by prompt index."""
+    rows = np.zeros((batch, MAX_LEN), dtype=np.int32)
+    ntok = np.zeros(batch, dtype=np.int32)
+    owner = [-1] * batch
+    waiting = list(range(len(prompts)))
+    outputs: dict[int, list[int]] = {}
+    sampled: list[list[int]] = [[] for _ in range(batch)]
+
+    def argmax_after(seq):
+        with torch.no_grad():
+            return model(torch.tensor([seq])).logits[0].argmax(-1).tolist()
+
+    while waiting or any(o >= 0 for o in owner):
+        for r in range(batch):       # admit: prefill gives the first token
+            if owner[r] < 0 and waiting:
+                i = waiting.pop(0)
+                p = prompts[i]
+                first = argmax_after(p)[-1]
+                rows[r, :len(p)] = p
+                rows[r, len(p)] = first
+                ntok[r] = len(p) + 1
+                owner[r], sampled[r] = i, [first]
+        drafts = proposer.propose(sampled, ntok, rows)
+        assert len(drafts) == batch and all(len(d) <= proposer.k for d in drafts)
+        for r in range(batch):
+            if owner[r] < 0:
+                sampled[r] = []
+                continue
+            seq = rows[r, :ntok[r]].tolist()
+            am = argmax_after(seq + list(drafts[r]))[len(seq) - 1:]
+            acc = 0
+            while acc < len(drafts[r]) and drafts[r][acc] == am[acc]:
+                acc += 1
+            new = list(drafts[r][:acc]) + [am[acc]]
+            rows[r, ntok[r]: ntok[r] + len(new)] = new
+            ntok[r] += len(new)
+            sampled[r] = new
+            p = prompts[owner[r]]
+            if ntok[r] - len(p) >= max_new:
+                outputs[owner[r]] = rows[r, len(p): len(p) + max_new].tolist()
+                owner[r], sampled[r] = -1, []
+                rows[r] = 0
+                ntok[r] = 0
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(vocab=96, seed=3)
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    # distinct first tokens: the reference backend keys on them; repetition gives the context drafter matches
+    return [[10 + i] + (rng.integers(3, 96, size=6).tolist() * 3) for i in range(n)]
+
+
+def test_context_chains_are_lossless_and_rows_change_hands(model):
+    prompts = _prompts(5)
+    want = {i: plain_greedy(model, p, 24) for i, p in enumerate(prompts)}
+    prop = SpecstoreProposer(_config(), ProposerOptions(drafters="context"))
+    got = _engine(model, prompts, 24, prop, batch=2)
+    assert got == want
+    assert prop.stats.proposed_tokens > 0 and prop.stats.accepted_tokens > 0
+    # 5 requests went through 2 rows: each was followed from start to end, then released
+    assert prop.stats.requests_started == 5
+    prop.propose([], np.zeros(0, np.int32), np.zeros((0, MAX_LEN), np.int32))   # an empty step ends the rest
+    assert prop.stats.requests_released == 5 and not prop._requests
+
+
+def test_datastore_trees_are_fused_and_sessions_follow_requests(model):
+    prompts = _prompts(4, seed=1)
+    want = {i: plain_greedy(model, p, 20) for i, p in enumerate(prompts)}
+    refs = {p[0]: p + want[i] for i, p in enumerate(prompts)}
+    backend = ReferenceBackend(refs)
+    prop = SpecstoreProposer(_config(), ProposerOptions(datastore="x:1", drafters="context,datastore"),
+                             backend=backend)
+    got = _engine(model, prompts, 20, prop, batch=3)
+    assert got == want
+    # the true continuation was offered every step, so most drafts were accepted
+    assert prop.stats.accepted_tokens >= 0.5 * prop.stats.proposed_tokens > 0
+    prop.close()
+    assert sorted(backend.opened) == sorted(backend.closed) and len(backend.opened) == 4
+
+
+def test_a_dead_datastore_changes_nothing_but_speed(model):
+    prompts = _prompts(3, seed=2)
+    want = {i: plain_greedy(model, p, 16) for i, p in enumerate(prompts)}
+    backend = ReferenceBackend({}, fail=True)
+    prop = SpecstoreProposer(_config(), ProposerOptions(datastore="x:1"), backend=backend)
+    assert _engine(model, prompts, 16, prop, batch=2) == want
+    assert prop.stats.errors == backend.calls > 0
+
+
+def test_chains_shrink_when_the_batch_grows():
+    prop = SpecstoreProposer(_config(k=8), ProposerOptions(drafters="context", token_cost=0.05))
+    tree = DraftTree.from_paths(5, [[1, 2, 3, 4, 5, 6, 7, 8]], Source.CONTEXT, [[0.6] * 8])
+    one, _ = prop.controller.choose_chain(tree, 8, token_cost=0.05)
+    many, _ = prop.controller.choose_chain(tree, 8, token_cost=0.05 * 32)
+    assert one.num_drafts > many.num_drafts
+
+
+def test_options_from_environment(tmp_path):
+    cfg = tmp_path / "spec.json"
+    cfg.write_text('{"index": "/idx", "timeout_ms": 7}')
+    o = ProposerOptions.from_env({"SPECSTORE_VLLM_CONFIG": str(cfg), "SPECSTORE_TOKEN_COST": "0.1",
+                                  "SPECSTORE_MEMORY": "0"})
+    assert (o.index, o.timeout_ms, o.token_cost, o.memory) == ("/idx", 7.0, 0.1, False)
+    assert o.drafter_names() == {"context", "datastore"}
+    assert ProposerOptions.from_env({}).drafter_names() == {"context"}
+    with pytest.raises(ValueError, match="not both"):
+        ProposerOptions.from_env({"SPECSTORE_INDEX": "/a", "SPECSTORE_DATASTORE": "h:1"})
+    with pytest.raises(ValueError, match="unknown drafter"):
+        ProposerOptions.from_env({"SPECSTORE_DRAFTERS": "context,magic"})
+    with pytest.raises(ValueError, match="neither"):
+        ProposerOptions.from_env({"SPECSTORE_DRAFTERS": "datastore"})
