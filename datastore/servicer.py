@@ -36,14 +36,11 @@ from .sessions import SessionStore
 
 log = logging.getLogger("datastore.servicer")
 
-SOURCE_DATASTORE = 1
-SOURCE_DOCUMENTS = 2
-SOURCE_CONTEXT = 8     # matched inside the session memory (the request's own tokens)
 SERVER_VERSION = "0.1.0"
 
 # ``sources`` of a tree whose nodes all come from the corpus outside any session document (the common
 # answer), by node count
-_ALL_DATASTORE = tuple(bytes([SOURCE_DATASTORE]) * k for k in range(257))
+_ALL_DATASTORE = tuple(bytes([pb.SOURCE_DATASTORE]) * k for k in range(257))
 
 READ_METHODS = frozenset({"Info", "Retrieve", "RetrieveBatch", "RetrieveStream"})
 WRITE_METHODS = frozenset({"OpenSession", "CloseSession"})
@@ -284,13 +281,13 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         in_mem = r.in_memory
         nm = np.count_nonzero(in_mem)
         if not nd and not nm:
-            sources = _ALL_DATASTORE[k] if k < len(_ALL_DATASTORE) else bytes([SOURCE_DATASTORE]) * k
+            sources = _ALL_DATASTORE[k] if k < len(_ALL_DATASTORE) else bytes([pb.SOURCE_DATASTORE]) * k
         else:
-            src = (SOURCE_DATASTORE + SOURCE_DOCUMENTS * in_docs).astype(np.uint8)
+            src = (pb.SOURCE_DATASTORE + pb.SOURCE_DOCUMENTS * in_docs).astype(np.uint8)
             if nd:
                 m.nodes_documents.inc(nd)
             if nm:
-                src |= (SOURCE_CONTEXT * np.asarray(in_mem, dtype=bool)).astype(np.uint8)
+                src |= (pb.SOURCE_CONTEXT * np.asarray(in_mem, dtype=bool)).astype(np.uint8)
                 m.nodes_memory.inc(nm)
             sources = src.tobytes()
         return pb.RetrieveResponse(
