@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -111,7 +112,8 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
 
     config = _config_from_args(a)
     opts = ServerOptions(
-        host=a.host, port=a.port, reflection=a.reflection, metrics_port=a.metrics_port, metrics_host=a.metrics_host,
+        host=a.host, port=a.port if worker is None else worker.port, reflection=a.reflection,
+        metrics_port=a.metrics_port if worker is None else worker.metrics_port, metrics_host=a.metrics_host,
         tls_cert=a.tls_cert, tls_key=a.tls_key, reload=a.reload, reload_interval_s=a.reload_interval,
         shutdown_grace_s=a.shutdown_grace, drain_delay_s=a.drain_delay,
         reuse_port=worker is not None, worker_id=None if worker is None else worker.id,
@@ -182,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.metrics_port and a.metrics_port + workers - 1 > 65535:
         raise SystemExit(f"datastore-serve: --metrics-port {a.metrics_port} + {workers} workers exceeds 65535")
     _config_from_args(a)  # bad auth settings fail here once, not in every worker
-    from .workers import run_workers
+    from .workers import WorkerOptions, run_workers
 
-    return run_workers(a, workers, _serve)
+    opts = WorkerOptions(host=a.host, port=a.port, port_file=a.port_file, metrics_port=a.metrics_port,
+                         drain_delay_s=a.drain_delay, shutdown_grace_s=a.shutdown_grace)
+    return run_workers(opts, workers, functools.partial(_serve, a))
 
 
 if __name__ == "__main__":

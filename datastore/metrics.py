@@ -30,6 +30,7 @@ class Metrics:
         self.tree_size = Histogram(
             "datastore_tree_nodes", "Draft nodes per returned tree", buckets=_TREE_BUCKETS, registry=r
         )
+        # read from the servicer's counter when scraped (DatastoreServicer sets its function)
         self.in_flight = Gauge("datastore_in_flight", "RPCs being handled", registry=r)
         self.sessions = Gauge("datastore_sessions", "Open document sessions", registry=r)
         self.streams = Gauge("datastore_streams", "Open RetrieveStream streams", registry=r)
@@ -41,10 +42,7 @@ class Metrics:
         self.nodes_datastore = self.nodes.labels("datastore")
         self.nodes_documents = self.nodes.labels("documents")
         self.nodes_memory = self.nodes.labels("memory")
-        self._ok = {m: self.requests.labels(m, "OK") for m in _METHODS}
-
-    def ok(self, method: str) -> None:
-        self._ok[method].inc()
+        self.ok_by_method = {m: self.requests.labels(m, "OK") for m in _METHODS}
 
     def error(self, method: str, code_name: str) -> None:
         self.requests.labels(method, code_name).inc()

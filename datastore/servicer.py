@@ -9,6 +9,11 @@ that it never stalls lookups.
 Overload protection is a bounded in-flight counter: a request that arrives when ``max_concurrency``
 RPCs are already being handled gets RESOURCE_EXHAUSTED immediately (no queue is built in Python).
 
+Every RPC goes through one of two wrappers, ``_unary`` and ``_stream`` (RetrieveStream: the same steps per
+message), which do what is common to all of them: the in-flight count and load shedding, the bearer-token
+check, latency and status metrics, and turning an ``RpcError`` into the call's status. The handlers only
+translate between protobufs and ``DatastoreIndex`` / session calls.
+
 RetrieveStream serves the same lookups as Retrieve, one response per request on a long-lived stream: a
 message on an open HTTP/2 stream costs the Python gRPC runtime about a third less than a new unary call
 (see bench/results/datastore.md), and the lookup itself is only ~10 us of that.
@@ -16,7 +21,9 @@ message on an open HTTP/2 stream costs the Python gRPC runtime about a third les
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import inspect
 import json
 import logging
 import time
@@ -36,14 +43,11 @@ from .sessions import SessionStore
 
 log = logging.getLogger("datastore.servicer")
 
-SOURCE_DATASTORE = 1
-SOURCE_DOCUMENTS = 2
-SOURCE_CONTEXT = 8     # matched inside the session memory (the request's own tokens)
 SERVER_VERSION = "0.1.0"
 
 # ``sources`` of a tree whose nodes all come from the corpus outside any session document (the common
 # answer), by node count
-_ALL_DATASTORE = tuple(bytes([SOURCE_DATASTORE]) * k for k in range(257))
+_ALL_DATASTORE = tuple(bytes([pb.SOURCE_DATASTORE]) * k for k in range(257))
 
 READ_METHODS = frozenset({"Info", "Retrieve", "RetrieveBatch", "RetrieveStream"})
 WRITE_METHODS = frozenset({"OpenSession", "CloseSession"})
@@ -63,7 +67,7 @@ class ServiceConfig:
     max_top_k: int = 256
     retrieve_defaults: dict = field(default_factory=dict)   # max_span, min_span, max_matches, depth, min_prob
     search_workers: int = 2
-    debug_delay_s: float = 0.0       # tests only: await this long inside Retrieve (to create overload)
+    debug_delay_s: float = 0.0       # tests only: await this long before each lookup (Retrieve, RetrieveStream)
 
 
 class RpcError(Exception):
@@ -94,6 +98,111 @@ class _OpenStream:
         self.task, self.idle, self.cancelled_idle = task, False, False
 
 
+def _unary(method: str, *, shed: bool = True, needs_index: bool = True, lookup: bool = False):
+    """Wrap ``handler(self, index, request) -> response`` (a function, or a coroutine function when it must
+    wait) into the servicer's ``async method(request, context)`` for the unary RPC ``method``.
+
+    The wrapper counts the call in flight and, when ``shed``, refuses it past ``max_concurrency``; checks
+    the bearer token; passes the index snapshot (UNAVAILABLE while none is loaded, unless not
+    ``needs_index``: the handler then gets None); for a ``lookup``, awaits the tests' ``debug_delay_s``;
+    and records the latency and the status, aborting with an ``RpcError``'s code and details.
+    Info and CloseSession are never shed: both are cheap, and refusing CloseSession would keep a session
+    alive that its client is done with.
+    """
+    def wrap(handler):
+        waits = inspect.iscoroutinefunction(handler)
+
+        @functools.wraps(handler)
+        async def rpc(self, request, context):
+            t0 = time.perf_counter()
+            self._in_flight += 1
+            try:
+                if shed:
+                    self._check_load()
+                self._check_auth(method, context)
+                index = self._require_index() if needs_index else self._index
+                if lookup and self.config.debug_delay_s:
+                    await asyncio.sleep(self.config.debug_delay_s)
+                resp = await handler(self, index, request) if waits else handler(self, index, request)
+                self.metrics.ok_by_method[method].inc()
+                return resp
+            except RpcError as e:
+                await self._fail(method, context, e)
+            finally:
+                self._in_flight -= 1
+                self.metrics.latency_by_method[method].observe(time.perf_counter() - t0)
+
+        return rpc
+
+    return wrap
+
+
+def _stream(method: str):
+    """Wrap ``handler(self, index, request) -> response`` (a function: it runs once per message) into the
+    servicer's async generator for the stream-stream RPC ``method``, one response per request, in order.
+
+    When the stream opens: the bearer token (its metadata comes once) and, while draining, UNAVAILABLE.
+    Per message, what ``_unary`` does per call (in-flight count and load shedding, index snapshot, the
+    tests' ``debug_delay_s``, latency and status); an ``RpcError`` ends the stream with its status. The
+    per-message path holds no await besides reading the next request (and the tests' delay): on this path
+    a coroutine or a task per message would cost more than the lookup (see the module docstring).
+    ``end_streams`` ends a stream that is waiting for its next request with status OK.
+    """
+    def wrap(handler):
+        @functools.wraps(handler)
+        async def rpc(self, request_iterator, context):
+            try:
+                self._check_auth(method, context)
+                if self._draining:
+                    raise RpcError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            except RpcError as e:
+                await self._fail(method, context, e)
+                return
+            me = _OpenStream(asyncio.current_task())
+            self._streams.add(me)
+            m, cfg = self.metrics, self.config
+            m.streams.inc()
+            latency, ok = m.latency_by_method[method], m.ok_by_method[method]
+            requests = request_iterator.__aiter__()
+            try:
+                while not self._draining:
+                    me.idle = True
+                    try:
+                        request = await requests.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        me.idle = False
+                    t0 = time.perf_counter()
+                    self._in_flight += 1
+                    try:
+                        self._check_load()
+                        index = self._require_index()
+                        if cfg.debug_delay_s:
+                            await asyncio.sleep(cfg.debug_delay_s)
+                        resp = handler(self, index, request)
+                        ok.inc()
+                    except RpcError as e:
+                        await self._fail(method, context, e)   # ends the stream with e's status
+                        return
+                    finally:
+                        self._in_flight -= 1
+                        latency.observe(time.perf_counter() - t0)
+                    yield resp
+            except asyncio.CancelledError:
+                if not (self._draining and me.cancelled_idle):
+                    raise
+                # end_streams() woke this idle stream: finish with status OK (left cancelled, the call would
+                # stay open until the shutdown grace ends)
+            finally:
+                self._streams.discard(me)
+                m.streams.dec()
+
+        return rpc
+
+    return wrap
+
+
 class DatastoreServicer(pb_grpc.DatastoreServicer):
     """Serves one ``DatastoreIndex`` at a time; ``swap_index`` replaces it atomically (reload)."""
 
@@ -108,7 +217,9 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         self.tokenizer = tokenizer           # optional: decodes OpenSession.prompt_ids into a query
         self._index = None
         self._info: Optional[pb.InfoResponse] = None
-        self._in_flight = 0
+        self._in_flight = 0                  # RPCs being handled (a RetrieveStream while it answers a message)
+        # read when scraped: a gauge updated per RPC would cost a lock round trip on every lookup
+        self.metrics.in_flight.set_function(lambda: self._in_flight)
         self._streams: set[_OpenStream] = set()
         self._draining = False
         self._search_pool = ThreadPoolExecutor(max(1, self.config.search_workers), thread_name_prefix="doc-search")
@@ -185,16 +296,18 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"server overloaded ({self._in_flight - 1} requests in flight); retry later")
 
-    def _enter(self, method: str, context, counted: bool = True) -> None:
-        # ``counted`` handlers have already added themselves to ``_in_flight``. (A plain function, not a
-        # coroutine: it never waits, and an await per RPC costs a coroutine object.)
-        if counted:
-            self._check_load()
-        self._check_auth(method, context)
-
     async def _fail(self, method: str, context, err: RpcError):
         self.metrics.error(method, err.code.name)
         await context.abort(err.code, err.details)
+
+    async def _search_documents(self, index, query: str, top_k: int) -> np.ndarray:
+        """The index's top-k document ids for ``query`` ([<= top_k] int64), searched in the thread pool."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._search_pool, index.search_documents, query, top_k)
+        except Exception as e:  # noqa: BLE001 - report, don't crash the server
+            log.exception("document search failed")
+            raise RpcError(grpc.StatusCode.INTERNAL, f"document search failed: {type(e).__name__}: {e}")
 
     def _session(self, index, session_id: str):
         s = self.sessions.get(session_id)
@@ -284,13 +397,13 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         in_mem = r.in_memory
         nm = np.count_nonzero(in_mem)
         if not nd and not nm:
-            sources = _ALL_DATASTORE[k] if k < len(_ALL_DATASTORE) else bytes([SOURCE_DATASTORE]) * k
+            sources = _ALL_DATASTORE[k] if k < len(_ALL_DATASTORE) else bytes([pb.SOURCE_DATASTORE]) * k
         else:
-            src = (SOURCE_DATASTORE + SOURCE_DOCUMENTS * in_docs).astype(np.uint8)
+            src = (pb.SOURCE_DATASTORE + pb.SOURCE_DOCUMENTS * in_docs).astype(np.uint8)
             if nd:
                 m.nodes_documents.inc(nd)
             if nm:
-                src |= (SOURCE_CONTEXT * np.asarray(in_mem, dtype=bool)).astype(np.uint8)
+                src |= (pb.SOURCE_CONTEXT * np.asarray(in_mem, dtype=bool)).astype(np.uint8)
                 m.nodes_memory.inc(nm)
             sources = src.tobytes()
         return pb.RetrieveResponse(
@@ -303,170 +416,76 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         )
 
     # ------------------------------------------------------------------ RPCs
-    async def Info(self, request, context):
-        t0 = time.perf_counter()
-        try:
-            self._enter("Info", context, counted=False)
-            self._require_index()
-            return self._info
-        except RpcError as e:
-            await self._fail("Info", context, e)
-        finally:
-            self.metrics.latency_by_method["Info"].observe(time.perf_counter() - t0)
+    # Each handler only translates: (index snapshot, request protobuf) -> response protobuf, raising RpcError
+    # for a bad request. Admission, auth, metrics and aborts are the wrappers' (``_unary``, ``_stream``).
+    @_unary("Info", shed=False)
+    def Info(self, index, request) -> pb.InfoResponse:
+        return self._info
 
-    async def Retrieve(self, request, context):
-        t0 = time.perf_counter()
-        self._in_flight += 1
-        try:
-            self._enter("Retrieve", context)
-            index = self._require_index()
-            if self.config.debug_delay_s:
-                await asyncio.sleep(self.config.debug_delay_s)
-            resp = self._retrieve_one(index, request)
-            self.metrics.ok("Retrieve")
-            return resp
-        except RpcError as e:
-            await self._fail("Retrieve", context, e)
-        finally:
-            self._in_flight -= 1
-            self.metrics.latency_by_method["Retrieve"].observe(time.perf_counter() - t0)
+    @_unary("Retrieve", lookup=True)
+    def Retrieve(self, index, request) -> pb.RetrieveResponse:
+        return self._retrieve_one(index, request)
 
-    async def RetrieveStream(self, request_iterator, context):
-        try:
-            self._enter("RetrieveStream", context, counted=False)   # metadata (auth) comes once, with the stream
-            if self._draining:
-                raise RpcError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        except RpcError as e:
-            await self._fail("RetrieveStream", context, e)
-            return
-        me = _OpenStream(asyncio.current_task())
-        self._streams.add(me)
-        m, cfg = self.metrics, self.config
-        m.streams.inc()
-        latency = m.latency_by_method["RetrieveStream"]
-        requests = request_iterator.__aiter__()
-        try:
-            while not self._draining:
-                me.idle = True
-                try:
-                    request = await requests.__anext__()
-                except StopAsyncIteration:
-                    return
-                finally:
-                    me.idle = False
-                t0 = time.perf_counter()
-                self._in_flight += 1
-                try:
-                    self._check_load()
-                    index = self._require_index()
-                    if cfg.debug_delay_s:
-                        await asyncio.sleep(cfg.debug_delay_s)
-                    resp = self._retrieve_one(index, request)
-                    resp.seq = request.seq
-                    m.ok("RetrieveStream")
-                except RpcError as e:
-                    await self._fail("RetrieveStream", context, e)   # ends the stream with e's status
-                    return
-                finally:
-                    self._in_flight -= 1
-                    latency.observe(time.perf_counter() - t0)
-                yield resp
-        except asyncio.CancelledError:
-            if not (self._draining and me.cancelled_idle):
-                raise
-            # end_streams() woke this idle stream: finish with status OK (left cancelled, the call would stay
-            # open until the shutdown grace ends)
-        finally:
-            self._streams.discard(me)
-            m.streams.dec()
+    @_stream("RetrieveStream")
+    def RetrieveStream(self, index, request) -> pb.RetrieveResponse:
+        resp = self._retrieve_one(index, request)
+        resp.seq = request.seq
+        return resp
 
-    async def RetrieveBatch(self, request, context):
-        t0 = time.perf_counter()
-        self._in_flight += 1
-        try:
-            self._enter("RetrieveBatch", context)
-            index = self._require_index()
-            if len(request.requests) > self.config.max_batch:
-                raise _invalid(f"batch of {len(request.requests)} requests; the limit is {self.config.max_batch}")
-            out = pb.RetrieveBatchResponse()
-            for i, req in enumerate(request.requests):
-                try:
-                    out.responses.append(self._retrieve_one(index, req))
-                except RpcError as e:
-                    raise RpcError(e.code, f"requests[{i}]: {e.details}") from None
-            self.metrics.ok("RetrieveBatch")
-            return out
-        except RpcError as e:
-            await self._fail("RetrieveBatch", context, e)
-        finally:
-            self._in_flight -= 1
-            self.metrics.latency_by_method["RetrieveBatch"].observe(time.perf_counter() - t0)
+    @_unary("RetrieveBatch")
+    def RetrieveBatch(self, index, request) -> pb.RetrieveBatchResponse:
+        if len(request.requests) > self.config.max_batch:
+            raise _invalid(f"batch of {len(request.requests)} requests; the limit is {self.config.max_batch}")
+        out = pb.RetrieveBatchResponse()
+        for i, req in enumerate(request.requests):
+            try:
+                out.responses.append(self._retrieve_one(index, req))
+            except RpcError as e:
+                raise RpcError(e.code, f"requests[{i}]: {e.details}") from None
+        return out
 
-    async def OpenSession(self, request, context):
-        t0 = time.perf_counter()
-        self._in_flight += 1
-        try:
-            self._enter("OpenSession", context)
-            index = self._require_index()
-            if request.tokenizer_fingerprint and request.tokenizer_fingerprint != self._info.tokenizer_fingerprint:
+    @_unary("OpenSession")
+    async def OpenSession(self, index, request) -> pb.OpenSessionResponse:
+        if request.tokenizer_fingerprint and request.tokenizer_fingerprint != self._info.tokenizer_fingerprint:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"tokenizer fingerprint {request.tokenizer_fingerprint} does not match the index's "
+                           f"{self._info.tokenizer_fingerprint}")
+        ids = None
+        if request.prompt_ids:
+            if len(request.prompt_ids) > 8 * self.config.max_context:
+                raise _invalid(f"prompt_ids has {len(request.prompt_ids)} tokens; the limit is "
+                               f"{8 * self.config.max_context}")
+            ids = np.asarray(request.prompt_ids, dtype=np.int64)
+            if ids.min() < 0 or ids.max() >= self._info.vocab_size:
+                raise _invalid("prompt_ids hold ids outside the vocabulary")
+        if request.skip_documents and not request.memory:
+            raise _invalid("skip_documents needs memory: a session without documents or memory does nothing")
+        memory = TokenMemory(ids if ids is not None else ()) if request.memory else None
+        query, docs = request.prompt_text, np.zeros(0, np.int64)
+        if not request.skip_documents:
+            if not query:
+                if ids is None:
+                    raise _invalid("OpenSession needs prompt_text (or prompt_ids)")
+                if self.tokenizer is None:
+                    raise _invalid("this server has no tokenizer to decode prompt_ids: send prompt_text")
+                query = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+            top_k = request.top_k or self.config.default_top_k
+            if top_k > self.config.max_top_k:
+                raise _invalid(f"top_k {top_k} exceeds {self.config.max_top_k}")
+            if not self._info.documents_available:
                 raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"tokenizer fingerprint {request.tokenizer_fingerprint} does not match the index's "
-                               f"{self._info.tokenizer_fingerprint}")
-            ids = None
-            if request.prompt_ids:
-                if len(request.prompt_ids) > 8 * self.config.max_context:
-                    raise _invalid(f"prompt_ids has {len(request.prompt_ids)} tokens; the limit is "
-                                   f"{8 * self.config.max_context}")
-                ids = np.asarray(request.prompt_ids, dtype=np.int64)
-                if ids.min() < 0 or ids.max() >= self._info.vocab_size:
-                    raise _invalid("prompt_ids hold ids outside the vocabulary")
-            if request.skip_documents and not request.memory:
-                raise _invalid("skip_documents needs memory: a session without documents or memory does nothing")
-            memory = TokenMemory(ids if ids is not None else ()) if request.memory else None
-            query, docs = request.prompt_text, np.zeros(0, np.int64)
-            if not request.skip_documents:
-                if not query:
-                    if ids is None:
-                        raise _invalid("OpenSession needs prompt_text (or prompt_ids)")
-                    if self.tokenizer is None:
-                        raise _invalid("this server has no tokenizer to decode prompt_ids: send prompt_text")
-                    query = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
-                top_k = request.top_k or self.config.default_top_k
-                if top_k > self.config.max_top_k:
-                    raise _invalid(f"top_k {top_k} exceeds {self.config.max_top_k}")
-                if not self._info.documents_available:
-                    raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   "this index has no document (FAISS) index (open a memory-only session with "
-                                   "memory=true, skip_documents=true)")
-                loop = asyncio.get_running_loop()
-                try:
-                    docs = await loop.run_in_executor(self._search_pool, index.search_documents, query, int(top_k))
-                except Exception as e:  # noqa: BLE001 - report, don't crash the server
-                    log.exception("document search failed")
-                    raise RpcError(grpc.StatusCode.INTERNAL, f"document search failed: {type(e).__name__}: {e}")
-            s = self.sessions.create(query, np.asarray(docs, dtype=np.int64), str(index.index_id), memory)
-            self.metrics.sessions.set(len(self.sessions))
-            self.metrics.ok("OpenSession")
-            return pb.OpenSessionResponse(session_id=s.session_id, document_ids=s.doc_ids.tolist(),
-                                          ttl_s=self.sessions.ttl_s, index_id=s.index_id,
-                                          memory=memory is not None)
-        except RpcError as e:
-            await self._fail("OpenSession", context, e)
-        finally:
-            self._in_flight -= 1
-            self.metrics.latency_by_method["OpenSession"].observe(time.perf_counter() - t0)
+                               "this index has no document (FAISS) index (open a memory-only session with "
+                               "memory=true, skip_documents=true)")
+            docs = await self._search_documents(index, query, int(top_k))
+        s = self.sessions.create(query, np.asarray(docs, dtype=np.int64), str(index.index_id), memory)
+        self.metrics.sessions.set(len(self.sessions))
+        return pb.OpenSessionResponse(session_id=s.session_id, document_ids=s.doc_ids.tolist(),
+                                      ttl_s=self.sessions.ttl_s, index_id=s.index_id, memory=memory is not None)
 
-    async def CloseSession(self, request, context):
-        t0 = time.perf_counter()
-        try:
-            self._enter("CloseSession", context, counted=False)
-            if not request.session_id:
-                raise _invalid("session_id is empty")
-            closed = self.sessions.close(request.session_id)
-            self.metrics.sessions.set(len(self.sessions))
-            self.metrics.ok("CloseSession")
-            return pb.CloseSessionResponse(closed=closed)
-        except RpcError as e:
-            await self._fail("CloseSession", context, e)
-        finally:
-            self.metrics.latency_by_method["CloseSession"].observe(time.perf_counter() - t0)
+    @_unary("CloseSession", shed=False, needs_index=False)
+    def CloseSession(self, index, request) -> pb.CloseSessionResponse:
+        if not request.session_id:
+            raise _invalid("session_id is empty")
+        closed = self.sessions.close(request.session_id)
+        self.metrics.sessions.set(len(self.sessions))
+        return pb.CloseSessionResponse(closed=closed)

@@ -24,7 +24,6 @@ worker has its own counters; ``--metrics-port 0``: each on a free port, logged w
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import errno
 import logging
@@ -93,12 +92,28 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return hold
 
 
+@dataclass(frozen=True)
+class WorkerOptions:
+    """The supervisor's settings: the ``datastore-serve`` flags it needs (datastore/cli.py builds them)."""
+    host: str
+    port: int                              # 0: any free port
+    port_file: Optional[str]               # written once every worker is ready; None: none
+    metrics_port: Optional[int]            # worker i serves metrics on this + i; 0: each on a free port; None: off
+    drain_delay_s: float                   # a worker's stop takes up to drain_delay_s + shutdown_grace_s
+    shutdown_grace_s: float
+
+    def worker_metrics_port(self, i: int) -> Optional[int]:
+        """Worker ``i``'s metrics port: ``metrics_port + i``; 0 (each a free port) and None (off) stay."""
+        return self.metrics_port + i if self.metrics_port else self.metrics_port
+
+
 @dataclass
 class Worker:
-    """What a worker process knows about itself (passed to ``cli._serve``)."""
+    """What a worker process knows about itself (passed to the ``serve`` function, ``cli._serve``)."""
     id: int
     count: int
     port: int
+    metrics_port: Optional[int] = None     # this worker's (None: no metrics endpoint; 0: any free port)
     conn: Optional[Connection] = None
 
     def ready(self, metrics_port: Optional[int]) -> None:
@@ -133,8 +148,8 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _worker_main(a: argparse.Namespace, worker: Worker, parent_pid: int, hold: socket.socket,
-                 serve: Callable[[argparse.Namespace, Worker], Awaitable[int]]) -> None:
+def _worker_main(worker: Worker, parent_pid: int, hold: socket.socket,
+                 serve: Callable[[Worker], Awaitable[int]]) -> None:
     # Forked with the stop/reload signals blocked: give them their default action before unblocking,
     # so that the parent's handlers never run here; cli._serve installs its own once it listens.
     for s in _FORWARDED:
@@ -144,16 +159,17 @@ def _worker_main(a: argparse.Namespace, worker: Worker, parent_pid: int, hold: s
     hold.close()  # this process's copy of the parent's reservation
     for h in logging.getLogger().handlers:
         h.addFilter(_WorkerTag(worker.id))
-    a = argparse.Namespace(**vars(a))
-    a.port = worker.port
-    a.port_file = None
-    if a.metrics_port:
-        a.metrics_port += worker.id
-    sys.exit(asyncio.run(serve(a, worker)))
+    sys.exit(asyncio.run(serve(worker)))
 
 
-def run_workers(a: argparse.Namespace, n: int, serve: Callable[[argparse.Namespace, Worker], Awaitable[int]]) -> int:
-    """Start ``n`` workers, supervise them until a stop signal or a worker's death; the exit status."""
+def run_workers(a: WorkerOptions, n: int, serve: Callable[[Worker], Awaitable[int]]) -> int:
+    """Start ``n`` workers with the options ``a``, supervise them until a stop signal or a worker's death;
+    the exit status.
+
+    ``serve(worker)`` runs in each worker process: it loads the index, listens on ``worker.port`` with
+    SO_REUSEPORT, calls ``worker.ready(metrics_port)`` and serves until SIGTERM/SIGINT, returning the
+    worker's exit status (2: the index could not be loaded).
+    """
     try:
         hold = reserve_port(a.host, a.port)
     except OSError as e:
@@ -199,8 +215,9 @@ def run_workers(a: argparse.Namespace, n: int, serve: Callable[[argparse.Namespa
             if state["stopping"]:
                 break
             reader, writer = ctx.Pipe(duplex=False)
+            worker = Worker(i, n, port, a.worker_metrics_port(i), writer)
             p = ctx.Process(target=_worker_main, name=f"datastore-worker-{i}", daemon=True,
-                            args=(a, Worker(i, n, port, writer), os.getpid(), hold, serve))
+                            args=(worker, os.getpid(), hold, serve))
             signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
             try:
                 p.start()
@@ -209,7 +226,7 @@ def run_workers(a: argparse.Namespace, n: int, serve: Callable[[argparse.Namespa
             writer.close()
             procs.append(p)
             conns[reader] = i
-        grace = a.drain_delay + a.shutdown_grace + 10.0
+        grace = a.drain_delay_s + a.shutdown_grace_s + 10.0
         announced = False
         while len(reaped) < len(procs):   # until every worker's exit has been handled
             for obj in wait([*conns, *(p.sentinel for p in alive())], timeout=0.5):

@@ -1,10 +1,28 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SOURCE_NONE: _ClassVar[Source]
+    SOURCE_DATASTORE: _ClassVar[Source]
+    SOURCE_DOCUMENTS: _ClassVar[Source]
+    SOURCE_RECYCLED: _ClassVar[Source]
+    SOURCE_CONTEXT: _ClassVar[Source]
+    SOURCE_DRAFT_MODEL: _ClassVar[Source]
+    SOURCE_EARLY_EXIT: _ClassVar[Source]
+SOURCE_NONE: Source
+SOURCE_DATASTORE: Source
+SOURCE_DOCUMENTS: Source
+SOURCE_RECYCLED: Source
+SOURCE_CONTEXT: Source
+SOURCE_DRAFT_MODEL: Source
+SOURCE_EARLY_EXIT: Source
 
 class InfoRequest(_message.Message):
     __slots__ = ()

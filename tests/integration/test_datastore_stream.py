@@ -147,6 +147,31 @@ def test_metrics_count_stream_lookups(server):
         s.close()
 
 
+
+def test_in_flight_gauge_counts_calls_and_stream_messages_being_handled(index_path):
+    import re
+    import urllib.request
+
+    cfg = ServiceConfig(debug_delay_s=0.5)
+    with ServerThread(index_path, cfg, ServerOptions(metrics_port=0), opener=FakeIndex.open) as srv, \
+            grpc.insecure_channel(srv.address) as ch:
+        def in_flight() -> float:
+            url = f"http://127.0.0.1:{srv.server.metrics_port}/metrics"
+            body = urllib.request.urlopen(url, timeout=5).read().decode()
+            return float(re.search(r"^datastore_in_flight (\S+)$", body, re.M).group(1))
+
+        st = pb_grpc.DatastoreStub(ch)
+        req = pb.RetrieveRequest(context=[2, 3], budget=4, seq=3)
+        s = RawStream(st)
+        assert in_flight() == 0                      # an open stream waiting for its next request is not
+        slow = [st.Retrieve.future(req, timeout=5) for _ in range(2)]
+        s.q.put(req)
+        time.sleep(0.25)
+        assert in_flight() == 3                      # two unary calls and one stream message
+        assert all(len(f.result().tokens) > 0 for f in slow) and next(s.call).seq == 3
+        assert in_flight() == 0
+        s.close()
+
 def test_drain_ends_idle_streams_without_waiting_out_the_grace(index_path):
     srv = ServerThread(index_path, ServiceConfig(), ServerOptions(shutdown_grace_s=20), opener=FakeIndex.open)
     ch = grpc.insecure_channel(srv.address)

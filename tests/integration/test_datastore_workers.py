@@ -2,6 +2,7 @@
 affinity of sessions, reload in every worker, signals, no leftover processes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -219,3 +220,13 @@ def test_workers_flag_values():
     for bad in ("-1", "two"):
         with pytest.raises(ValueError):
             parse_workers(bad)
+
+
+def test_worker_options_give_each_worker_its_metrics_port():
+    from specstore.datastore.workers import WorkerOptions
+
+    opts = WorkerOptions(host="127.0.0.1", port=0, port_file=None, metrics_port=9100, drain_delay_s=0.0,
+                         shutdown_grace_s=10.0)
+    assert [opts.worker_metrics_port(i) for i in range(3)] == [9100, 9101, 9102]
+    for base in (0, None):        # 0: each worker picks a free port; None: no metrics endpoint
+        assert dataclasses.replace(opts, metrics_port=base).worker_metrics_port(2) == base

@@ -43,3 +43,13 @@ def test_malformed_responses_are_rejected():
                 pb.RetrieveResponse(tokens=[4, 5], parents=[-1], probs=[1, 1])):        # lengths differ
         with pytest.raises(ValueError):
             tree_from_response(7, bad)
+
+
+def test_client_source_bits_are_the_proto_enum():
+    """The source bits are declared once, in the proto; the client's IntFlag carries the same names
+    (without the enum's SOURCE_ prefix) and values, in the same order."""
+    from specstore.client.types import Source
+    from specstore.protos import datastore_pb2 as pb
+
+    proto = [(v.name.removeprefix("SOURCE_"), v.number) for v in pb.DESCRIPTOR.enum_types_by_name["Source"].values]
+    assert proto == [(name, int(member)) for name, member in Source.__members__.items()]
