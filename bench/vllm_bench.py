@@ -1,0 +1,136 @@
+"""One vLLM engine, one method, the same prompts: tokens/s, mean accepted length, output token ids.
+
+Runs in the vLLM environment (``.venv-vllm``, made by scripts/setup.sh), one configuration per process
+so that no cache or compiled state carries over between methods:
+
+    .venv-vllm/bin/python -m specstore.bench.vllm_bench --method plain --json-out plain.json
+    .venv-vllm/bin/python -m specstore.bench.vllm_bench --method specstore --index DIR --json-out ours.json
+    .venv-vllm/bin/python -m specstore.bench.vllm_bench --method specstore --datastore 127.0.0.1:50051 ...
+    .venv-vllm/bin/python -m specstore.bench.vllm_bench --method ngram | suffix ...
+
+``--batch 1`` sends the prompts one at a time (each ``generate`` call holds one request); ``--batch 8``
+sends them eight at a time. A warm-up prompt outside the measured set runs first (unmeasured). Prints one
+``done I`` line per finished prompt at batch 1 (tests use it to act mid-run) and writes a JSON report:
+per-prompt token ids and seconds, tokens/s over the measured calls, vLLM's spec-decode counters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+PROPOSER = "specstore.client.vllm_proposer.SpecstoreProposer"
+WARMUP_PROMPT = "List three colours of the rainbow."
+
+
+def speculative_config(args) -> dict | None:
+    k = args.num_speculative_tokens
+    if args.method == "plain":
+        return None
+    if args.method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    if args.method == "suffix":
+        return {"method": "suffix", "num_speculative_tokens": k}
+    if args.method == "specstore":
+        return {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": k}
+    raise ValueError(f"unknown method {args.method}")
+
+
+def _spec_counters(llm) -> dict:
+    out = {}
+    try:
+        for m in llm.get_metrics():
+            if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value"):
+                out[m.name.split(":", 1)[1]] = out.get(m.name.split(":", 1)[1], 0) + int(m.value)
+    except Exception as e:  # noqa: BLE001 - counters are informative only
+        out["error"] = str(e)
+    return out
+
+
+def load_prompts(args) -> list[str]:
+    if args.prompts_file:
+        from .spec_bench import load_questions, parse_categories, select_prompts
+
+        qs = select_prompts(load_questions(args.prompts_file), parse_categories(args.categories),
+                            args.n_per_category)
+        return [q.text for q in qs]
+    return list(args.prompt)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--model", default=None, help="HF folder (default: the converted SmolLM2-135M-Instruct)")
+    ap.add_argument("--method", choices=("plain", "ngram", "suffix", "specstore"), default="plain")
+    ap.add_argument("--num-speculative-tokens", type=int, default=8)
+    ap.add_argument("--index", help="specstore: embedded index (sets SPECSTORE_INDEX)")
+    ap.add_argument("--datastore", help="specstore: datastore HOST:PORT (sets SPECSTORE_DATASTORE)")
+    ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    ap.add_argument("--prompts-file", help="Spec-Bench questions JSONL")
+    ap.add_argument("--categories", default=None)
+    ap.add_argument("--n-per-category", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1, help="requests per generate call")
+    ap.add_argument("--enforce-eager", action="store_true", help="no torch.compile (fast start; tests)")
+    ap.add_argument("--kv-cache-gib", default="2")
+    ap.add_argument("--json-out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", args.kv_cache_gib)
+    if args.index:
+        os.environ["SPECSTORE_INDEX"] = args.index
+    if args.datastore:
+        os.environ["SPECSTORE_DATASTORE"] = args.datastore
+    prompts = load_prompts(args)
+    if not prompts:
+        ap.error("give --prompt or --prompts-file")
+    model = args.model
+    if model is None:
+        from ..client.model_files import resolve_model
+
+        files = resolve_model(None)
+        model = str(files.cache_dir / "hf")
+        if not (Path(model) / "config.json").exists():
+            ap.error(f"{model} does not exist: convert the model once with the main environment "
+                     "(spec-generate --max-new-tokens 1 --prompt hi), or give --model HF_FOLDER")
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype="float32", max_model_len=2048, enforce_eager=args.enforce_eager,
+              speculative_config=speculative_config(args), disable_log_stats=False, seed=0)
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
+    chat = [[{"role": "user", "content": p}] for p in prompts]
+    llm.chat([[{"role": "user", "content": WARMUP_PROMPT}]], sp, use_tqdm=False)
+    before = _spec_counters(llm)
+    runs, total_tokens, total_s = [], 0, 0.0
+    for start in range(0, len(chat), args.batch):
+        part = chat[start:start + args.batch]
+        t0 = time.perf_counter()
+        outs = llm.chat(part, sp, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        total_s += dt
+        for j, o in enumerate(outs):
+            ids = list(o.outputs[0].token_ids)
+            total_tokens += len(ids)
+            runs.append({"index": start + j, "token_ids": ids, "text": o.outputs[0].text, "seconds": dt})
+            print(f"done {start + j}", flush=True)
+    after = _spec_counters(llm)
+    spec = {k: after.get(k, 0) - before.get(k, 0) for k in after if k != "error"}
+    drafts = spec.get("spec_decode_num_drafts", 0)
+    report = {
+        "method": args.method, "batch": args.batch, "max_new_tokens": args.max_new_tokens,
+        "datastore": args.datastore, "index": args.index, "prompts": len(prompts),
+        "tokens": total_tokens, "seconds": total_s, "tokens_per_second": total_tokens / max(total_s, 1e-9),
+        "mean_accepted_length": (1 + spec.get("spec_decode_num_accepted_tokens", 0) / drafts) if drafts else None,
+        "spec_decode": spec, "runs": runs,
+    }
+    args.json_out.write_text(json.dumps(report))
+    print(f"{args.method} batch={args.batch}: {report['tokens_per_second']:.1f} tok/s, "
+          f"MAL {report['mean_accepted_length']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
