@@ -26,7 +26,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .spec_bench import CATEGORIES, DATASTORE, DEFAULT_CONFIGS, DEFAULT_QUESTIONS
+from ..client.cli_support import (DEFAULT_MAX_NEW_TOKENS, MAX_BUDGET_HELP, MODEL_HELP, choose_max_budget, run_main,
+                                  validate_common)
+from ..datastore.cli_common import CliParser
+from .spec_bench import CATEGORIES, DATASTORE, DEFAULT_CONFIGS, DEFAULT_QUESTIONS, PLD_NUM_TOKENS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,27 +50,26 @@ Timings are only meaningful on an otherwise idle machine.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spec-bench", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(prog="spec-bench", description=__doc__, epilog=EPILOG,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("prompts")
     g.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS,
-                   help="Spec-Bench questions JSONL (default: ../shared/data/bench/spec-bench_question.jsonl "
-                        "relative to the repository root)")
+                   help="Spec-Bench questions JSONL (default: %(default)s)")
     g.add_argument("--categories", default="all",
-                   help="comma-separated categories to run (default: all six)")
-    g.add_argument("--n-per-category", type=int, default=5, help="prompts per category (default: 5)")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (default: 128)")
+                   help=f"comma-separated categories to run (default: all {len(CATEGORIES)})")
+    g.add_argument("--n-per-category", type=int, default=5, help="prompts per category (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="new tokens per prompt (default: %(default)s)")
     g.add_argument("--warmup", type=int, default=1,
-                   help="unmeasured warm-up prompts, each run by every method first (default: 1)")
+                   help="unmeasured warm-up prompts, each run by every method first (default: %(default)s)")
 
     g = p.add_argument_group("methods")
     g.add_argument("--configs", nargs="+", default=None, metavar="DRAFTERS",
                    help="our decoder configurations, one comma-separated drafter list each, from context, "
-                        "recycling, datastore (default: context,recycling context)")
+                        f"recycling, datastore (default: {' '.join(DEFAULT_CONFIGS)})")
     g.add_argument("--no-pld", action="store_true", help="skip transformers prompt lookup")
     g.add_argument("--no-ours-plain", action="store_true", help="skip our decoder with speculation off")
-    g.add_argument("--max-budget", type=int, default=None,
-                   help="largest number of draft nodes per step (default: from the cost profile, <= 32 on CPU)")
+    g.add_argument("--max-budget", type=int, default=None, help=MAX_BUDGET_HELP)
     g.add_argument("--refresh-profile", action="store_true", help="re-measure the verify cost profile t(n) first")
     g.add_argument("--datastore", metavar="HOST:PORT", default=None,
                    help="a datastore-serve service; adds the configuration context,recycling,datastore")
@@ -78,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the datastore drafter searches the corpus only, not also the request's own tokens")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help="a local HF folder, a .gguf file, or smollm2-135m-instruct (default)")
+    g.add_argument("--model", default=None, help=MODEL_HELP)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on CUDA)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -148,8 +149,6 @@ def run(args) -> int:
     from .spec_bench import (OursMethod, build_methods, environment, load_questions, parse_categories,
                              run_benchmark, select_prompts)
 
-    from ..client.cli_support import validate_common
-
     validate_common(args)
     if args.warmup < 0:
         raise ValueError("--warmup must be >= 0")
@@ -169,8 +168,7 @@ def run(args) -> int:
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     model_name = resolve_model(args.model).name
     profile = cached_cost_profile(model, model_name, refresh=args.refresh_profile)
-    default_budget = 32 if next(model.parameters()).device.type == "cpu" else 63
-    max_budget = args.max_budget or min(default_budget, profile.max_size - 1)
+    max_budget = choose_max_budget(args.max_budget, model, profile)
     methods = build_methods(model, tokenizer, configs, profile=profile, max_budget=max_budget,
                             include_pld=not args.no_pld, include_ours_plain=not args.no_ours_plain,
                             drafter_factory=_drafter_factory(model, tokenizer, args))
@@ -185,7 +183,7 @@ def run(args) -> int:
     meta["command"] = "spec-bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     meta.update(model=model_name, max_new_tokens=args.max_new_tokens, n_per_category=args.n_per_category,
                 categories=categories, configs=configs, max_budget=max_budget, warmup_prompts=len(warmups),
-                questions=str(args.questions), pld_num_tokens=10 if not args.no_pld else None,
+                questions=str(args.questions), pld_num_tokens=PLD_NUM_TOKENS if not args.no_pld else None,
                 cost_profile=profile.to_json())
     print(f"spec-bench: {len(prompts)} prompts x {len(methods)} methods ({', '.join(m.name for m in methods)}), "
           f"{args.max_new_tokens} new tokens, {meta['torch_threads']} threads on {meta.get('device')}",
@@ -217,8 +215,6 @@ def run(args) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    from ..client.cli_support import run_main
-
     return run_main("spec-bench", run, args)
 
 

@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    from ..client.budget import measure_cost_profile
+    from ..client.budget import MAX_BUDGET_CUDA, measure_cost_profile
     from ..client.decoder import SpeculativeDecoder
     from ..client.drafters import ContextDrafter, RecyclingDrafter
     from ..client.models import pick_dtype
@@ -79,7 +79,8 @@ def main() -> None:
     base = rng.integers(100, 20000, 64).tolist()
     prompt = (base * 5)[:300]
     vocab = model.config.vocab_size
-    dec = SpeculativeDecoder(model, None, [ContextDrafter(), RecyclingDrafter(vocab)], profile=prof, max_budget=63)
+    dec = SpeculativeDecoder(model, None, [ContextDrafter(), RecyclingDrafter(vocab)], profile=prof,
+                             max_budget=MAX_BUDGET_CUDA)
     verify_times: list[float] = []
     orig_verify = dec.verifier.verify
 

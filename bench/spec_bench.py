@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from ..client.budget import MAX_BUDGET_CPU
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_QUESTIONS = ROOT.parent / "shared" / "data" / "bench" / "spec-bench_question.jsonl"
 
@@ -201,7 +203,7 @@ def config_name(drafters: str) -> str:
     return "ours:" + ",".join(n.strip() for n in drafters.split(",") if n.strip())
 
 
-def build_methods(model, tokenizer, configs: Sequence[str], *, profile=None, max_budget: int = 32,
+def build_methods(model, tokenizer, configs: Sequence[str], *, profile=None, max_budget: int = MAX_BUDGET_CPU,
                   include_pld: bool = True, include_ours_plain: bool = True,
                   drafter_factory: Optional[Callable[[str], list]] = None) -> list:
     """plain, pld, ours-plain and one ``ours:<drafters>`` per config, all on the same model object.

@@ -26,6 +26,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
+# Default upper bound on draft nodes per step, per device. On a CPU t(n) grows from the first extra nodes, so
+# larger trees rarely pay; on a GPU t(n) is flat to ~48 nodes (BENCHMARKS.md), and 63 drafts + the root fill
+# the largest default profile size.
+MAX_BUDGET_CPU = 32
+MAX_BUDGET_CUDA = 63
+
+
+def default_max_budget(device_type: str) -> int:
+    """MAX_BUDGET_CPU for ``device_type`` "cpu" (a torch.device.type), MAX_BUDGET_CUDA for any accelerator."""
+    return MAX_BUDGET_CPU if device_type == "cpu" else MAX_BUDGET_CUDA
+
 
 @dataclass
 class CostProfile:
@@ -131,7 +142,7 @@ class BudgetController:
     shrunk towards pessimism, so an unseen source must earn its way into the tree.
     """
 
-    def __init__(self, profile: CostProfile, max_budget: int = 63, overhead_s: float = 0.0,
+    def __init__(self, profile: CostProfile, max_budget: int = MAX_BUDGET_CUDA, overhead_s: float = 0.0,
                  thompson: bool = True, prior_strength: float = 4.0, memory: float = 400.0, seed: int = 0):
         self.profile = profile
         self.max_budget = int(min(max_budget, profile.max_size - 1))

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .cli_support import iter_jsonl, run_main, validate_common
+from ..datastore.cli_common import CliParser
+from .cli_support import (DEFAULT_MAX_NEW_TOKENS, MAX_BUDGET_HELP, MODEL_HELP, choose_max_budget, iter_jsonl,
+                          run_main, validate_common)
 
 DRAFTER_NAMES = ("context", "recycling")
 
@@ -26,27 +28,26 @@ With --temperature > 0 tokens are sampled; the distribution is exactly that of p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spec-generate", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(prog="spec-generate", description=__doc__, epilog=EPILOG,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (the chat template is applied for chat models)")
     src.add_argument("--prompts-file", type=Path, help="JSON lines file, one object with a 'prompt' field per line")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--model", default=None,
-                   help="model: a local HF folder, a .gguf file, or smollm2-135m-instruct (default)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="new tokens per prompt at most (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--drafters", default="context,recycling",
-                   help=f"comma-separated local drafters from {', '.join(DRAFTER_NAMES)} (default: both)")
+    p.add_argument("--drafters", default=",".join(DRAFTER_NAMES),
+                   help=f"comma-separated local drafters from {', '.join(DRAFTER_NAMES)} (default: all)")
     p.add_argument("--no-speculation", action="store_true", help="plain decoding through the same code path")
-    p.add_argument("--max-budget", type=int, default=None,
-                   help="largest number of draft nodes per step (default: from the cost profile, <= 32 on CPU)")
+    p.add_argument("--max-budget", type=int, default=None, help=MAX_BUDGET_HELP)
     p.add_argument("--refresh-profile", action="store_true", help="re-measure the verify cost profile t(n)")
     p.add_argument("--recycling-table", type=Path, default=None,
                    help="load the token-recycling table from this file if it exists, and save it at the end")
@@ -122,8 +123,7 @@ def build_decoder(args):
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     drafters = [] if args.no_speculation else make_drafters(args.drafters, model, tokenizer, args)
     profile = cached_cost_profile(model, resolve_model(args.model).name, refresh=args.refresh_profile)
-    default_budget = 32 if next(model.parameters()).device.type == "cpu" else 63
-    max_budget = args.max_budget or min(default_budget, profile.max_size - 1)
+    max_budget = choose_max_budget(args.max_budget, model, profile)
     dec = SpeculativeDecoder(model, tokenizer, drafters, profile=profile, max_budget=max_budget,
                              speculate=not args.no_speculation)
     return dec

@@ -1,16 +1,32 @@
-"""What the command-line tools share: quiet logging, clean one-line errors, JSON-lines input."""
+"""What spec-generate and spec-bench share: quiet logging, the exit convention, common options, JSON lines.
+
+The exit convention itself (statuses, one-line errors, ``--version``) is ``datastore/cli_common.py``, shared
+with the datastore and indexer CLIs.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import os
-import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
+
+from ..datastore.cli_common import run_cli
+from .budget import MAX_BUDGET_CPU, MAX_BUDGET_CUDA, default_max_budget
+from .model_files import DEFAULT_MODEL
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+MODEL_HELP = f"model: a local HF folder, a .gguf file, or {DEFAULT_MODEL} (default)"
+MAX_BUDGET_HELP = (f"largest number of draft nodes per step (default: from the cost profile, <= {MAX_BUDGET_CPU} "
+                   f"on CPU, <= {MAX_BUDGET_CUDA} on CUDA)")
 
 
 def run_main(prog: str, run: Callable[[object], int], args) -> int:
-    """Run ``run(args)``; bad input becomes one ``prog: error: ...`` line on stderr and exit status 2."""
+    """Run ``run(args)`` under the exit convention (cli_common.run_cli) with quiet logging.
+
+    A missing optional dependency (ImportError) counts as bad input: its message says what to install.
+    """
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,15 +35,7 @@ def run_main(prog: str, run: Callable[[object], int], args) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    from .model_files import ModelNotFoundError
-
-    try:
-        return run(args)
-    except (ValueError, ModelNotFoundError, FileNotFoundError, ImportError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_cli(prog, lambda: run(args), input_errors=(ImportError,))
 
 
 def validate_common(args) -> None:
@@ -38,6 +46,12 @@ def validate_common(args) -> None:
         raise ValueError("--max-budget must be >= 0")
     if args.datastore and args.index:
         raise ValueError("give --datastore or --index, not both")
+
+
+def choose_max_budget(requested: Optional[int], model, profile) -> int:
+    """``--max-budget`` when given (non-zero), else the default of the model's device, at most what the cost
+    profile measured (``profile.max_size - 1`` drafts)."""
+    return requested or min(default_max_budget(next(model.parameters()).device.type), profile.max_size - 1)
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:

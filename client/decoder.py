@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .acceptance import greedy_accept, sample_accept
-from .budget import BudgetController, CostProfile
+from .budget import MAX_BUDGET_CPU, BudgetController, CostProfile
 from .fusion import fuse
 from .sampling import SamplingParams, warp
 from .types import DecodeContext, DraftTree, StepResult
@@ -79,7 +79,7 @@ class SpeculativeDecoder:
     """
 
     def __init__(self, model, tokenizer=None, drafters: Sequence = (), *, profile: Optional[CostProfile] = None,
-                 max_budget: int = 32, speculate: bool = True, topk: int = 8,
+                 max_budget: int = MAX_BUDGET_CPU, speculate: bool = True, topk: int = 8,
                  controller: Optional[BudgetController] = None):
         self.model = model
         self.tokenizer = tokenizer

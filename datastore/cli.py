@@ -5,6 +5,9 @@
 
 With ``--workers N`` (N > 1) this process becomes a supervisor of N server processes sharing the port
 (datastore/workers.py).
+
+Exit status (datastore/cli_common.py): 0 after a SIGTERM drain, 130 after a SIGINT (Ctrl-C) drain, 2 for bad
+options or an index that cannot be loaded at start, 1 for an internal error (one line naming the traceback file).
 """
 from __future__ import annotations
 
@@ -21,13 +24,14 @@ from typing import TYPE_CHECKING, Optional
 if TYPE_CHECKING:
     from .workers import Worker
 
+from .cli_common import EXIT_INTERRUPTED, EXIT_OK, CliParser, UsageError, run_cli
 from .logs import setup_logging
 
 log = logging.getLogger("datastore.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="datastore-serve", description="Serve a retrieval index over gRPC.")
+    ap = CliParser(prog="datastore-serve", description="Serve a retrieval index over gRPC.")
     ap.add_argument("--index", required=True, help="index folder (or a symlink to the current snapshot)")
     g = ap.add_argument_group("network")
     g.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
@@ -94,7 +98,7 @@ def _config_from_args(a):
     if token is None:
         token = os.environ.get("DATASTORE_AUTH_TOKEN") or None
     if a.auth_reads and not token:
-        raise SystemExit("datastore-serve: --auth-reads needs a token (--auth-token, --auth-token-file or $DATASTORE_AUTH_TOKEN)")
+        raise UsageError("--auth-reads needs a token (--auth-token, --auth-token-file or $DATASTORE_AUTH_TOKEN)")
     defaults = {k: getattr(a, k) for k in ("max_span", "min_span", "max_matches", "depth", "min_prob")
                 if getattr(a, k) is not None}
     return ServiceConfig(
@@ -127,10 +131,17 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
                              tokenizer=tokenizer)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    status = EXIT_OK
+
+    def interrupt():
+        # Ctrl-C drains like SIGTERM but exits EXIT_INTERRUPTED (a worker leaves that to its supervisor)
+        nonlocal status
+        status = EXIT_INTERRUPTED
+        stop.set()
 
     def handle_signals():
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set if worker is not None else interrupt)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.reload(force=True)))
 
     if worker is not None:
@@ -165,24 +176,28 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
     await stop.wait()
     log.info("signal received, shutting down")
     await server.stop()
-    return 0
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    return run_cli("datastore-serve", lambda: _main(a))
+
+
+def _main(a) -> int:
     setup_logging(a.log_level, a.log_format == "json")
     if a.metrics_port is not None and a.metrics_port < 0:
-        raise SystemExit("--metrics-port must be >= 0")
+        raise UsageError("--metrics-port must be >= 0")
     from .workers import parse_workers
 
     try:
         workers = parse_workers(a.workers)
     except ValueError as e:
-        raise SystemExit(f"datastore-serve: --workers: {e}") from None
+        raise UsageError(f"--workers: {e}") from None
     if workers == 1:
         return asyncio.run(_serve(a))
     if a.metrics_port and a.metrics_port + workers - 1 > 65535:
-        raise SystemExit(f"datastore-serve: --metrics-port {a.metrics_port} + {workers} workers exceeds 65535")
+        raise UsageError(f"--metrics-port {a.metrics_port} + {workers} workers exceeds 65535")
     _config_from_args(a)  # bad auth settings fail here once, not in every worker
     from .workers import WorkerOptions, run_workers
 

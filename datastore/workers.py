@@ -10,7 +10,8 @@ itself), so throughput grows with processes, not threads. The parent:
   of the listening workers; a gRPC channel keeps one HTTP/2 connection, so all calls of a channel reach
   the same worker (sessions work per channel; see docs/datastore.md);
 - writes ``--port-file`` once every worker is ready;
-- forwards SIGTERM/SIGINT (each worker drains as a single server does) and SIGHUP (reload);
+- forwards SIGTERM/SIGINT (each worker drains as a single server does; exit status 130 after SIGINT) and
+  SIGHUP (reload);
 - if a worker dies unexpectedly, stops the others (graceful drain) and exits non-zero (2 if the worker
   could not load the index, else 1). It does not restart workers: a crash loop stays visible to the
   orchestrator (compose/k8s restart the whole service and watch its health) instead of a server that
@@ -37,6 +38,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Awaitable, Callable, Optional
+
+from .cli_common import EXIT_INTERRUPTED
 
 log = logging.getLogger("datastore.workers")
 
@@ -204,7 +207,7 @@ def run_workers(a: WorkerOptions, n: int, serve: Callable[[Worker], Awaitable[in
             log.info("signal received, stopping workers", extra={"signal": signal.Signals(sig).name})
             if state["stopping"]:
                 send(sig)
-            stop(0)
+            stop(EXIT_INTERRUPTED if sig == signal.SIGINT else 0)
         else:
             send(sig)
 

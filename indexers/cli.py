@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..datastore.cli_common import CliParser, one_line, run_cli, usage_error
+
 EPILOG = """\
 examples:
   index-build build ../shared/data/corpus --out idx/
@@ -21,7 +23,7 @@ examples:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CliParser(
         prog="index-build",
         description="Build a retrieval datastore index (token shards + suffix arrays + FAISS) from text corpora.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -131,17 +133,18 @@ def _inspect(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("build", "inspect", "-h", "--help"):
+    if argv and argv[0] not in ("build", "inspect", "-h", "--help", "--version"):
         argv = ["build"] + argv
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.cmd is None:
-        parser.print_help()
-        return 2
+        parser.error("give a command: build or inspect")
     if args.cmd == "inspect":
-        return _inspect(args)
+        return run_cli("index-build", lambda: _inspect(args))
+    return run_cli("index-build", lambda: _build(args), interrupt_hint="rerun the same command to resume")
 
-    from ..client.model_files import ModelNotFoundError
+
+def _build(args) -> int:
     from .build import DEFAULT_CHUNK_TOKENS, DEFAULT_SHARD_TOKENS, BuildError, build_index
     from .readers import BadRecordError
 
@@ -154,16 +157,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             embed_batch=args.embed_batch, append=args.append, skip_bad_records=args.skip_bad_records,
             progress=not args.quiet, log=lambda s: print(s, file=sys.stderr),
         )
-    except BadRecordError as e:
-        print(f"index-build: bad input: {e}", file=sys.stderr)
-        print("  (use --skip-bad-records to skip such records and count them)", file=sys.stderr)
+    except BadRecordError as e:  # exit status 1, not 2: the documented status of bad records in the data
+        print(f"index-build: bad input: {one_line(e)} (use --skip-bad-records to skip such records and count them)",
+              file=sys.stderr)
         return 1
-    except (BuildError, ModelNotFoundError, FileNotFoundError, ValueError) as e:
-        print(f"index-build: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("index-build: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except BuildError as e:
+        return usage_error("index-build", e)
     if args.json:
         print(json.dumps(report.manifest, indent=2))
     else:
