@@ -15,9 +15,10 @@ import torch
 
 from .acceptance import greedy_accept, sample_accept
 from .budget import BudgetController, CostProfile
+from .drafter_errors import DrafterErrors
 from .fusion import fuse
 from .sampling import SamplingParams, warp
-from .types import DecodeContext, DraftTree, StepResult
+from .types import DecodeContext, Drafter, DraftTree, StepResult
 from .verifier import Verifier
 
 
@@ -72,8 +73,8 @@ def _as_id_list(input_ids) -> list[int]:
 class SpeculativeDecoder:
     """Lossless tree-speculative decoding of one sequence at a time.
 
-    drafters: objects implementing client.types.Drafter (optional hooks: prefetch(ctx, budget),
-              begin_request(prompt_ids, prompt_text), end_request()).
+    drafters: client.types.Drafter subclasses. A hook that raises is counted in ``drafter_errors`` and
+              logged; the step goes on without that drafter's tree, so the output does not change.
     profile:  the verify cost profile t(n); None -> a flat profile (always worth drafting).
     speculate=False gives plain decoding through the same code path (one-node trees).
     """
@@ -84,6 +85,10 @@ class SpeculativeDecoder:
         self.model = model
         self.tokenizer = tokenizer
         self.drafters = list(drafters)
+        alien = [type(d).__name__ for d in self.drafters if not isinstance(d, Drafter)]
+        if alien:
+            raise TypeError(f"drafters must subclass specstore.client.types.Drafter: {', '.join(alien)}")
+        self.drafter_errors = DrafterErrors()
         self.speculate = speculate
         self.topk = topk
         self.verifier = Verifier(model, topk=topk)
@@ -93,7 +98,7 @@ class SpeculativeDecoder:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self._request_id = 0
         # drafters that learn from the target's top-k next tokens at every verified node (Token Recycling)
-        self._needs_topk = any(getattr(d, "needs_target_topk", False) for d in self.drafters)
+        self._needs_topk = any(d.needs_target_topk for d in self.drafters)
         eos = set()
         gen_cfg = getattr(model, "generation_config", None)
         for src in (getattr(gen_cfg, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
@@ -168,8 +173,10 @@ class SpeculativeDecoder:
         L = len(prompt)
         drafters = self.drafters if self.speculate else []
         for d in drafters:
-            if hasattr(d, "begin_request"):
+            try:
                 d.begin_request(prompt, prompt_text)
+            except Exception as e:  # noqa: BLE001 - a drafter never breaks a request (drafter_errors.py)
+                self.drafter_errors.record(d, "begin_request", e)
         try:
             self.verifier.prefill(buf[:L])
             st["prefill"] = time.perf_counter() - t_start
@@ -215,11 +222,10 @@ class SpeculativeDecoder:
             st["seconds"] = time.perf_counter() - t_start
             st.setdefault("prefill", st["seconds"])
             for d in drafters:
-                if hasattr(d, "end_request"):
-                    try:
-                        d.end_request()
-                    except Exception:
-                        pass
+                try:
+                    d.end_request()
+                except Exception as e:  # noqa: BLE001
+                    self.drafter_errors.record(d, "end_request", e)
 
     # ------------------------------------------------------------------ steps
     def _propose(self, ctx: DecodeContext, drafters, remaining: int) -> DraftTree:
@@ -227,14 +233,20 @@ class SpeculativeDecoder:
         if not drafters:
             return DraftTree.empty(root)
         budget = self.controller.max_budget
+        errors = self.drafter_errors
         for d in drafters:
-            if hasattr(d, "prefetch"):
+            try:
                 d.prefetch(ctx, budget)
+            except Exception as e:  # noqa: BLE001 - counted and logged; the drafter may still propose
+                errors.record(d, "prefetch", e)
         trees = []
         for d in drafters:
-            t = d.propose(ctx, budget)
-            if t.num_drafts > 0 and t.root == root:
-                trees.append(t)
+            try:
+                t = d.propose(ctx, budget)
+                if t.num_drafts > 0 and t.root == root:
+                    trees.append(t)
+            except Exception as e:  # noqa: BLE001 - counted and logged; this step goes on without its tree
+                errors.record(d, "propose", e)
         if not trees:
             self.controller.steps += 1
             return DraftTree.empty(root)
@@ -271,8 +283,8 @@ class SpeculativeDecoder:
         for d in drafters:
             try:
                 d.observe(step)
-            except Exception:
-                pass
+            except Exception as e:  # noqa: BLE001
+                self.drafter_errors.record(d, "observe", e)
 
     def _stop_cut(self, new: list[int], stop: Sequence[str]) -> Optional[tuple[int, str]]:
         text = self.tokenizer.decode(new, skip_special_tokens=True)
