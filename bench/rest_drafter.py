@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..client.types import DecodeContext, DraftTree, Source, StepResult
+from ..client.types import DecodeContext, Drafter, DraftTree, Source
 
 
 def build_rest_index(index_dir: str | Path, out_file: str | Path) -> Path:
@@ -36,7 +36,7 @@ def build_rest_index(index_dir: str | Path, out_file: str | Path) -> Path:
     return out
 
 
-class RestDrafter:
+class RestDrafter(Drafter):
     source = Source.DATASTORE
 
     def __init__(self, rest_index_file: str | Path, max_span: int = 16, min_span: int = 2, choices: int = 64,
@@ -48,18 +48,11 @@ class RestDrafter:
 
     def propose(self, ctx: DecodeContext, budget: int) -> DraftTree:
         root = ctx.last_token
-        try:
-            tail = ctx.tokens[-self.max_span:].tolist()
-            for span in range(len(tail), self.min_span - 1, -1):
-                found = self.reader.search(tail[-span:], choices=min(self.choices, max(budget, 1)))
-                paths = [[t for t in p if t >= 0] for p in found[0]]
-                paths = [p for p in paths if p]
-                if paths:
-                    return DraftTree.from_paths(root, paths, Source.DATASTORE,
-                                                [[self.prob] * len(p) for p in paths])
-            return DraftTree.empty(root)
-        except Exception:
-            return DraftTree.empty(root)
-
-    def observe(self, step: StepResult) -> None:
-        pass
+        tail = ctx.tokens[-self.max_span:].tolist()
+        for span in range(len(tail), self.min_span - 1, -1):
+            found = self.reader.search(tail[-span:], choices=min(self.choices, max(budget, 1)))
+            paths = [[t for t in p if t >= 0] for p in found[0]]
+            paths = [p for p in paths if p]
+            if paths:
+                return DraftTree.from_paths(root, paths, Source.DATASTORE, [[self.prob] * len(p) for p in paths])
+        return DraftTree.empty(root)

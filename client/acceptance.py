@@ -1,4 +1,5 @@
-"""Step 4 of the decode loop: which path of a verified tree the target accepts.
+"""Step 4 (accept) of the decode loop (client/decoder.py, DESIGN §4): which path of a verified tree the
+target accepts.
 
 Greedy: the longest path whose tokens equal the target's argmax, plus the bonus token (the argmax
 after the last accepted node). Sampling: recursive rejection over siblings. Each draft child is a

@@ -178,23 +178,25 @@ def run(args) -> int:
 
 def _stream(dec, ids, text, gen_kw) -> dict:
     tok = dec.tokenizer
-    state: dict = {}
+    from .decoder import StreamState
+
+    state = StreamState()
     new: list[int] = []
     shown = ""
-    for toks in dec.stream(ids, prompt_text=text, _state=state, **gen_kw):
+    for toks in dec.stream(ids, prompt_text=text, state=state, **gen_kw):
         new.extend(toks)
         full = tok.decode(new, skip_special_tokens=True)
         if not full.endswith("\ufffd"):  # wait for multi-byte characters to complete
             sys.stdout.write(full[len(shown):])
             sys.stdout.flush()
             shown = full
-    final = state.get("text") or tok.decode(new, skip_special_tokens=True)
+    final = state.text or tok.decode(new, skip_special_tokens=True)
     sys.stdout.write(final[len(shown):] + "\n")
     sys.stdout.flush()
-    secs = state["seconds"]
-    return {"text": final, "new_tokens": len(new), "steps": state["steps"],
-            "accepted_per_step": round(len(new) / max(state["steps"], 1), 4), "decode_seconds": round(secs, 4),
-            "tokens_per_second": round(len(new) / max(secs, 1e-9), 3), "finish_reason": state["finish"],
+    secs = state.seconds
+    return {"text": final, "new_tokens": len(new), "steps": state.steps,
+            "accepted_per_step": round(len(new) / max(state.steps, 1), 4), "decode_seconds": round(secs, 4),
+            "tokens_per_second": round(len(new) / max(secs, 1e-9), 3), "finish_reason": state.finish,
             "_tokens": new}
 
 

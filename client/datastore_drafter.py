@@ -1,9 +1,10 @@
 """The retrieval-datastore drafter: remote (gRPC service) or embedded (the same index, in process).
 
-Per decode step the decoder calls ``prefetch(ctx, budget)`` on every drafter that has it, then local
-drafters' ``propose``, then ours: the remote round trip overlaps local drafting. ``propose`` uses the
-prefetched answer when it was issued for the same context, else makes a blocking call bounded by the
-client deadline. Any failure gives ``DraftTree.empty(root)``; nothing raises into the decode loop.
+Per decode step the decoder calls ``prefetch(ctx, budget)`` on every drafter, then local drafters'
+``propose``, then ours: the remote round trip overlaps local drafting. ``propose`` uses the prefetched
+answer when it was issued for the same context, else makes a blocking call bounded by the client deadline.
+A failed lookup gives ``DraftTree.empty(root)`` and counts in ``stats["errors"]``: an unreachable service
+is expected, not an error of the decode loop.
 
 Sessions: ``begin_request(prompt_ids, prompt_text)`` opens a session on the service: the prompt's FAISS
 top-k documents when ``documents=True`` (lookups then prefer continuations inside them and mark them
@@ -21,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .fusion import cut_to_budget
-from .types import DecodeContext, DraftTree, Source, StepResult
+from .types import DecodeContext, Drafter, DraftTree, Source, StepResult
 
 log = logging.getLogger("client.datastore")
 
@@ -179,8 +180,8 @@ class RemoteBackend:
         self.client.close()
 
 
-class DatastoreDrafter:
-    """Drafter protocol (client/types.py) over a datastore backend."""
+class DatastoreDrafter(Drafter):
+    """A Drafter (client/types.py) over a datastore backend."""
 
     source = Source.DATASTORE
 
@@ -215,7 +216,7 @@ class DatastoreDrafter:
         return cls(EmbeddedBackend(index, context_tail=context_tail, retrieve_opts=retrieve_opts, memory=memory),
                    documents=documents, memory=memory, top_k=top_k)
 
-    # ------------------------------------------------------------------ Drafter protocol
+    # ------------------------------------------------------------------ Drafter hooks
     @property
     def stats(self) -> Counter:
         return self.counters + self.backend.stats
@@ -269,13 +270,10 @@ class DatastoreDrafter:
             return DraftTree.empty(root)
 
     def observe(self, step: StepResult) -> None:
-        try:
-            src = step.tree.sources
-            acc = step.accepted_nodes[1:]
-            self.counters["accepted"] += int(np.count_nonzero(src[acc] & int(Source.DATASTORE)))
-            self.counters["proposed"] += int(np.count_nonzero(src & int(Source.DATASTORE)))
-        except Exception:  # noqa: BLE001
-            pass
+        src = step.tree.sources
+        acc = step.accepted_nodes[1:]
+        self.counters["accepted"] += int(np.count_nonzero(src[acc] & int(Source.DATASTORE)))
+        self.counters["proposed"] += int(np.count_nonzero(src & int(Source.DATASTORE)))
 
     def begin_request(self, prompt_ids: Optional[Sequence[int]] = None, prompt_text: Optional[str] = None) -> None:
         self.end_request()
@@ -300,8 +298,9 @@ class DatastoreDrafter:
         if sid:
             try:
                 self.backend.close_session(sid)
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as e:  # noqa: BLE001 - the service expires sessions it is not told to close
+                self.counters["errors"] += 1
+                log.warning("datastore session close failed: %s", e)
 
     def close(self) -> None:
         self.end_request()

@@ -1,4 +1,11 @@
-"""The decode loop: propose -> fuse -> choose budget -> verify -> accept -> commit -> observe.
+"""The decode loop. Each step, numbered as in DESIGN.md §4 and in the modules that do the work:
+
+    1. propose  every drafter -> DraftTree (remote lookups are issued first: ``prefetch``)
+    2. fuse     longest-prefix merge into one tree, cut to the budget chosen for this step (fusion, budget)
+    3. verify   one target forward over the tree -> logits per node (verifier, tree_attention)
+    4. accept   the path the target accepts, plus the bonus token (acceptance)
+    5. commit   keep the accepted path's KV rows, append and emit its tokens (verifier, this module)
+    6. observe  drafters and the budget controller learn from the step
 
 ``SpeculativeDecoder(model, tokenizer, drafters).generate(input_ids, ...)`` returns exactly the tokens
 that plain decoding of the same model returns (greedy), or tokens with exactly the same distribution
@@ -15,9 +22,10 @@ import torch
 
 from .acceptance import greedy_accept, sample_accept
 from .budget import MAX_BUDGET_CPU, BudgetController, CostProfile
+from .drafter_errors import DrafterErrors
 from .fusion import fuse
 from .sampling import SamplingParams, warp
-from .types import DecodeContext, DraftTree, StepResult
+from .types import DecodeContext, Drafter, DraftTree, StepResult
 from .verifier import Verifier
 
 
@@ -52,6 +60,30 @@ class GenerationResult:
                 "tokens_per_second": round(self.tokens_per_second, 3), "finish_reason": self.finish_reason}
 
 
+@dataclass
+class StreamState:
+    """What one ``stream`` call has done so far; complete once the stream ends.
+
+    prompt:           the prompt's token ids
+    steps:            target forwards after prefill
+    tokens_per_step:  [steps] tokens emitted at each step
+    drafted_per_step: [steps] draft nodes verified at each step
+    finish:           "length", "eos" or "stop"
+    text:             the text cut at a stop string (None when no stop string was hit)
+    prefill:          seconds from the call to the end of prefill (the whole call if it ended before)
+    seconds:          seconds of the whole call (prefill included)
+    """
+
+    prompt: list[int] = field(default_factory=list)
+    steps: int = 0
+    tokens_per_step: list[int] = field(default_factory=list)
+    drafted_per_step: list[int] = field(default_factory=list)
+    finish: str = "length"
+    text: Optional[str] = None
+    prefill: Optional[float] = None
+    seconds: float = 0.0
+
+
 def _as_id_list(input_ids) -> list[int]:
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 2:
@@ -72,8 +104,8 @@ def _as_id_list(input_ids) -> list[int]:
 class SpeculativeDecoder:
     """Lossless tree-speculative decoding of one sequence at a time.
 
-    drafters: objects implementing client.types.Drafter (optional hooks: prefetch(ctx, budget),
-              begin_request(prompt_ids, prompt_text), end_request()).
+    drafters: client.types.Drafter subclasses. A hook that raises is counted in ``drafter_errors`` and
+              logged; the step goes on without that drafter's tree, so the output does not change.
     profile:  the verify cost profile t(n); None -> a flat profile (always worth drafting).
     speculate=False gives plain decoding through the same code path (one-node trees).
     """
@@ -84,6 +116,10 @@ class SpeculativeDecoder:
         self.model = model
         self.tokenizer = tokenizer
         self.drafters = list(drafters)
+        alien = [type(d).__name__ for d in self.drafters if not isinstance(d, Drafter)]
+        if alien:
+            raise TypeError(f"drafters must subclass specstore.client.types.Drafter: {', '.join(alien)}")
+        self.drafter_errors = DrafterErrors()
         self.speculate = speculate
         self.topk = topk
         self.verifier = Verifier(model, topk=topk)
@@ -93,7 +129,7 @@ class SpeculativeDecoder:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self._request_id = 0
         # drafters that learn from the target's top-k next tokens at every verified node (Token Recycling)
-        self._needs_topk = any(getattr(d, "needs_target_topk", False) for d in self.drafters)
+        self._needs_topk = any(d.needs_target_topk for d in self.drafters)
         eos = set()
         gen_cfg = getattr(model, "generation_config", None)
         for src in (getattr(gen_cfg, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
@@ -122,24 +158,35 @@ class SpeculativeDecoder:
                  eos_token_id: Optional[int | Sequence[int]] = None, prompt_text: Optional[str] = None,
                  decode_text: bool = True) -> GenerationResult:
         """Generate to completion. Arguments as in transformers' ``generate`` (temperature 0 = greedy)."""
-        state: dict = {}
+        state = StreamState()
         new: list[int] = []
-        for toks in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, eos_token_id,
-                                prompt_text, _state=state):
+        for toks in self._stream(state, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                 eos_token_id, prompt_text):
             new.extend(toks)
         text = None
         if decode_text and self.tokenizer is not None:
-            text = state.get("text")
+            text = state.text
             if text is None:
                 text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return GenerationResult(new, state["prompt"] + new, state["steps"], state["seconds"], state["prefill"],
-                                state["finish"], text, state["tokens_per_step"], state["drafted_per_step"])
+        return GenerationResult(new, state.prompt + new, state.steps, state.seconds, state.prefill, state.finish,
+                                text, state.tokens_per_step, state.drafted_per_step)
 
     def stream(self, input_ids, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: Optional[int] = None, stop: Sequence[str] = (),
                eos_token_id: Optional[int | Sequence[int]] = None, prompt_text: Optional[str] = None,
-               _state: Optional[dict] = None) -> Iterator[list[int]]:
-        """Yields the list of new tokens accepted at each step."""
+               state: Optional[StreamState] = None) -> Iterator[list[int]]:
+        """Yields the list of new tokens accepted at each step.
+
+        state: filled as the stream goes (steps, finish reason, text cut at a stop string, timings); give
+        one to read those figures once the stream ends (spec-generate's streamed output does).
+        """
+        yield from self._stream(state if state is not None else StreamState(), input_ids, max_new_tokens,
+                                temperature, top_k, top_p, seed, stop, eos_token_id, prompt_text)
+
+    def _stream(self, st: StreamState, input_ids, max_new_tokens: int, temperature: float, top_k: int,
+                top_p: float, seed: Optional[int], stop: Sequence[str],
+                eos_token_id: Optional[int | Sequence[int]], prompt_text: Optional[str]) -> Iterator[list[int]]:
+        """The decode loop of one request; fills ``st`` as it goes."""
         t_start = time.perf_counter()
         params = SamplingParams(temperature, top_k, top_p, seed)
         prompt = _as_id_list(input_ids)
@@ -159,8 +206,7 @@ class SpeculativeDecoder:
             {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
         max_new = min(int(max_new_tokens), self.max_context - len(prompt))
         rng = np.random.default_rng(seed)
-        st = _state if _state is not None else {}
-        st.update(prompt=prompt, steps=0, tokens_per_step=[], drafted_per_step=[], finish="length", text=None)
+        st.prompt = prompt
 
         self._request_id += 1
         buf = np.zeros(len(prompt) + max_new + 1, dtype=np.int64)
@@ -168,76 +214,90 @@ class SpeculativeDecoder:
         L = len(prompt)
         drafters = self.drafters if self.speculate else []
         for d in drafters:
-            if hasattr(d, "begin_request"):
+            try:
                 d.begin_request(prompt, prompt_text)
+            except Exception as e:  # noqa: BLE001 - a drafter never breaks a request (drafter_errors.py)
+                self.drafter_errors.record(d, "begin_request", e)
         try:
             self.verifier.prefill(buf[:L])
-            st["prefill"] = time.perf_counter() - t_start
+            st.prefill = time.perf_counter() - t_start
             produced = 0
             while produced < max_new:
                 ctx = DecodeContext(buf[:L], len(prompt), request_id=self._request_id)
-                tree = self._propose(ctx, drafters, max_new - produced)
+                tree = self._propose(ctx, drafters, max_new - produced)  # steps 1 and 2
+                # 3. verify
                 logits = self.verifier.verify(tree)
+                # 4. accept
                 children = tree.children_lists()
                 if params.greedy:
                     path, bonus = greedy_accept(tree, logits.argmax(-1).cpu().numpy(), children)
                 else:
                     path, bonus = sample_accept(tree, lambda i: warp(logits[i], params), children, rng)
+                # 5. commit: the KV cache keeps the accepted path; its tokens join the sequence, cut at the
+                #    length limit, EOS or a stop string, and are emitted after step 6 (a consumer that stops
+                #    reading at these tokens must not keep the drafters from learning this step)
                 self.verifier.commit(path)
-                toks = [int(tree.tokens[i]) for i in path[1:]] + [int(bonus)]
-                self._observe(ctx, tree, path, toks, logits, drafters)
-                st["steps"] += 1
-                st["drafted_per_step"].append(tree.num_drafts)
-                toks = toks[: max_new - produced]
+                accepted = [int(tree.tokens[i]) for i in path[1:]] + [int(bonus)]
+                toks = accepted[: max_new - produced]
                 for j, t in enumerate(toks):
                     if t in eos:
                         toks = toks[: j + 1]
-                        st["finish"] = "eos"
+                        st.finish = "eos"
                         break
-                buf[L: L + len(toks)] = toks
+                buf[L: L + len(toks)] = toks  # past ctx.tokens (a view of buf[:L]), which stays as it was
                 L += len(toks)
                 produced += len(toks)
-                st["tokens_per_step"].append(len(toks))
+                st.steps += 1
+                st.drafted_per_step.append(tree.num_drafts)
+                st.tokens_per_step.append(len(toks))
                 if stop and self.tokenizer is not None:
                     cut = self._stop_cut(buf[len(prompt): L].tolist(), stop)
                     if cut is not None:
                         keep, text = cut
                         toks = toks[: max(0, keep - (produced - len(toks)))]
-                        st["text"], st["finish"] = text, "stop"
-                        if toks:
-                            yield toks
-                        break
+                        st.text, st.finish = text, "stop"
+                # 6. observe (what the target accepted, before the length/EOS/stop cut)
+                self._observe(ctx, tree, path, accepted, logits, drafters)
                 if toks:
                     yield toks
-                if st["finish"] == "eos":
+                if st.finish != "length":
                     break
         finally:
-            st["seconds"] = time.perf_counter() - t_start
-            st.setdefault("prefill", st["seconds"])
+            st.seconds = time.perf_counter() - t_start
+            if st.prefill is None:
+                st.prefill = st.seconds
             for d in drafters:
-                if hasattr(d, "end_request"):
-                    try:
-                        d.end_request()
-                    except Exception:
-                        pass
+                try:
+                    d.end_request()
+                except Exception as e:  # noqa: BLE001
+                    self.drafter_errors.record(d, "end_request", e)
 
     # ------------------------------------------------------------------ steps
     def _propose(self, ctx: DecodeContext, drafters, remaining: int) -> DraftTree:
+        """Steps 1 (propose) and 2 (fuse, then choose this step's budget): the tree to verify."""
         root = ctx.last_token
         if not drafters:
             return DraftTree.empty(root)
+        # 1. propose: every prefetch first, so that remote round trips overlap local drafting
         budget = self.controller.max_budget
+        errors = self.drafter_errors
         for d in drafters:
-            if hasattr(d, "prefetch"):
+            try:
                 d.prefetch(ctx, budget)
+            except Exception as e:  # noqa: BLE001 - counted and logged; the drafter may still propose
+                errors.record(d, "prefetch", e)
         trees = []
         for d in drafters:
-            t = d.propose(ctx, budget)
-            if t.num_drafts > 0 and t.root == root:
-                trees.append(t)
+            try:
+                t = d.propose(ctx, budget)
+                if t.num_drafts > 0 and t.root == root:
+                    trees.append(t)
+            except Exception as e:  # noqa: BLE001 - counted and logged; this step goes on without its tree
+                errors.record(d, "propose", e)
         if not trees:
             self.controller.steps += 1
             return DraftTree.empty(root)
+        # 2. fuse, drop what cannot be verified, and let the controller choose the budget
         fused = fuse(trees, 4 * budget)
         fused = self._sanitize(fused, remaining)
         tree, _ = self.controller.choose(fused)
@@ -257,6 +317,7 @@ class SpeculativeDecoder:
         return tree.subset(np.flatnonzero(ok))
 
     def _observe(self, ctx, tree: DraftTree, path, toks, logits: torch.Tensor, drafters) -> None:
+        """Step 6: the budget controller and every drafter learn from the verified tree."""
         if not drafters:
             return
         self.controller.observe(tree, path)
@@ -271,8 +332,8 @@ class SpeculativeDecoder:
         for d in drafters:
             try:
                 d.observe(step)
-            except Exception:
-                pass
+            except Exception as e:  # noqa: BLE001
+                self.drafter_errors.record(d, "observe", e)
 
     def _stop_cut(self, new: list[int], stop: Sequence[str]) -> Optional[tuple[int, str]]:
         text = self.tokenizer.decode(new, skip_special_tokens=True)

@@ -1,4 +1,5 @@
-"""Step 2 of the decode loop: merge draft trees by longest common prefix, then cut to a node budget."""
+"""Step 2 (fuse) of the decode loop (client/decoder.py, DESIGN §4): merge draft trees by longest common
+prefix, then cut to a node budget."""
 from __future__ import annotations
 
 from typing import Sequence

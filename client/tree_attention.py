@@ -1,4 +1,5 @@
-"""The one place where a DraftTree becomes attention inputs for a single target forward pass.
+"""The one place where a DraftTree becomes attention inputs for a single target forward pass (step 3,
+verify, of the decode loop).
 
 Layout of a verify forward: the KV cache holds the ``past_len`` tokens before the root; the forward's
 inputs are the tree's ``n`` nodes (node 0 = the root). Node i attends to every past position and to its

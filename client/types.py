@@ -4,9 +4,10 @@ numpy only (no torch): the datastore service may import this module without pull
 """
 from __future__ import annotations
 
+import abc
 import enum
 from dataclasses import dataclass
-from typing import Iterable, Optional, Protocol, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -217,11 +218,42 @@ class StepResult:
         return int(len(self.accepted_nodes) - 1)
 
 
-class Drafter(Protocol):
-    """A source of draft trees. ``propose`` never raises and never blocks long: no draft -> empty tree."""
+class Drafter(abc.ABC):
+    """A source of draft trees: the hooks the decode loop calls, each with a no-op default.
 
-    source: Source
+    Every drafter subclasses this and overrides what it needs; the decoder calls every hook on every
+    drafter. A hook that raises is counted and logged by the decoder (``SpeculativeDecoder.drafter_errors``)
+    and the step goes on: a failed ``propose`` contributes no tree, so the output is the same as without
+    that drafter. Per request and step the decoder calls::
 
-    def propose(self, ctx: DecodeContext, budget: int) -> DraftTree: ...
+        begin_request(prompt_ids, prompt_text)      once, before prefill
+        prefetch(ctx, budget)                       every drafter, then
+        propose(ctx, budget) -> DraftTree           every drafter (step 1 of the decode loop)
+        observe(step)                               every drafter, after the target decided (step 6)
+        end_request()                               once, when the request ends (also on error)
 
-    def observe(self, step: StepResult) -> None: ...
+    source:            the Source bit this drafter marks its nodes with
+    needs_target_topk: ask the decoder for the target's top-k next tokens at every verified node
+                       (``StepResult.node_topk_*``; costs a softmax + top-k per step, so only on request)
+    """
+
+    source: Source = Source.NONE
+    needs_target_topk: bool = False
+
+    @abc.abstractmethod
+    def propose(self, ctx: DecodeContext, budget: int) -> DraftTree:
+        """A tree of at most ``budget`` drafts rooted at ``ctx.last_token``; nothing to draft -> empty tree.
+        Must not block long: the target waits for it."""
+
+    def observe(self, step: StepResult) -> None:
+        """Learn from what the target accepted at the step just verified."""
+
+    def prefetch(self, ctx: DecodeContext, budget: int) -> None:
+        """Start slow work for this step's ``propose`` (a remote lookup) without waiting for it: every
+        drafter's prefetch runs before any propose, so the wait overlaps local drafting."""
+
+    def begin_request(self, prompt_ids: Optional[Sequence[int]], prompt_text: Optional[str]) -> None:
+        """A new request starts (``prompt_text`` is None when the caller gave only token ids)."""
+
+    def end_request(self) -> None:
+        """The request ended, normally or not: release what ``begin_request`` took."""

@@ -1,4 +1,5 @@
-"""Steps 3 and 5 of the decode loop: one target forward over a draft tree, then commit.
+"""Steps 3 (verify) and 5 (commit) of the decode loop (client/decoder.py, DESIGN §4): one target forward
+over a draft tree, then keep the accepted path.
 
 The KV cache holds every accepted token except the last one (the next tree's root). A verify forward
 feeds the whole tree; ``commit`` keeps the KV rows of the accepted path (root included) and drops the

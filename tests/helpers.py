@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from specstore.client.types import DecodeContext, DraftTree, Source
+from specstore.client.types import DecodeContext, Drafter, DraftTree, Source
 
 TEST_DEVICE = os.environ.get("SPECSTORE_TEST_DEVICE", "cpu")
 
@@ -29,7 +29,7 @@ def plain_greedy(model, prompt: list[int], max_new: int, eos=None) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-class RandomTreeDrafter:
+class RandomTreeDrafter(Drafter):
     """Random trees that contain the true continuation with some probability (so paths get accepted)."""
 
     source = Source.DRAFT_MODEL
@@ -75,6 +75,3 @@ class RandomTreeDrafter:
             out.append(node)
             node = parents[node]
         return out[::-1]
-
-    def observe(self, step) -> None:
-        pass

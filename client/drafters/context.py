@@ -13,13 +13,13 @@ from collections import defaultdict
 import numpy as np
 
 from ..fusion import cut_to_budget
-from ..types import DecodeContext, DraftTree, Source, StepResult
+from ..types import DecodeContext, Drafter, DraftTree, Source
 
 # short suffix matches predict worse than long ones
 _MATCH_WEIGHT = {1: 0.35, 2: 0.7}
 
 
-class ContextDrafter:
+class ContextDrafter(Drafter):
     source = Source.CONTEXT
 
     def __init__(self, max_ngram: int = 6, min_ngram: int = 1, max_matches: int = 8, depth: int = 10):
@@ -43,22 +43,19 @@ class ContextDrafter:
 
     def propose(self, ctx: DecodeContext, budget: int) -> DraftTree:
         root = ctx.last_token
-        try:
-            if self._request != ctx.request_id or len(ctx.tokens) < self._indexed:
-                self._reset()
-                self._request = ctx.request_id
-            L = len(ctx.tokens)
-            toks = ctx.tokens.tolist()
-            self._catch_up(toks, L)
-            if budget <= 0:
-                return DraftTree.empty(root)
-            for n in range(min(self.max_ngram, L), self.min_ngram - 1, -1):
-                hits = self._grams[n].get(tuple(toks[L - n:]))
-                if hits:
-                    return self._tree(toks, hits[-self.max_matches:][::-1], n, root, budget)
+        if self._request != ctx.request_id or len(ctx.tokens) < self._indexed:
+            self._reset()
+            self._request = ctx.request_id
+        L = len(ctx.tokens)
+        toks = ctx.tokens.tolist()
+        self._catch_up(toks, L)
+        if budget <= 0:
             return DraftTree.empty(root)
-        except Exception:  # a drafter never breaks the decode loop
-            return DraftTree.empty(root)
+        for n in range(min(self.max_ngram, L), self.min_ngram - 1, -1):
+            hits = self._grams[n].get(tuple(toks[L - n:]))
+            if hits:
+                return self._tree(toks, hits[-self.max_matches:][::-1], n, root, budget)
+        return DraftTree.empty(root)
 
     def _tree(self, toks: list[int], starts: list[int], n: int, root: int, budget: int) -> DraftTree:
         # trie of continuations: key (parent node, token) -> node; counts per node
@@ -87,6 +84,3 @@ class ContextDrafter:
         tree = DraftTree(np.asarray(tokens, np.int32), par.astype(np.int32), probs.astype(np.float32),
                          np.concatenate([[0], np.full(len(tokens) - 1, int(Source.CONTEXT))]).astype(np.uint8))
         return cut_to_budget(tree, budget)
-
-    def observe(self, step: StepResult) -> None:
-        pass

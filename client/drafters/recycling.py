@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from ..fusion import cut_to_budget
-from ..types import DecodeContext, DraftTree, Source, StepResult
+from ..types import DecodeContext, Drafter, DraftTree, Source, StepResult
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "token_recycle_tree.json"
 
@@ -42,7 +42,7 @@ def load_template(path: Optional[str | Path] = None) -> list[list[int]]:
     return [[c for _, c in sorted(ch)] for ch in children]
 
 
-class RecyclingDrafter:
+class RecyclingDrafter(Drafter):
     source = Source.RECYCLED
     needs_target_topk = True
 
@@ -58,27 +58,24 @@ class RecyclingDrafter:
 
     def propose(self, ctx: DecodeContext, budget: int) -> DraftTree:
         root = ctx.last_token
-        try:
-            if budget <= 0 or self.table[root, 0] < 0:
-                return DraftTree.empty(root)
-            tokens, parents, probs = [root], [-1], [1.0]
-            tnode = [0]  # template node of each tree node
-            i = 0
-            limit = 4 * budget + 1  # enough candidates for the probability cut below
-            while i < len(tokens) and len(tokens) < limit:
-                row, prow = self.table[tokens[i]], self.table_probs[tokens[i]]
-                for rank, tchild in enumerate(self.template[tnode[i]]):
-                    t = int(row[rank])
-                    if t < 0:
-                        break
-                    tokens.append(t); parents.append(i); probs.append(float(prow[rank])); tnode.append(tchild)
-                i += 1
-            tree = DraftTree(np.asarray(tokens, np.int32), np.asarray(parents, np.int32),
-                             np.asarray(probs, np.float32),
-                             np.concatenate([[0], np.full(len(tokens) - 1, int(Source.RECYCLED))]).astype(np.uint8))
-            return cut_to_budget(tree, budget)
-        except Exception:
+        if budget <= 0 or self.table[root, 0] < 0:
             return DraftTree.empty(root)
+        tokens, parents, probs = [root], [-1], [1.0]
+        tnode = [0]  # template node of each tree node
+        i = 0
+        limit = 4 * budget + 1  # enough candidates for the probability cut below
+        while i < len(tokens) and len(tokens) < limit:
+            row, prow = self.table[tokens[i]], self.table_probs[tokens[i]]
+            for rank, tchild in enumerate(self.template[tnode[i]]):
+                t = int(row[rank])
+                if t < 0:
+                    break
+                tokens.append(t); parents.append(i); probs.append(float(prow[rank])); tnode.append(tchild)
+            i += 1
+        tree = DraftTree(np.asarray(tokens, np.int32), np.asarray(parents, np.int32),
+                         np.asarray(probs, np.float32),
+                         np.concatenate([[0], np.full(len(tokens) - 1, int(Source.RECYCLED))]).astype(np.uint8))
+        return cut_to_budget(tree, budget)
 
     def observe(self, step: StepResult) -> None:
         k = min(self.k, step.node_topk_tokens.shape[1])

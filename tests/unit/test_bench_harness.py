@@ -146,16 +146,13 @@ def test_configs_add_datastore_variant():
 
 def test_datastore_flags_pass_through(model, monkeypatch):
     import specstore.client.datastore_drafter
-    from specstore.client.types import DraftTree
+    from specstore.client.types import Drafter, DraftTree
 
     calls = []
 
-    class Stub:
+    class Stub(Drafter):
         def propose(self, ctx, budget):
             return DraftTree.empty(ctx.last_token)
-
-        def observe(self, step):
-            pass
 
     def fake(address=None, index_path=None, tokenizer=None, **kw):
         calls.append((address, index_path, kw))
@@ -178,18 +175,15 @@ def test_drafter_counters_are_recorded(model):
     from collections import Counter
 
     from specstore.client.drafters import ContextDrafter
-    from specstore.client.types import DraftTree
+    from specstore.client.types import Drafter, DraftTree
 
-    class Counting:
+    class Counting(Drafter):
         def __init__(self):
             self.stats = Counter()
 
         def propose(self, ctx, budget):
             self.stats["requests"] += 1
             return DraftTree.empty(ctx.last_token)
-
-        def observe(self, step):
-            pass
 
     counting = Counting()
     methods = build_methods(model, None, ["context,counting"], include_pld=False, include_ours_plain=False,

@@ -115,3 +115,38 @@ def test_budget_controller_skips_speculation_when_it_does_not_pay(model):
     res = dec.generate(prompt, 20, eos_token_id=[])
     assert res.new_tokens == ref
     assert max(res.drafted_per_step) == 0
+
+
+def test_stream_yields_what_generate_returns_and_reports_its_state(model):
+    prompt = [5, 6, 7, 8, 9, 10]
+    ref = plain_greedy(model, prompt, 30, eos=None)
+    tok = CharTokenizer()
+    stop = tok.decode(ref)[12:14]
+
+    def decoder():
+        return SpeculativeDecoder(model, tok, [RandomTreeDrafter(ref, len(prompt), VOCAB, 0, 0.9)],
+                                  profile=CostProfile.flat(17), max_budget=16)
+
+    res = decoder().generate(prompt, 30, stop=[stop], eos_token_id=[])
+    state: dict = {}
+    chunks = list(decoder().stream(prompt, 30, stop=[stop], eos_token_id=[], _state=state))
+    assert [t for c in chunks for t in c] == res.new_tokens
+    assert state["prompt"] == prompt and state["finish"] == "stop" == res.finish_reason
+    assert state["text"] == res.text
+    assert state["steps"] == res.steps and state["tokens_per_step"] == res.tokens_per_step
+    assert state["drafted_per_step"] == res.drafted_per_step
+    assert 0 < state["prefill"] <= state["seconds"]
+
+
+def test_the_modules_number_the_decode_loop_steps_as_the_decoder_does():
+    import re
+
+    from specstore.client import acceptance, decoder, fusion, tree_attention, verifier
+
+    steps = dict(re.findall(r"^\s+(\d)\. (\w+)", decoder.__doc__, re.M))
+    assert steps == {"1": "propose", "2": "fuse", "3": "verify", "4": "accept", "5": "commit", "6": "observe"}
+    named = re.compile(r"(\d) \((\w+)\)")
+    for module in (fusion, verifier, acceptance):
+        found = named.findall(module.__doc__.split("\n\n")[0])
+        assert found and all(steps[n] == name for n, name in found), module.__name__
+    assert "(step 3, verify, of the decode loop)" in " ".join(tree_attention.__doc__.split())

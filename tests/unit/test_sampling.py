@@ -10,7 +10,7 @@ from specstore.client.acceptance import sample_accept
 from specstore.client.budget import CostProfile
 from specstore.client.decoder import SpeculativeDecoder
 from specstore.client.sampling import SamplingParams, warp
-from specstore.client.types import DraftTree, Source
+from specstore.client.types import Drafter, DraftTree, Source
 from tests.helpers import tiny_llama
 
 VOCAB = 10
@@ -46,7 +46,7 @@ def test_sibling_rejection_is_exact_for_point_masses():
     assert chisquare(counts, p * n).pvalue > 1e-3
 
 
-class FixedTreeDrafter:
+class FixedTreeDrafter(Drafter):
     """The same draft tree at every step: any bias of the acceptance rule then shows up systematically."""
 
     source = Source.CONTEXT
@@ -56,9 +56,6 @@ class FixedTreeDrafter:
 
     def propose(self, ctx, budget):
         return DraftTree.from_paths(ctx.last_token, self.paths, self.source, [[0.5] * len(p) for p in self.paths])
-
-    def observe(self, step):
-        pass
 
 
 def exact_pair_distribution(model, prompt, params):
