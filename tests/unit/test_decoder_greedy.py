@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from specstore.client.budget import BudgetController, CostProfile
-from specstore.client.decoder import SpeculativeDecoder
+from specstore.client.decoder import SpeculativeDecoder, StreamState
 from specstore.client.drafters import ContextDrafter, RecyclingDrafter
 from tests.helpers import RandomTreeDrafter, plain_greedy, tiny_llama
 
@@ -128,14 +128,14 @@ def test_stream_yields_what_generate_returns_and_reports_its_state(model):
                                   profile=CostProfile.flat(17), max_budget=16)
 
     res = decoder().generate(prompt, 30, stop=[stop], eos_token_id=[])
-    state: dict = {}
-    chunks = list(decoder().stream(prompt, 30, stop=[stop], eos_token_id=[], _state=state))
+    state = StreamState()
+    chunks = list(decoder().stream(prompt, 30, stop=[stop], eos_token_id=[], state=state))
     assert [t for c in chunks for t in c] == res.new_tokens
-    assert state["prompt"] == prompt and state["finish"] == "stop" == res.finish_reason
-    assert state["text"] == res.text
-    assert state["steps"] == res.steps and state["tokens_per_step"] == res.tokens_per_step
-    assert state["drafted_per_step"] == res.drafted_per_step
-    assert 0 < state["prefill"] <= state["seconds"]
+    assert state.prompt == prompt and state.finish == "stop" == res.finish_reason
+    assert state.text == res.text
+    assert state.steps == res.steps and state.tokens_per_step == res.tokens_per_step
+    assert state.drafted_per_step == res.drafted_per_step
+    assert 0 < state.prefill <= state.seconds
 
 
 def test_the_modules_number_the_decode_loop_steps_as_the_decoder_does():
