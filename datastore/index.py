@@ -5,7 +5,7 @@ optionally, the FAISS index. ``retrieve(context, budget)`` returns the probabili
 of the longest context suffix found in the corpus or in the session memory (REST + RASD pruning; the loops
 are compiled, datastore/kernels.py); ``search_documents(query)`` returns
 the documents whose chunks are nearest to a query (dense retrieval, for sessions).
-No torch here: the query embedder is the numpy encoder of ``indexers.embedder``.
+No torch here: the query embedder is the numpy encoder of ``datastore/embedder.py``.
 """
 from __future__ import annotations
 
@@ -383,7 +383,7 @@ class DatastoreIndex:
         if self._embedder is None:
             with self._lock:
                 if self._embedder is None:
-                    from ..indexers.embedder import default_embedder_path, get_embedder
+                    from .embedder import default_embedder_path, get_embedder
 
                     f = self.manifest["faiss"]["embedder"]
                     p = Path(f.get("path") or "")

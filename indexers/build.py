@@ -332,7 +332,7 @@ def build_index(
 
     emb_id = None
     if embeddings:
-        from .embedder import default_embedder_path, embedder_id
+        from ..datastore.embedder import default_embedder_path, embedder_id
 
         embedder = str(Path(embedder).expanduser().resolve()) if embedder else str(default_embedder_path())
         emb_id = embedder_id(embedder)
@@ -529,7 +529,7 @@ def build_index(
     # ---- stage 3 + 4: chunk embeddings and FAISS
     faiss_meta = None
     if embeddings:
-        from .embedder import get_embedder
+        from ..datastore.embedder import get_embedder
 
         t0 = time.time()
         emb = get_embedder(embedder)

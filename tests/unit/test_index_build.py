@@ -33,7 +33,7 @@ def tiny_embedder(tmp_path_factory):
 
     from safetensors.numpy import save_file
 
-    from specstore.indexers.embedder import default_embedder_path
+    from specstore.datastore.embedder import default_embedder_path
 
     d = tmp_path_factory.mktemp("tiny-bert")
     src = default_embedder_path()
@@ -103,7 +103,7 @@ def test_build_open_retrieve(tok, corpus, tmp_path):
 
 
 def test_faiss_matches_exact_search(tok, corpus, tmp_path):
-    from specstore.indexers.embedder import NumpyEmbedder
+    from specstore.datastore.embedder import NumpyEmbedder
 
     out = tmp_path / "idx"
     build_index([corpus], out, tokenizer=tok, chunk_tokens=40, progress=False)
