@@ -360,7 +360,7 @@ def main(argv=None) -> int:
         index_path = work / "index"
         if a.rebuild or not (index_path / "manifest.json").exists():
             build_s = build(train, index_path, a.model)
-        from ..client.model_files import load_tokenizer
+        from ..datastore.model_files import load_tokenizer
 
         tok = load_tokenizer(a.model)
         queries = make_queries(held, tok, a.queries, a.tail)

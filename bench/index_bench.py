@@ -129,7 +129,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args(argv)
 
-    from ..client.model_files import load_tokenizer
+    from ..datastore.model_files import load_tokenizer
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

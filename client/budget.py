@@ -99,7 +99,7 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
     import torch
 
     from ..datastore.durable import write_text
-    from .model_files import cache_root
+    from ..datastore.model_files import cache_root
 
     p = next(model.parameters())
     key = f"{model_name}-{p.device.type}-{str(p.dtype).replace('torch.', '')}-t{torch.get_num_threads()}"

@@ -19,7 +19,7 @@ def run_main(prog: str, run: Callable[[object], int], args) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    from .model_files import ModelNotFoundError
+    from ..datastore.model_files import ModelNotFoundError
 
     try:
         return run(args)

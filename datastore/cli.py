@@ -118,7 +118,7 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
     )
     tokenizer = None
     if a.tokenizer:
-        from ..client.model_files import load_tokenizer  # torch-free
+        from .model_files import load_tokenizer
 
         tokenizer = load_tokenizer(a.tokenizer)
     server = DatastoreServer(a.index, config, opts, opener=default_opener(load_faiss=not a.no_faiss),

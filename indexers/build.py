@@ -275,7 +275,7 @@ def build_index(
     """Build (or extend, with ``append=True``) an index at ``out`` and publish it atomically.
 
     ``tokenizer`` (an HF fast tokenizer object) overrides ``model`` (a model spec for
-    ``client.model_files.load_tokenizer``). Raises ``readers.BadRecordError`` on bad input (unless
+    ``datastore.model_files.load_tokenizer``). Raises ``readers.BadRecordError`` on bad input (unless
     ``skip_bad_records``) and ``BuildError`` on bad options.
 
     Tests and tools may skip text entirely: ``token_docs`` (an iterable of token-id sequences, one per
@@ -284,7 +284,8 @@ def build_index(
     """
     from tqdm import tqdm
 
-    from ..client.model_files import load_tokenizer, tokenizer_fingerprint
+    from ..datastore.index_format import tokenizer_fingerprint
+    from ..datastore.model_files import load_tokenizer
 
     t_start = time.time()
     if faiss_device not in FAISS_DEVICES:

@@ -89,7 +89,8 @@ def _unescape(s: Optional[str]) -> Optional[str]:
 
 
 def _inspect(args) -> int:
-    from ..datastore.index import DatastoreIndex, IndexFormatError
+    from ..datastore.index import DatastoreIndex
+    from ..datastore.index_format import IndexFormatError
 
     try:
         ix = DatastoreIndex.open(args.path, load_faiss=True, verify=args.verify)
@@ -141,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cmd == "inspect":
         return _inspect(args)
 
-    from ..client.model_files import ModelNotFoundError
+    from ..datastore.model_files import ModelNotFoundError
     from .build import DEFAULT_CHUNK_TOKENS, DEFAULT_SHARD_TOKENS, BuildError, build_index
     from .readers import BadRecordError
 

@@ -22,7 +22,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from specstore.client.model_files import load_tokenizer
+    from specstore.datastore.model_files import load_tokenizer
 
     return load_tokenizer()
 
@@ -46,7 +46,7 @@ def ids(tokenizer, text):
 
 
 def test_service_over_real_index(real_index, tokenizer):
-    from specstore.client.model_files import tokenizer_fingerprint
+    from specstore.datastore.index_format import tokenizer_fingerprint
 
     fp = tokenizer_fingerprint(tokenizer)
     with ServerThread(real_index, ServiceConfig()) as s:

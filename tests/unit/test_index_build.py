@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from specstore.client.model_files import load_tokenizer
-from specstore.datastore.index import DatastoreIndex, IndexFormatError
+from specstore.datastore.index import DatastoreIndex
+from specstore.datastore.index_format import IndexFormatError
+from specstore.datastore.model_files import load_tokenizer
 from specstore.indexers.build import CRASH_ENV, SimulatedCrash, build_index
 from specstore.indexers.cli import main
 
