@@ -9,7 +9,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from .build import BuildOptions
 
 EPILOG = """\
 examples:
@@ -88,6 +91,20 @@ def _unescape(s: Optional[str]) -> Optional[str]:
     return s.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def build_options(args: argparse.Namespace) -> BuildOptions:
+    """The ``build`` subcommand's flags as build options (unset sizes take the library's defaults)."""
+    from .build import DEFAULT_CHUNK_TOKENS, DEFAULT_SHARD_TOKENS, BuildOptions
+
+    return BuildOptions(
+        model=args.model, text_field=args.text_field, template=_unescape(args.template),
+        shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, workers=max(1, args.workers),
+        batch_docs=max(1, args.batch_docs), embeddings=not args.no_embeddings, embedder=args.embedder,
+        faiss_factory=args.faiss_factory, faiss_device=args.faiss_device,
+        chunk_tokens=args.chunk_tokens or DEFAULT_CHUNK_TOKENS, embed_batch=args.embed_batch, append=args.append,
+        skip_bad_records=args.skip_bad_records, progress=not args.quiet,
+    )
+
+
 def _inspect(args) -> int:
     from ..datastore.index import DatastoreIndex
     from ..datastore.index_format import IndexFormatError
@@ -143,18 +160,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _inspect(args)
 
     from ..datastore.model_files import ModelNotFoundError
-    from .build import DEFAULT_CHUNK_TOKENS, DEFAULT_SHARD_TOKENS, BuildError, build_index
+    from .build import BuildError, build_index
     from .readers import BadRecordError
 
     try:
-        report = build_index(
-            args.inputs, args.out, model=args.model, text_field=args.text_field, template=_unescape(args.template),
-            shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, workers=max(1, args.workers),
-            batch_docs=max(1, args.batch_docs), embeddings=not args.no_embeddings, embedder=args.embedder,
-            faiss_factory=args.faiss_factory, faiss_device=args.faiss_device, chunk_tokens=args.chunk_tokens or DEFAULT_CHUNK_TOKENS,
-            embed_batch=args.embed_batch, append=args.append, skip_bad_records=args.skip_bad_records,
-            progress=not args.quiet, log=lambda s: print(s, file=sys.stderr),
-        )
+        report = build_index(args.inputs, args.out, build_options(args), log=lambda s: print(s, file=sys.stderr))
     except BadRecordError as e:
         print(f"index-build: bad input: {e}", file=sys.stderr)
         print("  (use --skip-bad-records to skip such records and count them)", file=sys.stderr)

@@ -29,7 +29,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def real_index(tmp_path_factory, tokenizer):
-    from specstore.indexers.build import build_index
+    from specstore.indexers.build import BuildOptions, build_index
 
     d = tmp_path_factory.mktemp("real")
     corpus = d / "corpus"
@@ -37,7 +37,8 @@ def real_index(tmp_path_factory, tokenizer):
     for i, t in enumerate(TEXTS):
         (corpus / f"doc{i}.txt").write_text(t + "\n")
     out = d / "index"
-    build_index([str(corpus)], out, tokenizer=tokenizer, progress=False, log=lambda *_: None, chunk_tokens=16)
+    build_index([str(corpus)], out, BuildOptions(progress=False, chunk_tokens=16), tokenizer=tokenizer,
+                log=lambda *_: None)
     return out
 
 
