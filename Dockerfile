@@ -1,5 +1,5 @@
 # One image for the datastore side: `index-build` and `datastore-serve` (no torch: the tokenizer comes from
-# transformers/tokenizers, the query embedder is numpy; see indexers/embedder.py).
+# transformers/tokenizers, the query embedder is numpy; see datastore/embedder.py).
 #   docker build -t specstore-datastore .
 FROM python:3.11-slim AS base
 

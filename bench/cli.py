@@ -142,8 +142,8 @@ def run(args) -> int:
     import torch
 
     from ..client.budget import cached_cost_profile
-    from ..client.model_files import resolve_model
     from ..client.models import load_model
+    from ..datastore.model_files import resolve_model
 
     from .report import OVERALL, write_reports
     from .spec_bench import (OursMethod, build_methods, environment, load_questions, parse_categories,

@@ -74,11 +74,11 @@ def prepare_corpus(corpus: Path, work: Path, held_fraction: float = 0.1) -> tupl
 
 
 def build(train: Path, out: Path, model: str | None) -> float:
-    from ..indexers.build import build_index
+    from ..indexers.build import BuildOptions, build_index
 
     t0 = time.perf_counter()
     # FAISS is not on the lookup path (the server runs --no-faiss here): skip the embedding stage.
-    build_index([str(train)], out, model=model, embeddings=False, progress=False, log=lambda *_: None)
+    build_index([str(train)], out, BuildOptions(model=model, embeddings=False, progress=False), log=lambda *_: None)
     return time.perf_counter() - t0
 
 
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
         index_path = work / "index"
         if a.rebuild or not (index_path / "manifest.json").exists():
             build_s = build(train, index_path, a.model)
-        from ..client.model_files import load_tokenizer
+        from ..datastore.model_files import load_tokenizer
 
         tok = load_tokenizer(a.model)
         queries = make_queries(held, tok, a.queries, a.tail)

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from ..datastore.index import DatastoreIndex
-from ..indexers.build import build_index
+from ..indexers.build import BuildOptions, build_index
 
 
 def pct(a, q):
@@ -129,7 +129,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args(argv)
 
-    from ..client.model_files import load_tokenizer
+    from ..datastore.model_files import load_tokenizer
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -142,8 +142,8 @@ def main(argv=None):
     # ---- 1. build over the whole corpus
     out = work / "corpus-idx"
     t = time.perf_counter()
-    rep = build_index([args.corpus], out, tokenizer=tok, embeddings=args.full_embeddings, progress=False,
-                      log=lambda *_: None)
+    rep = build_index([args.corpus], out, BuildOptions(embeddings=args.full_embeddings, progress=False),
+                      tokenizer=tok, log=lambda *_: None)
     wall = time.perf_counter() - t
     st = rep.manifest["stats"]
     res["build"] = {"wall_s": wall, "stage_s": rep.stage_seconds, "documents": st["num_documents"],
@@ -156,7 +156,8 @@ def main(argv=None):
     if not args.full_embeddings and not args.skip_embed_sample:
         sample = args.embed_sample or str(Path(args.corpus) / "deepseek-coder_mbpp.jsonl")
         t = time.perf_counter()
-        r2 = build_index([sample], work / "embed-sample", tokenizer=tok, progress=False, log=lambda *_: None)
+        r2 = build_index([sample], work / "embed-sample", BuildOptions(progress=False), tokenizer=tok,
+                         log=lambda *_: None)
         ntok = r2.manifest["stats"]["num_tokens"]
         res["embed_sample"] = {"input": sample, "tokens": ntok, "chunks": r2.manifest["faiss"]["num_vectors"],
                                "embed_s": r2.stage_seconds["embed"], "faiss_s": r2.stage_seconds["faiss"],
@@ -195,8 +196,8 @@ def main(argv=None):
         docs = [toks[i:i + doc_len] for i in range(0, n, doc_len)]
         gen_s = time.perf_counter() - t
         t = time.perf_counter()
-        rs = build_index(None, work / "synthetic", token_docs=docs, vocab_size=V, fingerprint="synthetic",
-                         progress=False, log=lambda *_: None)
+        rs = build_index(None, work / "synthetic", BuildOptions(progress=False), token_docs=docs, vocab_size=V,
+                         fingerprint="synthetic", log=lambda *_: None)
         del docs, toks
         wall = time.perf_counter() - t
         sx = DatastoreIndex.open(work / "synthetic")

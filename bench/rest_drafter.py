@@ -18,21 +18,21 @@ def build_rest_index(index_dir: str | Path, out_file: str | Path) -> Path:
     """A draftretriever index over the same token documents as one of our indexes (cached by path)."""
     import draftretriever
 
+    from ..datastore.durable import atomic_path
     from ..datastore.index import DatastoreIndex
 
     out = Path(out_file)
     if out.exists():
         return out
     ix = DatastoreIndex.open(index_dir, load_faiss=False)
-    tmp = out.with_name(out.name + ".tmp")
-    w = draftretriever.Writer(str(tmp), vocab_size=ix.vocab_size)
-    for s in ix.shards:
-        toks = np.asarray(s.tokens)
-        for j in range(len(s.doc_ids)):
-            a, b = int(s.doc_starts[j]), int(s.doc_starts[j + 1]) - 1  # drop the document separator
-            w.add_entry(toks[a:b].astype(np.int64).tolist())
-    w.finalize()
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        w = draftretriever.Writer(str(tmp), vocab_size=ix.vocab_size)
+        for s in ix.shards:
+            toks = np.asarray(s.tokens)
+            for j in range(len(s.doc_ids)):
+                a, b = int(s.doc_starts[j]), int(s.doc_starts[j + 1]) - 1  # drop the document separator
+                w.add_entry(toks[a:b].astype(np.int64).tolist())
+        w.finalize()
     return out
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +109,8 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
     """The machine's profile for this model, measured once and cached as JSON."""
     import torch
 
-    from .model_files import cache_root
+    from ..datastore.durable import write_text
+    from ..datastore.model_files import cache_root
 
     p = next(model.parameters())
     key = f"{model_name}-{p.device.type}-{str(p.dtype).replace('torch.', '')}-t{torch.get_num_threads()}"
@@ -125,9 +125,7 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
     log.info("measuring the verify cost profile t(n) for %s (once)", key)
     prof = measure_cost_profile(model, sizes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(prof.to_json(), indent=1))
-    tmp.replace(path)
+    write_text(path, json.dumps(prof.to_json(), indent=1), unique=True)   # other processes may measure too
     return prof
 
 

@@ -115,7 +115,7 @@ def build_decoder(args):
 
     from .budget import cached_cost_profile
     from .decoder import SpeculativeDecoder
-    from .model_files import resolve_model
+    from ..datastore.model_files import resolve_model
     from .models import load_model
 
     if args.threads:

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional
 
 from ..datastore.cli_common import run_cli
 from .budget import MAX_BUDGET_CPU, MAX_BUDGET_CUDA, default_max_budget
-from .model_files import DEFAULT_MODEL
+from ..datastore.model_files import DEFAULT_MODEL
 
 DEFAULT_MAX_NEW_TOKENS = 128
 

@@ -335,7 +335,7 @@ def make_datastore_drafter(
         raise ValueError("give exactly one of address (HOST:PORT) or index_path")
     fp = None
     if tokenizer is not None:
-        from .model_files import tokenizer_fingerprint
+        from ..datastore.index_format import tokenizer_fingerprint
 
         fp = tokenizer_fingerprint(tokenizer)
     if index_path is not None:

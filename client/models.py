@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .model_files import ModelFiles, resolve_model, tokenizer_folder
+from ..datastore.durable import atomic_dir
+from ..datastore.model_files import ModelFiles, resolve_model, tokenizer_folder
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +51,21 @@ def _converted_folder(files: ModelFiles) -> Path:
     from transformers import AutoModelForCausalLM
 
     log.info("converting %s to safetensors (once) under %s", files.gguf_file, out)
-    model = AutoModelForCausalLM.from_pretrained(str(files.folder), gguf_file=files.gguf_file, dtype=torch.float32)
-    tmp = out.with_name(f"hf.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    save_file(state, str(tmp / "model.safetensors"))
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(str(tmp))
+    model = AutoModelForCausalLM.from_pretrained(str(files.folder), gguf_file=files.gguf_file, dtype=torch.float32,
+                                                 local_files_only=True)
     tok_dir = tokenizer_folder(files)
-    for f in tok_dir.iterdir():
-        (tmp / f.name).write_bytes(f.read_bytes())
-    if out.exists():  # another process won the race
-        return out
-    tmp.replace(out)
+    with atomic_dir(out) as tmp:   # several processes may convert at once: the first to finish wins
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"))
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        for f in tok_dir.iterdir():
+            (tmp / f.name).write_bytes(f.read_bytes())
     return out
 
 
@@ -86,7 +83,8 @@ def load_model(spec: Optional[str] = None, device: Optional[str] = None, dtype: 
     folder = model_folder(spec)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt, attn_implementation=attn_implementation,
+                                                 local_files_only=True)
     model.to(dev).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return model, tokenizer

@@ -124,7 +124,7 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
     )
     tokenizer = None
     if a.tokenizer:
-        from ..client.model_files import load_tokenizer  # torch-free
+        from .model_files import load_tokenizer
 
         tokenizer = load_tokenizer(a.tokenizer)
     server = DatastoreServer(a.index, config, opts, opener=default_opener(load_faiss=not a.no_faiss),
@@ -164,9 +164,9 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
     handle_signals()
     port = await server.start(load=False)
     if a.port_file:
-        tmp = a.port_file + ".tmp"
-        Path(tmp).write_text(f"{port}\n")
-        os.replace(tmp, a.port_file)
+        from .durable import write_text
+
+        write_text(a.port_file, f"{port}\n")
     try:
         await server.load()
     except Exception as e:  # noqa: BLE001

@@ -5,11 +5,10 @@ optionally, the FAISS index. ``retrieve(context, budget)`` returns the probabili
 of the longest context suffix found in the corpus or in the session memory (REST + RASD pruning; the loops
 are compiled, datastore/kernels.py); ``search_documents(query)`` returns
 the documents whose chunks are nearest to a query (dense retrieval, for sessions).
-No torch here: the query embedder is the numpy encoder of ``indexers.embedder``.
+No torch here: the query embedder is the numpy encoder of ``datastore/embedder.py``.
 """
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,25 +16,11 @@ from typing import Optional
 
 import numpy as np
 
+from .index_format import (FAISS_CHUNKS, FAISS_INDEX, IndexFormatError, IndexManifest, check_files, faiss_path,
+                           shard_path)
 from .kernels import count_and_cut, lookup_one_shard
 from .memory import match_memory, memory_continuations
 from .suffix_shard import Shard
-
-SUPPORTED_FORMAT_VERSIONS = (1,)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 22), b""):
-            h.update(b)
-    return h.hexdigest()
-
-
-class IndexFormatError(Exception):
-    """The folder holds no complete, valid index (missing/half-written files, bad checksum, unknown format)."""
 
 
 @dataclass(frozen=True)
@@ -153,61 +138,37 @@ class DatastoreIndex:
     def open(cls, path, *, load_faiss: bool = True, verify: bool = False) -> "DatastoreIndex":
         """Map an index. ``verify=True`` also checks every file's sha256 (reads everything once)."""
         path = Path(path)
-        mpath = path / "manifest.json"
-        if not mpath.exists():
-            raise IndexFormatError(f"{path}: no manifest.json (not an index, or a build that never finished)")
+        m = IndexManifest.load(path)
         try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, ValueError) as e:
-            raise IndexFormatError(f"{mpath}: unreadable manifest: {e}") from None
-        if manifest.get("format") != "specstore-index":
-            raise IndexFormatError(f"{mpath}: not a specstore index manifest")
-        if manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
-            raise IndexFormatError(f"{mpath}: unsupported format version {manifest.get('format_version')}")
-        try:
-            for sh in manifest["shards"]:
-                cls._check_files(path / "shards" / sh["name"], sh["files"], verify)
-            if load_faiss and manifest.get("faiss"):
-                cls._check_files(path / "faiss", manifest["faiss"]["files"], verify)
+            for sh in m.shards:
+                check_files(shard_path(path, sh["name"]), sh["files"], verify)
+            if load_faiss and m.faiss:
+                check_files(faiss_path(path), m.faiss["files"], verify)
             shards = []
-            for sh in manifest["shards"]:
-                s = Shard.load(path / "shards" / sh["name"], sh["name"])
-                if s.tokens.dtype.name != manifest["token_dtype"] or len(s.rsa) != len(s.tokens):
-                    raise IndexFormatError(f"{path}/shards/{sh['name']}: arrays disagree with the manifest")
+            for sh in m.shards:
+                s = Shard.load(shard_path(path, sh["name"]), sh["name"])
+                if s.tokens.dtype.name != m.token_dtype or len(s.rsa) != len(s.tokens):
+                    raise IndexFormatError(f"{shard_path(path, sh['name'])}: arrays disagree with the manifest")
                 shards.append(s)
-        except KeyError as e:
-            raise IndexFormatError(f"{mpath}: manifest lacks {e}") from None
         except (OSError, ValueError) as e:
-            if isinstance(e, IndexFormatError):
-                raise
             raise IndexFormatError(f"{path}: unreadable index file: {e}") from None
         faiss_index = chunks = None
-        if load_faiss and manifest.get("faiss"):
+        if load_faiss and m.faiss:
             import faiss
 
+            fdir = faiss_path(path)
             try:
-                faiss_index = faiss.read_index(str(path / "faiss" / "index.faiss"), faiss.IO_FLAG_MMAP)
+                faiss_index = faiss.read_index(str(fdir / FAISS_INDEX), faiss.IO_FLAG_MMAP)
             except RuntimeError:
-                faiss_index = faiss.read_index(str(path / "faiss" / "index.faiss"))
-            nprobe = int(manifest["faiss"].get("nprobe") or 0)
+                faiss_index = faiss.read_index(str(fdir / FAISS_INDEX))
+            nprobe = int(m.faiss.get("nprobe") or 0)
             if nprobe:
                 try:
                     faiss.extract_index_ivf(faiss_index).nprobe = nprobe
                 except RuntimeError:
                     pass
-            chunks = np.load(path / "faiss" / "chunks.npy", mmap_mode="r")
-        return cls(path, manifest, shards, faiss_index, chunks)
-
-    @staticmethod
-    def _check_files(folder: Path, files: dict, verify: bool) -> None:
-        for fname, ent in files.items():
-            fp = folder / fname
-            if not fp.exists():
-                raise IndexFormatError(f"{fp}: missing (half-written or damaged index)")
-            if fp.stat().st_size != ent["bytes"]:
-                raise IndexFormatError(f"{fp}: size {fp.stat().st_size} differs from the manifest's {ent['bytes']}")
-            if verify and _sha256(fp) != ent["sha256"]:
-                raise IndexFormatError(f"{fp}: sha256 differs from the manifest (damaged file)")
+            chunks = np.load(fdir / FAISS_CHUNKS, mmap_mode="r")
+        return cls(path, m.to_dict(), shards, faiss_index, chunks)
 
     def close(self) -> None:
         self.shards = []
@@ -224,9 +185,9 @@ class DatastoreIndex:
     def verify(self) -> None:
         """Check every file against the manifest's sha256 (IndexFormatError on the first mismatch)."""
         for sh in self.manifest["shards"]:
-            self._check_files(self.path / "shards" / sh["name"], sh["files"], True)
+            check_files(shard_path(self.path, sh["name"]), sh["files"], True)
         if self.manifest.get("faiss"):
-            self._check_files(self.path / "faiss", self.manifest["faiss"]["files"], True)
+            check_files(faiss_path(self.path), self.manifest["faiss"]["files"], True)
 
     # ------------------------------------------------------------------------------------ lookups
     @property
@@ -383,7 +344,7 @@ class DatastoreIndex:
         if self._embedder is None:
             with self._lock:
                 if self._embedder is None:
-                    from ..indexers.embedder import default_embedder_path, get_embedder
+                    from .embedder import default_embedder_path, get_embedder
 
                     f = self.manifest["faiss"]["embedder"]
                     p = Path(f.get("path") or "")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .index_format import SHARD_BUCKETS, SHARD_DOC_IDS, SHARD_DOCS, SHARD_RSA, SHARD_TOKENS
 from .kernels import backward_range, corpus_rows
 
 def sep_for(dtype) -> int:
@@ -75,11 +76,11 @@ class Shard:
     def load(cls, folder: Path, name: str = "") -> "Shard":
         # plain ndarray views of the memory maps: np.memmap's Python-level __getitem__ costs microseconds
         return cls(
-            np.load(folder / "tokens.npy", mmap_mode="r").view(np.ndarray),
-            np.load(folder / "rsa.npy", mmap_mode="r").view(np.ndarray),
-            np.load(folder / "buckets.npy"),
-            np.load(folder / "docs.npy"),
-            np.load(folder / "doc_ids.npy"),
+            np.load(folder / SHARD_TOKENS, mmap_mode="r").view(np.ndarray),
+            np.load(folder / SHARD_RSA, mmap_mode="r").view(np.ndarray),
+            np.load(folder / SHARD_BUCKETS),
+            np.load(folder / SHARD_DOCS),
+            np.load(folder / SHARD_DOC_IDS),
             name,
         )
 

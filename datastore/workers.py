@@ -36,7 +36,6 @@ import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 from typing import Awaitable, Callable, Optional
 
 from .cli_common import EXIT_INTERRUPTED
@@ -256,9 +255,9 @@ def run_workers(a: WorkerOptions, n: int, serve: Callable[[Worker], Awaitable[in
             if not announced and len(ready) == n and not state["stopping"]:
                 announced = True
                 if a.port_file:
-                    tmp = a.port_file + ".tmp"
-                    Path(tmp).write_text(f"{port}\n")
-                    os.replace(tmp, a.port_file)
+                    from .durable import write_text
+
+                    write_text(a.port_file, f"{port}\n")
                 log.info("workers ready", extra={"workers": n, "port": port, "pids": [p.pid for p in procs],
                                                  "metrics_ports": [ready[i] for i in range(n)]})
             if state["stopping"] and time.monotonic() - state["since"] > grace:

@@ -1,5 +1,10 @@
 """index-build as a library: corpus -> token shards -> reverse suffix arrays -> chunk embeddings -> FAISS -> manifest.
 
+``build_index(inputs, out, BuildOptions(...))`` prepares a ``BuildContext`` and runs one function per stage:
+``tokenize_stage``, ``suffix_array_stage``, ``embed_stage``, ``faiss_stage`` (the last two only with
+embeddings), then ``publish``. The files it writes and the manifest are the format of
+``datastore/index_format.py``; every file goes through ``datastore/durable.py``.
+
 Crash safety: everything is written into a staging folder next to the destination
 (``<parent>/.<name>.building``). Each finished unit of work leaves a stage marker
 (``stages/<stage>.json``) holding the sha256 of the files it produced; a rerun with the same inputs and
@@ -15,22 +20,29 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..datastore.durable import atomic_path, fsync_tree, replace_dir, save_npy, sha256_file, write_json
+from ..datastore.index_format import (FAISS_CHUNKS, FAISS_FILES, FAISS_INDEX, FORMAT, FORMAT_VERSION, LAYOUT,
+                                      MANIFEST_NAME, SHARD_BUCKETS, SHARD_DOC_IDS, SHARD_DOCS, SHARD_FILES,
+                                      SHARD_RSA, SHARD_TOKENS, IndexFormatError, IndexManifest, faiss_path,
+                                      file_entry, index_id_of, shard_path, tokenizer_fingerprint)
+from ..datastore.model_files import load_tokenizer
 from ..datastore.suffix_shard import build_buckets, build_reverse_sa, sep_for, token_dtype_for
 from .readers import ReadStats, input_signature, iter_documents
 
-FORMAT = "specstore-index"
-FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 1 << 26   # 67M tokens per shard (~400 MB of SA + tokens)
 DEFAULT_CHUNK_TOKENS = 256
 #: word pieces embedded per chunk ([CLS] + first 126 pieces + [SEP]): the encoder's training length; the
 #: embedding stage costs ~O(total word pieces), so this halves the build time against the full 256-token chunk
 DEFAULT_EMBED_MAX_PIECES = 128
+#: chunks per embedding checkpoint: a crash in the (long) embed stage loses at most this many chunks
+EMBED_PART_CHUNKS = 4096
+FAISS_DEVICES = ("auto", "cpu", "gpu")
 CRASH_ENV = "SPECSTORE_INDEX_CRASH_AT"   # test hook: raise at a named point of the build
 
 
@@ -56,62 +68,50 @@ def _crash_point(name: str) -> None:
         raise SimulatedCrash(f"simulated crash at {name}")
 
 
-# ------------------------------------------------------------------------------------------ file utils
-def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(bufsize)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+# ------------------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class BuildOptions:
+    """The knobs of one build: ``index-build build``'s flags (indexers/cli.py fills it from argparse).
+
+    model: model spec whose tokenizer is used (datastore/model_files.py) when no tokenizer object is given
+    text_field, template: how a record becomes text (indexers/readers.py); None = auto
+    shard_tokens: tokens per shard, one suffix array each (16 <= n < 2**31 - 1)
+    workers: tokenizer processes (1 = batched in this process); batch_docs: documents per tokenizer batch
+    embeddings: chunk embeddings + FAISS; embedder: encoder folder (None = all-MiniLM-L6-v2, the default)
+    faiss_factory: FAISS index_factory string (None = by size, ``default_faiss_factory``)
+    faiss_device: where FAISS trains and adds, one of FAISS_DEVICES
+    chunk_tokens: target-model tokens per embedded chunk; embed_batch: chunks per encoder batch
+    append: add the inputs to the index at ``out`` as new shards (tokenizer, embedder and chunk size come
+        from that index)
+    skip_bad_records: skip and count malformed records instead of stopping at the first
+    progress: progress bars (stderr)
+    """
+
+    model: Optional[str] = None
+    text_field: Optional[str] = None
+    template: Optional[str] = None
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    workers: int = 1
+    batch_docs: int = 512
+    embeddings: bool = True
+    embedder: Optional[str] = None
+    faiss_factory: Optional[str] = None
+    faiss_device: str = "auto"
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    embed_batch: int = 64
+    append: bool = False
+    skip_bad_records: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        """BuildError for values no build can use."""
+        if self.faiss_device not in FAISS_DEVICES:
+            raise BuildError(f"--faiss-device must be one of {', '.join(FAISS_DEVICES)}, not {self.faiss_device!r}")
+        if self.shard_tokens < 16 or self.shard_tokens >= 2**31 - 1:
+            raise BuildError("--shard-tokens must be between 16 and 2**31-2")
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _file_entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
+# ------------------------------------------------------------------------------------------ stage markers
 class _Stages:
     """Stage markers: name -> {"files": {relpath: {bytes, sha256}}, ...extra}."""
 
@@ -137,8 +137,8 @@ class _Stages:
             return None
 
     def mark(self, name: str, files: Sequence[Path], **extra) -> dict:
-        m = {"files": {str(f.relative_to(self.root)): _file_entry(f) for f in files}, **extra}
-        _write_json(self.dir / f"{name}.json", m)
+        m = {"files": {str(f.relative_to(self.root)): file_entry(f) for f in files}, **extra}
+        write_json(self.dir / f"{name}.json", m)
         return m
 
 
@@ -179,11 +179,223 @@ class BuildReport:
         return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ tokenizing
+# ------------------------------------------------------------------------------------------ the build
+@dataclass
+class BuildContext:
+    """What the stages of one build share.
+
+    opts: the effective options (``--append`` takes embeddings, embedder and chunk size from the index);
+    inputs: input paths as str ([] with ``token_docs``); token_docs: int64 arrays, one per document, or None;
+    fingerprint, vocab_size, dtype, sep: the token space (dtype uint16|uint32, sep = its max value);
+    old: the manifest of the index appended to; embedder_path: resolved encoder folder (with embeddings);
+    old_shards, doc_base: shard entries inherited from ``old`` and the first new document id;
+    new_shards: manifest entries of the shards this build writes (``files`` filled by the suffix array stage);
+    read_stats: the reader's counters; faiss_meta: the manifest's ``faiss`` part (after the FAISS stage).
+    """
+
+    opts: BuildOptions
+    out: Path
+    staging: Path
+    stages: _Stages
+    report: BuildReport
+    log: Callable[[str], None]
+    inputs: list
+    token_docs: Optional[list]
+    tokenizer: object
+    fingerprint: str
+    vocab_size: int
+    dtype: type
+    sep: int
+    old: Optional[IndexManifest] = None
+    embedder_path: Optional[str] = None
+    old_shards: list = field(default_factory=list)
+    doc_base: int = 0
+    new_shards: list = field(default_factory=list)
+    read_stats: dict = field(default_factory=dict)
+    faiss_meta: Optional[dict] = None
+
+    @property
+    def first_new(self) -> int:
+        return len(self.old_shards)
+
+
+def _config_key(**kw) -> str:
+    return hashlib.sha256(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def default_faiss_factory(n: int) -> str:
+    if n < 20_000:
+        return "Flat"
+    if n < 2_000_000:
+        nlist = max(16, min(int(4 * math.sqrt(n)), n // 39))
+        return f"IVF{nlist},Flat"
+    return "HNSW32,Flat"
+
+
+def default_nprobe(factory: str) -> int:
+    if factory.startswith("IVF"):
+        try:
+            nlist = int(factory[3:].split(",")[0].split("_")[0])
+        except ValueError:
+            return 16
+        return max(8, min(64, nlist // 16))
+    return 0
+
+
+def build_index(
+    inputs: Optional[Iterable],
+    out,
+    options: Optional[BuildOptions] = None,
+    *,
+    tokenizer=None,
+    log: Callable[[str], None] = print,
+    token_docs: Optional[Iterable[Sequence[int]]] = None,
+    vocab_size: Optional[int] = None,
+    fingerprint: Optional[str] = None,
+) -> BuildReport:
+    """Build (or extend, with ``options.append``) an index at ``out`` and publish it atomically.
+
+    ``tokenizer`` (an HF fast tokenizer object) overrides ``options.model`` (a model spec for
+    ``datastore.model_files.load_tokenizer``). Raises ``readers.BadRecordError`` on bad input (unless
+    ``skip_bad_records``) and ``BuildError`` on bad options.
+
+    Tests and tools may skip text entirely: ``token_docs`` (an iterable of token-id sequences, one per
+    document) with ``vocab_size`` and ``fingerprint`` (defaults: the tokenizer's when one is given, else
+    max id + 1 and ``"tokens-only"``). ``inputs`` is then ignored, and embeddings need ``tokenizer``.
+    """
+    t_start = time.time()
+    ctx = _prepare(inputs, out, options or BuildOptions(), tokenizer, log, token_docs, vocab_size, fingerprint)
+    _link_old_shards(ctx)
+    tokenize_stage(ctx)
+    suffix_array_stage(ctx)
+    if ctx.opts.embeddings:
+        embed_stage(ctx)
+        faiss_stage(ctx)
+    ctx.report.stage_seconds["total"] = time.time() - t_start
+    manifest = _manifest(ctx)
+    publish(ctx, manifest)
+    ctx.report.manifest = manifest.to_dict()
+    return ctx.report
+
+
+def _prepare(inputs, out, opts: BuildOptions, tokenizer, log, token_docs, vocab_size, fingerprint) -> BuildContext:
+    """Check the options, settle the token space (tokenizer, vocabulary, dtype) and the --append base, then
+    open (or resume) the staging folder: every refusal comes before the first write."""
+    opts.check()
+    out = Path(out).expanduser().resolve()
+    if token_docs is not None:
+        token_docs = [np.asarray(d, dtype=np.int64) for d in token_docs]
+        inputs = []
+        if tokenizer is None:
+            opts = replace(opts, embeddings=False)
+            if vocab_size is None:
+                vocab_size = 1 + max((int(d.max()) for d in token_docs if len(d)), default=0)
+            fingerprint = fingerprint or "tokens-only"
+    else:
+        inputs = [str(Path(p).expanduser()) for p in inputs]
+    if tokenizer is None and token_docs is None:
+        tokenizer = load_tokenizer(opts.model)
+    if tokenizer is not None:
+        fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
+        vocab_size = int(vocab_size or len(tokenizer))
+    vocab_size = int(vocab_size)
+    dtype = token_dtype_for(vocab_size)
+
+    old = None
+    if opts.append:
+        old, opts = _append_base(out, opts, fingerprint)
+    elif out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
+        raise BuildError(f"{out} exists and is not an index; refusing to replace it")
+
+    emb_path = emb_id = None
+    if opts.embeddings:
+        from ..datastore.embedder import default_embedder_path, embedder_id
+
+        emb_path = str(Path(opts.embedder).expanduser().resolve()) if opts.embedder else str(default_embedder_path())
+        emb_id = embedder_id(emb_path)
+
+    key = _config_key(
+        format=FORMAT_VERSION, inputs=input_signature(inputs),
+        token_docs=hashlib.sha256(b"".join(d.tobytes() + b"|" for d in token_docs)).hexdigest()
+        if token_docs is not None else None, fingerprint=fingerprint, text_field=opts.text_field,
+        template=opts.template, shard_tokens=opts.shard_tokens, skip_bad=opts.skip_bad_records,
+        embeddings=opts.embeddings, embedder=emb_id, faiss=opts.faiss_factory, chunk_tokens=opts.chunk_tokens,
+        append=old.index_id if old else None,
+    )
+    staging = _open_staging(out, key, inputs, log)
+    return BuildContext(opts=opts, out=out, staging=staging, stages=_Stages(staging), report=BuildReport(out, {}),
+                        log=log, inputs=inputs, token_docs=token_docs, tokenizer=tokenizer, fingerprint=fingerprint,
+                        vocab_size=vocab_size, dtype=dtype, sep=sep_for(dtype), old=old, embedder_path=emb_path)
+
+
+def _append_base(out: Path, opts: BuildOptions, fingerprint: str) -> tuple[IndexManifest, BuildOptions]:
+    """(the manifest of the index at ``out``, the options with its embedding settings) for --append."""
+    if not (out / MANIFEST_NAME).exists():
+        raise BuildError(f"--append: {out} holds no published index (manifest.json missing)")
+    try:
+        old = IndexManifest.load(out)
+    except IndexFormatError as e:
+        raise BuildError(f"--append: {e}") from None
+    if old.fingerprint != fingerprint:
+        raise BuildError(f"--append: tokenizer fingerprint {fingerprint} differs from the index's {old.fingerprint}")
+    if old.faiss and not opts.embeddings:
+        raise BuildError("--append with --no-embeddings on an index that has FAISS would leave documents "
+                         "unsearchable; drop --no-embeddings")
+    if not old.faiss:
+        opts = replace(opts, embeddings=False)
+    if opts.embeddings:
+        opts = replace(opts, embedder=opts.embedder or old.faiss["embedder"].get("path"),
+                       chunk_tokens=old.faiss["chunk_tokens"])
+    return old, opts
+
+
+def _open_staging(out: Path, key: str, inputs: list, log) -> Path:
+    """``<parent>/.<name>.building``: resumed when an unfinished build left it with the same ``key``
+    (inputs and options), else emptied."""
+    staging = out.parent / f".{out.name}.building"
+    if staging.exists():
+        try:
+            prev = json.loads((staging / "build.json").read_text())["key"]
+        except (OSError, ValueError, KeyError):
+            prev = None
+        if prev != key:
+            log(f"discarding an unfinished build with other inputs/options in {staging}")
+            shutil.rmtree(staging)
+        else:
+            log(f"resuming the unfinished build in {staging}")
+    staging.mkdir(parents=True, exist_ok=True)
+    write_json(staging / "build.json", {"key": key, "inputs": inputs, "started": time.time()})
+    (staging / "shards").mkdir(exist_ok=True)
+    return staging
+
+
+def _link_old_shards(ctx: BuildContext) -> None:
+    """--append: the old index's shards enter the staging folder as hard links (copies where links fail);
+    the old files are never rewritten."""
+    if not ctx.old:
+        return
+    for sh in ctx.old.shards:
+        d = shard_path(ctx.staging, sh["name"])
+        d.mkdir(exist_ok=True)
+        for fname in sh["files"]:
+            dst = d / fname
+            if not dst.exists():
+                src = shard_path(ctx.out, sh["name"]) / fname
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+        ctx.old_shards.append(sh)
+    ctx.doc_base = int(ctx.old.stats["num_documents"])
+
+
+# ------------------------------------------------------------------------------------------ stage 1: tokenize
 _WORKER_TOK = None
 
 
 def _worker_init(tok_json: str) -> None:
+    # A spawned worker's own environment: the tokenizers library has no API for its thread pool, and
+    # ``workers`` processes each running a pool over every core would oversubscribe the machine.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _WORKER_TOK
     from tokenizers import Tokenizer
@@ -223,408 +435,206 @@ def _batched(docs, batch_docs: int, batch_chars: int):
         yield batch
 
 
-# ------------------------------------------------------------------------------------------ the build
-def _config_key(**kw) -> str:
-    return hashlib.sha256(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def default_faiss_factory(n: int) -> str:
-    if n < 20_000:
-        return "Flat"
-    if n < 2_000_000:
-        nlist = max(16, min(int(4 * math.sqrt(n)), n // 39))
-        return f"IVF{nlist},Flat"
-    return "HNSW32,Flat"
-
-
-def default_nprobe(factory: str) -> int:
-    if factory.startswith("IVF"):
-        try:
-            nlist = int(factory[3:].split(",")[0].split("_")[0])
-        except ValueError:
-            return 16
-        return max(8, min(64, nlist // 16))
-    return 0
-
-
-def build_index(
-    inputs: Iterable,
-    out,
-    *,
-    model: Optional[str] = None,
-    tokenizer=None,
-    text_field: Optional[str] = None,
-    template: Optional[str] = None,
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    workers: int = 1,
-    batch_docs: int = 512,
-    embeddings: bool = True,
-    embedder: Optional[str] = None,
-    faiss_factory: Optional[str] = None,
-    faiss_device: str = "auto",
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    embed_batch: int = 64,
-    append: bool = False,
-    skip_bad_records: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    token_docs: Optional[Iterable[Sequence[int]]] = None,
-    vocab_size: Optional[int] = None,
-    fingerprint: Optional[str] = None,
-) -> BuildReport:
-    """Build (or extend, with ``append=True``) an index at ``out`` and publish it atomically.
-
-    ``tokenizer`` (an HF fast tokenizer object) overrides ``model`` (a model spec for
-    ``client.model_files.load_tokenizer``). Raises ``readers.BadRecordError`` on bad input (unless
-    ``skip_bad_records``) and ``BuildError`` on bad options.
-
-    Tests and tools may skip text entirely: ``token_docs`` (an iterable of token-id sequences, one per
-    document) with ``vocab_size`` and ``fingerprint`` (defaults: the tokenizer's when one is given, else
-    max id + 1 and ``"tokens-only"``). ``inputs`` is then ignored, and embeddings need ``tokenizer``.
-    """
+def tokenize_stage(ctx: BuildContext) -> None:
+    """Documents -> token shards ``shards/shard-NNNNN/{tokens,docs,doc_ids}.npy`` of about
+    ``shard_tokens`` tokens, one stage marker per shard and one for the stage; resumes after the last
+    finished shard. Fills ``ctx.new_shards`` and ``ctx.read_stats``."""
     from tqdm import tqdm
 
-    from ..client.model_files import load_tokenizer, tokenizer_fingerprint
-
-    t_start = time.time()
-    if faiss_device not in FAISS_DEVICES:
-        raise BuildError(f"--faiss-device must be one of {', '.join(FAISS_DEVICES)}, not {faiss_device!r}")
-    out = Path(out).expanduser().resolve()
-    if shard_tokens < 16 or shard_tokens >= 2**31 - 1:
-        raise BuildError("--shard-tokens must be between 16 and 2**31-2")
-    if token_docs is not None:
-        token_docs = [np.asarray(d, dtype=np.int64) for d in token_docs]
-        inputs = []
-        if tokenizer is None:
-            embeddings = False
-            if vocab_size is None:
-                vocab_size = 1 + max((int(d.max()) for d in token_docs if len(d)), default=0)
-            fingerprint = fingerprint or "tokens-only"
-    else:
-        inputs = [str(Path(p).expanduser()) for p in inputs]
-    if tokenizer is None and token_docs is None:
-        tokenizer = load_tokenizer(model)
-    if tokenizer is not None:
-        fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
-        vocab_size = int(vocab_size or len(tokenizer))
-    vocab_size = int(vocab_size)
-    dtype = token_dtype_for(vocab_size)
-    sep = sep_for(dtype)
-
-    old_manifest = None
-    if append:
-        if not (out / "manifest.json").exists():
-            raise BuildError(f"--append: {out} holds no published index (manifest.json missing)")
-        old_manifest = json.loads((out / "manifest.json").read_text())
-        if old_manifest["tokenizer"]["fingerprint"] != fingerprint:
-            raise BuildError(f"--append: tokenizer fingerprint {fingerprint} differs from the index's "
-                             f"{old_manifest['tokenizer']['fingerprint']}")
-        if old_manifest.get("faiss") and not embeddings:
-            raise BuildError("--append with --no-embeddings on an index that has FAISS would leave documents "
-                             "unsearchable; drop --no-embeddings")
-        if not old_manifest.get("faiss"):
-            embeddings = False
-        if embeddings:
-            embedder = embedder or old_manifest["faiss"]["embedder"].get("path")
-            chunk_tokens = old_manifest["faiss"]["chunk_tokens"]
-    elif out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
-        raise BuildError(f"{out} exists and is not an index; refusing to replace it")
-
-    emb_id = None
-    if embeddings:
-        from .embedder import default_embedder_path, embedder_id
-
-        embedder = str(Path(embedder).expanduser().resolve()) if embedder else str(default_embedder_path())
-        emb_id = embedder_id(embedder)
-
-    key = _config_key(
-        format=FORMAT_VERSION, inputs=input_signature(inputs),
-        token_docs=hashlib.sha256(b"".join(d.tobytes() + b"|" for d in token_docs)).hexdigest()
-        if token_docs is not None else None, fingerprint=fingerprint, text_field=text_field,
-        template=template, shard_tokens=shard_tokens, skip_bad=skip_bad_records, embeddings=embeddings,
-        embedder=emb_id, faiss=faiss_factory, chunk_tokens=chunk_tokens,
-        append=old_manifest["index_id"] if old_manifest else None,
-    )
-    staging = out.parent / f".{out.name}.building"
-    if staging.exists():
-        try:
-            prev = json.loads((staging / "build.json").read_text())["key"]
-        except (OSError, ValueError, KeyError):
-            prev = None
-        if prev != key:
-            log(f"discarding an unfinished build with other inputs/options in {staging}")
-            shutil.rmtree(staging)
-        else:
-            log(f"resuming the unfinished build in {staging}")
-    staging.mkdir(parents=True, exist_ok=True)
-    _write_json(staging / "build.json", {"key": key, "inputs": inputs, "started": time.time()})
-    stages = _Stages(staging)
-    (staging / "shards").mkdir(exist_ok=True)
-    report = BuildReport(out, {})
-    times = report.stage_seconds
-
-    # ---- shards inherited from the old index (--append): hard links, the old files are never rewritten
-    old_shards = []
-    doc_base = 0
-    if old_manifest:
-        for sh in old_manifest["shards"]:
-            d = staging / "shards" / sh["name"]
-            d.mkdir(exist_ok=True)
-            for fname in sh["files"]:
-                dst = d / fname
-                if not dst.exists():
-                    try:
-                        os.link(out / "shards" / sh["name"] / fname, dst)
-                    except OSError:
-                        shutil.copy2(out / "shards" / sh["name"] / fname, dst)
-            old_shards.append(sh)
-        doc_base = int(old_manifest["stats"]["num_documents"])
-    first_new = len(old_shards)
-
-    # ---- stage 1: tokenize into shards
     t0 = time.time()
-    read_stats = ReadStats()
-    new_shards: list[dict] = []
-    i = first_new
+    o, stages, report = ctx.opts, ctx.stages, ctx.report
+    i = ctx.first_new
     done_docs = 0
     while True:   # finished tokenize markers from an interrupted run
         m = stages.done(f"tokenize-{i:05d}")
         if m is None:
             break
-        new_shards.append(m["shard"])
+        ctx.new_shards.append(m["shard"])
         done_docs = m["doc_end"]
         report.resumed.append(f"tokenize-{i:05d}")
         i += 1
     all_tok = stages.done("tokenize")
     if all_tok is not None:
         report.resumed.append("tokenize")
-        read_stats_d = all_tok["read_stats"]
+        ctx.read_stats = all_tok["read_stats"]
     else:
         for j in range(i, i + 10_000):  # stale markers after the first missing one
             p = stages.dir / f"tokenize-{j:05d}.json"
             if not p.exists():
                 break
             p.unlink()
-        backend = _backend_of(tokenizer) if token_docs is None else None
-        docs = iter_documents(inputs, text_field=text_field, template=template, skip_bad=skip_bad_records,
-                              stats=read_stats)
-        pool = None
-        if workers > 1:
-            import multiprocessing as mp
+        read_stats = ReadStats()
+        backend = docs = pool = None
+        if ctx.token_docs is None:
+            backend = _backend_of(ctx.tokenizer)
+            docs = iter_documents(ctx.inputs, text_field=o.text_field, template=o.template,
+                                  skip_bad=o.skip_bad_records, stats=read_stats)
+            if o.workers > 1:
+                import multiprocessing as mp
 
-            pool = mp.get_context("spawn").Pool(workers, _worker_init, (backend.to_str(),))
-        bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=not progress, leave=True)
+                pool = mp.get_context("spawn").Pool(o.workers, _worker_init, (backend.to_str(),))
+        bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=not o.progress, leave=True)
         buf: list[np.ndarray] = []
         buf_ids: list[int] = []
         buf_len = 0
-        ndoc = 0
-
-        def flush():
-            nonlocal buf, buf_ids, buf_len, i
-            name = f"shard-{i:05d}"
-            d = staging / "shards" / name
-            d.mkdir(exist_ok=True)
-            lens = np.fromiter((len(a) for a in buf), dtype=np.int64, count=len(buf))
-            T = np.empty(int(lens.sum()) + len(buf) + 1, dtype=dtype)
-            starts = np.empty(len(buf) + 1, dtype=np.int64)
-            pos = 0
-            for j, a in enumerate(buf):
-                T[pos] = sep
-                starts[j] = pos + 1
-                T[pos + 1:pos + 1 + len(a)] = a
-                pos += 1 + len(a)
-            T[pos] = sep
-            starts[-1] = len(T)
-            _save_npy(d / "tokens.npy", T)
-            _save_npy(d / "docs.npy", starts)
-            _save_npy(d / "doc_ids.npy", np.asarray(buf_ids, dtype=np.int64))
-            _crash_point(f"tokenize:{name}")
-            shard = {"name": name, "num_tokens": int(lens.sum()), "array_len": int(len(T)),
-                     "num_documents": len(buf), "doc_id_min": int(buf_ids[0]), "doc_id_max": int(buf_ids[-1])}
-            stages.mark(f"tokenize-{i:05d}", [d / "tokens.npy", d / "docs.npy", d / "doc_ids.npy"],
-                        shard=shard, doc_end=int(buf_ids[-1]) - doc_base + 1)
-            new_shards.append(shard)
-            buf, buf_ids, buf_len = [], [], 0
-            i += 1
-
-        def encoded_batches():
-            nonlocal ndoc
-            pending = []
-            if token_docs is not None:
-                for j in range(done_docs, len(token_docs)):
-                    ndoc = j + 1
-                    yield doc_base + j, [token_docs[j]]
-                return
-            for batch in _batched(docs, batch_docs, 4 << 20):
-                start = ndoc
-                ndoc += len(batch)
-                if ndoc <= done_docs:
-                    continue  # tokenized by the interrupted run (its shards are kept)
-                skip = max(0, done_docs - start)
-                texts = [d.text for d in batch[skip:]]
-                ids0 = doc_base + start + skip
-                if pool is None:
-                    yield ids0, _encode(backend, texts)
-                else:
-                    pending.append((ids0, pool.apply_async(_worker_encode, (texts,))))
-                    if len(pending) >= 2 * workers:
-                        a, r = pending.pop(0)
-                        yield a, r.get()
-            for a, r in pending:
-                yield a, r.get()
-
         try:
-            for ids0, arrs in encoded_batches():
+            for ids0, arrs in _encoded_batches(ctx, docs, backend, pool, done_docs):
                 for j, a in enumerate(arrs):
                     if len(a) == 0:
                         continue
-                    if a.size and (int(a.max()) >= vocab_size or int(a.min()) < 0):
-                        raise BuildError(f"document {ids0 + j}: token id outside the vocabulary [0, {vocab_size})")
-                    buf.append(a.astype(dtype, copy=False))
+                    if a.size and (int(a.max()) >= ctx.vocab_size or int(a.min()) < 0):
+                        raise BuildError(f"document {ids0 + j}: token id outside the vocabulary [0, {ctx.vocab_size})")
+                    buf.append(a.astype(ctx.dtype, copy=False))
                     buf_ids.append(ids0 + j)
                     buf_len += len(a) + 1
                     bar.update(len(a))
-                    if buf_len >= shard_tokens:
-                        flush()
+                    if buf_len >= o.shard_tokens:
+                        ctx.new_shards.append(_write_shard(ctx, i, buf, buf_ids))
+                        buf, buf_ids, buf_len = [], [], 0
+                        i += 1
             if buf:
-                flush()
+                ctx.new_shards.append(_write_shard(ctx, i, buf, buf_ids))
+                i += 1
         finally:
             bar.close()
             if pool is not None:
                 pool.terminate()
-        read_stats_d = read_stats.as_dict()
-        stages.mark("tokenize", [], read_stats=read_stats_d, num_shards=i)
-    report.read_stats = read_stats_d
-    times["tokenize"] = time.time() - t0
-    shards = old_shards + new_shards
-    if not shards:
+        ctx.read_stats = read_stats.as_dict()
+        stages.mark("tokenize", [], read_stats=ctx.read_stats, num_shards=i)
+    report.read_stats = ctx.read_stats
+    report.stage_seconds["tokenize"] = time.time() - t0
+    if not ctx.old_shards and not ctx.new_shards:
         raise BuildError("no documents found in the inputs" +
-                         (f" ({read_stats_d['bad_records']} bad records skipped)" if read_stats_d.get("bad_records") else ""))
+                         (f" ({ctx.read_stats['bad_records']} bad records skipped)"
+                          if ctx.read_stats.get("bad_records") else ""))
 
-    # ---- stage 2: suffix arrays
-    t0 = time.time()
-    bar = tqdm(total=sum(s["array_len"] for s in new_shards), desc="suffix array", unit="tok", unit_scale=True,
-               disable=not progress)
-    for sh in new_shards:
-        name = sh["name"]
-        d = staging / "shards" / name
-        if stages.done(f"sa-{name}") is not None:
-            report.resumed.append(f"sa-{name}")
+
+def _encoded_batches(ctx: BuildContext, docs, backend, pool, done_docs: int) -> Iterator[tuple[int, list]]:
+    """(global id of the first document, its token arrays and the following ones') per batch, skipping the
+    first ``done_docs`` documents (tokenized by an interrupted run whose shards are kept)."""
+    if ctx.token_docs is not None:
+        for j in range(done_docs, len(ctx.token_docs)):
+            yield ctx.doc_base + j, [ctx.token_docs[j]]
+        return
+    pending = []
+    ndoc = 0
+    for batch in _batched(docs, ctx.opts.batch_docs, 4 << 20):
+        start = ndoc
+        ndoc += len(batch)
+        if ndoc <= done_docs:
+            continue
+        skip = max(0, done_docs - start)
+        texts = [d.text for d in batch[skip:]]
+        ids0 = ctx.doc_base + start + skip
+        if pool is None:
+            yield ids0, _encode(backend, texts)
         else:
-            T = np.load(d / "tokens.npy")
-            _save_npy(d / "rsa.npy", build_reverse_sa(T))
+            pending.append((ids0, pool.apply_async(_worker_encode, (texts,))))
+            if len(pending) >= 2 * ctx.opts.workers:
+                a, r = pending.pop(0)
+                yield a, r.get()
+    for a, r in pending:
+        yield a, r.get()
+
+
+def _write_shard(ctx: BuildContext, i: int, buf: list, buf_ids: list) -> dict:
+    """Write shard number ``i`` from the token arrays ``buf`` (document ids ``buf_ids``) and mark it done;
+    returns its manifest entry (``files`` and ``bytes`` come with the suffix array stage)."""
+    name = f"shard-{i:05d}"
+    d = shard_path(ctx.staging, name)
+    d.mkdir(exist_ok=True)
+    lens = np.fromiter((len(a) for a in buf), dtype=np.int64, count=len(buf))
+    T = np.empty(int(lens.sum()) + len(buf) + 1, dtype=ctx.dtype)
+    starts = np.empty(len(buf) + 1, dtype=np.int64)
+    pos = 0
+    for j, a in enumerate(buf):
+        T[pos] = ctx.sep
+        starts[j] = pos + 1
+        T[pos + 1:pos + 1 + len(a)] = a
+        pos += 1 + len(a)
+    T[pos] = ctx.sep
+    starts[-1] = len(T)
+    save_npy(d / SHARD_TOKENS, T)
+    save_npy(d / SHARD_DOCS, starts)
+    save_npy(d / SHARD_DOC_IDS, np.asarray(buf_ids, dtype=np.int64))
+    _crash_point(f"tokenize:{name}")
+    shard = {"name": name, "num_tokens": int(lens.sum()), "array_len": int(len(T)),
+             "num_documents": len(buf), "doc_id_min": int(buf_ids[0]), "doc_id_max": int(buf_ids[-1])}
+    ctx.stages.mark(f"tokenize-{i:05d}", [d / SHARD_TOKENS, d / SHARD_DOCS, d / SHARD_DOC_IDS],
+                    shard=shard, doc_end=int(buf_ids[-1]) - ctx.doc_base + 1)
+    return shard
+
+
+# ------------------------------------------------------------------------------------------ stage 2: suffix arrays
+def suffix_array_stage(ctx: BuildContext) -> None:
+    """Per new shard: ``rsa.npy`` (reverse suffix array) and ``buckets.npy``, one marker each; then every
+    new shard's manifest entry gets its ``files`` (size + sha256) and ``bytes``."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    bar = tqdm(total=sum(s["array_len"] for s in ctx.new_shards), desc="suffix array", unit="tok", unit_scale=True,
+               disable=not ctx.opts.progress)
+    for sh in ctx.new_shards:
+        name = sh["name"]
+        d = shard_path(ctx.staging, name)
+        if ctx.stages.done(f"sa-{name}") is not None:
+            ctx.report.resumed.append(f"sa-{name}")
+        else:
+            T = np.load(d / SHARD_TOKENS)
+            save_npy(d / SHARD_RSA, build_reverse_sa(T))
             _crash_point(f"sa:{name}")
-            _save_npy(d / "buckets.npy", build_buckets(T, vocab_size))
+            save_npy(d / SHARD_BUCKETS, build_buckets(T, ctx.vocab_size))
             del T
-            stages.mark(f"sa-{name}", [d / "rsa.npy", d / "buckets.npy"])
+            ctx.stages.mark(f"sa-{name}", [d / SHARD_RSA, d / SHARD_BUCKETS])
         bar.update(sh["array_len"])
     bar.close()
-    for sh in new_shards:
-        d = staging / "shards" / sh["name"]
-        sh["files"] = {f: _file_entry(d / f) for f in ("tokens.npy", "rsa.npy", "buckets.npy", "docs.npy",
-                                                       "doc_ids.npy")}
+    for sh in ctx.new_shards:
+        d = shard_path(ctx.staging, sh["name"])
+        sh["files"] = {f: file_entry(d / f) for f in SHARD_FILES}
         sh["bytes"] = sum(e["bytes"] for e in sh["files"].values())
-    times["suffix_array"] = time.time() - t0
+    ctx.report.stage_seconds["suffix_array"] = time.time() - t0
 
-    # ---- stage 3 + 4: chunk embeddings and FAISS
-    faiss_meta = None
-    if embeddings:
-        from .embedder import get_embedder
 
-        t0 = time.time()
-        emb = get_embedder(embedder)
-        (staging / "embed").mkdir(exist_ok=True)
-        backend = _backend_of(tokenizer)
-        todo = []
-        for si, sh in enumerate(new_shards, start=first_new):
-            name = sh["name"]
-            if stages.done(f"embed-{name}") is not None:
-                report.resumed.append(f"embed-{name}")
-            else:
-                todo.append((si, sh))
-        bar = tqdm(total=sum(s["num_tokens"] for _, s in todo), desc="embed", unit="tok", unit_scale=True,
-                   disable=not progress)
-        for si, sh in todo:
-            name = sh["name"]
-            vecs, chunks = _embed_shard(staging / "shards" / name, si, backend, emb, chunk_tokens, embed_batch,
-                                        bar, stages, name, report)
-            _save_npy(staging / "embed" / f"{name}.vec.npy", vecs)
-            _save_npy(staging / "embed" / f"{name}.chunks.npy", chunks)
-            _crash_point(f"embed:{name}")
-            stages.mark(f"embed-{name}", [staging / "embed" / f"{name}.vec.npy",
-                                          staging / "embed" / f"{name}.chunks.npy"])
-        bar.close()
-        times["embed"] = time.time() - t0
+# ------------------------------------------------------------------------------------------ stage 3: embed
+def embed_stage(ctx: BuildContext) -> None:
+    """Per new shard: its documents cut into ``chunk_tokens`` spans, decoded and embedded
+    (``embed/<shard>.vec.npy`` float32 [chunks, dim], ``embed/<shard>.chunks.npy`` int64 [chunks, 4]),
+    checkpointed every ``EMBED_PART_CHUNKS`` chunks."""
+    from tqdm import tqdm
 
-        t0 = time.time()
-        fdir = staging / "faiss"
-        fdir.mkdir(exist_ok=True)
-        if stages.done("faiss") is not None:
-            report.resumed.append("faiss")
-            faiss_meta = json.loads((stages.dir / "faiss.json").read_text())["meta"]
+    from ..datastore.embedder import get_embedder
+
+    t0 = time.time()
+    emb = get_embedder(ctx.embedder_path)
+    edir = ctx.staging / "embed"
+    edir.mkdir(exist_ok=True)
+    backend = _backend_of(ctx.tokenizer)
+    todo = []
+    for si, sh in enumerate(ctx.new_shards, start=ctx.first_new):
+        name = sh["name"]
+        if ctx.stages.done(f"embed-{name}") is not None:
+            ctx.report.resumed.append(f"embed-{name}")
         else:
-            faiss_meta = _build_faiss(staging, out, new_shards, old_manifest, faiss_factory, emb, embedder,
-                                      chunk_tokens, progress, faiss_device, log)
-            _crash_point("faiss")
-            stages.mark("faiss", [fdir / "index.faiss", fdir / "chunks.npy"], meta=faiss_meta)
-        faiss_meta["files"] = {f: _file_entry(fdir / f) for f in ("index.faiss", "chunks.npy")}
-        times["faiss"] = time.time() - t0
-
-    # ---- manifest (last), then publish
-    num_docs = doc_base + sum(s["num_documents"] for s in new_shards)
-    num_tokens = sum(s["num_tokens"] for s in shards)
-    store_bytes = sum(s["bytes"] for s in shards)
-    index_id = hashlib.sha256(json.dumps([[s["name"], s["files"]] for s in shards], sort_keys=True).encode()
-                              + json.dumps(faiss_meta and faiss_meta["files"], sort_keys=True).encode()
-                              ).hexdigest()[:16]
-    times["total"] = time.time() - t_start
-    prev_stats = old_manifest["stats"] if old_manifest else {}
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "index_id": index_id,
-        "created_unix": time.time(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "tokenizer": {"spec": model, "fingerprint": fingerprint, "vocab_size": vocab_size,
-                      "class": type(tokenizer).__name__ if tokenizer is not None else None,
-                      "name_or_path": str(getattr(tokenizer, "name_or_path", "") or "")},
-        "vocab_size": vocab_size,
-        "token_dtype": np.dtype(dtype).name,
-        "separator": sep,
-        "layout": "reverse-suffix-array-v1",
-        "shards": shards,
-        "faiss": faiss_meta,
-        "stats": {
-            "num_documents": num_docs,
-            "num_tokens": num_tokens,
-            "num_shards": len(shards),
-            "bytes_suffix_store": store_bytes,
-            "bytes_per_token": store_bytes / max(1, num_tokens),
-            "bytes_faiss": sum(e["bytes"] for e in faiss_meta["files"].values()) if faiss_meta else 0,
-            "read": read_stats_d,
-            "inputs": inputs,
-            "appended_from": old_manifest["index_id"] if old_manifest else None,
-            "previous_inputs": prev_stats.get("inputs", []) + prev_stats.get("previous_inputs", []),
-        },
-        "build_seconds": dict(times),
-        "builder": {"chunk_tokens": chunk_tokens if embeddings else None, "shard_tokens": shard_tokens},
-    }
-    _write_json(staging / "manifest.json", manifest)
-    _crash_point("manifest")
-    _publish(staging, out)
-    report.manifest = manifest
-    return report
-
-
-#: chunks per embedding checkpoint: a crash in the (long) embed stage loses at most this many chunks
-EMBED_PART_CHUNKS = 4096
+            todo.append((si, sh))
+    bar = tqdm(total=sum(s["num_tokens"] for _, s in todo), desc="embed", unit="tok", unit_scale=True,
+               disable=not ctx.opts.progress)
+    for si, sh in todo:
+        name = sh["name"]
+        vecs, chunks = _embed_shard(shard_path(ctx.staging, name), si, backend, emb, ctx.opts.chunk_tokens,
+                                    ctx.opts.embed_batch, bar, ctx.stages, name, ctx.report)
+        save_npy(edir / f"{name}.vec.npy", vecs)
+        save_npy(edir / f"{name}.chunks.npy", chunks)
+        _crash_point(f"embed:{name}")
+        ctx.stages.mark(f"embed-{name}", [edir / f"{name}.vec.npy", edir / f"{name}.chunks.npy"])
+    bar.close()
+    ctx.report.stage_seconds["embed"] = time.time() - t0
 
 
 def _embed_shard(d: Path, shard_idx: int, backend, emb, chunk_tokens: int, batch: int, bar, stages=None,
                  name: str = "", report=None):
-    T = np.load(d / "tokens.npy", mmap_mode="r")
-    starts = np.load(d / "docs.npy")
-    ids = np.load(d / "doc_ids.npy")
+    T = np.load(d / SHARD_TOKENS, mmap_mode="r")
+    starts = np.load(d / SHARD_DOCS)
+    ids = np.load(d / SHARD_DOC_IDS)
     spans = []
     for j in range(len(ids)):
         s, e = int(starts[j]), int(starts[j + 1]) - 1
@@ -650,13 +660,31 @@ def _embed_shard(d: Path, shard_idx: int, backend, emb, chunk_tokens: int, batch
             vecs[a:a + len(part)] = emb.encode(texts, batch_size=batch, max_length=DEFAULT_EMBED_MAX_PIECES)
             bar.update(int((part[:, 3] - part[:, 2]).sum()))
         if stages is not None and p1 < len(chunks):   # checkpoint (the last part goes into the shard file)
-            _save_npy(pfile, vecs[p0:p1])
+            save_npy(pfile, vecs[p0:p1])
             stages.mark(mark, [pfile])
             _crash_point(f"embed-part:{name}:{k}")
     return vecs, chunks
 
 
-FAISS_DEVICES = ("auto", "cpu", "gpu")
+# ------------------------------------------------------------------------------------------ stage 4: FAISS
+def faiss_stage(ctx: BuildContext) -> None:
+    """One FAISS index over every chunk vector (a copy of the old one grown by the new vectors on --append):
+    ``faiss/index.faiss`` and ``faiss/chunks.npy``. Sets ``ctx.faiss_meta``, the manifest's ``faiss`` part."""
+    from ..datastore.embedder import get_embedder
+
+    t0 = time.time()
+    fdir = faiss_path(ctx.staging)
+    fdir.mkdir(exist_ok=True)
+    if ctx.stages.done("faiss") is not None:
+        ctx.report.resumed.append("faiss")
+        meta = json.loads((ctx.stages.dir / "faiss.json").read_text())["meta"]
+    else:
+        meta = _build_faiss(ctx, get_embedder(ctx.embedder_path))
+        _crash_point("faiss")
+        ctx.stages.mark("faiss", [fdir / f for f in FAISS_FILES], meta=meta)
+    meta["files"] = {f: file_entry(fdir / f) for f in FAISS_FILES}
+    ctx.faiss_meta = meta
+    ctx.report.stage_seconds["faiss"] = time.time() - t0
 
 
 def faiss_gpu_count(faiss) -> int:
@@ -687,43 +715,41 @@ def _to_device(faiss, index, device: str, log: Callable[[str], None]):
         return index, False
 
 
-def _build_faiss(staging: Path, out: Path, new_shards, old_manifest, factory, emb, embedder, chunk_tokens,
-                 progress, device: str = "auto", log: Callable[[str], None] = print):
+def _build_faiss(ctx: BuildContext, emb) -> dict:
     import faiss
 
-    fdir = staging / "faiss"
-    vecs = [np.load(staging / "embed" / f"{s['name']}.vec.npy") for s in new_shards]
-    chunks = [np.load(staging / "embed" / f"{s['name']}.chunks.npy") for s in new_shards]
+    o, staging = ctx.opts, ctx.staging
+    fdir = faiss_path(staging)
+    vecs = [np.load(staging / "embed" / f"{s['name']}.vec.npy") for s in ctx.new_shards]
+    chunks = [np.load(staging / "embed" / f"{s['name']}.chunks.npy") for s in ctx.new_shards]
     X = np.concatenate(vecs) if vecs else np.zeros((0, emb.dim), np.float32)
     C = np.concatenate(chunks) if chunks else np.zeros((0, 4), np.int64)
-    if old_manifest and old_manifest.get("faiss"):
-        index = faiss.read_index(str(out / "faiss" / "index.faiss"))
-        C = np.concatenate([np.load(out / "faiss" / "chunks.npy"), C])
-        factory = old_manifest["faiss"]["factory"]
-        work, on_gpu = _to_device(faiss, index, device, log)
-        _add_batched(work, X, progress)
+    if ctx.old and ctx.old.faiss:
+        index = faiss.read_index(str(faiss_path(ctx.out) / FAISS_INDEX))
+        C = np.concatenate([np.load(faiss_path(ctx.out) / FAISS_CHUNKS), C])
+        factory = ctx.old.faiss["factory"]
+        work, on_gpu = _to_device(faiss, index, o.faiss_device, ctx.log)
+        _add_batched(work, X, o.progress)
     else:
-        factory = factory or default_faiss_factory(len(X))
+        factory = o.faiss_factory or default_faiss_factory(len(X))
         index = faiss.index_factory(emb.dim, factory, faiss.METRIC_INNER_PRODUCT)
-        work, on_gpu = _to_device(faiss, index, device, log)
+        work, on_gpu = _to_device(faiss, index, o.faiss_device, ctx.log)
         if not work.is_trained:
             if len(X) == 0:
                 raise BuildError("no chunks to train the FAISS index")
             rng = np.random.default_rng(0)
             train = X if len(X) <= 200_000 else X[rng.choice(len(X), 200_000, replace=False)]
             work.train(np.ascontiguousarray(train))
-        _add_batched(work, X, progress)
+        _add_batched(work, X, o.progress)
     if on_gpu:   # the file format and the service are CPU-side: bring it back before writing
         index = faiss.index_gpu_to_cpu(work)
-    tmp = fdir / "index.faiss.tmp"
-    faiss.write_index(index, str(tmp))
-    _fsync_file(tmp)
-    os.replace(tmp, fdir / "index.faiss")
-    _save_npy(fdir / "chunks.npy", C)
+    with atomic_path(fdir / FAISS_INDEX) as tmp:
+        faiss.write_index(index, str(tmp))
+    save_npy(fdir / FAISS_CHUNKS, C)
     return {"factory": factory, "metric": "inner_product", "normalized": True, "num_vectors": int(index.ntotal),
-            "dim": int(emb.dim), "nprobe": default_nprobe(factory), "chunk_tokens": chunk_tokens,
+            "dim": int(emb.dim), "nprobe": default_nprobe(factory), "chunk_tokens": o.chunk_tokens,
             "embed_max_pieces": DEFAULT_EMBED_MAX_PIECES, "built_on": "gpu" if on_gpu else "cpu",
-            "embedder": {"id": emb.id, "path": str(embedder)}}
+            "embedder": {"id": emb.id, "path": str(ctx.embedder_path)}}
 
 
 def _add_batched(index, X: np.ndarray, progress: bool, step: int = 65536) -> None:
@@ -735,20 +761,54 @@ def _add_batched(index, X: np.ndarray, progress: bool, step: int = 65536) -> Non
             bar.update(min(step, len(X) - a))
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """fsync everything in ``staging`` then swap it onto ``out``; remove leftovers."""
-    shutil.rmtree(staging / "embed", ignore_errors=True)
-    (staging / "build.json").unlink(missing_ok=True)
-    shutil.rmtree(staging / "stages", ignore_errors=True)
-    for root, dirs, files in os.walk(staging):
-        for f in files:
-            _fsync_file(Path(root) / f)
-        _fsync_dir(Path(root))
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{int(time.time())}"
-        os.rename(out, old)
-    os.rename(staging, out)
-    _fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+# ------------------------------------------------------------------------------------------ stage 5: publish
+def _manifest(ctx: BuildContext) -> IndexManifest:
+    shards = ctx.old_shards + ctx.new_shards
+    num_tokens = sum(s["num_tokens"] for s in shards)
+    store_bytes = sum(s["bytes"] for s in shards)
+    faiss_meta = ctx.faiss_meta
+    prev_stats = ctx.old.stats if ctx.old else {}
+    tok = ctx.tokenizer
+    return IndexManifest(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        index_id=index_id_of(shards, faiss_meta and faiss_meta["files"]),
+        created_unix=time.time(),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        tokenizer={"spec": ctx.opts.model, "fingerprint": ctx.fingerprint, "vocab_size": ctx.vocab_size,
+                   "class": type(tok).__name__ if tok is not None else None,
+                   "name_or_path": str(getattr(tok, "name_or_path", "") or "")},
+        vocab_size=ctx.vocab_size,
+        token_dtype=np.dtype(ctx.dtype).name,
+        separator=ctx.sep,
+        layout=LAYOUT,
+        shards=shards,
+        faiss=faiss_meta,
+        stats={
+            "num_documents": ctx.doc_base + sum(s["num_documents"] for s in ctx.new_shards),
+            "num_tokens": num_tokens,
+            "num_shards": len(shards),
+            "bytes_suffix_store": store_bytes,
+            "bytes_per_token": store_bytes / max(1, num_tokens),
+            "bytes_faiss": sum(e["bytes"] for e in faiss_meta["files"].values()) if faiss_meta else 0,
+            "read": ctx.read_stats,
+            "inputs": ctx.inputs,
+            "appended_from": ctx.old.index_id if ctx.old else None,
+            "previous_inputs": prev_stats.get("inputs", []) + prev_stats.get("previous_inputs", []),
+        },
+        build_seconds=dict(ctx.report.stage_seconds),
+        builder={"chunk_tokens": ctx.opts.chunk_tokens if ctx.opts.embeddings else None,
+                 "shard_tokens": ctx.opts.shard_tokens},
+    )
+
+
+def publish(ctx: BuildContext, manifest: IndexManifest) -> None:
+    """Write the manifest (last), drop the build's scratch (embeddings, stage markers), fsync everything in
+    the staging folder and swap it onto ``ctx.out``."""
+    manifest.dump(ctx.staging)
+    _crash_point("manifest")
+    shutil.rmtree(ctx.staging / "embed", ignore_errors=True)
+    (ctx.staging / "build.json").unlink(missing_ok=True)
+    shutil.rmtree(ctx.staging / "stages", ignore_errors=True)
+    fsync_tree(ctx.staging)
+    replace_dir(ctx.staging, ctx.out)

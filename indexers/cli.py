@@ -9,7 +9,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from .build import BuildOptions
 
 from ..datastore.cli_common import CliParser, one_line, run_cli, usage_error
 
@@ -90,8 +93,23 @@ def _unescape(s: Optional[str]) -> Optional[str]:
     return s.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def build_options(args: argparse.Namespace) -> BuildOptions:
+    """The ``build`` subcommand's flags as build options (unset sizes take the library's defaults)."""
+    from .build import DEFAULT_CHUNK_TOKENS, DEFAULT_SHARD_TOKENS, BuildOptions
+
+    return BuildOptions(
+        model=args.model, text_field=args.text_field, template=_unescape(args.template),
+        shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, workers=max(1, args.workers),
+        batch_docs=max(1, args.batch_docs), embeddings=not args.no_embeddings, embedder=args.embedder,
+        faiss_factory=args.faiss_factory, faiss_device=args.faiss_device,
+        chunk_tokens=args.chunk_tokens or DEFAULT_CHUNK_TOKENS, embed_batch=args.embed_batch, append=args.append,
+        skip_bad_records=args.skip_bad_records, progress=not args.quiet,
+    )
+
+
 def _inspect(args) -> int:
-    from ..datastore.index import DatastoreIndex, IndexFormatError
+    from ..datastore.index import DatastoreIndex
+    from ..datastore.index_format import IndexFormatError
 
     try:
         ix = DatastoreIndex.open(args.path, load_faiss=True, verify=args.verify)
@@ -145,18 +163,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _build(args) -> int:
-    from .build import DEFAULT_CHUNK_TOKENS, DEFAULT_SHARD_TOKENS, BuildError, build_index
+    from .build import BuildError, build_index
     from .readers import BadRecordError
 
     try:
-        report = build_index(
-            args.inputs, args.out, model=args.model, text_field=args.text_field, template=_unescape(args.template),
-            shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, workers=max(1, args.workers),
-            batch_docs=max(1, args.batch_docs), embeddings=not args.no_embeddings, embedder=args.embedder,
-            faiss_factory=args.faiss_factory, faiss_device=args.faiss_device, chunk_tokens=args.chunk_tokens or DEFAULT_CHUNK_TOKENS,
-            embed_batch=args.embed_batch, append=args.append, skip_bad_records=args.skip_bad_records,
-            progress=not args.quiet, log=lambda s: print(s, file=sys.stderr),
-        )
+        report = build_index(args.inputs, args.out, build_options(args), log=lambda s: print(s, file=sys.stderr))
     except BadRecordError as e:  # exit status 1, not 2: the documented status of bad records in the data
         print(f"index-build: bad input: {one_line(e)} (use --skip-bad-records to skip such records and count them)",
               file=sys.stderr)

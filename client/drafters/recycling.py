@@ -85,10 +85,9 @@ class RecyclingDrafter(Drafter):
         self.table_probs[toks[ok], :k] = step.node_topk_probs[ok, :k]
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, table=self.table, probs=self.table_probs)
-        tmp.replace(path)
+        from ...datastore.durable import save_npz
+
+        save_npz(path, table=self.table, probs=self.table_probs)
 
     def load(self, path: str | Path) -> None:
         with np.load(path) as data:

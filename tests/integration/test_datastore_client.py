@@ -152,7 +152,7 @@ class _Tok:
 
 
 def test_factory_checks_fingerprint_and_reachability(server):
-    from specstore.client.model_files import tokenizer_fingerprint
+    from specstore.datastore.index_format import tokenizer_fingerprint
 
     tok = _Tok({"a": 0, "b": 1})
     with pytest.raises(TokenizerMismatchError, match="tokenizer"):

@@ -101,7 +101,7 @@ def test_compose_commands_run(tmp_path):
         assert "SERVING" in h.stdout
 
         from specstore.client.datastore_client import DatastoreClient
-        from specstore.client.model_files import load_tokenizer
+        from specstore.datastore.model_files import load_tokenizer
 
         tok = load_tokenizer()
         ids = tok("I saw the quick brown", add_special_tokens=False)["input_ids"]

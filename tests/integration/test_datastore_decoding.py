@@ -24,13 +24,13 @@ PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory, smol):
-    from specstore.indexers.build import build_index
+    from specstore.indexers.build import BuildOptions, build_index
 
     d = tmp_path_factory.mktemp("dsdec")
     (d / "corpus").mkdir()
     for i, t in enumerate(CORPUS):
         (d / "corpus" / f"doc{i}.txt").write_text(t)
-    build_index([str(d / "corpus")], d / "index", tokenizer=smol[1], progress=False, log=lambda *_: None)
+    build_index([str(d / "corpus")], d / "index", BuildOptions(progress=False), tokenizer=smol[1], log=lambda *_: None)
     return d / "index"
 
 

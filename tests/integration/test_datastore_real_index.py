@@ -22,14 +22,14 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from specstore.client.model_files import load_tokenizer
+    from specstore.datastore.model_files import load_tokenizer
 
     return load_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def real_index(tmp_path_factory, tokenizer):
-    from specstore.indexers.build import build_index
+    from specstore.indexers.build import BuildOptions, build_index
 
     d = tmp_path_factory.mktemp("real")
     corpus = d / "corpus"
@@ -37,7 +37,8 @@ def real_index(tmp_path_factory, tokenizer):
     for i, t in enumerate(TEXTS):
         (corpus / f"doc{i}.txt").write_text(t + "\n")
     out = d / "index"
-    build_index([str(corpus)], out, tokenizer=tokenizer, progress=False, log=lambda *_: None, chunk_tokens=16)
+    build_index([str(corpus)], out, BuildOptions(progress=False, chunk_tokens=16), tokenizer=tokenizer,
+                log=lambda *_: None)
     return out
 
 
@@ -46,7 +47,7 @@ def ids(tokenizer, text):
 
 
 def test_service_over_real_index(real_index, tokenizer):
-    from specstore.client.model_files import tokenizer_fingerprint
+    from specstore.datastore.index_format import tokenizer_fingerprint
 
     fp = tokenizer_fingerprint(tokenizer)
     with ServerThread(real_index, ServiceConfig()) as s:

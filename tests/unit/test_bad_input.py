@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from specstore.client.decoder import SpeculativeDecoder
-from specstore.client.model_files import ModelNotFoundError, resolve_model
+from specstore.datastore.model_files import ModelNotFoundError, resolve_model
 from tests.helpers import tiny_llama
 
 

@@ -100,13 +100,13 @@ def test_plain_must_come_first(model):
 
 def test_cli_end_to_end(model, tmp_path, monkeypatch, capsys):
     import specstore.client.budget
-    import specstore.client.model_files
     import specstore.client.models
+    import specstore.datastore.model_files
     from specstore.client.budget import CostProfile
 
     monkeypatch.setattr(specstore.client.models, "load_model", lambda *a, **k: (model, FakeTokenizer()))
     monkeypatch.setattr(specstore.client.budget, "cached_cost_profile", lambda *a, **k: CostProfile.flat(33))
-    monkeypatch.setattr(specstore.client.model_files, "resolve_model", lambda spec: type("F", (), {"name": "tiny"})())
+    monkeypatch.setattr(specstore.datastore.model_files, "resolve_model", lambda spec: type("F", (), {"name": "tiny"})())
     q = write_questions(tmp_path / "q.jsonl", per_sub=1, per_cat=2)
     out = tmp_path / "out"
     argv = ["--questions", str(q), "--categories", "qa,mt_bench", "--n-per-category", "1",

@@ -7,9 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from specstore.client.model_files import load_tokenizer
-from specstore.datastore.index import DatastoreIndex, IndexFormatError
-from specstore.indexers.build import CRASH_ENV, SimulatedCrash, build_index
+from specstore.datastore.index import DatastoreIndex
+from specstore.datastore.index_format import IndexFormatError
+from specstore.datastore.model_files import load_tokenizer
+from specstore.indexers.build import CRASH_ENV, BuildOptions, SimulatedCrash, build_index
 from specstore.indexers.cli import main
 
 DOCS = [
@@ -33,7 +34,7 @@ def tiny_embedder(tmp_path_factory):
 
     from safetensors.numpy import save_file
 
-    from specstore.indexers.embedder import default_embedder_path
+    from specstore.datastore.embedder import default_embedder_path
 
     d = tmp_path_factory.mktemp("tiny-bert")
     src = default_embedder_path()
@@ -83,7 +84,7 @@ def _ids(tok, s):
 
 def test_build_open_retrieve(tok, corpus, tmp_path):
     out = tmp_path / "idx"
-    rep = build_index([corpus], out, tokenizer=tok, embeddings=False, progress=False)
+    rep = build_index([corpus], out, BuildOptions(embeddings=False, progress=False), tokenizer=tok)
     ix = DatastoreIndex.open(out, verify=True)
     m = ix.manifest
     assert m["format_version"] == 1 and m["token_dtype"] == "uint16" and m["vocab_size"] == len(tok)
@@ -103,10 +104,10 @@ def test_build_open_retrieve(tok, corpus, tmp_path):
 
 
 def test_faiss_matches_exact_search(tok, corpus, tmp_path):
-    from specstore.indexers.embedder import NumpyEmbedder
+    from specstore.datastore.embedder import NumpyEmbedder
 
     out = tmp_path / "idx"
-    build_index([corpus], out, tokenizer=tok, chunk_tokens=40, progress=False)
+    build_index([corpus], out, BuildOptions(chunk_tokens=40, progress=False), tokenizer=tok)
     ix = DatastoreIndex.open(out)
     assert ix.has_faiss and ix.manifest["faiss"]["factory"] == "Flat"
     chunks = np.load(out / "faiss" / "chunks.npy")
@@ -128,9 +129,9 @@ def test_faiss_matches_exact_search(tok, corpus, tmp_path):
 
 
 def test_ivf_probed_exhaustively_equals_flat(tok, corpus, tmp_path, tiny_embedder):
-    kw = dict(tokenizer=tok, chunk_tokens=16, embedder=str(tiny_embedder), progress=False)
-    build_index([corpus], tmp_path / "flat", **kw)
-    build_index([corpus], tmp_path / "ivf", faiss_factory="IVF2,Flat", **kw)
+    kw = dict(chunk_tokens=16, embedder=str(tiny_embedder), progress=False)
+    build_index([corpus], tmp_path / "flat", BuildOptions(**kw), tokenizer=tok)
+    build_index([corpus], tmp_path / "ivf", BuildOptions(faiss_factory="IVF2,Flat", **kw), tokenizer=tok)
     flat, ivf = DatastoreIndex.open(tmp_path / "flat"), DatastoreIndex.open(tmp_path / "ivf")
     assert ivf.manifest["faiss"]["factory"] == "IVF2,Flat" and ivf.manifest["faiss"]["nprobe"] >= 2
     assert flat.manifest["faiss"]["embedder"]["path"] == str(tiny_embedder)
@@ -151,8 +152,8 @@ def clean_builds(tok, tmp_path_factory, tiny_embedder):
     out = {}
     for emb in (False, True):
         out[emb] = root / f"clean-{emb}"
-        build_index([corpus_dir], out[emb], tokenizer=tok, embeddings=emb, embedder=str(tiny_embedder) if emb else None,
-                    **CRASH_KW)
+        build_index([corpus_dir], out[emb], BuildOptions(embeddings=emb, embedder=str(tiny_embedder) if emb else None,
+                                                         **CRASH_KW), tokenizer=tok)
     return corpus_dir, out
 
 
@@ -164,18 +165,18 @@ CRASH_KW = dict(shard_tokens=60, chunk_tokens=32, progress=False)
 def test_crash_then_resume_equals_clean_build(tok, clean_builds, tmp_path, monkeypatch, point, emb, tiny_embedder):
     corpus_dir, clean = clean_builds
     clean = clean[emb]
-    kw = dict(tokenizer=tok, embeddings=emb, embedder=str(tiny_embedder) if emb else None, **CRASH_KW)
+    opts = BuildOptions(embeddings=emb, embedder=str(tiny_embedder) if emb else None, **CRASH_KW)
     out = tmp_path / "idx"
     monkeypatch.setenv(CRASH_ENV, point)
     with pytest.raises(SimulatedCrash):
-        build_index([corpus_dir], out, **kw)
+        build_index([corpus_dir], out, opts, tokenizer=tok)
     assert not out.exists()                                    # nothing half-published
     assert (tmp_path / ".idx.building" / "stages").is_dir()
     if point != "manifest":
         with pytest.raises(IndexFormatError):
             DatastoreIndex.open(tmp_path / ".idx.building")    # no manifest before the last stage
     monkeypatch.delenv(CRASH_ENV)
-    rep = build_index([corpus_dir], out, **kw)
+    rep = build_index([corpus_dir], out, opts, tokenizer=tok)
     assert "tokenize-00000" in rep.resumed
     if point != "tokenize:shard-00001":
         assert "tokenize" in rep.resumed and "sa-shard-00000" in rep.resumed
@@ -192,13 +193,13 @@ def test_embed_checkpoints_resume_mid_shard(tok, clean_builds, tmp_path, monkeyp
     import specstore.indexers.build as B
 
     corpus_dir, clean = clean_builds
-    kw = dict(tokenizer=tok, embeddings=True, embedder=str(tiny_embedder), **CRASH_KW)
+    opts = BuildOptions(embeddings=True, embedder=str(tiny_embedder), **CRASH_KW)
     monkeypatch.setattr(B, "EMBED_PART_CHUNKS", 1)
     monkeypatch.setenv(CRASH_ENV, "embed-part:shard-00000:0")
     with pytest.raises(SimulatedCrash):
-        build_index([corpus_dir], tmp_path / "idx", **kw)
+        build_index([corpus_dir], tmp_path / "idx", opts, tokenizer=tok)
     monkeypatch.delenv(CRASH_ENV)
-    rep = build_index([corpus_dir], tmp_path / "idx", **kw)
+    rep = build_index([corpus_dir], tmp_path / "idx", opts, tokenizer=tok)
     assert "embed-shard-00000-part00000" in rep.resumed
     assert {k: v for k, v in _shard_files(tmp_path / "idx").items() if not k.startswith("faiss")} == \
         {k: v for k, v in _shard_files(clean[True]).items() if not k.startswith("faiss")}
@@ -215,21 +216,21 @@ def test_changed_inputs_discard_stale_staging(tok, corpus, tmp_path, monkeypatch
     out = tmp_path / "idx"
     monkeypatch.setenv(CRASH_ENV, "sa:shard-00000")
     with pytest.raises(SimulatedCrash):
-        build_index([corpus], out, tokenizer=tok, embeddings=False, progress=False)
+        build_index([corpus], out, BuildOptions(embeddings=False, progress=False), tokenizer=tok)
     monkeypatch.delenv(CRASH_ENV)
     (corpus / "extra.txt").write_text("a brand new document about zebras")
-    rep = build_index([corpus], out, tokenizer=tok, embeddings=False, progress=False)
+    rep = build_index([corpus], out, BuildOptions(embeddings=False, progress=False), tokenizer=tok)
     assert rep.resumed == [] and DatastoreIndex.open(out).num_documents == 7
 
 
 def test_append_adds_a_shard(tok, corpus, tmp_path, tiny_embedder):
     out = tmp_path / "idx"
-    build_index([corpus / "tasks.jsonl"], out, tokenizer=tok, chunk_tokens=32, embedder=str(tiny_embedder),
-                progress=False)
+    build_index([corpus / "tasks.jsonl"], out,
+                BuildOptions(chunk_tokens=32, embedder=str(tiny_embedder), progress=False), tokenizer=tok)
     before = DatastoreIndex.open(out)
     old_files = {p.name: (p.stat().st_ino, p.read_bytes()) for p in (out / "shards" / "shard-00000").iterdir()}
     nvec = before.manifest["faiss"]["num_vectors"]
-    rep = build_index([corpus / "docs"], out, tokenizer=tok, append=True, progress=False)
+    rep = build_index([corpus / "docs"], out, BuildOptions(append=True, progress=False), tokenizer=tok)
     ix = DatastoreIndex.open(out, verify=True)
     assert [s["name"] for s in ix.manifest["shards"]] == ["shard-00000", "shard-00001"]
     assert ix.num_documents == 6 and ix.manifest["stats"]["appended_from"] == before.index_id
@@ -250,12 +251,12 @@ def test_append_adds_a_shard(tok, corpus, tmp_path, tiny_embedder):
     # a tokenizer mismatch is refused
     from specstore.indexers.build import BuildError
     with pytest.raises(BuildError, match="fingerprint"):
-        build_index(None, out, token_docs=[[1, 2, 3]], append=True, progress=False)
+        build_index(None, out, BuildOptions(append=True, progress=False), token_docs=[[1, 2, 3]])
 
 
 def test_checksums_and_half_indexes(tok, corpus, tmp_path):
     out = tmp_path / "idx"
-    build_index([corpus], out, tokenizer=tok, embeddings=False, progress=False)
+    build_index([corpus], out, BuildOptions(embeddings=False, progress=False), tokenizer=tok)
     rsa = out / "shards" / "shard-00000" / "rsa.npy"
     data = bytearray(rsa.read_bytes())
     data[-1] ^= 0xFF
@@ -277,7 +278,8 @@ def test_checksums_and_half_indexes(tok, corpus, tmp_path):
 
 def test_token_docs_and_uint32(tmp_path):
     docs = [[70_000, 1, 65_535, 80_000], [1, 65_535, 80_000, 5], [9, 9, 9]]
-    build_index(None, tmp_path / "i", token_docs=docs, vocab_size=100_000, shard_tokens=16, progress=False)
+    build_index(None, tmp_path / "i", BuildOptions(shard_tokens=16, progress=False), token_docs=docs,
+                vocab_size=100_000)
     ix = DatastoreIndex.open(tmp_path / "i")
     assert ix.token_dtype == "uint32" and ix.manifest["separator"] == 2**32 - 1
     r = ix.retrieve([1, 65_535], 8, min_prob=0.0)
@@ -285,7 +287,7 @@ def test_token_docs_and_uint32(tmp_path):
     assert ix.manifest["stats"]["bytes_per_token"] > 0
     from specstore.indexers.build import BuildError
     with pytest.raises(BuildError, match="outside the vocabulary"):
-        build_index(None, tmp_path / "j", token_docs=[[5, 100]], vocab_size=50, progress=False)
+        build_index(None, tmp_path / "j", BuildOptions(progress=False), token_docs=[[5, 100]], vocab_size=50)
 
 
 def _big_vocab_tokenizer(folder, n=70_000):
@@ -341,8 +343,8 @@ def test_cli_help_lists_every_flag(capsys):
 
 def test_workers_give_identical_shards(tok, corpus, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    build_index([corpus], a, tokenizer=tok, embeddings=False, progress=False, batch_docs=2)
-    build_index([corpus], b, tokenizer=tok, embeddings=False, progress=False, batch_docs=2, workers=2)
+    build_index([corpus], a, BuildOptions(embeddings=False, progress=False, batch_docs=2), tokenizer=tok)
+    build_index([corpus], b, BuildOptions(embeddings=False, progress=False, batch_docs=2, workers=2), tokenizer=tok)
     assert _shard_files(a) == _shard_files(b)
 
 
@@ -380,18 +382,20 @@ def test_faiss_gpu_path_builds_the_same_index(tok, corpus, tmp_path, tiny_embedd
 
     from specstore.indexers.build import BuildError
 
-    kw = dict(tokenizer=tok, chunk_tokens=16, embedder=str(tiny_embedder), progress=False, log=lambda *_: None)
+    kw = dict(chunk_tokens=16, embedder=str(tiny_embedder), progress=False)
+    quiet = dict(tokenizer=tok, log=lambda *_: None)
     with pytest.raises(BuildError, match="sees no GPU"):
-        build_index([corpus], tmp_path / "nogpu", faiss_device="gpu", **kw)
+        build_index([corpus], tmp_path / "nogpu", BuildOptions(faiss_device="gpu", **kw), **quiet)
     with pytest.raises(BuildError, match="faiss-device"):
-        build_index([corpus], tmp_path / "bad", faiss_device="tpu", **kw)
-    build_index([corpus], tmp_path / "cpu", faiss_factory="IVF2,Flat", **kw)
+        build_index([corpus], tmp_path / "bad", BuildOptions(faiss_device="tpu", **kw), **quiet)
+    build_index([corpus], tmp_path / "cpu", BuildOptions(faiss_factory="IVF2,Flat", **kw), **quiet)
     fake = _FakeGpuFaiss(faiss)
     monkeypatch.setitem(sys.modules, "faiss", fake)
-    build_index([corpus], tmp_path / "gpu", faiss_factory="IVF2,Flat", faiss_device="gpu", **kw)
+    build_index([corpus], tmp_path / "gpu", BuildOptions(faiss_factory="IVF2,Flat", faiss_device="gpu", **kw), **quiet)
     assert fake.moves == ["to_gpu", "to_cpu"]
     logs = []
-    build_index([corpus], tmp_path / "hnsw", faiss_factory="HNSW8,Flat", **dict(kw, log=logs.append))
+    build_index([corpus], tmp_path / "hnsw", BuildOptions(faiss_factory="HNSW8,Flat", **kw), tokenizer=tok,
+                log=logs.append)
     assert any("building on the CPU" in line for line in logs)   # auto falls back for index types without GPU
     monkeypatch.setitem(sys.modules, "faiss", faiss)
     cpu, gpu = DatastoreIndex.open(tmp_path / "cpu"), DatastoreIndex.open(tmp_path / "gpu")

