@@ -32,14 +32,8 @@ ALLOWED = {
 # third-party top-level modules a room must never import, even lazily
 NEVER = {"client": {"faiss"}, "datastore": {"torch"}, "indexers": {"torch"}}
 
-# TODO(issue 8, items 3 and 4): today's known violations, removed by the change that moves tokenizer loading
-# to a neutral module and the query-time embedder out of indexers/. Empty this set at merge time: the test
-# fails on an entry that no longer occurs.
-KNOWN_VIOLATIONS = {
-    ("datastore/cli.py", "specstore.client.model_files"),
-    ("indexers/build.py", "specstore.client.model_files"),
-    ("datastore/index.py", "specstore.indexers.embedder"),
-}
+# Exceptions to ALLOWED, as (file, imported module); none today. The test fails on an entry that no longer occurs.
+KNOWN_VIOLATIONS: set = set()
 
 # Imports every module of one room in turn (found on disk: walking the package would import subpackages
 # early) and names, for each forbidden package that got loaded, the first module whose import loaded it.
