@@ -55,13 +55,17 @@ def _dependency_dirs(cwd: Path) -> list[str]:
     """This interpreter's sys.path without the standard library and without the checkout."""
     r = _sh([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path))"], cwd=cwd,
             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    stdlib = {Path(sysconfig.get_path(k)).resolve() for k in ("stdlib", "platstdlib")}
+    # the base interpreter's standard library (in a venv, sysconfig's platstdlib is the venv's own lib/pythonX.Y,
+    # which holds its site-packages: so ask for the base installation's paths)
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix, "installed_base": sys.base_prefix,
+            "installed_platbase": sys.base_exec_prefix}
+    stdlib = {Path(sysconfig.get_path(k, vars=base)).resolve() for k in ("stdlib", "platstdlib")}
     out = []
     for p in json.loads(r.stdout):
         path = Path(p).resolve() if p else None
         if path is None or not path.is_dir() or path == ROOT or path == cwd.resolve():
             continue
-        if any(path == s or s in path.parents for s in stdlib):
+        if any(path == s or s in path.parents for s in stdlib) and "site-packages" not in path.parts:
             continue
         out.append(str(path))
     return out
