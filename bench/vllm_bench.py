@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         ap.error("give --prompt or --prompts-file")
     model = args.model
     if model is None:
-        from ..client.model_files import resolve_model
+        from ..datastore.model_files import resolve_model
 
         files = resolve_model(None)
         model = str(files.cache_dir / "hf")

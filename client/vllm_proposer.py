@@ -186,7 +186,7 @@ class SpecstoreProposer:
         return drafter.backend
 
     def _load_tokenizer(self, vllm_config: Any):
-        from .model_files import load_tokenizer
+        from ..datastore.model_files import load_tokenizer
 
         path = getattr(vllm_config.model_config, "tokenizer", None) or vllm_config.model_config.model
         self._tokenizer = load_tokenizer(str(path))
