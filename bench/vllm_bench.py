@@ -50,14 +50,15 @@ def _spec_counters(llm) -> dict:
     return out
 
 
-def load_prompts(args) -> list[str]:
+def load_prompts(args) -> tuple[list[str], str]:
+    """(measured prompts, the unmeasured warm-up prompt): Spec-Bench's selection, or the --prompt texts."""
     if args.prompts_file:
         from .spec_bench import load_questions, parse_categories, select_prompts
 
-        qs = select_prompts(load_questions(args.prompts_file), parse_categories(args.categories),
-                            args.n_per_category)
-        return [q.text for q in qs]
-    return list(args.prompt)
+        qs, warm = select_prompts(load_questions(args.prompts_file), parse_categories(args.categories),
+                                  args.n_per_category)
+        return [q.text for q in qs], (warm.text if warm is not None else WARMUP_PROMPT)
+    return list(args.prompt), WARMUP_PROMPT
 
 
 def main(argv=None) -> int:
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         os.environ["SPECSTORE_INDEX"] = args.index
     if args.datastore:
         os.environ["SPECSTORE_DATASTORE"] = args.datastore
-    prompts = load_prompts(args)
+    prompts, warmup = load_prompts(args)
     if not prompts:
         ap.error("give --prompt or --prompts-file")
     model = args.model
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
               speculative_config=speculative_config(args), disable_log_stats=False, seed=0)
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
     chat = [[{"role": "user", "content": p}] for p in prompts]
-    llm.chat([[{"role": "user", "content": WARMUP_PROMPT}]], sp, use_tqdm=False)
+    llm.chat([[{"role": "user", "content": warmup}]], sp, use_tqdm=False)
     before = _spec_counters(llm)
     runs, total_tokens, total_s = [], 0, 0.0
     for start in range(0, len(chat), args.batch):
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
     report = {
         "method": args.method, "batch": args.batch, "max_new_tokens": args.max_new_tokens,
         "datastore": args.datastore, "index": args.index, "prompts": len(prompts),
+        "categories": args.categories, "n_per_category": args.n_per_category if args.prompts_file else None,
         "tokens": total_tokens, "seconds": total_s, "tokens_per_second": total_tokens / max(total_s, 1e-9),
         "mean_accepted_length": (1 + spec.get("spec_decode_num_accepted_tokens", 0) / drafts) if drafts else None,
         "spec_decode": spec, "runs": runs,
