@@ -12,6 +12,7 @@ so that no cache or compiled state carries over between methods:
 sends them eight at a time. A warm-up prompt outside the measured set runs first (unmeasured). Prints one
 ``done I`` line per finished prompt at batch 1 (tests use it to act mid-run) and writes a JSON report:
 per-prompt token ids and seconds, tokens/s over the measured calls, vLLM's spec-decode counters.
+``bench/vllm_bench_all.sh`` runs every method at batch 1 and 8; ``--summarize DIR`` tabulates its reports.
 """
 from __future__ import annotations
 
@@ -61,7 +62,39 @@ def load_prompts(args) -> tuple[list[str], str]:
     return list(args.prompt), WARMUP_PROMPT
 
 
+def summarize(folder: Path) -> str:
+    """A Markdown table over the reports in ``folder`` (``CFG_bB_rR.json``): tokens/s (median over rounds),
+    mean accepted length, outputs identical to ``plain`` at the same batch size."""
+    import statistics
+
+    reports: dict[tuple[str, int], list[dict]] = {}
+    for f in sorted(folder.glob("*_b*_r*.json")):
+        cfg, b, _ = f.stem.rsplit("_", 2)
+        reports.setdefault((cfg, int(b[1:])), []).append(json.loads(f.read_text()))
+    lines = ["| configuration | batch | tokens/s (median) | mean accepted length | vs vLLM plain | identical to plain |",
+             "|---|---:|---:|---:|---:|---|"]
+    for b in sorted({b for _, b in reports}):
+        plain = reports.get(("plain", b), [])
+        ref = [sorted(r["runs"], key=lambda x: x["index"]) for r in plain]
+        base = statistics.median(r["tokens_per_second"] for r in plain) if plain else None
+        for (cfg, bb), rs in sorted(reports.items(), key=lambda kv: (kv[0][1], kv[0][0] != "plain", kv[0][0])):
+            if bb != b:
+                continue
+            tps = statistics.median(r["tokens_per_second"] for r in rs)
+            mal = [r["mean_accepted_length"] for r in rs if r["mean_accepted_length"]]
+            same = sum(1 for r in rs for x in r["runs"]
+                       if ref and x["token_ids"] == ref[0][x["index"]]["token_ids"])
+            total = sum(len(r["runs"]) for r in rs)
+            lines.append(f"| {cfg} | {b} | {tps:.1f} | {statistics.median(mal):.2f} | "
+                         f"{tps / base:.2f}x | {same}/{total} |" if mal else
+                         f"| {cfg} | {b} | {tps:.1f} | - | {tps / base:.2f}x | {same}/{total} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--summarize":
+        print(summarize(Path(sys.argv[2])))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--model", default=None, help="HF folder (default: the converted SmolLM2-135M-Instruct)")

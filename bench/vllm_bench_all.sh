@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every vLLM method at batch 1 and 8, each in its own engine process, over the same Spec-Bench prompts
+# (BENCHMARKS.md §6). Usage: bash bench/vllm_bench_all.sh INDEX_DIR OUT_DIR [N_PER_CATEGORY] [ROUNDS]
+# The remote configuration starts datastore-serve on 127.0.0.1 over the same index (same 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+INDEX=$1; OUT=$2; N=${3:-2}; ROUNDS=${4:-1}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
+Q=${QUESTIONS:-../shared/data/bench/spec-bench_question.jsonl}
+PY=.venv-vllm/bin/python
+.venv/bin/datastore-serve --index "$INDEX" --host 127.0.0.1 --port 0 --port-file "$OUT/port" --no-faiss \
+  --log-level WARNING 2>"$OUT/datastore.log" &
+DS=$!; trap 'kill $DS 2>/dev/null || true' EXIT
+for _ in $(seq 100); do [ -s "$OUT/port" ] && break; sleep 0.3; done
+ADDR=127.0.0.1:$(cat "$OUT/port")
+for r in $(seq "$ROUNDS"); do
+  for b in 1 8; do
+    for cfg in plain ngram ctx index remote; do
+      case $cfg in
+        plain|ngram) args=(--method "$cfg");;
+        ctx) args=(--method specstore);;
+        index) args=(--method specstore --index "$INDEX");;
+        remote) args=(--method specstore --datastore "$ADDR");;
+      esac
+      $PY -m specstore.bench.vllm_bench "${args[@]}" --batch "$b" --prompts-file "$Q" --n-per-category "$N" \
+        --max-new-tokens 128 --json-out "$OUT/${cfg}_b${b}_r${r}.json" 2>"$OUT/${cfg}_b${b}_r${r}.log" | tail -1
+    done
+  done
+done
+$PY -m specstore.bench.vllm_bench --summarize "$OUT" | tee "$OUT/summary.md"
