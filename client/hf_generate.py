@@ -38,7 +38,8 @@ def make_decoder(model, *, drafters: Optional[Sequence] = None, index: Optional[
         drafter goes first, as in spec-generate; datastore_options: more keywords of
         ``datastore_drafter.make_datastore_drafter`` (``tokenizer`` to check the index's tokenizer fingerprint,
         ``timeout_s``, ``documents``, ``memory``, ...). The caller closes it (``decoder.drafters[0].close()``).
-    max_budget: draft nodes per step at most (None -> the device's default, budget.default_max_budget);
+    max_budget: draft nodes per step at most (None -> the device's default, budget.default_max_budget, at most
+        what the profile measured);
     profile: the verify cost profile t(n) (None -> flat: draft up to max_budget at every step; see
         ``budget.cached_cost_profile`` for a measured one).
 
@@ -59,9 +60,16 @@ def make_decoder(model, *, drafters: Optional[Sequence] = None, index: Optional[
                                                   **(datastore_options or {})))
     elif datastore_options:
         raise ValueError("datastore_options= needs index= or datastore=")
-    if max_budget is None:
+    if max_budget is None:  # as spec-generate chooses it (cli_support.choose_max_budget)
         max_budget = default_max_budget(next(model.parameters()).device.type)
-    return SpeculativeDecoder(model, None, drafters, profile=profile, max_budget=int(max_budget))
+        if profile is not None:
+            max_budget = min(max_budget, profile.max_size - 1)
+    try:
+        return SpeculativeDecoder(model, None, drafters, profile=profile, max_budget=int(max_budget))
+    except Exception:
+        if index is not None or datastore is not None:
+            drafters[0].close()
+        raise
 
 
 def speculative_generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping_criteria=None,
@@ -87,7 +95,8 @@ def speculative_generate(model, input_ids: torch.LongTensor, logits_processor=No
     ``return_dict_in_generate`` a GenerateDecoderOnlyOutput with ``sequences`` only (no scores, logits,
     attentions, hidden states or cache: asking for them raises). Options our decoder cannot honour raise
     ValueError: batch size > 1, beams, several sequences per prompt, prompt lookup, classifier-free guidance,
-    padding, a cache to continue from, multimodal inputs.
+    padding, a cache to continue from, multimodal inputs. (``stop_strings`` are refused by transformers
+    itself on this path: it does not forward ``tokenizer=`` to a callable; a StoppingCriteria of yours works.)
     """
     cfg = generation_config
     if cfg is None:

@@ -104,6 +104,21 @@ def test_default_drafters_reused_decoder_and_dict_output():
     assert dec.drafters[1].table.max() >= 0
 
 
+def test_user_stopping_criteria_are_checked_after_every_token():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class SumOver(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            return input_ids[:, 3:].sum(-1) > 600  # mid-step, wherever the drafts end
+
+    model = no_eos_model()
+    x = torch.tensor([PROMPTS[0]], device=model.device)
+    kw = dict(max_new_tokens=40, do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([SumOver()]))
+    want = model.generate(x, **kw)
+    assert want.shape[1] < 3 + 40
+    assert torch.equal(model.generate(x, custom_generate=speculative_generate, drafters=[ContextDrafter()], **kw), want)
+
+
 def test_streamer_gets_the_same_tokens():
     """generate puts the prompt; speculative_generate puts each new token (one per put, as generate) and ends."""
     model = no_eos_model()
