@@ -17,7 +17,10 @@ from .types import DraftTree
 
 
 def greedy_accept(tree: DraftTree, argmax: np.ndarray, children: list[list[int]]) -> tuple[list[int], int]:
-    """argmax: [n] target argmax after each node. Returns (accepted node path starting at 0, bonus token)."""
+    """argmax: [n] target argmax after each node (an array, or any object indexed by node, such as
+    ``ProcessedLogits.argmax``: only the nodes on the walked path are read).
+
+    Returns (accepted node path starting at 0, bonus token)."""
     path = [0]
     cur = 0
     while True:

@@ -24,7 +24,7 @@ from .acceptance import greedy_accept, sample_accept
 from .budget import MAX_BUDGET_CPU, BudgetController, CostProfile
 from .drafter_errors import DrafterErrors
 from .fusion import fuse
-from .sampling import SamplingParams, warp
+from .sampling import LogitsProcessor, ProcessedLogits, SamplingParams, warp
 from .types import DecodeContext, Drafter, DraftTree, StepResult
 from .verifier import Verifier
 
@@ -156,12 +156,18 @@ class SpeculativeDecoder:
     def generate(self, input_ids, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: Optional[int] = None, stop: Sequence[str] = (),
                  eos_token_id: Optional[int | Sequence[int]] = None, prompt_text: Optional[str] = None,
-                 decode_text: bool = True) -> GenerationResult:
-        """Generate to completion. Arguments as in transformers' ``generate`` (temperature 0 = greedy)."""
+                 decode_text: bool = True, logits_processor: Optional[LogitsProcessor] = None) -> GenerationResult:
+        """Generate to completion. Arguments as in transformers' ``generate`` (temperature 0 = greedy).
+
+        logits_processor: transformers-style ``(input_ids [1, t], scores [1, V]) -> [1, V]`` (sampling.py);
+        when given, the target distribution after each node is ``warp(processor(sequence, logits))`` and
+        greedy takes the argmax of the processed scores (hf_generate.py passes generate's processors with
+        temperature 1 and no top-k/top-p of ours). None (the default): the logits as they are.
+        """
         state = StreamState()
         new: list[int] = []
         for toks in self._stream(state, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                                 eos_token_id, prompt_text):
+                                 eos_token_id, prompt_text, logits_processor):
             new.extend(toks)
         text = None
         if decode_text and self.tokenizer is not None:
@@ -174,18 +180,21 @@ class SpeculativeDecoder:
     def stream(self, input_ids, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: Optional[int] = None, stop: Sequence[str] = (),
                eos_token_id: Optional[int | Sequence[int]] = None, prompt_text: Optional[str] = None,
-               state: Optional[StreamState] = None) -> Iterator[list[int]]:
+               state: Optional[StreamState] = None,
+               logits_processor: Optional[LogitsProcessor] = None) -> Iterator[list[int]]:
         """Yields the list of new tokens accepted at each step.
 
         state: filled as the stream goes (steps, finish reason, text cut at a stop string, timings); give
         one to read those figures once the stream ends (spec-generate's streamed output does).
+        logits_processor: as in ``generate``.
         """
         yield from self._stream(state if state is not None else StreamState(), input_ids, max_new_tokens,
-                                temperature, top_k, top_p, seed, stop, eos_token_id, prompt_text)
+                                temperature, top_k, top_p, seed, stop, eos_token_id, prompt_text, logits_processor)
 
     def _stream(self, st: StreamState, input_ids, max_new_tokens: int, temperature: float, top_k: int,
                 top_p: float, seed: Optional[int], stop: Sequence[str],
-                eos_token_id: Optional[int | Sequence[int]], prompt_text: Optional[str]) -> Iterator[list[int]]:
+                eos_token_id: Optional[int | Sequence[int]], prompt_text: Optional[str],
+                logits_processor: Optional[LogitsProcessor] = None) -> Iterator[list[int]]:
         """The decode loop of one request; fills ``st`` as it goes."""
         t_start = time.perf_counter()
         params = SamplingParams(temperature, top_k, top_p, seed)
@@ -229,10 +238,13 @@ class SpeculativeDecoder:
                 logits = self.verifier.verify(tree)
                 # 4. accept
                 children = tree.children_lists()
+                node_logits = logits if logits_processor is None else ProcessedLogits(logits, tree, buf[:L],
+                                                                                      logits_processor)
                 if params.greedy:
-                    path, bonus = greedy_accept(tree, logits.argmax(-1).cpu().numpy(), children)
+                    argmax = logits.argmax(-1).cpu().numpy() if logits_processor is None else node_logits.argmax
+                    path, bonus = greedy_accept(tree, argmax, children)
                 else:
-                    path, bonus = sample_accept(tree, lambda i: warp(logits[i], params), children, rng)
+                    path, bonus = sample_accept(tree, lambda i: warp(node_logits[i], params), children, rng)
                 # 5. commit: the KV cache keeps the accepted path; its tokens join the sequence, cut at the
                 #    length limit, EOS or a stop string, and are emitted after step 6 (a consumer that stops
                 #    reading at these tokens must not keep the drafters from learning this step)

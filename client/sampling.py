@@ -2,14 +2,23 @@
 
 Plain decoding and speculative decoding call the same ``warp``: that is what makes sampling lossless
 (the accepted tokens are distributed exactly as if drawn from ``warp(logits)`` one at a time).
+
+A caller may also hand the decoder a transformers-style logits processor (``client/hf_generate.py`` passes
+the ``LogitsProcessorList`` that ``generate`` built); ``ProcessedLogits`` applies it to a verified tree's
+nodes, each with its own token sequence, so the target distribution is the processor's, node by node.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+from .types import DraftTree
+
+# transformers' LogitsProcessor signature: (input_ids [1, t] int64, scores [1, V] float32) -> [1, V] scores
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -51,3 +60,49 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> np.ndarray:
         p = torch.where(p < cut, torch.zeros_like(p), p)
         p = p / p.sum()
     return p.numpy()
+
+
+class ProcessedLogits:
+    """The scores after each node of a verified tree once ``processor`` has seen that node's token sequence.
+
+    logits: [n, V] float32 target logits (row i: after node i); tree: the verified tree (n nodes);
+    prefix: [L] int64 the sequence up to and including the tree's root; processor: see ``LogitsProcessor``
+    (a function of its inputs: it may be called for any node, more than once, in any order).
+
+    ``self[i]`` -> [V] scores after node i; ``self.argmax[i]`` -> their argmax. Computed when first asked for:
+    the accept step reads only the nodes on the path it walks, so a step costs (accepted + 1) processor calls.
+    """
+
+    def __init__(self, logits: torch.Tensor, tree: DraftTree, prefix: np.ndarray, processor: LogitsProcessor):
+        self.logits = logits
+        self.tree = tree
+        self.prefix = prefix
+        self.processor = processor
+        self._scores: dict[int, torch.Tensor] = {}
+        self.argmax = _ArgmaxView(self)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        i = int(i)
+        got = self._scores.get(i)
+        if got is None:
+            path = []
+            node = i
+            while node > 0:  # the root is prefix[-1]; the nodes below it continue the sequence
+                path.append(int(self.tree.tokens[node]))
+                node = int(self.tree.parents[node])
+            ids = np.concatenate([np.asarray(self.prefix, dtype=np.int64), np.asarray(path[::-1], dtype=np.int64)])
+            x = torch.as_tensor(ids, device=self.logits.device).view(1, -1)
+            # a clone: some processors write into the scores they are given
+            got = self.processor(x, self.logits[i: i + 1].clone())[0]
+            self._scores[i] = got
+        return got
+
+
+class _ArgmaxView:
+    """``view[i]``: the argmax of ``ProcessedLogits[i]`` (what greedy_accept indexes)."""
+
+    def __init__(self, scores: ProcessedLogits):
+        self._scores = scores
+
+    def __getitem__(self, i: int) -> int:
+        return int(self._scores[i].argmax())
