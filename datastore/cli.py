@@ -31,6 +31,10 @@ log = logging.getLogger("datastore.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .server import ServerOptions
+    from .servicer import ServiceConfig
+
+    C, S = ServiceConfig(), ServerOptions()   # the defaults live in the config dataclasses
     ap = CliParser(prog="datastore-serve", description="Serve a retrieval index over gRPC.")
     ap.add_argument("--index", required=True, help="index folder (or a symlink to the current snapshot)")
     g = ap.add_argument_group("network")
@@ -48,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-port", type=int, default=None,
                    help="Prometheus /metrics port (off by default; with --workers N: worker i on port+i, or each "
                         "on a free port with 0)")
-    g.add_argument("--metrics-host", default="0.0.0.0")
+    g.add_argument("--metrics-host", default=S.metrics_host)
     g.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
     g.add_argument("--tls-key", default=None, help="PEM private key")
     g = ap.add_argument_group("auth")
@@ -57,14 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--auth-token-file", default=None, help="read the bearer token from this file")
     g.add_argument("--auth-reads", action="store_true", help="also require the token for Info/Retrieve/RetrieveBatch")
     g = ap.add_argument_group("limits")
-    g.add_argument("--max-context", type=int, default=1024, help="max context ids per Retrieve (default 1024)")
-    g.add_argument("--max-budget", type=int, default=256, help="max draft nodes per Retrieve (default 256)")
-    g.add_argument("--max-batch", type=int, default=64, help="max requests per RetrieveBatch (default 64)")
-    g.add_argument("--max-concurrency", type=int, default=64,
+    g.add_argument("--max-context", type=int, default=C.max_context, help=f"max context ids per Retrieve (default {C.max_context})")
+    g.add_argument("--max-budget", type=int, default=C.max_budget, help=f"max draft nodes per Retrieve (default {C.max_budget})")
+    g.add_argument("--max-batch", type=int, default=C.max_batch, help=f"max requests per RetrieveBatch (default {C.max_batch})")
+    g.add_argument("--max-concurrency", type=int, default=C.max_concurrency,
                    help="RPCs handled at once; beyond it RESOURCE_EXHAUSTED (default 64)")
-    g.add_argument("--session-ttl", type=float, default=600.0, help="idle session lifetime in seconds (default 600)")
-    g.add_argument("--max-sessions", type=int, default=10000, help="open sessions kept (LRU beyond; default 10000)")
-    g.add_argument("--top-k", type=int, default=8, help="documents per session by default (default 8)")
+    g.add_argument("--session-ttl", type=float, default=C.session_ttl_s,
+                   help=f"idle session lifetime in seconds (default {C.session_ttl_s:g})")
+    g.add_argument("--max-sessions", type=int, default=C.max_sessions,
+                   help=f"open sessions kept (LRU beyond; default {C.max_sessions})")
+    g.add_argument("--top-k", type=int, default=C.default_top_k,
+                   help=f"documents per session by default (default {C.default_top_k})")
     g = ap.add_argument_group("retrieval defaults (clients may override per request)")
     g.add_argument("--max-span", type=int, default=None)
     g.add_argument("--min-span", type=int, default=None)
@@ -78,10 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reload", action="store_true",
                    help="watch the index path (symlink target / manifest.json) and swap to new snapshots; "
                         "SIGHUP reloads at once")
-    g.add_argument("--reload-interval", type=float, default=2.0, help="seconds between checks (default 2)")
-    g.add_argument("--shutdown-grace", type=float, default=10.0,
+    g.add_argument("--reload-interval", type=float, default=S.reload_interval_s,
+                   help=f"seconds between checks (default {S.reload_interval_s:g})")
+    g.add_argument("--shutdown-grace", type=float, default=S.shutdown_grace_s,
                    help="seconds in-flight RPCs get to finish on SIGTERM (default 10)")
-    g.add_argument("--drain-delay", type=float, default=0.0,
+    g.add_argument("--drain-delay", type=float, default=S.drain_delay_s,
                    help="seconds to report NOT_SERVING before refusing new RPCs on SIGTERM (default 0)")
     g = ap.add_argument_group("logging")
     g.add_argument("--log-level", default="info")

@@ -26,6 +26,10 @@ examples:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from ..datastore.model_files import DEFAULT_MODEL
+    from .build import DEFAULT_EMBED_MAX_PIECES, FAISS_DEVICES, BuildOptions
+
+    O = BuildOptions()   # the defaults live in the options dataclass
     p = CliParser(
         prog="index-build",
         description="Build a retrieval datastore index (token shards + suffix arrays + FAISS) from text corpora.",
@@ -42,7 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="files or folders (folders are read recursively; unknown file types are ignored and counted)")
     b.add_argument("--out", "-o", required=True, metavar="DIR", help="index folder to create or replace")
     b.add_argument("--model", metavar="SPEC", default=None,
-                   help="target model whose tokenizer is used: 'smollm2-135m-instruct' (default) or a local "
+                   help=f"target model whose tokenizer is used: '{DEFAULT_MODEL}' (default) or a local "
                         "Hugging Face model/tokenizer folder or .gguf file")
     g = b.add_mutually_exclusive_group()
     g.add_argument("--text-field", metavar="FIELD", default=None,
@@ -52,11 +56,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="Python format string over record fields, e.g. \"{instruction}\\n{response}\" "
                         "(backslash escapes \\n and \\t are understood)")
     b.add_argument("--shard-tokens", type=int, default=None, metavar="N",
-                   help="tokens per shard; one suffix array per shard (default 67,108,864)")
-    b.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="tokenizer worker processes (default 1: batched in process, the Rust tokenizer is "
+                   help=f"tokens per shard; one suffix array per shard (default {O.shard_tokens:,})")
+    b.add_argument("--workers", type=int, default=O.workers, metavar="N",
+                   help=f"tokenizer worker processes (default {O.workers}: batched in process, the Rust tokenizer is "
                         "itself multi-threaded)")
-    b.add_argument("--batch-docs", type=int, default=512, metavar="N", help="documents per tokenizer batch")
+    b.add_argument("--batch-docs", type=int, default=O.batch_docs, metavar="N",
+                   help=f"documents per tokenizer batch (default {O.batch_docs})")
     b.add_argument("--no-embeddings", action="store_true", help="skip chunk embeddings and the FAISS index")
     b.add_argument("--embedder", metavar="PATH", default=None,
                    help="Hugging Face BERT-style encoder folder for chunk embeddings (default: all-MiniLM-L6-v2 "
@@ -64,12 +69,14 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--faiss-factory", metavar="STR", default=None,
                    help="FAISS index_factory string (inner product on normalised vectors); default by size: "
                         "'Flat' under 20k chunks, 'IVF<n>,Flat' under 2M, else 'HNSW32,Flat'")
-    b.add_argument("--faiss-device", choices=("auto", "cpu", "gpu"), default="auto",
+    b.add_argument("--faiss-device", choices=FAISS_DEVICES, default=O.faiss_device,
                    help="where FAISS trains and adds vectors: auto (default) uses the GPUs a FAISS GPU build "
                         "sees (the 'gpu' extra) and the CPU otherwise; gpu fails when there is none")
     b.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
-                   help="target-model tokens per embedded chunk (default 256; each chunk vector encodes its first 128 word pieces)")
-    b.add_argument("--embed-batch", type=int, default=64, metavar="N", help="chunks per embedder batch")
+                   help=f"target-model tokens per embedded chunk (default {O.chunk_tokens}; each chunk vector encodes its "
+                        f"first {DEFAULT_EMBED_MAX_PIECES} word pieces)")
+    b.add_argument("--embed-batch", type=int, default=O.embed_batch, metavar="N",
+                   help=f"chunks per embedder batch (default {O.embed_batch})")
     b.add_argument("--append", action="store_true",
                    help="add the INPUT documents to the existing index at --out as new shard(s); old shards "
                         "are kept as they are (hard links) and a new manifest is published atomically")
