@@ -132,6 +132,58 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
 _BINS = np.array([0.0, 0.05, 0.15, 0.3, 0.5, 0.7, 0.9, 1.01])
 
 
+class StepCostModel:
+    """An engine step's wall time as ``a + b * tokens`` (tokens verified in the step), fitted online.
+
+    For engines that verify a batch of chains (vLLM): the time between two consecutive ``propose`` calls is
+    one step, and the tokens it verified are the running requests plus the drafts handed out for it. Least
+    squares with exponential forgetting (``memory`` steps). ``token_cost(rows)``: the cost of one more draft
+    token in units of one request's share of a step of ``rows`` requests without drafts (every running
+    request waits for the longer step); ``prior_token_cost * rows`` until ``warmup`` steps with spread in
+    ``tokens`` have been seen. Gaps far above the fit (the engine idle between calls) are ignored.
+    """
+
+    def __init__(self, prior_token_cost: float = 0.02, memory: float = 200.0, warmup: int = 20):
+        self.prior = float(prior_token_cost)
+        self.decay = 1.0 - 1.0 / float(memory)
+        self.warmup = int(warmup)
+        self.n = 0
+        self._s = np.zeros(5)   # sums of 1, x, y, x*x, x*y (decayed)
+        self._fastest = float("inf")   # least seconds per verified token seen (screens idle gaps early on)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        fit = self.fit()
+        expected = fit[0] + fit[1] * tokens if fit is not None else self._fastest * (1.0 + tokens)
+        if seconds > 10.0 * expected:
+            return
+        self._fastest = min(self._fastest, seconds / (1.0 + tokens))
+        x, y = float(tokens), float(seconds)
+        self._s = self._s * self.decay + np.array([1.0, x, y, x * x, x * y])
+        self.n += 1
+
+    def fit(self) -> Optional[tuple[float, float]]:
+        """(a, b) seconds, or None while too few steps (or no spread in tokens) have been seen."""
+        w, sx, sy, sxx, sxy = self._s
+        var = w * sxx - sx * sx
+        if self.n < self.warmup or var <= 1e-9 * max(w * sxx, 1e-12):
+            return None
+        b = (w * sxy - sx * sy) / var
+        a = (sy - b * sx) / w
+        return max(a, 1e-6), max(b, 0.0)
+
+    def token_cost(self, rows: int) -> float:
+        fit = self.fit()
+        if fit is None:
+            return self.prior * max(rows, 1)
+        a, b = fit
+        rows = max(rows, 1)
+        # one more token lengthens the step for every running request: in units of one request's share of
+        # a step without drafts, (a + b * rows) / rows, it costs b
+        return rows * b / (a + b * rows)
+
+
 class BudgetController:
     """Calibrates draft probabilities online and chooses each step's draft-node budget.
 

@@ -16,8 +16,10 @@ prefix (``{"datastore": "host:port", "timeout_ms": 5}``); the variables win over
   SPECSTORE_TIMEOUT_MS=5          deadline of one engine step's batched datastore lookup
   SPECSTORE_DOCUMENTS=1           sessions search the prompt's FAISS documents (when the index has them)
   SPECSTORE_MEMORY=1              sessions also match inside each request's own tokens
-  SPECSTORE_TOKEN_COST=0.02       verify cost of one more draft token per running request, relative to a
-                                  plain engine step; chains get shorter as the batch grows
+  SPECSTORE_TOKEN_COST=0.02       prior verify cost of one more draft token per running request, relative to
+                                  a plain engine step; replaced by the step cost measured online (the time
+                                  between engine steps against the tokens they verified), so chains get
+                                  shorter where verifying drafts is dear and as the batch grows
   SPECSTORE_AUTH_TOKEN=T          bearer token for the datastore's session calls
   SPECSTORE_STATS_FILE=PATH       keep the proposer's counters there (JSON, rewritten when a request starts
                                   or ends): requests started/released, live and most live, drafts, errors
@@ -46,7 +48,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .budget import BudgetController, CostProfile
+from .budget import BudgetController, CostProfile, StepCostModel
 from .drafters.context import ContextDrafter
 from .fusion import fuse
 from .types import DecodeContext, DraftTree
@@ -166,6 +168,8 @@ class SpecstoreProposer:
         if self.backend is None and "datastore" in names:
             self.backend = self._open_backend(vllm_config)
         self.controller = BudgetController(CostProfile.flat(self.k + 1), max_budget=self.k)
+        self.step_cost = StepCostModel(prior_token_cost=self.options.token_cost)
+        self._last_step: Optional[tuple[float, int]] = None   # (start time, tokens verified) of the last step
         self.stats = ProposerStats()
         self._requests: dict[int, _Request] = {}   # row -> state
         self._tokenizer = None
@@ -271,6 +275,9 @@ class SpecstoreProposer:
         t0 = time.perf_counter()
         n_rows = len(sampled_token_ids)
         out: list[list[int]] = [[] for _ in range(n_rows)]
+        if self._last_step is not None:   # the engine step just done: its time against what it verified
+            self.step_cost.observe(self._last_step[1], t0 - self._last_step[0])
+        self._last_step = None
         try:
             self._sync(n_rows, num_tokens_no_spec, token_ids_cpu)
             live: list[tuple[int, _Request, np.ndarray]] = []
@@ -290,7 +297,7 @@ class SpecstoreProposer:
                 return out
             room = [min(self.k, self.max_model_len - len(t) - 1) for _, _, t in live]
             remote = self._datastore_trees(live)
-            token_cost = self.options.token_cost * len(live)
+            token_cost = self.step_cost.token_cost(len(live))
             for i, (row, req, tokens) in enumerate(live):
                 if room[i] <= 0:
                     continue
@@ -305,6 +312,8 @@ class SpecstoreProposer:
                 req.chain, req.chain_at, req.steps = chain, len(tokens), req.steps + 1
                 out[row] = chain.tokens[1:].tolist()
                 self.stats.proposed_tokens += len(out[row])
+            self._last_step = (t0, len(live) + sum(len(d) for d in out))
+            self.stats.extra["token_cost"] = token_cost
         except Exception as e:  # noqa: BLE001 - a drafting failure costs drafts, never the step
             self._error("propose", e)
             out = [[] for _ in range(n_rows)]

@@ -175,3 +175,20 @@ def test_options_from_environment(tmp_path):
         ProposerOptions.from_env({"SPECSTORE_DRAFTERS": "context,magic"})
     with pytest.raises(ValueError, match="neither"):
         ProposerOptions.from_env({"SPECSTORE_DRAFTERS": "datastore"})
+
+
+def test_step_cost_is_learned_from_step_times_and_idle_gaps_are_ignored():
+    from specstore.client.budget import StepCostModel
+
+    m = StepCostModel(prior_token_cost=0.02, warmup=10)
+    assert m.token_cost(4) == pytest.approx(0.08)   # the prior, per running request
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        tokens = int(rng.integers(1, 40))
+        m.observe(tokens, 0.05 + 0.01 * tokens)
+        if i % 50 == 7:
+            m.observe(tokens, 30.0)                   # the engine sat idle between two calls
+    a, b = m.fit()
+    assert a == pytest.approx(0.05, rel=1e-3) and b == pytest.approx(0.01, rel=1e-3)
+    assert m.token_cost(1) == pytest.approx(0.01 / 0.06, rel=1e-3)
+    assert m.token_cost(8) == pytest.approx(8 * 0.01 / (0.05 + 0.08), rel=1e-3)   # every request waits for it
