@@ -95,7 +95,7 @@ class ProposerOptions:
         opts = cls()
         for f in fields(cls):
             if f.name in raw:
-                setattr(opts, f.name, _convert(f.name, raw[f.name], getattr(cls, f.name, None)))
+                setattr(opts, f.name, _convert(raw[f.name], getattr(cls, f.name, None)))
         opts.validate()
         return opts
 
@@ -117,7 +117,7 @@ class ProposerOptions:
         return {"context", "datastore"} if (self.datastore or self.index) else {"context"}
 
 
-def _convert(name: str, value: Any, default: Any) -> Any:
+def _convert(value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
     if isinstance(default, float):
@@ -136,7 +136,6 @@ class _Request:
     session_id: Optional[str] = None
     chain: Optional[DraftTree] = None   # the chain proposed at the last step ...
     chain_at: int = 0                   # ... after this many tokens
-    steps: int = 0
 
 
 @dataclass
@@ -164,6 +163,8 @@ class SpecstoreProposer:
         self.options = options or ProposerOptions.from_env()
         names = self.options.drafter_names()
         self.use_context = "context" in names
+        self._tokenizer = None      # the engine's tokenizer: prompt text for document search
+        self._documents = False     # the datastore can search documents for a prompt
         self.backend = backend
         if self.backend is None and "datastore" in names:
             self.backend = self._open_backend(vllm_config)
@@ -172,7 +173,6 @@ class SpecstoreProposer:
         self._last_step: Optional[tuple[float, int]] = None   # (start time, tokens verified) of the last step
         self.stats = ProposerStats()
         self._requests: dict[int, _Request] = {}   # row -> state
-        self._tokenizer = None
         log.info("specstore proposer: k=%d, drafters=%s, datastore=%s", self.k, sorted(names),
                  self.options.datastore or self.options.index or "-")
 
@@ -211,12 +211,9 @@ class SpecstoreProposer:
     def _begin(self, key: tuple, tokens: np.ndarray) -> _Request:
         req = _Request(key=key, context=ContextDrafter())
         self.stats.requests_started += 1
-        self.stats.live_requests = len(self._requests) + 1
-        self.stats.max_live_requests = max(self.stats.max_live_requests, self.stats.live_requests)
-        self._write_stats()
         if self.backend is not None and (self.options.memory or self.options.documents):
             text = None
-            if self.options.documents and getattr(self, "_documents", False) and self._tokenizer is not None:
+            if self.options.documents and self._documents and self._tokenizer is not None:
                 try:
                     text = self._tokenizer.decode(tokens.tolist())
                 except Exception:  # noqa: BLE001 - no text, no document search
@@ -232,8 +229,6 @@ class SpecstoreProposer:
 
     def _end(self, req: _Request) -> None:
         self.stats.requests_released += 1
-        self.stats.live_requests = len(self._requests)
-        self._write_stats()
         if req.session_id and self.backend is not None:
             try:
                 self.backend.close_session(req.session_id)
@@ -247,6 +242,7 @@ class SpecstoreProposer:
             n = int(num_tokens[row]) if row < n_rows else 0
             if row >= n_rows or n < req.key[1] or self.request_key(row, token_ids[row, :n], req.key[1]) != req.key:
                 self._end(self._requests.pop(row))
+                self._requests_changed()
 
     def _learn(self, req: _Request, tokens: np.ndarray) -> None:
         """What vLLM accepted of the last chain: the drafts that the tokens after it repeat."""
@@ -289,6 +285,7 @@ class SpecstoreProposer:
                 req = self._requests.get(row)
                 if req is None:
                     req = self._requests[row] = self._begin(self.request_key(row, tokens), tokens)
+                    self._requests_changed()
                 self._learn(req, tokens)
                 live.append((row, req, tokens))
             self.stats.steps += 1
@@ -309,7 +306,7 @@ class SpecstoreProposer:
                 if not trees:
                     continue
                 chain, _ = self.controller.choose_chain(fuse(trees, _FUSE_BUDGET), room[i], token_cost)
-                req.chain, req.chain_at, req.steps = chain, len(tokens), req.steps + 1
+                req.chain, req.chain_at = chain, len(tokens)
                 out[row] = chain.tokens[1:].tolist()
                 self.stats.proposed_tokens += len(out[row])
             self._last_step = (t0, len(live) + sum(len(d) for d in out))
@@ -333,7 +330,10 @@ class SpecstoreProposer:
         self.stats.datastore_seconds += time.perf_counter() - t0
         return trees
 
-    def _write_stats(self) -> None:
+    def _requests_changed(self) -> None:
+        """A request started or ended: the live counts follow the table, and the stats file is rewritten."""
+        self.stats.live_requests = len(self._requests)
+        self.stats.max_live_requests = max(self.stats.max_live_requests, self.stats.live_requests)
         if not self.options.stats_file:
             return
         try:
@@ -356,5 +356,6 @@ class SpecstoreProposer:
     def close(self) -> None:
         for row in list(self._requests):
             self._end(self._requests.pop(row))
+        self._requests_changed()
         if self.backend is not None:
             self.backend.close()

@@ -144,6 +144,29 @@ def test_datastore_trees_are_fused_and_sessions_follow_requests(model):
     assert sorted(backend.opened) == sorted(backend.closed) and len(backend.opened) == 4
 
 
+def test_sessions_search_documents_with_the_engine_tokenizers_text(monkeypatch):
+    """The proposer opens its own datastore: the engine's tokenizer turns each prompt into the search text."""
+    import specstore.client.datastore_drafter as dd
+    import specstore.datastore.model_files as mf
+
+    backend = ReferenceBackend({})
+    texts = []
+    backend.open_session = lambda ids, text=None, top_k=0, **kw: texts.append(text) or "s"
+
+    class Tok:
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    monkeypatch.setattr(mf, "load_tokenizer", lambda spec: Tok())
+    monkeypatch.setattr(dd, "make_datastore_drafter",
+                        lambda **kw: SimpleNamespace(documents=True, backend=backend))
+    prop = SpecstoreProposer(_config(), ProposerOptions(datastore="x:1", memory=False))
+    rows = np.zeros((1, MAX_LEN), dtype=np.int32)
+    rows[0, :3] = [7, 8, 9]
+    prop.propose([[9]], np.array([3], np.int32), rows)
+    assert texts == ["7 8 9"]
+
+
 def test_a_dead_datastore_changes_nothing_but_speed(model):
     prompts = _prompts(3, seed=2)
     want = {i: plain_greedy(model, p, 16) for i, p in enumerate(prompts)}
