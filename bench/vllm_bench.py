@@ -85,9 +85,8 @@ def summarize(folder: Path) -> str:
             same = sum(1 for r in rs for x in r["runs"]
                        if ref and x["token_ids"] == ref[0][x["index"]]["token_ids"])
             total = sum(len(r["runs"]) for r in rs)
-            lines.append(f"| {cfg} | {b} | {tps:.1f} | {statistics.median(mal):.2f} | "
-                         f"{tps / base:.2f}x | {same}/{total} |" if mal else
-                         f"| {cfg} | {b} | {tps:.1f} | - | {tps / base:.2f}x | {same}/{total} |")
+            mal_text = f"{statistics.median(mal):.2f}" if mal else "-"
+            lines.append(f"| {cfg} | {b} | {tps:.1f} | {mal_text} | {tps / base:.2f}x | {same}/{total} |")
     return "\n".join(lines)
 
 

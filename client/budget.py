@@ -232,6 +232,15 @@ class BudgetController:
             q[i] = v
         return q
 
+    def _conditionals(self, tree: DraftTree) -> np.ndarray:
+        """[n] calibrated P(node accepted | parent accepted), scaled so that siblings sum to <= 1 (at most
+        one child of a node can be accepted)."""
+        q = self.calibrate(tree)
+        sib = np.zeros(len(tree))
+        np.add.at(sib, tree.parents[1:], q[1:])
+        q[1:] /= np.maximum(sib[tree.parents[1:]], 1.0)
+        return q
+
     def choose(self, tree: DraftTree) -> tuple[DraftTree, float]:
         """Cut ``tree`` to the size that maximises expected tokens per second.
 
@@ -240,11 +249,7 @@ class BudgetController:
         self.steps += 1
         if tree.num_drafts == 0:
             return tree, 0.0
-        q = self.calibrate(tree)
-        # at most one child of a node can be accepted: siblings' probabilities sum to <= 1
-        sib = np.zeros(len(tree))
-        np.add.at(sib, tree.parents[1:], q[1:])
-        q[1:] /= np.maximum(sib[tree.parents[1:]], 1.0)
+        q = self._conditionals(tree)
         order, pp = rank_by_path_prob(tree, q)
         order = order[: self.max_budget]
         gain = 1.0 + np.concatenate([[0.0], np.cumsum(pp[order])])  # expected tokens with k drafts
@@ -268,10 +273,7 @@ class BudgetController:
         self.steps += 1
         if tree.num_drafts == 0 or max_len <= 0:
             return DraftTree.empty(tree.root), 0.0
-        q = self.calibrate(tree)
-        sib = np.zeros(len(tree))
-        np.add.at(sib, tree.parents[1:], q[1:])
-        q[1:] /= np.maximum(sib[tree.parents[1:]], 1.0)
+        q = self._conditionals(tree)
         par = tree.parents
         depth = tree.depths()
         pp = np.ones(len(tree))

@@ -75,3 +75,24 @@ class RandomTreeDrafter(Drafter):
             out.append(node)
             node = parents[node]
         return out[::-1]
+
+
+def assert_two_token_distribution(counts: np.ndarray, exact: np.ndarray, n: int, vocab: int) -> None:
+    """Chi-square checks of ``n`` sampled first-two-token pairs against their exact distribution.
+
+    counts, exact: [vocab * vocab] observed counts and probabilities of the pair (a, b) at a * vocab + b.
+    Never a pair of probability 0; the joint (rare cells pooled) and the first token's marginal (far more
+    samples per cell: the sharper check) both pass at p > 1e-3.
+    """
+    from scipy.stats import chisquare
+
+    assert counts[exact == 0].sum() == 0  # never a token the sampling rules out
+    keep = exact * n >= 5
+    obs = np.append(counts[keep], counts[~keep].sum())
+    exp = np.append(exact[keep], exact[~keep].sum()) * n
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    assert chisquare(obs, exp).pvalue > 1e-3
+    first = counts.reshape(vocab, vocab).sum(1)
+    exp1 = exact.reshape(vocab, vocab).sum(1) * n
+    assert chisquare(first[exp1 > 0], exp1[exp1 > 0]).pvalue > 1e-3
