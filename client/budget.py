@@ -133,55 +133,88 @@ _BINS = np.array([0.0, 0.05, 0.15, 0.3, 0.5, 0.7, 0.9, 1.01])
 
 
 class StepCostModel:
-    """An engine step's wall time as ``a + b * tokens`` (tokens verified in the step), fitted online.
+    """An engine step's wall time as ``a + b * tokens + s * speculated``, fitted online.
 
     For engines that verify a batch of chains (vLLM): the time between two consecutive ``propose`` calls is
-    one step, and the tokens it verified are the running requests plus the drafts handed out for it. Least
-    squares with exponential forgetting (``memory`` steps). ``token_cost(rows)``: the cost of one more draft
-    token in units of one request's share of a step of ``rows`` requests without drafts (every running
-    request waits for the longer step); ``prior_token_cost * rows`` until ``warmup`` steps with spread in
-    ``tokens`` have been seen. Gaps far above the fit (the engine idle between calls) are ignored.
+    one step; ``tokens`` is what it verified (the running requests plus the drafts handed out for it) and
+    ``speculated`` whether any request had drafts. ``s`` is what speculating costs a step at all, whichever
+    rows draft (vLLM's draft bookkeeping and rejection sampling): on a 2-core CPU it is ~10% of a step, on a
+    big batch a draft token costs about as much as a request's own token. Least squares with exponential
+    forgetting (``memory`` steps) and a prior (``b = prior_token_cost * a``, ``s = 0``) with the weight of
+    ``prior_steps`` steps, so that a noisy start or a run of same-sized steps stays near the prior instead
+    of swinging. Gaps far above the fit (the engine idle between calls) are ignored.
+
+    ``token_cost(rows)``: one more draft token, in units of one request's share of a step of ``rows``
+    requests without drafts (every running request waits for the longer step). ``overhead(rows)``: ``s`` in
+    the same units, summed over the rows (what the whole batch pays for a speculative step).
     """
 
-    def __init__(self, prior_token_cost: float = 0.02, memory: float = 200.0, warmup: int = 20):
+    def __init__(self, prior_token_cost: float = 0.02, memory: float = 200.0, warmup: int = 20,
+                 prior_steps: float = 10.0):
         self.prior = float(prior_token_cost)
         self.decay = 1.0 - 1.0 / float(memory)
         self.warmup = int(warmup)
+        self.prior_steps = float(prior_steps)
         self.n = 0
-        self._s = np.zeros(5)   # sums of 1, x, y, x*x, x*y (decayed)
-        self._fastest = float("inf")   # least seconds per verified token seen (screens idle gaps early on)
+        self._xx = np.zeros((3, 3))   # decayed sums of f f^T, f = (1, tokens, speculated)
+        self._xy = np.zeros(3)        # decayed sums of f * seconds
+        self._fastest = float("inf")  # least seconds per verified token seen (screens idle gaps early on)
 
-    def observe(self, tokens: int, seconds: float) -> None:
+    def observe(self, tokens: int, seconds: float, speculated: bool = False) -> None:
         if seconds <= 0:
             return
         fit = self.fit()
-        expected = fit[0] + fit[1] * tokens if fit is not None else self._fastest * (1.0 + tokens)
+        expected = (fit[0] + fit[1] * tokens + fit[2] * speculated) if fit is not None \
+            else self._fastest * (1.0 + tokens)
         if seconds > 10.0 * expected:
             return
         self._fastest = min(self._fastest, seconds / (1.0 + tokens))
-        x, y = float(tokens), float(seconds)
-        self._s = self._s * self.decay + np.array([1.0, x, y, x * x, x * y])
+        f = np.array([1.0, float(tokens), 1.0 if speculated else 0.0])
+        self._xx = self._xx * self.decay + np.outer(f, f)
+        self._xy = self._xy * self.decay + f * float(seconds)
         self.n += 1
 
-    def fit(self) -> Optional[tuple[float, float]]:
-        """(a, b) seconds, or None while too few steps (or no spread in tokens) have been seen."""
-        w, sx, sy, sxx, sxy = self._s
-        var = w * sxx - sx * sx
-        if self.n < self.warmup or var <= 1e-9 * max(w * sxx, 1e-12):
+    def fit(self) -> Optional[tuple[float, float, float]]:
+        """(a, b, s) seconds, or None while fewer than ``warmup`` steps have been seen."""
+        if self.n < self.warmup:
             return None
-        b = (w * sxy - sx * sy) / var
-        a = (sy - b * sx) / w
-        return max(a, 1e-6), max(b, 0.0)
+        # the prior as pseudo-steps: ``prior_steps`` steps that the prior model (b = prior * a, s = 0) would
+        # take, at the data's own scale and around its mean token count (spread at least one token)
+        w = self._xx[0, 0]
+        mx, my = self._xx[0, 1] / w, self._xy[0] / w
+        sd = max(np.sqrt(max(self._xx[1, 1] / w - mx * mx, 0.0)), 1.0)
+        a0 = my / (1.0 + self.prior * mx)
+        A, rhs = self._xx.copy(), self._xy.copy()
+        for x in (mx - sd, mx + sd):
+            for z in (0.0, 1.0):
+                f = np.array([1.0, x, z])
+                A += 0.25 * self.prior_steps * np.outer(f, f)
+                rhs += 0.25 * self.prior_steps * f * a0 * (1.0 + self.prior * x)
+        try:
+            a, b, s = np.linalg.solve(A, rhs)
+        except np.linalg.LinAlgError:
+            return None
+        if not np.isfinite([a, b, s]).all() or a <= 0:
+            return None
+        return float(a), max(float(b), 0.0), max(float(s), 0.0)
 
     def token_cost(self, rows: int) -> float:
         fit = self.fit()
-        if fit is None:
-            return self.prior * max(rows, 1)
-        a, b = fit
         rows = max(rows, 1)
+        if fit is None:
+            return self.prior * rows
+        a, b, _ = fit
         # one more token lengthens the step for every running request: in units of one request's share of
         # a step without drafts, (a + b * rows) / rows, it costs b
         return rows * b / (a + b * rows)
+
+    def overhead(self, rows: int) -> float:
+        fit = self.fit()
+        if fit is None:
+            return 0.0
+        a, b, s = fit
+        rows = max(rows, 1)
+        return rows * s / (a + b * rows)
 
 
 class BudgetController:

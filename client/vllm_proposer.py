@@ -19,7 +19,9 @@ prefix (``{"datastore": "host:port", "timeout_ms": 5}``); the variables win over
   SPECSTORE_TOKEN_COST=0.02       prior verify cost of one more draft token per running request, relative to
                                   a plain engine step; replaced by the step cost measured online (the time
                                   between engine steps against the tokens they verified), so chains get
-                                  shorter where verifying drafts is dear and as the batch grows
+                                  shorter where verifying drafts is dear and as the batch grows; a step in
+                                  which no request expects to gain more than speculation's own overhead
+                                  (also measured) drafts nothing
   SPECSTORE_AUTH_TOKEN=T          bearer token for the datastore's session calls
   SPECSTORE_STATS_FILE=PATH       keep the proposer's counters there (JSON, rewritten when a request starts
                                   or ends): requests started/released, live and most live, drafts, errors
@@ -170,7 +172,7 @@ class SpecstoreProposer:
             self.backend = self._open_backend(vllm_config)
         self.controller = BudgetController(CostProfile.flat(self.k + 1), max_budget=self.k)
         self.step_cost = StepCostModel(prior_token_cost=self.options.token_cost)
-        self._last_step: Optional[tuple[float, int]] = None   # (start time, tokens verified) of the last step
+        self._last_step: Optional[tuple[float, int, bool]] = None   # (start, tokens verified, speculated) of the last step
         self.stats = ProposerStats()
         self._requests: dict[int, _Request] = {}   # row -> state
         log.info("specstore proposer: k=%d, drafters=%s, datastore=%s", self.k, sorted(names),
@@ -272,7 +274,7 @@ class SpecstoreProposer:
         n_rows = len(sampled_token_ids)
         out: list[list[int]] = [[] for _ in range(n_rows)]
         if self._last_step is not None:   # the engine step just done: its time against what it verified
-            self.step_cost.observe(self._last_step[1], t0 - self._last_step[0])
+            self.step_cost.observe(self._last_step[1], t0 - self._last_step[0], self._last_step[2])
         self._last_step = None
         try:
             self._sync(n_rows, num_tokens_no_spec, token_ids_cpu)
@@ -295,6 +297,8 @@ class SpecstoreProposer:
             room = [min(self.k, self.max_model_len - len(t) - 1) for _, _, t in live]
             remote = self._datastore_trees(live)
             token_cost = self.step_cost.token_cost(len(live))
+            chosen: list[tuple[int, _Request, int, DraftTree]] = []
+            gain = 0.0
             for i, (row, req, tokens) in enumerate(live):
                 if room[i] <= 0:
                     continue
@@ -305,12 +309,24 @@ class SpecstoreProposer:
                 trees = [t for t in trees if t.root == int(tokens[-1])]
                 if not trees:
                     continue
-                chain, _ = self.controller.choose_chain(fuse(trees, _FUSE_BUDGET), room[i], token_cost)
-                req.chain, req.chain_at = chain, len(tokens)
+                chain, expected = self.controller.choose_chain(fuse(trees, _FUSE_BUDGET), room[i], token_cost)
+                if chain.num_drafts:
+                    chosen.append((row, req, len(tokens), chain))
+                    gain += expected - token_cost * chain.num_drafts
+            # a speculative step costs the whole batch the engine's speculation overhead once: draft only
+            # where the expected tokens pay for it too
+            overhead = self.step_cost.overhead(len(live))
+            if gain <= overhead:
+                self.stats.extra["declined_steps"] = self.stats.extra.get("declined_steps", 0) + int(bool(chosen))
+                chosen = []
+            for row, req, at, chain in chosen:
+                req.chain, req.chain_at = chain, at
                 out[row] = chain.tokens[1:].tolist()
                 self.stats.proposed_tokens += len(out[row])
-            self._last_step = (t0, len(live) + sum(len(d) for d in out))
+            self._last_step = (t0, len(live) + sum(len(d) for d in out), bool(chosen))
             self.stats.extra["token_cost"] = token_cost
+            self.stats.extra["overhead"] = overhead
+            self.stats.extra["step_fit"] = self.step_cost.fit()
         except Exception as e:  # noqa: BLE001 - a drafting failure costs drafts, never the step
             self._error("propose", e)
             out = [[] for _ in range(n_rows)]

@@ -205,13 +205,58 @@ def test_step_cost_is_learned_from_step_times_and_idle_gaps_are_ignored():
 
     m = StepCostModel(prior_token_cost=0.02, warmup=10)
     assert m.token_cost(4) == pytest.approx(0.08)   # the prior, per running request
+    assert m.overhead(4) == 0.0
     rng = np.random.default_rng(0)
-    for i in range(200):
+    for i in range(400):
         tokens = int(rng.integers(1, 40))
-        m.observe(tokens, 0.05 + 0.01 * tokens)
+        spec = bool(rng.integers(0, 2))
+        m.observe(tokens, 0.05 + 0.01 * tokens + 0.02 * spec, spec)
         if i % 50 == 7:
-            m.observe(tokens, 30.0)                   # the engine sat idle between two calls
-    a, b = m.fit()
-    assert a == pytest.approx(0.05, rel=1e-3) and b == pytest.approx(0.01, rel=1e-3)
-    assert m.token_cost(1) == pytest.approx(0.01 / 0.06, rel=1e-3)
-    assert m.token_cost(8) == pytest.approx(8 * 0.01 / (0.05 + 0.08), rel=1e-3)   # every request waits for it
+            m.observe(tokens, 30.0, spec)              # the engine sat idle between two calls
+    a, b, s = m.fit()
+    # the prior (10 pseudo-steps at b = 0.02 * a) pulls a little against ~170 steps of weight
+    assert a == pytest.approx(0.05, rel=0.2) and b == pytest.approx(0.01, rel=0.05)
+    assert s == pytest.approx(0.02, rel=0.15)
+    assert m.token_cost(8) == pytest.approx(0.08 / 0.13, rel=0.1)
+    assert m.token_cost(1) == pytest.approx(b / (a + b), rel=1e-6)
+    assert m.token_cost(8) == pytest.approx(8 * b / (a + 8 * b), rel=1e-6)   # every request waits for it
+    assert m.overhead(8) == pytest.approx(8 * s / (a + 8 * b), rel=1e-6)     # the whole batch pays it once
+
+
+def test_step_cost_stays_near_its_prior_without_spread():
+    """Steps that all verify the same number of tokens cannot tell a from b: the prior holds, no swing."""
+    from specstore.client.budget import StepCostModel
+
+    m = StepCostModel(prior_token_cost=0.05, warmup=10)
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        m.observe(1, 0.06 * (1 + 0.2 * rng.standard_normal()))
+    assert m.token_cost(1) == pytest.approx(0.05 / 1.05, rel=0.1)
+    assert m.overhead(1) == pytest.approx(0.0, abs=0.02)
+
+
+def test_a_step_that_cannot_pay_the_speculation_overhead_drafts_nothing(model):
+    """When what every row expects to gain is below the step's speculation overhead, no row drafts."""
+    prompts = _prompts(2, seed=4)
+    refs = {p[0]: p + plain_greedy(model, p, 16) for p in prompts}
+    want = {i: plain_greedy(model, p, 16) for i, p in enumerate(prompts)}
+
+    class Dear:
+        def observe(self, *a):
+            pass
+
+        def token_cost(self, rows):
+            return 0.01
+
+        def overhead(self, rows):
+            return 1e6
+
+    prop = SpecstoreProposer(_config(), ProposerOptions(datastore="x:1"), backend=ReferenceBackend(refs))
+    prop.step_cost = Dear()
+    assert _engine(model, prompts, 16, prop, batch=2) == want
+    assert prop.stats.proposed_tokens == 0 and prop.stats.extra["declined_steps"] > 0
+    Dear.overhead = lambda self, rows: 0.0
+    prop = SpecstoreProposer(_config(), ProposerOptions(datastore="x:1"), backend=ReferenceBackend(refs))
+    prop.step_cost = Dear()
+    assert _engine(model, prompts, 16, prop, batch=2) == want
+    assert prop.stats.proposed_tokens > 0

@@ -1,0 +1,299 @@
+"""Replay the vLLM proposer over recorded greedy outputs: what vLLM would accept, without vLLM.
+
+Under greedy decoding a draft token is accepted exactly when it equals the next token of the plain
+output, so a recorded plain output answers every verification. This drives ``SpecstoreProposer`` the way
+vLLM's runner does (``propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)`` per step, rows
+admitted as earlier requests finish) with acceptance read from the references, and reports per
+configuration: tokens per step (= vLLM's mean accepted length), draft tokens per step, the share of drafts
+accepted, and the speed-up over plain decoding that a verify cost of ``c`` per draft token implies
+(step time 1 + c * drafts per request). No model and no engine: a configuration takes seconds, so drafting
+changes can be compared on many prompts before the (slow, noisy) engine benchmark.
+
+    python -m specstore.bench.proposer_replay --references plain_b1.json [--prompts-file Q.jsonl ...] \
+        --config ctx --config index=/tmp/idx --config remote=127.0.0.1:50051
+
+References: a ``vllm_bench --method plain`` report (its prompts are rebuilt from the same arguments and the
+model's chat template), or ``--generate N`` greedy outputs of the main environment's model for Spec-Bench
+prompts, cached as JSON (``--references`` names the file to write).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..client.vllm_proposer import ProposerOptions, SpecstoreProposer
+from ..client.budget import StepCostModel
+
+MAX_LEN = 4096
+
+
+class SimulatedClock:
+    """The proposer's clock during a replay: each engine step takes ``a + b * tokens + s * speculated``
+    seconds (tokens: every running request's verified tokens; speculated: any row had drafts), times a
+    log-normal noise factor, so that the proposer's online step-cost model meets a machine like the one
+    measured."""
+
+    def __init__(self, a: float, b: float, s: float, noise: float = 0.1, seed: int = 0):
+        self.a, self.b, self.s, self.noise = a, b, s, noise
+        self.now = 0.0
+        self.engine_seconds = 0.0
+        self._rng = np.random.default_rng(seed)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def step(self, tokens: int, speculated: bool) -> None:
+        dt = (self.a + self.b * tokens + self.s * speculated) * float(np.exp(self.noise * self._rng.standard_normal()))
+        self.now += dt
+        self.engine_seconds += dt
+
+
+def replay(proposer: SpecstoreProposer, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
+           batch: int = 1, clock: Optional[SimulatedClock] = None) -> dict:
+    """Greedy engine over ``prompts`` whose target continuation is ``outputs`` (one per prompt).
+
+    Returns {"steps", "tokens", "drafts", "accepted", "row_steps", "seconds"}: engine steps, output tokens
+    produced, draft tokens proposed and accepted, request-steps (a request decoding in a step), and with
+    ``clock`` (the proposer's clock for the replay) the simulated engine time."""
+    from ..client import vllm_proposer
+
+    saved = vllm_proposer.time
+    if clock is not None:
+        vllm_proposer.time = clock
+    try:
+        return _replay(proposer, prompts, outputs, batch, clock)
+    finally:
+        vllm_proposer.time = saved
+
+
+def _replay(proposer, prompts, outputs, batch, clock) -> dict:
+    width = max(len(p) + len(o) for p, o in zip(prompts, outputs)) + proposer.k + 2
+    rows = np.zeros((batch, width), dtype=np.int32)
+    ntok = np.zeros(batch, dtype=np.int32)
+    owner = [-1] * batch
+    sampled: list[list[int]] = [[] for _ in range(batch)]
+    waiting = list(range(len(prompts)))
+    made = [0] * len(prompts)
+    totals = dict(steps=0, tokens=0, drafts=0, accepted=0, row_steps=0, seconds=0.0)
+    while waiting or any(o >= 0 for o in owner):
+        for r in range(batch):
+            if owner[r] < 0 and waiting:
+                i = waiting.pop(0)
+                p, o = prompts[i], outputs[i]
+                rows[r, :len(p)] = p
+                rows[r, len(p)] = o[0]           # prefill's token
+                ntok[r] = len(p) + 1
+                owner[r], sampled[r], made[i] = i, [o[0]], 1
+                totals["tokens"] += 1
+        drafts = proposer.propose(sampled, ntok, rows)
+        totals["steps"] += 1
+        live = 0
+        for r in range(batch):
+            i = owner[r]
+            if i < 0:
+                sampled[r] = []
+                continue
+            out = outputs[i]
+            live += 1
+            d = list(drafts[r])
+            truth = out[made[i]:]
+            acc = 0
+            while acc < len(d) and acc < len(truth) - 1 and d[acc] == truth[acc]:
+                acc += 1
+            new = list(truth[:acc + 1])
+            rows[r, ntok[r]:ntok[r] + len(new)] = new
+            ntok[r] += len(new)
+            made[i] += len(new)
+            sampled[r] = new
+            totals["row_steps"] += 1
+            totals["tokens"] += len(new)
+            totals["drafts"] += len(d)
+            totals["accepted"] += acc
+            if made[i] >= len(out):          # finished: the row is free for the next request
+                owner[r], sampled[r] = -1, []
+                rows[r] = 0
+                ntok[r] = 0
+        if clock is not None and live:
+            clock.step(live + sum(len(d) for d in drafts), any(len(d) for d in drafts))
+    if clock is not None:
+        totals["seconds"] = clock.engine_seconds
+    return totals
+
+
+class PlainProposer:
+    """No drafts: the plain engine, for the simulated clock's baseline."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def propose(self, sampled_token_ids, *_, **__):
+        return [[] for _ in sampled_token_ids]
+
+    def close(self):
+        pass
+
+
+def summary(name: str, t: dict, costs: Sequence[float], plain_seconds: Optional[float] = None) -> dict:
+    per = max(t["row_steps"], 1)
+    tps = (t["tokens"] - 0) / per        # tokens per request-step (prefill's token included, as vLLM's MAL)
+    dps = t["drafts"] / per
+    row = {"config": name, "tokens_per_step": round(tps, 3), "drafts_per_step": round(dps, 3),
+           "accepted_share": round(t["accepted"] / max(t["drafts"], 1), 3)}
+    for c in costs:
+        row[f"speedup@{c:g}"] = round(tps / (1.0 + c * dps), 3)
+    if plain_seconds:
+        row["simulated_speedup"] = round(plain_seconds / t["seconds"], 3)
+    return row
+
+
+def make_proposer(spec: str, k: int, token_cost: float, tokenizer_dir: Optional[str],
+                  learn_cost: bool = False) -> tuple[str, SpecstoreProposer]:
+    """``ctx`` | ``index=DIR`` | ``remote=HOST:PORT`` (optionally ``,key=value`` proposer options)."""
+    if spec == "plain":
+        return spec, PlainProposer(k)
+    name, _, rest = spec.partition("=")
+    parts = rest.split(",") if rest else []
+    env = {"SPECSTORE_TOKEN_COST": str(token_cost)}
+    if name == "index":
+        env["SPECSTORE_INDEX"] = parts.pop(0)
+    elif name == "remote":
+        env["SPECSTORE_DATASTORE"] = parts.pop(0)
+    elif name != "ctx":
+        raise ValueError(f"--config {spec}: expected ctx, index=DIR or remote=HOST:PORT")
+    for kv in parts:
+        key, _, value = kv.partition("=")
+        env[f"SPECSTORE_{key.upper()}"] = value
+    cfg = SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=k),
+                          model_config=SimpleNamespace(max_model_len=MAX_LEN, model=tokenizer_dir,
+                                                       tokenizer=tokenizer_dir))
+    prop = SpecstoreProposer(cfg, ProposerOptions.from_env(env))
+    if not learn_cost:   # replay time is not engine time: the verify cost stays the given prior
+        prop.step_cost = StepCostModel(prior_token_cost=token_cost, warmup=10 ** 12)
+    return spec, prop
+
+
+def _chat_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    out = []
+    for t in texts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        out.append([int(x) for x in ids])
+    return out
+
+
+def _generate(model_dir: str, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    outs = []
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            g = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False)
+        outs.append(g[0, len(p):].tolist())
+        print(f"reference {i + 1}/{len(prompts)}", file=sys.stderr, flush=True)
+    return outs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--references", type=Path, required=True,
+                    help="a vllm_bench plain report, or the JSON file --generate writes/reads")
+    ap.add_argument("--generate", action="store_true", help="make greedy references with the model (cached)")
+    ap.add_argument("--prompts-file", default="../shared/data/bench/spec-bench_question.jsonl")
+    ap.add_argument("--n-per-category", type=int, default=None, help="default: the report's")
+    ap.add_argument("--skip-per-category", type=int, default=0,
+                    help="skip the first N prompts of each category (a tuning set apart from the benchmark's)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--model", default=None, help="HF folder (default: the converted SmolLM2-135M-Instruct)")
+    ap.add_argument("--config", action="append", default=[], help="ctx | index=DIR | remote=HOST:PORT [,opt=v]")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("-k", "--num-speculative-tokens", type=int, default=8)
+    ap.add_argument("--token-cost", type=float, default=0.05,
+                    help="verify cost of one draft token relative to a plain step (the proposer's prior)")
+    ap.add_argument("--costs", default="0.02,0.05,0.1", help="costs c for the modelled speed-up columns")
+    ap.add_argument("--step-model", default=None, metavar="A,B,S",
+                    help="simulate the engine clock: a step takes A + B*tokens + S*speculated seconds (x noise); "
+                         "the proposer learns its step cost from it, and simulated_speedup compares with plain. "
+                         "vLLM for CPU with SmolLM2 at batch 1 on the 2-core VM: about 0.055,0.005,0.0065")
+    ap.add_argument("--noise", type=float, default=0.1, help="log-normal sigma of the simulated step times")
+    args = ap.parse_args(argv)
+
+    from ..datastore.model_files import load_tokenizer, resolve_model
+    from .spec_bench import load_questions, select_prompts
+
+    model = args.model or str(resolve_model(None).cache_dir / "hf")
+    tok = load_tokenizer(model)
+    if args.generate and not args.references.exists():
+        n = args.n_per_category or 2
+        qs, _ = select_prompts(load_questions(args.prompts_file), _categories(), n + args.skip_per_category)
+        qs = _skip(qs, args.skip_per_category)
+        prompts = _chat_ids(tok, [q.text for q in qs])
+        outputs = _generate(model, prompts, args.max_new_tokens)
+        args.references.write_text(json.dumps({"prompts": prompts, "outputs": outputs}))
+    ref = json.loads(args.references.read_text())
+    if "outputs" in ref:
+        prompts, outputs = ref["prompts"], ref["outputs"]
+    else:   # a vllm_bench report
+        n = args.n_per_category or ref["n_per_category"]
+        qs, _ = select_prompts(load_questions(args.prompts_file), _categories(), n)
+        prompts = _chat_ids(tok, [q.text for q in qs])
+        runs = sorted(ref["runs"], key=lambda r: r["index"])
+        outputs = [r["token_ids"] for r in runs]
+    keep = [i for i, o in enumerate(outputs) if o]
+    prompts, outputs = [prompts[i] for i in keep], [outputs[i] for i in keep]
+    costs = [float(c) for c in args.costs.split(",") if c]
+    step_model = [float(x) for x in args.step_model.split(",")] if args.step_model else None
+    plain_seconds = None
+    if step_model:
+        plain_seconds = replay(PlainProposer(args.num_speculative_tokens), prompts, outputs, args.batch,
+                               SimulatedClock(*step_model, noise=args.noise))["seconds"]
+    for spec in args.config or ["ctx"]:
+        t0 = time.perf_counter()
+        name, prop = make_proposer(spec, args.num_speculative_tokens, args.token_cost, model,
+                                   learn_cost=step_model is not None)
+        clock = SimulatedClock(*step_model, noise=args.noise) if step_model else None
+        try:
+            t = replay(prop, prompts, outputs, args.batch, clock)
+        finally:
+            prop.close()
+        row = summary(name, t, costs, plain_seconds)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+def _categories():
+    from .spec_bench import parse_categories
+
+    return parse_categories(None)
+
+
+def _skip(qs, n: int):
+    if n <= 0:
+        return qs
+    seen: dict[str, int] = {}
+    out = []
+    for q in qs:
+        seen[q.category] = seen.get(q.category, 0) + 1
+        if seen[q.category] > n:
+            out.append(q)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
