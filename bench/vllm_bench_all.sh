@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every vLLM method at batch 1 and 8, each in its own engine process, over the same Spec-Bench prompts
-# (BENCHMARKS.md §6). Usage: bash bench/vllm_bench_all.sh INDEX_DIR OUT_DIR [N_PER_CATEGORY] [ROUNDS]
+# (BENCHMARKS.md §5); our proposer's counters and learned step cost go to OUT_DIR/stats/.
+# Usage: bash bench/vllm_bench_all.sh INDEX_DIR OUT_DIR [N_PER_CATEGORY] [ROUNDS]
 # The remote configuration starts datastore-serve on 127.0.0.1 over the same index (same 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 INDEX=$1; OUT=$2; N=${3:-2}; ROUNDS=${4:-1}
-mkdir -p "$OUT"
+mkdir -p "$OUT/stats"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 Q=${QUESTIONS:-../shared/data/bench/spec-bench_question.jsonl}
 PY=.venv-vllm/bin/python
@@ -23,6 +24,7 @@ for r in $(seq "$ROUNDS"); do
         index) args=(--method specstore --index "$INDEX");;
         remote) args=(--method specstore --datastore "$ADDR");;
       esac
+      SPECSTORE_STATS_FILE="$OUT/stats/${cfg}_b${b}_r${r}.json" \
       $PY -m specstore.bench.vllm_bench "${args[@]}" --batch "$b" --prompts-file "$Q" --n-per-category "$N" \
         --max-new-tokens 128 --json-out "$OUT/${cfg}_b${b}_r${r}.json" 2>"$OUT/${cfg}_b${b}_r${r}.log" | tail -1
     done
