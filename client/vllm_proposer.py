@@ -27,8 +27,9 @@ prefix (``{"datastore": "host:port", "timeout_ms": 5}``); the variables win over
                                   or ends): requests started/released, live and most live, drafts, errors
 
 Per engine step ``propose`` sees batch rows, not request ids. A request is followed by the key (row, hash
-of its first tokens): a row that changes hands (the key changes) or disappears ends the old request's state
-(its datastore session is closed). Every running request's lookup travels in one ``RetrieveBatch`` call
+of its first tokens) and by what the row held at its last step (token count and last token): a row that
+changes hands (the key changes, or the row shrank or no longer holds that token; e.g. a new request with
+the same system prompt) or disappears ends the old request's state (its datastore session is closed). Every running request's lookup travels in one ``RetrieveBatch`` call
 (remote) or runs in process (embedded); its tree is fused with the context drafter's by longest prefix,
 calibrated by the acceptance learned so far (what vLLM accepted of earlier chains, read back from the
 tokens that follow), and the best chain is kept. Fail-soft: a slow or dead datastore costs its drafts for
@@ -136,6 +137,8 @@ class _Request:
     key: tuple
     context: ContextDrafter
     session_id: Optional[str] = None
+    seen: int = 0                       # the row's token count at its last step ...
+    last: int = -1                      # ... and its last token then: a row that shrank or changed it is new
     chain: Optional[DraftTree] = None   # the chain proposed at the last step ...
     chain_at: int = 0                   # ... after this many tokens
 
@@ -242,7 +245,9 @@ class SpecstoreProposer:
         for row in list(self._requests):
             req = self._requests[row]
             n = int(num_tokens[row]) if row < n_rows else 0
-            if row >= n_rows or n < req.key[1] or self.request_key(row, token_ids[row, :n], req.key[1]) != req.key:
+            if row >= n_rows or n < max(req.key[1], req.seen) \
+                    or (req.seen and int(token_ids[row, req.seen - 1]) != req.last) \
+                    or self.request_key(row, token_ids[row, :n], req.key[1]) != req.key:
                 self._end(self._requests.pop(row))
                 self._requests_changed()
 
@@ -289,6 +294,7 @@ class SpecstoreProposer:
                     req = self._requests[row] = self._begin(self.request_key(row, tokens), tokens)
                     self._requests_changed()
                 self._learn(req, tokens)
+                req.seen, req.last = n, int(tokens[-1])
                 live.append((row, req, tokens))
             self.stats.steps += 1
             self.stats.rows += len(live)

@@ -260,3 +260,14 @@ def test_a_step_that_cannot_pay_the_speculation_overhead_drafts_nothing(model):
     prop.step_cost = Dear()
     assert _engine(model, prompts, 16, prop, batch=2) == want
     assert prop.stats.proposed_tokens > 0
+
+
+def test_the_same_prompt_again_in_the_same_row_is_a_new_request(model):
+    """Requests that share their first tokens (a system prompt, or the same prompt twice) get their own state."""
+    p = _prompts(1, seed=6)[0]
+    want = plain_greedy(model, p, 12)
+    backend = ReferenceBackend({p[0]: p + want})
+    prop = SpecstoreProposer(_config(), ProposerOptions(datastore="x:1"), backend=backend)
+    assert _engine(model, [p, list(p), list(p)], 12, prop, batch=1) == {0: want, 1: want, 2: want}
+    assert prop.stats.requests_started == 3 and backend.opened == ["s0", "s1", "s2"]
+    assert backend.closed == ["s0", "s1"] and prop.stats.requests_released == 2
