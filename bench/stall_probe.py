@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -135,7 +134,6 @@ def main(argv=None) -> int:
         "heavy_calls": heavy_codes,
         "heavy_s": {"p50": float(np.median(heavy_s)), "max": float(max(heavy_s))} if heavy_s else None,
         "options": {"max_matches": a.matches, "depth": a.depth}, "serve_args": a.serve_args,
-        "pid": os.getpid(),
     }
     print(json.dumps(out, indent=None if not a.json else 1))
     return 0
