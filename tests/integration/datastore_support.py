@@ -80,6 +80,7 @@ class ServeProcess:
 
         root = Path(__file__).resolve().parents[2]
         port_file = log_path.with_suffix(".port")
+        port_file.unlink(missing_ok=True)   # a stale one would name a dead server's port
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
