@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch", type=int, default=C.max_batch, help=f"max requests per RetrieveBatch (default {C.max_batch})")
     g.add_argument("--max-concurrency", type=int, default=C.max_concurrency,
                    help="RPCs handled at once; beyond it RESOURCE_EXHAUSTED (default 64)")
+    g.add_argument("--max-lookup-cells", type=int, default=C.max_lookup_cells,
+                   help="max max_matches x depth of one lookup, its work (default %(default)s)")
+    g.add_argument("--max-hint", type=int, default=C.max_hint,
+                   help="max entries of a Retrieve's draft hint (default %(default)s)")
+    g.add_argument("--lookup-workers", type=int, default=C.lookup_workers,
+                   help=f"threads for lookups of more than {C.inline_cells} cells (a batch: in sum), so that they "
+                        "do not stall the event loop (default %(default)s)")
     g.add_argument("--session-ttl", type=float, default=C.session_ttl_s,
                    help=f"idle session lifetime in seconds (default {C.session_ttl_s:g})")
     g.add_argument("--max-sessions", type=int, default=C.max_sessions,
@@ -109,12 +116,18 @@ def _config_from_args(a):
         raise UsageError("--auth-reads needs a token (--auth-token, --auth-token-file or $DATASTORE_AUTH_TOKEN)")
     defaults = {k: getattr(a, k) for k in ("max_span", "min_span", "max_matches", "depth", "min_prob")
                 if getattr(a, k) is not None}
-    return ServiceConfig(
+    config = ServiceConfig(
         max_context=a.max_context, max_budget=a.max_budget, max_batch=a.max_batch,
         max_concurrency=a.max_concurrency, auth_token=token, auth_reads=a.auth_reads,
         session_ttl_s=a.session_ttl, max_sessions=a.max_sessions, default_top_k=a.top_k,
-        retrieve_defaults=defaults,
+        retrieve_defaults=defaults, max_lookup_cells=a.max_lookup_cells, max_hint=a.max_hint,
+        lookup_workers=a.lookup_workers,
     )
+    try:
+        config.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return config
 
 
 async def _serve(a, worker: Optional["Worker"] = None) -> int:

@@ -31,3 +31,28 @@ def setup_logging(level: str = "info", json_format: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class RateLimitedLog:
+    """One log line per ``interval_s`` at most, for events a client can cause at will (bad requests).
+
+    The first event logs at once; later ones inside the interval are only counted, and the next line
+    carries that count as ``"suppressed"``: a flood costs one line per interval, and none goes unseen.
+    Called from the event loop thread only (no lock).
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0, clock=time.monotonic):
+        self.logger, self.interval_s, self._clock = logger, float(interval_s), clock
+        self._next = float("-inf")
+        self.suppressed = 0
+
+    def warning(self, event: str, **extra) -> bool:
+        """Log ``event`` with ``extra`` fields unless a line went out less than ``interval_s`` ago.
+        Returns whether it logged."""
+        now = self._clock()
+        if now < self._next:
+            self.suppressed += 1
+            return False
+        self.logger.warning(event, extra={**extra, "suppressed": self.suppressed})
+        self.suppressed, self._next = 0, now + self.interval_s
+        return True

@@ -15,10 +15,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ..protos import datastore_pb2, datastore_pb2_grpc
+from ..protos import datastore_pb2
 
 from .metrics import Metrics
 from .servicer import DatastoreServicer, ServiceConfig
+from .wire import add_to_server
 
 log = logging.getLogger("datastore.server")
 
@@ -111,7 +112,7 @@ class DatastoreServer:
         o = self.options
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if o.reuse_port else 0),
                                           ("grpc.max_receive_message_length", 8 << 20)])
-        datastore_pb2_grpc.add_DatastoreServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)   # the generated registration, with request parsing that never raises
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if o.reflection:
             from grpc_reflection.v1alpha import reflection

@@ -1,18 +1,34 @@
 """The gRPC servicer: protobufs in, ``DatastoreIndex`` calls, protobufs out (the server-side edge).
 
-Retrieval runs directly in the asyncio handler, on the event loop thread. A lookup is ~10-40 us of
-compiled loops over memory-mapped arrays; handing it to a thread pool would add a thread hop and a
-future (~50-100 us on this class of machine), i.e. more than the work itself.
-Document search (OpenSession: embedding + FAISS, milliseconds) runs in a small thread pool instead so
-that it never stalls lookups.
+Cheap lookups run directly in the asyncio handler, on the event loop thread. A lookup with the default
+options is ~10-40 us of compiled loops over memory-mapped arrays; handing it to a thread pool would add a
+thread hop and a future (~50-100 us on this class of machine), i.e. more than the work itself.
+The work of one lookup is bounded by its options: it reads ``max_matches`` continuations of ``depth``
+tokens, so ``max_matches * depth`` ("cells") is its cost, refused past ``max_lookup_cells`` (65,536:
+a few ms); options past ``OPTION_LIMITS`` and hints past ``max_hint`` entries are refused too
+(INVALID_ARGUMENT, never clamped: a client learns its request was not served as asked). A lookup of more
+than ``inline_cells`` cells, and a RetrieveBatch whose lookups sum to more, runs in a small thread pool
+instead (``lookup_workers`` threads; the kernels release the GIL), so that it never stalls other callers'
+answers. Document search (OpenSession: embedding + FAISS, milliseconds) runs in its own small pool.
 
 Overload protection is a bounded in-flight counter: a request that arrives when ``max_concurrency``
-RPCs are already being handled gets RESOURCE_EXHAUSTED immediately (no queue is built in Python).
+RPCs are already being handled gets RESOURCE_EXHAUSTED immediately (no queue is built in Python). A unary
+RPC counts from the start of its handler until gRPC has sent its answer (its done callback), a
+RetrieveStream message until gRPC has taken its answer: a handler that never awaits would otherwise leave
+the count at 1 and let every other call queue inside gRPC.
 
 Every RPC goes through one of two wrappers, ``_unary`` and ``_stream`` (RetrieveStream: the same steps per
 message), which do what is common to all of them: the in-flight count and load shedding, the bearer-token
-check, latency and status metrics, and turning an ``RpcError`` into the call's status. The handlers only
-translate between protobufs and ``DatastoreIndex`` / session calls.
+check, requests whose bytes did not parse (INVALID_ARGUMENT after the token check, one log line a minute;
+datastore/wire.py), latency and status metrics, and turning an ``RpcError`` into the call's status. The
+handlers only translate between protobufs and ``DatastoreIndex`` / session calls. Error details echo ids
+(session ids, fingerprints) cut to 64 characters; ids longer than ``MAX_ID_CHARS`` are refused.
+
+Reads and sessions: a session id is a capability, 128 random bits from ``secrets`` returned only to the
+caller that opened the session (authenticated when the server has a token). A read carrying it uses and
+updates that session (its memory follows the context tails, its TTL is refreshed) without a token:
+holding the id is the authorisation, as it is for the opener's own lookups. ``Info`` without the token
+shows the manifest without paths (datastore/public_manifest.py).
 
 RetrieveStream serves the same lookups as Retrieve, one response per request on a long-lived stream: a
 message on an open HTTP/2 stream costs the Python gRPC runtime about a third less than a new unary call
@@ -37,9 +53,12 @@ import numpy as np
 from ..protos import datastore_pb2 as pb
 from ..protos import datastore_pb2_grpc as pb_grpc
 
+from .logs import RateLimitedLog
 from .memory import TokenMemory
 from .metrics import Metrics
+from .public_manifest import public_manifest
 from .sessions import SessionStore
+from .wire import Undecodable
 
 log = logging.getLogger("datastore.servicer")
 
@@ -51,6 +70,21 @@ _ALL_DATASTORE = tuple(bytes([pb.SOURCE_DATASTORE]) * k for k in range(257))
 
 READ_METHODS = frozenset({"Info", "Retrieve", "RetrieveBatch", "RetrieveStream"})
 WRITE_METHODS = frozenset({"OpenSession", "CloseSession"})
+
+# Largest value of each RetrieveOptions field (0 = the server's default). A span beyond the longest context
+# (--max-context) changes nothing; the cost of a lookup is bounded by max_matches x depth (max_lookup_cells).
+OPTION_LIMITS = {"max_span": 1024, "min_span": 1024, "max_matches": 1024, "depth": 1024}
+# DatastoreIndex.retrieve's defaults, for the cost of a request that leaves them unset (a unit test checks)
+INDEX_DEFAULTS = {"max_span": 16, "min_span": 2, "max_matches": 64, "depth": 8, "min_prob": 0.1}
+MEMORY_MATCHES = 16        # DatastoreIndex.retrieve's memory_matches: more rows of a memory session
+MAX_ID_CHARS = 128         # session ids and tokenizer fingerprints longer than this are refused
+ECHO_CHARS = 64            # an id in error details is cut to this
+
+
+def _clip(s: str, n: int = ECHO_CHARS) -> str:
+    """``s`` for error details: its first ``n`` characters and its length when longer (gRPC sends details
+    as trailing metadata; a 100 KB id would exceed the peer's metadata limit and read as RESOURCE_EXHAUSTED)."""
+    return repr(s) if len(s) <= n else f"{s[:n]!r}... ({len(s)} characters)"
 
 
 @dataclass
@@ -67,7 +101,27 @@ class ServiceConfig:
     max_top_k: int = 256
     retrieve_defaults: dict = field(default_factory=dict)   # max_span, min_span, max_matches, depth, min_prob
     search_workers: int = 2
+    max_lookup_cells: int = 65_536   # max_matches x depth of one lookup (its work: a few ms at most)
+    max_hint: int = 1024             # entries of hint_tokens / hint_probs
+    inline_cells: int = 4096         # lookups (a batch: their sum) of more cells run in the lookup pool
+    lookup_workers: int = 2          # threads of the lookup pool
     debug_delay_s: float = 0.0       # tests only: await this long before each lookup (Retrieve, RetrieveStream)
+
+    def check(self) -> None:
+        """ValueError when a limit is not positive or the retrieval defaults exceed the per-request limits."""
+        for name in ("max_context", "max_budget", "max_batch", "max_concurrency", "max_lookup_cells", "max_hint",
+                     "inline_cells", "lookup_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        d = {**INDEX_DEFAULTS, **self.retrieve_defaults}
+        for name, limit in OPTION_LIMITS.items():
+            if not 1 <= d[name] <= limit:
+                raise ValueError(f"the default {name} {d[name]} is outside 1..{limit}")
+        if not 0 <= d["min_prob"] <= 1:
+            raise ValueError("the default min_prob must lie in [0, 1]")
+        if d["max_matches"] * d["depth"] > self.max_lookup_cells:
+            raise ValueError(f"the default max_matches x depth = {d['max_matches'] * d['depth']} exceeds "
+                             f"max_lookup_cells {self.max_lookup_cells}")
 
 
 class RpcError(Exception):
@@ -81,12 +135,25 @@ def _invalid(msg: str) -> RpcError:
     return RpcError(grpc.StatusCode.INVALID_ARGUMENT, msg)
 
 
+@dataclass
+class _Lookup:
+    """A validated Retrieve request: the arguments of ``index.retrieve`` and the cost they declare."""
+    ctx: np.ndarray          # int32 [n] context tail
+    budget: int
+    kwargs: dict             # retrieve() keyword arguments (options, hint, doc_filter, memory)
+    cells: int               # max_matches x depth (+ the memory's rows): the bound on the lookup's work
+
+
 def _session_worker(session_id: str) -> Optional[int]:
     """The worker number in a ``w<N>-...`` session id (``--workers N``), else None."""
     head, sep, _ = session_id.partition("-")
     if sep and head[:1] == "w" and head[1:].isdigit():
         return int(head[1:])
     return None
+
+
+def _first(answers: list):
+    return answers[0]
 
 
 class _OpenStream:
@@ -98,14 +165,18 @@ class _OpenStream:
         self.task, self.idle, self.cancelled_idle = task, False, False
 
 
-def _unary(method: str, *, shed: bool = True, needs_index: bool = True, lookup: bool = False):
+def _unary(method: str, *, shed: bool = True, needs_index: bool = True, lookup: bool = False,
+           with_auth: bool = False):
     """Wrap ``handler(self, index, request) -> response`` (a function, or a coroutine function when it must
-    wait) into the servicer's ``async method(request, context)`` for the unary RPC ``method``.
+    wait; it may also return a future of the response: a lookup sent to the pool) into the servicer's
+    ``async method(request, context)`` for the unary RPC ``method``.
 
-    The wrapper counts the call in flight and, when ``shed``, refuses it past ``max_concurrency``; checks
-    the bearer token; passes the index snapshot (UNAVAILABLE while none is loaded, unless not
-    ``needs_index``: the handler then gets None); for a ``lookup``, awaits the tests' ``debug_delay_s``;
-    and records the latency and the status, aborting with an ``RpcError``'s code and details.
+    The wrapper counts the call in flight until gRPC has sent its answer and, when ``shed``, refuses it
+    past ``max_concurrency``; checks the bearer token; answers INVALID_ARGUMENT for undecodable request
+    bytes; passes the index snapshot (UNAVAILABLE while none is loaded, unless not ``needs_index``: the
+    handler then gets None); for a ``lookup``, awaits the tests' ``debug_delay_s``; with ``with_auth``
+    passes whether the caller showed the server's token (a fourth argument); and records the latency
+    and the status, aborting with an ``RpcError``'s code and details.
     Info and CloseSession are never shed: both are cheap, and refusing CloseSession would keep a session
     alive that its client is done with.
     """
@@ -115,21 +186,27 @@ def _unary(method: str, *, shed: bool = True, needs_index: bool = True, lookup: 
         @functools.wraps(handler)
         async def rpc(self, request, context):
             t0 = time.perf_counter()
-            self._in_flight += 1
+            counted = self._admit(context)
             try:
                 if shed:
                     self._check_load()
-                self._check_auth(method, context)
+                authed = self._check_auth(method, context, with_auth)
+                if type(request) is Undecodable:
+                    raise self._undecodable(method, request)
                 index = self._require_index() if needs_index else self._index
                 if lookup and self.config.debug_delay_s:
                     await asyncio.sleep(self.config.debug_delay_s)
-                resp = await handler(self, index, request) if waits else handler(self, index, request)
+                args = (self, index, request, authed) if with_auth else (self, index, request)
+                resp = await handler(*args) if waits else handler(*args)
+                if isinstance(resp, asyncio.Future):
+                    resp = await resp
                 self.metrics.ok_by_method[method].inc()
                 return resp
             except RpcError as e:
                 await self._fail(method, context, e)
             finally:
-                self._in_flight -= 1
+                if not counted:
+                    self._in_flight -= 1
                 self.metrics.latency_by_method[method].observe(time.perf_counter() - t0)
 
         return rpc
@@ -138,14 +215,17 @@ def _unary(method: str, *, shed: bool = True, needs_index: bool = True, lookup: 
 
 
 def _stream(method: str):
-    """Wrap ``handler(self, index, request) -> response`` (a function: it runs once per message) into the
-    servicer's async generator for the stream-stream RPC ``method``, one response per request, in order.
+    """Wrap ``handler(self, index, request) -> response`` (a function: it runs once per message; it may
+    return a future of the response, a lookup sent to the pool) into the servicer's async generator for
+    the stream-stream RPC ``method``, one response per request, in order.
 
     When the stream opens: the bearer token (its metadata comes once) and, while draining, UNAVAILABLE.
-    Per message, what ``_unary`` does per call (in-flight count and load shedding, index snapshot, the
-    tests' ``debug_delay_s``, latency and status); an ``RpcError`` ends the stream with its status. The
-    per-message path holds no await besides reading the next request (and the tests' delay): on this path
-    a coroutine or a task per message would cost more than the lookup (see the module docstring).
+    Per message, what ``_unary`` does per call (in-flight count and load shedding, undecodable bytes, index
+    snapshot, the tests' ``debug_delay_s``, latency and status); an ``RpcError`` ends the stream with its
+    status. A message counts in flight until gRPC has taken its answer (the generator resumes then). The
+    per-message path of a cheap lookup holds no await besides reading the next request and handing over
+    the answer (and the tests' delay): on this path a coroutine or a task per message would cost more than
+    the lookup (see the module docstring).
     ``end_streams`` ends a stream that is waiting for its next request with status OK.
     """
     def wrap(handler):
@@ -176,19 +256,25 @@ def _stream(method: str):
                     t0 = time.perf_counter()
                     self._in_flight += 1
                     try:
-                        self._check_load()
-                        index = self._require_index()
-                        if cfg.debug_delay_s:
-                            await asyncio.sleep(cfg.debug_delay_s)
-                        resp = handler(self, index, request)
-                        ok.inc()
-                    except RpcError as e:
-                        await self._fail(method, context, e)   # ends the stream with e's status
-                        return
+                        try:
+                            self._check_load()
+                            if type(request) is Undecodable:
+                                raise self._undecodable(method, request)
+                            index = self._require_index()
+                            if cfg.debug_delay_s:
+                                await asyncio.sleep(cfg.debug_delay_s)
+                            resp = handler(self, index, request)
+                            if isinstance(resp, asyncio.Future):
+                                resp = await resp
+                            ok.inc()
+                        except RpcError as e:
+                            await self._fail(method, context, e)   # ends the stream with e's status
+                            return
+                        finally:
+                            latency.observe(time.perf_counter() - t0)
+                        yield resp
                     finally:
                         self._in_flight -= 1
-                        latency.observe(time.perf_counter() - t0)
-                    yield resp
             except asyncio.CancelledError:
                 if not (self._draining and me.cancelled_idle):
                     raise
@@ -209,6 +295,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     def __init__(self, index: Any = None, config: Optional[ServiceConfig] = None, metrics: Optional[Metrics] = None,
                  tokenizer: Any = None, worker_id: Optional[int] = None):
         self.config = config or ServiceConfig()
+        self.config.check()
         self.metrics = metrics or Metrics()
         # Under --workers N each process keeps its own sessions; their ids name the worker that holds them.
         self.worker_id = worker_id
@@ -216,13 +303,16 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
                                      prefix="" if worker_id is None else f"w{worker_id}-")
         self.tokenizer = tokenizer           # optional: decodes OpenSession.prompt_ids into a query
         self._index = None
-        self._info: Optional[pb.InfoResponse] = None
+        self._info: Optional[pb.InfoResponse] = None          # for callers with the server's token
+        self._public_info: Optional[pb.InfoResponse] = None   # for the others: the manifest without paths
         self._in_flight = 0                  # RPCs being handled (a RetrieveStream while it answers a message)
         # read when scraped: a gauge updated per RPC would cost a lock round trip on every lookup
         self.metrics.in_flight.set_function(lambda: self._in_flight)
         self._streams: set[_OpenStream] = set()
         self._draining = False
         self._search_pool = ThreadPoolExecutor(max(1, self.config.search_workers), thread_name_prefix="doc-search")
+        self._lookup_pool = ThreadPoolExecutor(self.config.lookup_workers, thread_name_prefix="lookup")
+        self._bad_bytes_log = RateLimitedLog(log)
         if index is not None:
             self.swap_index(index)
 
@@ -247,16 +337,21 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             session_ttl_s=self.config.session_ttl_s,
             server_version=SERVER_VERSION,
         )
+        public = pb.InfoResponse()
+        public.CopyFrom(info)
+        public.manifest_json = json.dumps(public_manifest(index.manifest), sort_keys=True, default=str)
         old = self._index
         # One reference assignment each: a handler reads ``self._index`` once at its start and uses that
         # object to the end, so in-flight requests finish on the snapshot they started with.
         self._info = info
+        self._public_info = public
         self._index = index
         self.metrics.set_index(info.index_id, info.tokenizer_fingerprint, info.num_tokens)
         return old
 
     def close(self) -> None:
         self._search_pool.shutdown(wait=False, cancel_futures=True)
+        self._lookup_pool.shutdown(wait=False, cancel_futures=True)
 
     def end_streams(self) -> int:
         """Draining: end every open RetrieveStream with status OK, and refuse new ones. A stream waiting
@@ -272,17 +367,45 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         return len(streams)
 
     # ------------------------------------------------------------------ helpers
-    def _check_auth(self, method: str, context) -> None:
+    def _authenticated(self, context) -> bool:
+        """Whether the call carries ``authorization: Bearer <the server's token>`` (constant-time compare)."""
         token = self.config.auth_token
-        if not token or (method in READ_METHODS and not self.config.auth_reads):
-            return
+        if not token:
+            return False
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                v = value if isinstance(value, str) else value.decode()
-                if v.startswith("Bearer ") and hmac.compare_digest(v[7:].encode(), token.encode()):
-                    return
-                break
-        raise RpcError(grpc.StatusCode.UNAUTHENTICATED, f"{method} requires 'authorization: Bearer <token>' metadata")
+                v = value if isinstance(value, str) else value.decode("utf-8", "replace")
+                return v.startswith("Bearer ") and hmac.compare_digest(v[7:].encode(), token.encode())
+        return False
+
+    def _check_auth(self, method: str, context, want: bool = False) -> bool:
+        """UNAUTHENTICATED when ``method`` needs the token and the call lacks it. Returns whether the call
+        has it (for an open read only when ``want``: the metadata is not read otherwise)."""
+        if not self.config.auth_token:
+            return False
+        if method in READ_METHODS and not self.config.auth_reads:
+            return want and self._authenticated(context)
+        if not self._authenticated(context):
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED,
+                           f"{method} requires 'authorization: Bearer <token>' metadata")
+        return True
+
+    def _admit(self, context) -> bool:
+        """Count a unary call in flight until gRPC has finished it (its done callback); returns False when
+        the context takes no callback (the caller then uncounts it when the handler returns)."""
+        self._in_flight += 1
+        try:
+            context.add_done_callback(self._release)
+            return True
+        except (AttributeError, NotImplementedError):
+            return False
+
+    def _release(self, _context=None) -> None:
+        self._in_flight -= 1
+
+    def _undecodable(self, method: str, request: Undecodable) -> RpcError:
+        self._bad_bytes_log.warning("undecodable request", method=method, bytes=request.size, error=request.error)
+        return _invalid(request.details())
 
     def _require_index(self):
         index = self._index
@@ -298,7 +421,8 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
 
     async def _fail(self, method: str, context, err: RpcError):
         self.metrics.error(method, err.code.name)
-        await context.abort(err.code, err.details)
+        # details travel as trailing metadata: keep them far below the peers' metadata limits
+        await context.abort(err.code, err.details if len(err.details) <= 1024 else err.details[:1024] + "...")
 
     async def _search_documents(self, index, query: str, top_k: int) -> np.ndarray:
         """The index's top-k document ids for ``query`` ([<= top_k] int64), searched in the thread pool."""
@@ -310,14 +434,16 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             raise RpcError(grpc.StatusCode.INTERNAL, f"document search failed: {type(e).__name__}: {e}")
 
     def _session(self, index, session_id: str):
+        if len(session_id) > MAX_ID_CHARS:
+            raise _invalid(f"session_id has {len(session_id)} characters; session ids have at most {MAX_ID_CHARS}")
         s = self.sessions.get(session_id)
         if s is None:
             owner = _session_worker(session_id)
             if self.worker_id is not None and owner is not None and owner != self.worker_id:
-                raise _invalid(f"session {session_id!r} lives in worker {owner} of this server, but this call reached "
-                               f"worker {self.worker_id}: send a session's calls over the channel (connection) that "
-                               "opened it, or serve with --workers 1")
-            raise _invalid(f"unknown or expired session {session_id!r}")
+                raise _invalid(f"session {_clip(session_id)} lives in worker {owner} of this server, but this call "
+                               f"reached worker {self.worker_id}: send a session's calls over the channel "
+                               "(connection) that opened it, or serve with --workers 1")
+            raise _invalid(f"unknown or expired session {_clip(session_id)}")
         if s.index_id != str(index.index_id):
             # The index was reloaded since the session opened: document ids may mean other documents.
             if len(s.doc_ids) and s.query:
@@ -326,7 +452,15 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             s.index_id = str(index.index_id)
         return s
 
-    def _retrieve_one(self, index, req) -> pb.RetrieveResponse:
+    def _check_fingerprint(self, fp: str) -> None:
+        if fp and fp != self._info.tokenizer_fingerprint:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"tokenizer fingerprint {_clip(fp)} does not match the index's "
+                           f"{self._info.tokenizer_fingerprint}")
+
+    def _prepare(self, index, req) -> _Lookup:
+        """Validate a RetrieveRequest (RpcError when it is bad) and bring its session's memory up to date;
+        runs on the event loop thread (sessions are touched there only)."""
         cfg = self.config
         n = len(req.context)
         if n == 0:
@@ -336,12 +470,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         budget = req.budget
         if budget < 1 or budget > cfg.max_budget:
             raise _invalid(f"budget {budget} is outside 1..{cfg.max_budget}")
-        fp = req.tokenizer_fingerprint
-        if fp and fp != self._info.tokenizer_fingerprint:
-            raise RpcError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"tokenizer fingerprint {fp} does not match the index's {self._info.tokenizer_fingerprint}",
-            )
+        self._check_fingerprint(req.tokenizer_fingerprint)
         vocab = self._info.vocab_size
         ctx = np.array(req.context, dtype=np.int32)
         # one reduction for both bounds: as uint32, negative ids are >= 2**31 > vocab
@@ -349,6 +478,9 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             raise _invalid(f"context holds token ids outside the vocabulary [0, {vocab})")
         kwargs = dict(cfg.retrieve_defaults)
         if req.hint_tokens:
+            if len(req.hint_tokens) > cfg.max_hint:
+                raise _invalid(f"hint_tokens has {len(req.hint_tokens)} entries; the limit is {cfg.max_hint} "
+                               "(send the draft's most likely tokens)")
             if len(req.hint_tokens) != len(req.hint_probs):
                 raise _invalid("hint_tokens and hint_probs must have the same length")
             ht = np.asarray(req.hint_tokens, dtype=np.int32)
@@ -363,16 +495,22 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             raise _invalid("hint_probs without hint_tokens")
         if req.HasField("options"):
             o = req.options
-            for name in ("max_span", "min_span", "max_matches", "depth"):
+            for name, limit in OPTION_LIMITS.items():
                 v = getattr(o, name)
                 if v:
-                    if v > 1024:
-                        raise _invalid(f"options.{name}={v} is too large")
+                    if v > limit:
+                        raise _invalid(f"options.{name}={v} is too large (the limit is {limit})")
                     kwargs[name] = int(v)
             if o.min_prob:
                 if not 0 <= o.min_prob <= 1:
                     raise _invalid("options.min_prob must lie in [0, 1]")
                 kwargs["min_prob"] = float(o.min_prob)
+        matches = kwargs.get("max_matches", INDEX_DEFAULTS["max_matches"])
+        depth = kwargs.get("depth", INDEX_DEFAULTS["depth"])
+        if matches * depth > cfg.max_lookup_cells:
+            raise _invalid(f"options.max_matches x options.depth = {matches} x {depth} = {matches * depth} "
+                           f"exceeds the limit of {cfg.max_lookup_cells} continuation tokens per lookup")
+        cells = matches * depth
         if req.session_id:
             s = self._session(index, req.session_id)
             if len(s.doc_ids):
@@ -383,13 +521,34 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
                         raise _invalid(f"context_end {req.context_end} is smaller than the context ({n} tokens)")
                     s.memory.sync(ctx, req.context_end)
                 kwargs["memory"] = s.memory.tokens
-        r = index.retrieve(ctx, int(budget), **kwargs)
+                cells += MEMORY_MATCHES * depth
+        return _Lookup(ctx, int(budget), kwargs, cells)
+
+    def _respond(self, index, lookups: list[_Lookup], build):
+        """``build(answers)`` of the lookups' answers (RetrieveResponses): computed here when the lookups
+        are cheap together (<= ``inline_cells``), else a future of it computed in the lookup pool (the
+        memory arrays are copied first: the loop thread may append to a session's memory meanwhile)."""
+        if sum(lk.cells for lk in lookups) <= self.config.inline_cells:
+            return build([self._answer(index, lk) for lk in lookups])
+        for lk in lookups:
+            if "memory" in lk.kwargs:
+                lk.kwargs["memory"] = lk.kwargs["memory"].copy()
+
+        def work():
+            return build([self._answer(index, lk) for lk in lookups])
+
+        return asyncio.get_running_loop().run_in_executor(self._lookup_pool, work)
+
+    def _answer(self, index, lk: _Lookup) -> pb.RetrieveResponse:
+        """The lookup itself and its response (on the loop thread or in the lookup pool)."""
+        r = index.retrieve(lk.ctx, lk.budget, **lk.kwargs)
         m = self.metrics
         k = len(r.tokens)
         m.tree_size.observe(k)
+        index_id = str(index.index_id)
         if k == 0:
             m.miss.inc()
-            return pb.RetrieveResponse(index_id=self._info.index_id, match_len=int(r.match_len))
+            return pb.RetrieveResponse(index_id=index_id, match_len=int(r.match_len))
         m.hit.inc()
         m.nodes_datastore.inc(k)
         in_docs = np.asarray(r.in_documents, dtype=bool)
@@ -411,45 +570,47 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             parents=r.parents.tolist(),
             probs=r.probs.tolist(),
             sources=sources,
-            index_id=self._info.index_id,
+            index_id=index_id,
             match_len=int(r.match_len),
         )
 
     # ------------------------------------------------------------------ RPCs
-    # Each handler only translates: (index snapshot, request protobuf) -> response protobuf, raising RpcError
-    # for a bad request. Admission, auth, metrics and aborts are the wrappers' (``_unary``, ``_stream``).
-    @_unary("Info", shed=False)
-    def Info(self, index, request) -> pb.InfoResponse:
-        return self._info
+    # Each handler only translates: (index snapshot, request protobuf) -> response protobuf (or its future:
+    # a lookup in the pool), raising RpcError for a bad request. Admission, auth, metrics and aborts are
+    # the wrappers' (``_unary``, ``_stream``).
+    @_unary("Info", shed=False, with_auth=True)
+    def Info(self, index, request, authenticated: bool) -> pb.InfoResponse:
+        return self._info if authenticated else self._public_info
 
     @_unary("Retrieve", lookup=True)
-    def Retrieve(self, index, request) -> pb.RetrieveResponse:
-        return self._retrieve_one(index, request)
+    def Retrieve(self, index, request):
+        return self._respond(index, [self._prepare(index, request)], _first)
 
     @_stream("RetrieveStream")
-    def RetrieveStream(self, index, request) -> pb.RetrieveResponse:
-        resp = self._retrieve_one(index, request)
-        resp.seq = request.seq
-        return resp
+    def RetrieveStream(self, index, request):
+        seq = request.seq
+
+        def with_seq(answers):
+            answers[0].seq = seq
+            return answers[0]
+
+        return self._respond(index, [self._prepare(index, request)], with_seq)
 
     @_unary("RetrieveBatch")
-    def RetrieveBatch(self, index, request) -> pb.RetrieveBatchResponse:
+    def RetrieveBatch(self, index, request):
         if len(request.requests) > self.config.max_batch:
             raise _invalid(f"batch of {len(request.requests)} requests; the limit is {self.config.max_batch}")
-        out = pb.RetrieveBatchResponse()
+        lookups = []
         for i, req in enumerate(request.requests):
             try:
-                out.responses.append(self._retrieve_one(index, req))
+                lookups.append(self._prepare(index, req))
             except RpcError as e:
                 raise RpcError(e.code, f"requests[{i}]: {e.details}") from None
-        return out
+        return self._respond(index, lookups, lambda answers: pb.RetrieveBatchResponse(responses=answers))
 
     @_unary("OpenSession")
     async def OpenSession(self, index, request) -> pb.OpenSessionResponse:
-        if request.tokenizer_fingerprint and request.tokenizer_fingerprint != self._info.tokenizer_fingerprint:
-            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"tokenizer fingerprint {request.tokenizer_fingerprint} does not match the index's "
-                           f"{self._info.tokenizer_fingerprint}")
+        self._check_fingerprint(request.tokenizer_fingerprint)
         ids = None
         if request.prompt_ids:
             if len(request.prompt_ids) > 8 * self.config.max_context:
@@ -486,6 +647,9 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     def CloseSession(self, index, request) -> pb.CloseSessionResponse:
         if not request.session_id:
             raise _invalid("session_id is empty")
+        if len(request.session_id) > MAX_ID_CHARS:
+            raise _invalid(f"session_id has {len(request.session_id)} characters; session ids have at most "
+                           f"{MAX_ID_CHARS}")
         closed = self.sessions.close(request.session_id)
         self.metrics.sessions.set(len(self.sessions))
         return pb.CloseSessionResponse(closed=closed)

@@ -29,6 +29,11 @@ class Session:
     memory: Optional[TokenMemory] = None   # the request's own tokens (memory sessions)
 
 
+# A session id is a capability: whoever holds it may use and update the session (datastore/servicer.py), so
+# it is 128 bits from the OS's CSPRNG, returned only to the caller that opened the session.
+ID_BYTES = 16
+
+
 class SessionStore:
     """Thread-safe LRU+TTL map ``session_id -> Session``.
 
@@ -59,7 +64,7 @@ class SessionStore:
     def create(self, query: str, doc_ids: np.ndarray, index_id: str, memory: Optional[TokenMemory] = None
                ) -> Session:
         now = self._clock()
-        sid = self.prefix + secrets.token_hex(12)
+        sid = self.prefix + secrets.token_hex(ID_BYTES)
         s = Session(sid, query, np.sort(np.asarray(doc_ids, dtype=np.int64)), index_id, now + self.ttl_s, memory)
         with self._lock:
             self._purge_locked(now)

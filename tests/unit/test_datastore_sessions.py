@@ -77,3 +77,23 @@ def test_tree_from_result_sources():
     t = tree_from_result(9, R)
     assert t.tokens.tolist() == [9, 5, 6] and t.parents.tolist() == [-1, 0, 1]
     assert t.sources.tolist() == [0, Source.DATASTORE | Source.DOCUMENTS, Source.DATASTORE | Source.CONTEXT]
+
+
+def test_session_ids_are_unguessable_capabilities():
+    """A session id authorises its holder to use and update the session (reads need no token), so it must
+    be unguessable: 128 bits from the CSPRNG, no two alike, every hex digit equally likely everywhere."""
+    import collections
+
+    s = SessionStore(ttl_s=10, max_sessions=5000, prefix="w3-")
+    ids = [s.create("q", np.zeros(0), "idx").session_id for _ in range(4000)]
+    assert len(set(ids)) == len(ids)
+    bodies = [i[len("w3-"):] for i in ids]
+    assert all(len(b) == 32 and int(b, 16) >= 0 for b in bodies)     # 32 hex digits = 128 bits
+    # each of the 32 positions: 16 digits ~ 250 times each; a fixed or sequential part would be far off
+    for pos in range(32):
+        counts = collections.Counter(b[pos] for b in bodies)
+        chi2 = sum((c - 250) ** 2 / 250 for c in counts.values()) + 250 * (16 - len(counts))
+        assert chi2 < 60, (pos, counts)     # 15 degrees of freedom: p < 1e-6 beyond 60
+    # consecutive ids share nothing (no counter, no clock in them)
+    same = sum(a[:8] == b[:8] for a, b in zip(bodies, bodies[1:]))
+    assert same == 0
