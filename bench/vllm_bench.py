@@ -63,16 +63,16 @@ def load_prompts(args) -> tuple[list[str], str]:
 
 
 def summarize(folder: Path) -> str:
-    """A Markdown table over the reports in ``folder`` (``CFG_bB_rR.json``): tokens/s (median over rounds),
-    mean accepted length, outputs identical to ``plain`` at the same batch size."""
+    """A Markdown table over the reports in ``folder`` (``CFG_bB_rR.json``): tokens/s (median over rounds, and
+    each round's in round order), mean accepted length, outputs identical to ``plain`` at the same batch size."""
     import statistics
 
     reports: dict[tuple[str, int], list[dict]] = {}
     for f in sorted(folder.glob("*_b*_r*.json")):
         cfg, b, _ = f.stem.rsplit("_", 2)
         reports.setdefault((cfg, int(b[1:])), []).append(json.loads(f.read_text()))
-    lines = ["| configuration | batch | tokens/s (median) | mean accepted length | vs vLLM plain | identical to plain |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = ["| configuration | batch | tokens/s (median) | each round | mean accepted length | vs vLLM plain | identical to plain |",
+             "|---|---:|---:|---|---:|---:|---|"]
     for b in sorted({b for _, b in reports}):
         plain = reports.get(("plain", b), [])
         ref = [sorted(r["runs"], key=lambda x: x["index"]) for r in plain]
@@ -86,7 +86,8 @@ def summarize(folder: Path) -> str:
                        if ref and x["token_ids"] == ref[0][x["index"]]["token_ids"])
             total = sum(len(r["runs"]) for r in rs)
             mal_text = f"{statistics.median(mal):.2f}" if mal else "-"
-            lines.append(f"| {cfg} | {b} | {tps:.1f} | {mal_text} | {tps / base:.2f}x | {same}/{total} |")
+            rounds = " / ".join(f"{r['tokens_per_second']:.1f}" for r in rs)
+            lines.append(f"| {cfg} | {b} | {tps:.1f} | {rounds} | {mal_text} | {tps / base:.2f}x | {same}/{total} |")
     return "\n".join(lines)
 
 

@@ -2,6 +2,8 @@
 # Every vLLM method at batch 1 and 8, each in its own engine process, over the same Spec-Bench prompts
 # (BENCHMARKS.md §5); our proposer's counters and learned step cost go to OUT_DIR/stats/.
 # Usage: bash bench/vllm_bench_all.sh INDEX_DIR OUT_DIR [N_PER_CATEGORY] [ROUNDS]
+# Environment: CONFIGS (default "plain ngram ctx index remote"; "suffix" needs arctic-inference in the Python
+# named by SUFFIX_PY), BATCHES (default "1 8"), FIRST_ROUND (default 1: numbers the reports of a later run).
 # The remote configuration starts datastore-serve on 127.0.0.1 over the same index (same 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,17 +17,20 @@ PY=.venv-vllm/bin/python
 DS=$!; trap 'kill $DS 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [ -s "$OUT/port" ] && break; sleep 0.3; done
 ADDR=127.0.0.1:$(cat "$OUT/port")
-for r in $(seq "$ROUNDS"); do
-  for b in 1 8; do
-    for cfg in plain ngram ctx index remote; do
+FIRST=${FIRST_ROUND:-1}
+for r in $(seq "$FIRST" $((FIRST + ROUNDS - 1))); do
+  for b in ${BATCHES:-1 8}; do
+    for cfg in ${CONFIGS:-plain ngram ctx index remote}; do
+      run=$PY
       case $cfg in
         plain|ngram) args=(--method "$cfg");;
+        suffix) args=(--method suffix); run=${SUFFIX_PY:?SUFFIX_PY: a Python with vLLM and arctic-inference};;
         ctx) args=(--method specstore);;
         index) args=(--method specstore --index "$INDEX");;
         remote) args=(--method specstore --datastore "$ADDR");;
       esac
       SPECSTORE_STATS_FILE="$OUT/stats/${cfg}_b${b}_r${r}.json" \
-      $PY -m specstore.bench.vllm_bench "${args[@]}" --batch "$b" --prompts-file "$Q" --n-per-category "$N" \
+      $run -m specstore.bench.vllm_bench "${args[@]}" --batch "$b" --prompts-file "$Q" --n-per-category "$N" \
         --max-new-tokens 128 --json-out "$OUT/${cfg}_b${b}_r${r}.json" 2>"$OUT/${cfg}_b${b}_r${r}.log" | tail -1
     done
   done

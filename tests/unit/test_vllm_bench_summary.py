@@ -1,0 +1,22 @@
+"""bench/vllm_bench.py --summarize: medians over rounds, every round shown, identity to plain counted."""
+from __future__ import annotations
+
+import json
+
+from specstore.bench.vllm_bench import summarize
+
+
+def _report(path, tps, ids, mal=None):
+    runs = [{"index": i, "token_ids": t, "text": "", "seconds": 1.0} for i, t in enumerate(ids)]
+    path.write_text(json.dumps({"tokens_per_second": tps, "mean_accepted_length": mal, "runs": runs}))
+
+
+def test_summary_rows(tmp_path):
+    _report(tmp_path / "plain_b1_r1.json", 10.0, [[1, 2], [3, 4]])
+    _report(tmp_path / "plain_b1_r2.json", 12.0, [[1, 2], [3, 4]])
+    _report(tmp_path / "ctx_b1_r1.json", 15.0, [[1, 2], [3, 5]], 2.0)
+    _report(tmp_path / "ctx_b1_r2.json", 13.0, [[1, 2], [3, 4]], 2.5)
+    lines = summarize(tmp_path).splitlines()
+    assert lines[2] == "| plain | 1 | 11.0 | 10.0 / 12.0 | - | 1.00x | 4/4 |"
+    # median 14.0 over plain's 11.0; one output of round 1 differs from plain's
+    assert lines[3] == "| ctx | 1 | 14.0 | 15.0 / 13.0 | 2.25 | 1.27x | 3/4 |"
