@@ -158,21 +158,22 @@ def summary(name: str, t: dict, costs: Sequence[float], plain_seconds: Optional[
 
 def make_proposer(spec: str, k: int, token_cost: float, tokenizer_dir: Optional[str],
                   learn_cost: bool = False) -> tuple[str, SpecstoreProposer]:
-    """``ctx`` | ``index=DIR`` | ``remote=HOST:PORT`` (optionally ``,key=value`` proposer options)."""
+    """``plain`` | ``ctx`` | ``index=DIR`` | ``remote=HOST:PORT``, then optionally ``,key=value`` proposer options
+    (``SPECSTORE_KEY``; ``+`` separates the items of a list: ``ctx,drafters=context+outputs``)."""
     if spec == "plain":
         return spec, PlainProposer(k)
-    name, _, rest = spec.partition("=")
-    parts = rest.split(",") if rest else []
+    head, *opts = spec.split(",")
+    name, _, where = head.partition("=")
     env = {"SPECSTORE_TOKEN_COST": str(token_cost)}
     if name == "index":
-        env["SPECSTORE_INDEX"] = parts.pop(0)
+        env["SPECSTORE_INDEX"] = where
     elif name == "remote":
-        env["SPECSTORE_DATASTORE"] = parts.pop(0)
+        env["SPECSTORE_DATASTORE"] = where
     elif name != "ctx":
         raise ValueError(f"--config {spec}: expected ctx, index=DIR or remote=HOST:PORT")
-    for kv in parts:
+    for kv in opts:   # proposer options; a list value joins its items with "+" (drafters=context+outputs)
         key, _, value = kv.partition("=")
-        env[f"SPECSTORE_{key.upper()}"] = value
+        env[f"SPECSTORE_{key.upper()}"] = value.replace("+", ",")
     cfg = SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=k),
                           model_config=SimpleNamespace(max_model_len=MAX_LEN, model=tokenizer_dir,
                                                        tokenizer=tokenizer_dir))
