@@ -404,3 +404,17 @@ def test_faiss_gpu_path_builds_the_same_index(tok, corpus, tmp_path, tiny_embedd
     for q in ["capital city of France", "ownership in Rust"]:
         a, b = cpu.search_chunks(q, 4), gpu.search_chunks(q, 4)
         assert np.allclose(a[0], b[0], atol=1e-5) and a[1].tolist() == b[1].tolist()
+
+
+def test_a_second_build_of_the_same_index_is_refused(tmp_path):
+    """Two builds of one index would share its staging folder: the second is refused while the first holds
+    ``.<name>.lock`` (the kernel drops it when the holder dies, even by SIGKILL)."""
+    from specstore.datastore.durable import exclusive_lock
+    from specstore.indexers.build import BuildError
+
+    with exclusive_lock(tmp_path / ".i.lock"):
+        with pytest.raises(BuildError, match="another index-build is writing"):
+            build_index(None, tmp_path / "i", BuildOptions(progress=False), token_docs=[[1, 2, 3]])
+    assert not (tmp_path / "i").exists()
+    build_index(None, tmp_path / "i", BuildOptions(progress=False), token_docs=[[1, 2, 3]])
+    assert DatastoreIndex.open(tmp_path / "i").num_documents == 1
