@@ -131,7 +131,8 @@ class IndexManifest:
     faiss: None (no embeddings) or {"factory", "metric", "normalized", "num_vectors", "dim", "nprobe",
            "chunk_tokens", "embed_max_pieces", "built_on", "embedder": {"id", "path"}, "files"}
     stats: {"num_documents", "num_tokens", "num_shards", "bytes_suffix_store", "bytes_per_token", "bytes_faiss",
-            "read", "inputs", "appended_from", "previous_inputs"}
+            "read", "inputs", "appended_from", "previous_inputs", "build_key" (the build's resume key: a rerun
+            of the last --append with the same inputs and options is recognised and does nothing)}
     build_seconds: stage -> seconds; builder: {"chunk_tokens", "shard_tokens"}
     extra: top-level keys this version does not know (kept as they are on a load/dump round trip)
     """

@@ -60,6 +60,14 @@ class SimulatedCrash(RuntimeError):
     pass
 
 
+class AlreadyAppended(Exception):
+    """--append of the inputs (same files, sizes, mtimes, options) that the index's last append added."""
+
+    def __init__(self, manifest):
+        super().__init__("already appended")
+        self.manifest = manifest
+
+
 def _crash_point(name: str) -> None:
     """Test hook: ``SPECSTORE_INDEX_CRASH_AT=<point>`` raises there, ``<point>!kill`` SIGKILLs the process."""
     want = os.environ.get(CRASH_ENV)
@@ -196,7 +204,8 @@ class BuildContext:
     old: the manifest of the index appended to; embedder_path: resolved encoder folder (with embeddings);
     old_shards, doc_base: shard entries inherited from ``old`` and the first new document id;
     new_shards: manifest entries of the shards this build writes (``files`` filled by the suffix array stage);
-    read_stats: the reader's counters; faiss_meta: the manifest's ``faiss`` part (after the FAISS stage).
+    read_stats: the reader's counters; faiss_meta: the manifest's ``faiss`` part (after the FAISS stage);
+    key: the build's resume key (inputs' paths, sizes, mtimes, options, append base), kept in the manifest.
     """
 
     opts: BuildOptions
@@ -219,6 +228,7 @@ class BuildContext:
     new_shards: list = field(default_factory=list)
     read_stats: dict = field(default_factory=dict)
     faiss_meta: Optional[dict] = None
+    key: str = ""
 
     @property
     def first_new(self) -> int:
@@ -275,7 +285,12 @@ def build_index(
     out = Path(out).expanduser().resolve()
     with build_lock(out):
         recover_publish(out, log)
-        ctx = _prepare(inputs, out, options, tokenizer, log, token_docs, vocab_size, fingerprint)
+        try:
+            ctx = _prepare(inputs, out, options, tokenizer, log, token_docs, vocab_size, fingerprint)
+        except AlreadyAppended as done:
+            log(f"{out} already holds these inputs: its last --append added them (a rerun after that append "
+                "was interrupted once published); nothing to do")
+            return BuildReport(out, done.manifest.to_dict())
         _link_old_shards(ctx)
         tokenize_stage(ctx)
         suffix_array_stage(ctx)
@@ -378,18 +393,23 @@ def _prepare(inputs, out, opts: BuildOptions, tokenizer, log, token_docs, vocab_
         emb_path = str(Path(opts.embedder).expanduser().resolve()) if opts.embedder else str(default_embedder_path())
         emb_id = embedder_id(emb_path)
 
-    key = _config_key(
+    key_of = dict(
         format=FORMAT_VERSION, inputs=input_signature(inputs),
         token_docs=hashlib.sha256(b"".join(d.tobytes() + b"|" for d in token_docs)).hexdigest()
         if token_docs is not None else None, fingerprint=fingerprint, text_field=opts.text_field,
         template=opts.template, shard_tokens=opts.shard_tokens, skip_bad=opts.skip_bad_records,
-        embeddings=opts.embeddings, embedder=emb_id, faiss=opts.faiss_factory, chunk_tokens=opts.chunk_tokens,
-        append=old.index_id if old else None,
-    )
+        embeddings=opts.embeddings, embedder=emb_id, faiss=opts.faiss_factory, chunk_tokens=opts.chunk_tokens)
+    key = _config_key(**key_of, append=old.index_id if old else None)
+    if old is not None and old.stats.get("appended_from") and \
+            old.stats.get("build_key") == _config_key(**key_of, append=old.stats["appended_from"]):
+        # the rerun of an --append that was killed after its publish: appending again would add every
+        # document a second time
+        raise AlreadyAppended(old)
     staging = _open_staging(out, key, inputs, log)
     return BuildContext(opts=opts, out=out, staging=staging, stages=_Stages(staging), report=BuildReport(out, {}),
                         log=log, inputs=inputs, token_docs=token_docs, tokenizer=tokenizer, fingerprint=fingerprint,
-                        vocab_size=vocab_size, dtype=dtype, sep=sep_for(dtype), old=old, embedder_path=emb_path)
+                        vocab_size=vocab_size, dtype=dtype, sep=sep_for(dtype), old=old, embedder_path=emb_path,
+                        key=key)
 
 
 def _append_base(out: Path, opts: BuildOptions, fingerprint: str) -> tuple[IndexManifest, BuildOptions]:
@@ -859,6 +879,7 @@ def _manifest(ctx: BuildContext) -> IndexManifest:
             "inputs": ctx.inputs,
             "appended_from": ctx.old.index_id if ctx.old else None,
             "previous_inputs": prev_stats.get("inputs", []) + prev_stats.get("previous_inputs", []),
+            "build_key": ctx.key,
         },
         build_seconds=dict(ctx.report.stage_seconds),
         builder={"chunk_tokens": ctx.opts.chunk_tokens if ctx.opts.embeddings else None,

@@ -418,3 +418,19 @@ def test_a_second_build_of_the_same_index_is_refused(tmp_path):
     assert not (tmp_path / "i").exists()
     build_index(None, tmp_path / "i", BuildOptions(progress=False), token_docs=[[1, 2, 3]])
     assert DatastoreIndex.open(tmp_path / "i").num_documents == 1
+
+
+def test_rerun_of_a_published_append_adds_nothing(tmp_path):
+    """An --append killed after its publish (before it could report) is rerun by its operator: the same
+    inputs must not be added a second time; a different append still goes through."""
+    out = tmp_path / "i"
+    build_index(None, out, BuildOptions(progress=False), token_docs=[[1, 2, 3]], vocab_size=50)
+    first = build_index(None, out, BuildOptions(append=True, progress=False), token_docs=[[4, 5]], vocab_size=50)
+    logs = []
+    again = build_index(None, out, BuildOptions(append=True, progress=False), token_docs=[[4, 5]], vocab_size=50,
+                        log=logs.append)
+    ix = DatastoreIndex.open(out, verify=True)
+    assert again.manifest["index_id"] == first.manifest["index_id"] == ix.index_id and ix.num_documents == 2
+    assert any("nothing to do" in line for line in logs)
+    build_index(None, out, BuildOptions(append=True, progress=False), token_docs=[[6, 7]], vocab_size=50)
+    assert DatastoreIndex.open(out).num_documents == 3
