@@ -104,9 +104,26 @@ def atomic_open(path: PathLike, mode: str = "wb", *, unique: bool = False) -> It
     and renamed over ``path``."""
     with _swap_in(Path(path), unique, sync_tmp=False) as tmp:
         with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                raise _write_error(e, f, path) from None
+
+
+def _write_error(e: OSError, f: IO, path: PathLike) -> OSError:
+    """``e`` naming the file it failed to write. numpy's writers report a short write (a full disk) as
+    "N requested and M written" with no errno: one more byte written to the doomed temporary file gets the
+    system's own error (ENOSPC, EDQUOT, ...) to report instead."""
+    if e.errno is None:
+        try:
+            os.write(f.fileno(), b"\0")
+        except OSError as real:
+            e = OSError(real.errno, real.strerror)
+    if e.filename is None and e.errno is not None:
+        e = OSError(e.errno, e.strerror, str(path))
+    return e
 
 
 def write_bytes(path: PathLike, data: bytes, *, unique: bool = False) -> None:
