@@ -434,3 +434,27 @@ def test_rerun_of_a_published_append_adds_nothing(tmp_path):
     assert any("nothing to do" in line for line in logs)
     build_index(None, out, BuildOptions(append=True, progress=False), token_docs=[[6, 7]], vocab_size=50)
     assert DatastoreIndex.open(out).num_documents == 3
+
+
+def test_open_during_a_publish_never_mixes_two_snapshots(tmp_path, monkeypatch):
+    """A new index swapped in while a reader maps the old one's files (between reading the manifest and
+    opening the shards): the reader ends with one whole snapshot, the new one, not old metadata over new files."""
+    from specstore.datastore import index as index_module
+    from specstore.datastore.durable import replace_dir
+
+    out, new = tmp_path / "i", tmp_path / "j"
+    build_index(None, out, BuildOptions(progress=False), token_docs=[[1, 2, 3]], vocab_size=50)
+    build_index(None, new, BuildOptions(progress=False), token_docs=[[1, 2, 3, 4, 5, 6, 7], [8]], vocab_size=50)
+    new_id = DatastoreIndex.open(new).index_id
+    real_load, calls = index_module.Shard.load, []
+
+    def load_while_publishing(folder, name):
+        calls.append(name)
+        if len(calls) == 1:
+            replace_dir(new, out)        # the publish lands after the old manifest was read
+        return real_load(folder, name)
+
+    monkeypatch.setattr(index_module.Shard, "load", staticmethod(load_while_publishing))
+    ix = DatastoreIndex.open(out)
+    assert ix.index_id == new_id and ix.num_documents == 2 and len(calls) == 2
+    assert ix.retrieve([1, 2, 3, 4, 5], 4, min_prob=0.0).tokens.tolist()[:1] == [6]
