@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,7 @@ import pytest
 
 from specstore.datastore.durable import RENAME_EXCHANGE_ENV, exchange_paths
 from specstore.datastore.index import DatastoreIndex
+from specstore.datastore.server import ServerOptions
 from specstore.indexers.build import CRASH_ENV
 from specstore.protos import datastore_pb2 as pb
 from specstore.protos import datastore_pb2_grpc as pb_grpc
@@ -72,22 +74,34 @@ def test_kill_between_the_renames_of_publish(builds, tmp_path, exchange):
     out = tmp_path / "idx"
     shutil.copytree(root / "old", out)
     old_id = DatastoreIndex.open(out, verify=True).index_id
+    clean_id = DatastoreIndex.open(root / "clean").index_id
     env = {RENAME_EXCHANGE_ENV: exchange}
     args = [*files, "--out", str(out), *FLAGS]
-    r = index_build(*args, env={**env, CRASH_ENV: "publish:mid-swap!kill"})
-    if exchange == "1" and _has_exchange(tmp_path):
-        # one atomic step: there is no instant between two renames to die at
-        assert r.returncode == 0, r.stderr
-    else:
-        assert r.returncode == -signal.SIGKILL, r.stderr
-        assert not out.exists()
-        # the published path still serves the complete old index (the server reads the old copy in place)
-        assert served_index_id(out) == old_id
-        r = index_build(*args, env=env)
-        assert r.returncode == 0, r.stderr
-        assert "rolled forward" in r.stderr
+    reload = ServerOptions(reload=True, reload_interval_s=0.1, retire_after_s=0.5)
+    with ServerThread(out, options=reload) as srv, grpc.insecure_channel(srv.address) as ch:
+        info = pb_grpc.DatastoreStub(ch).Info
+        assert info(pb.InfoRequest(), timeout=10).index_id == old_id
+        r = index_build(*args, env={**env, CRASH_ENV: "publish:mid-swap!kill"})
+        if exchange == "1" and _has_exchange(tmp_path):
+            # one atomic step: there is no instant between two renames to die at
+            assert r.returncode == 0, r.stderr
+        else:
+            assert r.returncode == -signal.SIGKILL, r.stderr
+            assert not out.exists()
+            # the published path still serves the complete old index: the --reload server keeps it (and
+            # reads the old copy in place when it looks), and a server started now serves it too
+            time.sleep(0.5)
+            assert info(pb.InfoRequest(), timeout=10).index_id == old_id
+            assert served_index_id(out) == old_id
+            r = index_build(*args, env=env)
+            assert r.returncode == 0, r.stderr
+            assert "rolled forward" in r.stderr
+        deadline = time.time() + 20
+        while info(pb.InfoRequest(), timeout=10).index_id != clean_id:   # --reload picks the new index up
+            assert time.time() < deadline
+            time.sleep(0.1)
     new = DatastoreIndex.open(out, verify=True)
-    assert new.index_id == DatastoreIndex.open(root / "clean").index_id != old_id
+    assert new.index_id == clean_id != old_id
     assert npy_files(out) == npy_files(root / "clean")
     assert served_index_id(out) == new.index_id
     assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.lock", "idx"]   # no old copy, no staging
