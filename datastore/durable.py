@@ -4,7 +4,8 @@ Every writer of the project goes through here. A file is written to a temporary 
 the rename stays on one file system), flushed and fsynced, then ``os.replace``d over the target; on an
 exception the temporary file is removed and the target is left as it was. Folders get the same treatment:
 ``atomic_dir`` fills a temporary sibling folder and renames it into place, ``replace_dir`` swaps a finished
-folder onto an existing one. ``fsync_dir`` makes a rename itself survive a power loss.
+folder onto an existing one (in one atomic step on Linux: ``renameat2(RENAME_EXCHANGE)``). ``fsync_dir``
+makes a rename itself survive a power loss; ``exclusive_lock`` keeps two writers of one folder apart.
 
 Temporary names are ``<name>.tmp``; ``unique=True`` makes them ``<name>.tmp<pid>`` for targets that several
 processes may write at once (shared caches), so that two writers never share one temporary file.
@@ -12,13 +13,17 @@ processes may write at once (shared caches), so that two writers never share one
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import IO, Any, Iterator, Union
+from typing import IO, Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -99,9 +104,26 @@ def atomic_open(path: PathLike, mode: str = "wb", *, unique: bool = False) -> It
     and renamed over ``path``."""
     with _swap_in(Path(path), unique, sync_tmp=False) as tmp:
         with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                raise _write_error(e, f, path) from None
+
+
+def _write_error(e: OSError, f: IO, path: PathLike) -> OSError:
+    """``e`` naming the file it failed to write. numpy's writers report a short write (a full disk) as
+    "N requested and M written" with no errno: one more byte written to the doomed temporary file gets the
+    system's own error (ENOSPC, EDQUOT, ...) to report instead."""
+    if e.errno is None:
+        try:
+            os.write(f.fileno(), b"\0")
+        except OSError as real:
+            e = OSError(real.errno, real.strerror)
+    if e.filename is None and e.errno is not None:
+        e = OSError(e.errno, e.strerror, str(path))
+    return e
 
 
 def write_bytes(path: PathLike, data: bytes, *, unique: bool = False) -> None:
@@ -158,19 +180,115 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         raise
 
 
-def replace_dir(src: PathLike, dst: PathLike) -> None:
-    """Rename the finished folder ``src`` to ``dst`` (same parent), replacing an existing ``dst``.
+#: "0" turns the one-step swap off: ``replace_dir`` then takes the two-rename path of systems without it (tests
+#: of that path, and an escape hatch for a file system that misreports the flag)
+RENAME_EXCHANGE_ENV = "SPECSTORE_RENAME_EXCHANGE"
+_RENAME_EXCHANGE = 2     # linux/fs.h
+_AT_FDCWD = -100
+_renameat2 = None
 
-    An existing ``dst`` is renamed aside first and removed after the swap, so a reader sees the old complete
-    folder or the new complete one (for the instant between the two renames, none), never a mix. The parent
-    is fsynced after the swap; ``src``'s contents are not (see ``fsync_tree``).
+
+def _libc_renameat2():
+    """glibc's ``renameat2`` (2.28+) with its argument types, or None (another libc or system)."""
+    global _renameat2
+    if _renameat2 is None:
+        fn = False
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).renameat2
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                fn = False
+        _renameat2 = fn
+    return _renameat2 or None
+
+
+def exchange_paths(a: PathLike, b: PathLike) -> bool:
+    """Swap two existing paths of one file system in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``:
+    ext4, xfs, btrfs, tmpfs, overlayfs ...). False, with nothing moved, where the system, the C library or the
+    file system lacks it (NFS, FUSE, macOS) or ``SPECSTORE_RENAME_EXCHANGE=0``; OSError for other failures."""
+    if os.environ.get(RENAME_EXCHANGE_ENV, "1") == "0":
+        return False
+    fn = _libc_renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def old_copy_path(dst: PathLike) -> Path:
+    """Where ``replace_dir`` puts the folder it replaces until it is removed: ``.<name>.old-<pid>-<ns>``."""
+    dst = Path(dst)
+    return dst.parent / f".{dst.name}.old-{os.getpid()}-{time.time_ns()}"
+
+
+def old_copies(dst: PathLike) -> list:
+    """Old copies of ``dst`` that a killed ``replace_dir`` left (newest first): Paths."""
+    dst = Path(dst)
+    if not dst.parent.is_dir():
+        return []
+    found = dst.parent.glob(glob.escape(f".{dst.name}.old-") + "*")
+
+    def age(p: Path) -> int:   # the name's time stamp (pid-ns); mtime for names of older versions (pid-s)
+        try:
+            return int(p.name.rsplit("-", 1)[1]) if len(p.name.rsplit("-", 1)[1]) > 12 else p.stat().st_mtime_ns
+        except (ValueError, OSError):
+            return 0
+
+    return sorted((p for p in found if p.is_dir()), key=age, reverse=True)
+
+
+def replace_dir(src: PathLike, dst: PathLike, *, hook: Optional[Callable[[str], None]] = None) -> None:
+    """Put the finished folder ``src`` at ``dst`` (same parent), replacing an existing ``dst``.
+
+    Where the system can (``exchange_paths``) the two folders are swapped in one step: a reader, or the next
+    run after a crash at any instant, finds the old complete folder or the new complete one at ``dst``.
+    Elsewhere ``dst`` is renamed aside and ``src`` renamed onto it: a crash between the two renames leaves no
+    ``dst`` but a complete old copy (``old_copies``), which the next run must restore or replace (for indexes
+    ``indexers.build.recover_publish`` does, and readers find it with ``index_format.readable_index_dir``).
+    Either way the old folder ends as ``.<name>.old-...`` and is removed; the parent is fsynced after the swap;
+    ``src``'s contents are not (see ``fsync_tree``). ``hook(point)`` is called at "before-swap", "mid-swap"
+    (two-rename path only, between the renames) and "after-swap" (before the old copy is removed): fault
+    injection for tests.
     """
     src, dst = Path(src), Path(dst)
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}-{int(time.time())}"
+    hook = hook or (lambda point: None)
+    hook("before-swap")
+    if not dst.exists():
+        os.rename(src, dst)
+        fsync_dir(dst.parent)
+        hook("after-swap")
+        return
+    old = old_copy_path(dst)
+    if exchange_paths(src, dst):
+        fsync_dir(dst.parent)
+        os.rename(src, old)    # named as an old copy, so that a crash during the removal leaves a known name
+    else:
         os.rename(dst, old)
-    os.rename(src, dst)
-    fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        hook("mid-swap")
+        os.rename(src, dst)
+        fsync_dir(dst.parent)
+    hook("after-swap")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created if missing, then kept) for the block.
+
+    BlockingIOError at once when another process holds it. The kernel drops the lock when its holder dies,
+    even by SIGKILL, so a crash never leaves a stale lock behind.
+    """
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)

@@ -16,8 +16,8 @@ from typing import Optional
 
 import numpy as np
 
-from .index_format import (FAISS_CHUNKS, FAISS_INDEX, IndexFormatError, IndexManifest, check_files, faiss_path,
-                           shard_path)
+from .index_format import (FAISS_CHUNKS, FAISS_INDEX, MANIFEST_NAME, IndexFormatError, IndexManifest, check_files,
+                           faiss_path, shard_path)
 from .kernels import count_and_cut, lookup_one_shard
 from .memory import match_memory, memory_continuations
 from .suffix_shard import Shard
@@ -109,6 +109,15 @@ def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: flo
     return out if len(out[0]) else None
 
 
+def _manifest_stamp(path: Path) -> tuple:
+    """(inode, mtime ns) of ``path``'s manifest: a published snapshot's manifest is a new file."""
+    try:
+        st = (path / MANIFEST_NAME).stat()
+        return st.st_ino, st.st_mtime_ns
+    except OSError:
+        return None, None
+
+
 class DatastoreIndex:
     path: Path
     manifest: dict
@@ -136,8 +145,22 @@ class DatastoreIndex:
     # ------------------------------------------------------------------------------------ open / close
     @classmethod
     def open(cls, path, *, load_faiss: bool = True, verify: bool = False) -> "DatastoreIndex":
-        """Map an index. ``verify=True`` also checks every file's sha256 (reads everything once)."""
+        """Map an index. ``verify=True`` also checks every file's sha256 (reads everything once).
+
+        The files are opened by path, so a new index published at ``path`` meanwhile (index-build swaps the
+        folder) could mix its files with the old manifest's: the manifest's inode is compared before and
+        after, and a changed one means open again (the snapshot that is there now)."""
         path = Path(path)
+        for _ in range(3):
+            before = _manifest_stamp(path)
+            index = cls._open_once(path, load_faiss, verify)
+            if _manifest_stamp(path) == before:
+                return index
+            index.close()
+        raise IndexFormatError(f"{path}: replaced by new snapshots three times while being opened")
+
+    @classmethod
+    def _open_once(cls, path: Path, load_faiss: bool, verify: bool) -> "DatastoreIndex":
         m = IndexManifest.load(path)
         try:
             for sh in m.shards:

@@ -12,6 +12,11 @@
 
 Every listed file has a ``{"bytes": int, "sha256": hex str}`` entry in the manifest; the reader checks sizes
 on open and checksums on request.
+
+Publishing (``indexers/build.py``) swaps a finished folder onto DIR with ``durable.replace_dir``. Where the
+system has no one-step swap, a build killed between its two renames leaves no DIR but the complete old copy
+``.<DIR name>.old-*`` next to it; ``readable_index_dir`` is how a reader finds it until the next build puts it
+back or rolls forward.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .durable import PathLike, sha256_file, write_json
+from .durable import PathLike, old_copies, sha256_file, write_json
 
 FORMAT = "specstore-index"
 FORMAT_VERSION = 1
@@ -70,6 +75,32 @@ def check_files(folder: PathLike, files: dict, verify: bool) -> None:
             raise IndexFormatError(f"{fp}: sha256 differs from the manifest (damaged file)")
 
 
+def is_complete_index(folder: PathLike) -> bool:
+    """``folder`` holds a readable manifest and every file it lists with the listed size (no checksums)."""
+    try:
+        m = IndexManifest.load(folder)
+        for sh in m.shards:
+            check_files(shard_path(folder, sh["name"]), sh["files"], False)
+        if m.faiss:
+            check_files(faiss_path(folder), m.faiss["files"], False)
+    except (IndexFormatError, OSError):
+        return False
+    return True
+
+
+def readable_index_dir(path: PathLike) -> Path:
+    """The folder a reader should open for the index published at ``path``: ``path`` itself, unless it is
+    gone and a publish killed between its two renames left the complete old copy next to it (read in place,
+    never moved: a reader may have no write access, and a live build may be about to finish the swap)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    for old in old_copies(path):
+        if is_complete_index(old):
+            return old
+    return path
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A short stable hash of the vocabulary and special tokens: equal fingerprints <=> same token ids.
 
@@ -100,7 +131,8 @@ class IndexManifest:
     faiss: None (no embeddings) or {"factory", "metric", "normalized", "num_vectors", "dim", "nprobe",
            "chunk_tokens", "embed_max_pieces", "built_on", "embedder": {"id", "path"}, "files"}
     stats: {"num_documents", "num_tokens", "num_shards", "bytes_suffix_store", "bytes_per_token", "bytes_faiss",
-            "read", "inputs", "appended_from", "previous_inputs"}
+            "read", "inputs", "appended_from", "previous_inputs", "build_key" (the build's resume key: a rerun
+            of the last --append with the same inputs and options is recognised and does nothing)}
     build_seconds: stage -> seconds; builder: {"chunk_tokens", "shard_tokens"}
     extra: top-level keys this version does not know (kept as they are on a load/dump round trip)
     """

@@ -31,8 +31,13 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def default_opener(load_faiss: bool = True) -> Callable[[str], Any]:
     def _open(path: str):
         from .index import DatastoreIndex  # deferred: tests may serve a stand-in index
+        from .index_format import readable_index_dir
 
-        return DatastoreIndex.open(path, load_faiss=load_faiss)
+        real = readable_index_dir(path)
+        if str(real) != str(path):
+            log.warning("no index at the path: an index-build died inside its publish step; serving the old copy "
+                        "it left until the next index-build restores or replaces it", extra={"path": str(real)})
+        return DatastoreIndex.open(real, load_faiss=load_faiss)
 
     return _open
 

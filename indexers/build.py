@@ -9,11 +9,16 @@ Crash safety: everything is written into a staging folder next to the destinatio
 (``<parent>/.<name>.building``). Each finished unit of work leaves a stage marker
 (``stages/<stage>.json``) holding the sha256 of the files it produced; a rerun with the same inputs and
 options re-validates the markers by checksum and skips what is done. ``manifest.json`` is written last, then
-the staging folder is fsynced and renamed onto the destination (an existing index is first renamed aside and
-removed after the swap, so a reader sees either the old complete index or the new complete one, never a half).
+the staging folder is fsynced and swapped onto the destination in one atomic step (``durable.replace_dir``:
+``renameat2(RENAME_EXCHANGE)`` on Linux), so a reader, or a crash at any instant, finds the old complete index
+or the new complete one, never a half and never none. On file systems without that swap the old index is
+renamed aside first; a build killed between the two renames is repaired by the next build's
+``recover_publish`` (before anything else), and readers find the old copy meanwhile
+(``index_format.readable_index_dir``). A build holds ``<parent>/.<name>.lock`` from start to publish.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -26,11 +31,12 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from ..datastore.durable import atomic_path, fsync_tree, replace_dir, save_npy, sha256_file, write_json
+from ..datastore.durable import (atomic_path, exclusive_lock, fsync_dir, fsync_tree, old_copies, replace_dir, save_npy,
+                                 sha256_file, write_json)
 from ..datastore.index_format import (FAISS_CHUNKS, FAISS_FILES, FAISS_INDEX, FORMAT, FORMAT_VERSION, LAYOUT,
                                       MANIFEST_NAME, SHARD_BUCKETS, SHARD_DOC_IDS, SHARD_DOCS, SHARD_FILES,
                                       SHARD_RSA, SHARD_TOKENS, IndexFormatError, IndexManifest, faiss_path,
-                                      file_entry, index_id_of, shard_path, tokenizer_fingerprint)
+                                      file_entry, index_id_of, is_complete_index, shard_path, tokenizer_fingerprint)
 from ..datastore.model_files import load_tokenizer
 from ..datastore.suffix_shard import build_buckets, build_reverse_sa, sep_for, token_dtype_for
 from .readers import ReadStats, input_signature, iter_documents
@@ -52,6 +58,14 @@ class BuildError(RuntimeError):
 
 class SimulatedCrash(RuntimeError):
     pass
+
+
+class AlreadyAppended(Exception):
+    """--append of the inputs (same files, sizes, mtimes, options) that the index's last append added."""
+
+    def __init__(self, manifest):
+        super().__init__("already appended")
+        self.manifest = manifest
 
 
 def _crash_point(name: str) -> None:
@@ -190,7 +204,8 @@ class BuildContext:
     old: the manifest of the index appended to; embedder_path: resolved encoder folder (with embeddings);
     old_shards, doc_base: shard entries inherited from ``old`` and the first new document id;
     new_shards: manifest entries of the shards this build writes (``files`` filled by the suffix array stage);
-    read_stats: the reader's counters; faiss_meta: the manifest's ``faiss`` part (after the FAISS stage).
+    read_stats: the reader's counters; faiss_meta: the manifest's ``faiss`` part (after the FAISS stage);
+    key: the build's resume key (inputs' paths, sizes, mtimes, options, append base), kept in the manifest.
     """
 
     opts: BuildOptions
@@ -213,6 +228,7 @@ class BuildContext:
     new_shards: list = field(default_factory=list)
     read_stats: dict = field(default_factory=dict)
     faiss_meta: Optional[dict] = None
+    key: str = ""
 
     @property
     def first_new(self) -> int:
@@ -264,25 +280,88 @@ def build_index(
     max id + 1 and ``"tokens-only"``). ``inputs`` is then ignored, and embeddings need ``tokenizer``.
     """
     t_start = time.time()
-    ctx = _prepare(inputs, out, options or BuildOptions(), tokenizer, log, token_docs, vocab_size, fingerprint)
-    _link_old_shards(ctx)
-    tokenize_stage(ctx)
-    suffix_array_stage(ctx)
-    if ctx.opts.embeddings:
-        embed_stage(ctx)
-        faiss_stage(ctx)
-    ctx.report.stage_seconds["total"] = time.time() - t_start
-    manifest = _manifest(ctx)
-    publish(ctx, manifest)
+    options = options or BuildOptions()
+    options.check()
+    out = Path(out).expanduser().resolve()
+    with build_lock(out):
+        recover_publish(out, log)
+        try:
+            ctx = _prepare(inputs, out, options, tokenizer, log, token_docs, vocab_size, fingerprint)
+        except AlreadyAppended as done:
+            log(f"{out} already holds these inputs: its last --append added them (a rerun after that append "
+                "was interrupted once published); nothing to do")
+            return BuildReport(out, done.manifest.to_dict())
+        _link_old_shards(ctx)
+        tokenize_stage(ctx)
+        suffix_array_stage(ctx)
+        if ctx.opts.embeddings:
+            embed_stage(ctx)
+            faiss_stage(ctx)
+        ctx.report.stage_seconds["total"] = time.time() - t_start
+        manifest = _manifest(ctx)
+        publish(ctx, manifest)
     ctx.report.manifest = manifest.to_dict()
     return ctx.report
 
 
+def staging_path(out: Path) -> Path:
+    """The folder a build of ``out`` works in: ``<parent>/.<name>.building``."""
+    return out.parent / f".{out.name}.building"
+
+
+def _publish_ready(staging: Path) -> bool:
+    """The staging folder is a finished build that ``publish`` was swapping in: manifest written, scratch
+    (``build.json``, stage markers) removed, every file present with its size."""
+    return not (staging / "build.json").exists() and not (staging / "stages").exists() and is_complete_index(staging)
+
+
+@contextlib.contextmanager
+def build_lock(out: Path) -> Iterator[None]:
+    """Hold ``<parent>/.<name>.lock`` for a build of ``out``: a second build of the same index (which would
+    share the staging folder) is refused at once. The parent folder is created here, so a read-only or full
+    output location fails here, before anything else, as an OSError naming the path."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    try:
+        with exclusive_lock(lock):
+            yield
+    except BlockingIOError:
+        raise BuildError(f"another index-build is writing {out} (it holds {lock}); wait for it to finish") from None
+
+
+def recover_publish(out: Path, log: Callable[[str], None] = print) -> Optional[str]:
+    """Repair what a build killed inside ``publish`` left at ``out``; call with ``build_lock(out)`` held.
+
+    No index at ``out`` but a complete one waiting in the staging folder (killed between the two renames of
+    the fallback swap, or before the first publish's rename): roll forward, rename it onto ``out``. No index
+    and no finished build, but a complete old copy ``.<name>.old-*``: roll back, rename it onto ``out``. Then
+    every old copy left is removed. Returns "forward", "back" or None (nothing to restore).
+    """
+    done = None
+    staging = staging_path(out)
+    if not out.exists():
+        if staging.is_dir() and _publish_ready(staging):
+            os.rename(staging, out)
+            done = "forward"
+        else:
+            back = next((o for o in old_copies(out) if is_complete_index(o)), None)
+            if back is not None:
+                os.rename(back, out)
+                done = "back"
+        if done:
+            fsync_dir(out.parent)
+            log(f"recovered {out} from a build killed while publishing: rolled {done} to the "
+                f"{'finished new' if done == 'forward' else 'previous'} index")
+    for old in old_copies(out):
+        log(f"removing {old}, the old copy a build killed while publishing left")
+        shutil.rmtree(old, ignore_errors=True)
+    return done
+
+
 def _prepare(inputs, out, opts: BuildOptions, tokenizer, log, token_docs, vocab_size, fingerprint) -> BuildContext:
-    """Check the options, settle the token space (tokenizer, vocabulary, dtype) and the --append base, then
-    open (or resume) the staging folder: every refusal comes before the first write."""
-    opts.check()
-    out = Path(out).expanduser().resolve()
+    """Settle the token space (tokenizer, vocabulary, dtype) and the --append base, then open (or resume) the
+    staging folder: every refusal comes before the first write (the lock file aside). ``out`` is resolved and
+    ``opts`` checked (``build_index``)."""
     if token_docs is not None:
         token_docs = [np.asarray(d, dtype=np.int64) for d in token_docs]
         inputs = []
@@ -314,18 +393,23 @@ def _prepare(inputs, out, opts: BuildOptions, tokenizer, log, token_docs, vocab_
         emb_path = str(Path(opts.embedder).expanduser().resolve()) if opts.embedder else str(default_embedder_path())
         emb_id = embedder_id(emb_path)
 
-    key = _config_key(
+    key_of = dict(
         format=FORMAT_VERSION, inputs=input_signature(inputs),
         token_docs=hashlib.sha256(b"".join(d.tobytes() + b"|" for d in token_docs)).hexdigest()
         if token_docs is not None else None, fingerprint=fingerprint, text_field=opts.text_field,
         template=opts.template, shard_tokens=opts.shard_tokens, skip_bad=opts.skip_bad_records,
-        embeddings=opts.embeddings, embedder=emb_id, faiss=opts.faiss_factory, chunk_tokens=opts.chunk_tokens,
-        append=old.index_id if old else None,
-    )
+        embeddings=opts.embeddings, embedder=emb_id, faiss=opts.faiss_factory, chunk_tokens=opts.chunk_tokens)
+    key = _config_key(**key_of, append=old.index_id if old else None)
+    if old is not None and old.stats.get("appended_from") and \
+            old.stats.get("build_key") == _config_key(**key_of, append=old.stats["appended_from"]):
+        # the rerun of an --append that was killed after its publish: appending again would add every
+        # document a second time
+        raise AlreadyAppended(old)
     staging = _open_staging(out, key, inputs, log)
     return BuildContext(opts=opts, out=out, staging=staging, stages=_Stages(staging), report=BuildReport(out, {}),
                         log=log, inputs=inputs, token_docs=token_docs, tokenizer=tokenizer, fingerprint=fingerprint,
-                        vocab_size=vocab_size, dtype=dtype, sep=sep_for(dtype), old=old, embedder_path=emb_path)
+                        vocab_size=vocab_size, dtype=dtype, sep=sep_for(dtype), old=old, embedder_path=emb_path,
+                        key=key)
 
 
 def _append_base(out: Path, opts: BuildOptions, fingerprint: str) -> tuple[IndexManifest, BuildOptions]:
@@ -352,7 +436,7 @@ def _append_base(out: Path, opts: BuildOptions, fingerprint: str) -> tuple[Index
 def _open_staging(out: Path, key: str, inputs: list, log) -> Path:
     """``<parent>/.<name>.building``: resumed when an unfinished build left it with the same ``key``
     (inputs and options), else emptied."""
-    staging = out.parent / f".{out.name}.building"
+    staging = staging_path(out)
     if staging.exists():
         try:
             prev = json.loads((staging / "build.json").read_text())["key"]
@@ -795,6 +879,7 @@ def _manifest(ctx: BuildContext) -> IndexManifest:
             "inputs": ctx.inputs,
             "appended_from": ctx.old.index_id if ctx.old else None,
             "previous_inputs": prev_stats.get("inputs", []) + prev_stats.get("previous_inputs", []),
+            "build_key": ctx.key,
         },
         build_seconds=dict(ctx.report.stage_seconds),
         builder={"chunk_tokens": ctx.opts.chunk_tokens if ctx.opts.embeddings else None,
@@ -804,11 +889,12 @@ def _manifest(ctx: BuildContext) -> IndexManifest:
 
 def publish(ctx: BuildContext, manifest: IndexManifest) -> None:
     """Write the manifest (last), drop the build's scratch (embeddings, stage markers), fsync everything in
-    the staging folder and swap it onto ``ctx.out``."""
+    the staging folder and swap it onto ``ctx.out`` (``durable.replace_dir``; crash points
+    ``publish:before-swap``, ``publish:mid-swap`` (two-rename fallback only), ``publish:after-swap``)."""
     manifest.dump(ctx.staging)
     _crash_point("manifest")
     shutil.rmtree(ctx.staging / "embed", ignore_errors=True)
     (ctx.staging / "build.json").unlink(missing_ok=True)
     shutil.rmtree(ctx.staging / "stages", ignore_errors=True)
     fsync_tree(ctx.staging)
-    replace_dir(ctx.staging, ctx.out)
+    replace_dir(ctx.staging, ctx.out, hook=lambda point: _crash_point(f"publish:{point}"))

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -169,6 +170,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_cli("index-build", lambda: _build(args), interrupt_hint="rerun the same command to resume")
 
 
+#: write failures that are the environment's (full disk or quota, read-only file system, no permission)
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def _build(args) -> int:
     from .build import BuildError, build_index
     from .readers import BadRecordError
@@ -181,6 +186,14 @@ def _build(args) -> int:
         return 1
     except BuildError as e:
         return usage_error("index-build", e)
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        # a full disk or a read-only location: the environment's fault, said in one line, not a traceback
+        print(f"index-build: cannot write {e.filename or args.out}: {e.strerror}; the index published at "
+              f"{args.out} (if any) is unchanged; rerun the same command to resume once there is room / write "
+              f"access", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(report.manifest, indent=2))
     else:

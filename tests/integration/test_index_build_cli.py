@@ -39,7 +39,8 @@ def test_killed_build_resumes_and_matches_clean_build(tmp_path):
     assert a == b and len(a) >= 10
     r = run("inspect", str(out), "--verify")
     assert r.returncode == 0 and "all checksums OK" in r.stdout
-    # rebuilding over a published index swaps it atomically and leaves no staging or old copies behind
+    # rebuilding over a published index swaps it atomically and leaves no staging or old copies behind (the
+    # lock files stay: removing a lock file others may be waiting on would let two builds in at once)
     r = run(*args, "--out", str(out))
     assert r.returncode == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".clean.lock", ".idx.lock", "clean", "idx"]

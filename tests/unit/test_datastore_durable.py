@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from specstore.datastore import durable
-from specstore.datastore.durable import (atomic_dir, atomic_open, atomic_path, replace_dir, save_npy, save_npz,
+from specstore.datastore.durable import (RENAME_EXCHANGE_ENV, atomic_dir, atomic_open, atomic_path, exchange_paths,
+                                        exclusive_lock, old_copies, replace_dir, save_npy, save_npz,
                                          sha256_file, temp_path, write_bytes, write_json, write_text)
 
 
@@ -132,3 +133,57 @@ def test_replace_dir_swaps_whole_folders(tmp_path):
     replace_dir(new, dst)
     assert sorted(p.name for p in dst.iterdir()) == ["manifest.json"] and (dst / "manifest.json").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+@pytest.mark.parametrize("exchange", ["1", "0"], ids=["rename-exchange", "two-renames"])
+def test_replace_dir_paths_and_fault_points(tmp_path, monkeypatch, exchange):
+    """The one-step swap (Linux) and the two-rename fallback: what a crash at each fault point would leave."""
+    monkeypatch.setenv(RENAME_EXCHANGE_ENV, exchange)
+    dst, new = tmp_path / "idx", tmp_path / ".idx.building"
+    dst.mkdir()
+    (dst / "v").write_text("old")
+    new.mkdir()
+    (new / "v").write_text("new")
+    seen = {}
+
+    def hook(point):
+        seen[point] = ((dst / "v").read_text() if dst.exists() else None, [p.name for p in old_copies(dst)])
+
+    replace_dir(new, dst, hook=hook)
+    assert (dst / "v").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    assert seen["before-swap"] == ("old", [])
+    assert seen["after-swap"][0] == "new" and len(seen["after-swap"][1]) == 1   # the old copy, about to go
+    if exchange == "1" and "mid-swap" not in seen:
+        return                                  # one step: no instant without a folder at dst
+    assert exchange == "0" and seen["mid-swap"][0] is None and len(seen["mid-swap"][1]) == 1
+
+
+def test_exchange_paths_swaps_in_one_step(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if not exchange_paths(a, b):
+        pytest.skip("this file system has no renameat2(RENAME_EXCHANGE)")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+    with pytest.raises(FileNotFoundError):
+        exchange_paths(a, tmp_path / "missing")
+    monkeypatch.setenv(RENAME_EXCHANGE_ENV, "0")
+    assert not exchange_paths(a, b) and (a / "x").read_text() == "b"
+
+
+def test_old_copies_newest_first_and_exclusive_lock(tmp_path):
+    for name in (".idx.old-7-1700000000", ".idx.old-8-1800000000000000000", ".idx.old-9-1700000001000000000",
+                 ".idxx.old-1-1", "idx"):
+        (tmp_path / name).mkdir()
+    os.utime(tmp_path / ".idx.old-7-1700000000", ns=(1600000000 * 10**9,) * 2)  # old naming: its mtime counts
+    assert [p.name for p in old_copies(tmp_path / "idx")] == [
+        ".idx.old-8-1800000000000000000", ".idx.old-9-1700000001000000000", ".idx.old-7-1700000000"]
+    lock = tmp_path / ".idx.lock"
+    with exclusive_lock(lock):
+        with pytest.raises(BlockingIOError):
+            with exclusive_lock(lock):
+                pass
+    with exclusive_lock(lock):   # released when the block ends
+        pass

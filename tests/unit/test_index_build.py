@@ -404,3 +404,57 @@ def test_faiss_gpu_path_builds_the_same_index(tok, corpus, tmp_path, tiny_embedd
     for q in ["capital city of France", "ownership in Rust"]:
         a, b = cpu.search_chunks(q, 4), gpu.search_chunks(q, 4)
         assert np.allclose(a[0], b[0], atol=1e-5) and a[1].tolist() == b[1].tolist()
+
+
+def test_a_second_build_of_the_same_index_is_refused(tmp_path):
+    """Two builds of one index would share its staging folder: the second is refused while the first holds
+    ``.<name>.lock`` (the kernel drops it when the holder dies, even by SIGKILL)."""
+    from specstore.datastore.durable import exclusive_lock
+    from specstore.indexers.build import BuildError
+
+    with exclusive_lock(tmp_path / ".i.lock"):
+        with pytest.raises(BuildError, match="another index-build is writing"):
+            build_index(None, tmp_path / "i", BuildOptions(progress=False), token_docs=[[1, 2, 3]])
+    assert not (tmp_path / "i").exists()
+    build_index(None, tmp_path / "i", BuildOptions(progress=False), token_docs=[[1, 2, 3]])
+    assert DatastoreIndex.open(tmp_path / "i").num_documents == 1
+
+
+def test_rerun_of_a_published_append_adds_nothing(tmp_path):
+    """An --append killed after its publish (before it could report) is rerun by its operator: the same
+    inputs must not be added a second time; a different append still goes through."""
+    out = tmp_path / "i"
+    build_index(None, out, BuildOptions(progress=False), token_docs=[[1, 2, 3]], vocab_size=50)
+    first = build_index(None, out, BuildOptions(append=True, progress=False), token_docs=[[4, 5]], vocab_size=50)
+    logs = []
+    again = build_index(None, out, BuildOptions(append=True, progress=False), token_docs=[[4, 5]], vocab_size=50,
+                        log=logs.append)
+    ix = DatastoreIndex.open(out, verify=True)
+    assert again.manifest["index_id"] == first.manifest["index_id"] == ix.index_id and ix.num_documents == 2
+    assert any("nothing to do" in line for line in logs)
+    build_index(None, out, BuildOptions(append=True, progress=False), token_docs=[[6, 7]], vocab_size=50)
+    assert DatastoreIndex.open(out).num_documents == 3
+
+
+def test_open_during_a_publish_never_mixes_two_snapshots(tmp_path, monkeypatch):
+    """A new index swapped in while a reader maps the old one's files (between reading the manifest and
+    opening the shards): the reader ends with one whole snapshot, the new one, not old metadata over new files."""
+    from specstore.datastore import index as index_module
+    from specstore.datastore.durable import replace_dir
+
+    out, new = tmp_path / "i", tmp_path / "j"
+    build_index(None, out, BuildOptions(progress=False), token_docs=[[1, 2, 3]], vocab_size=50)
+    build_index(None, new, BuildOptions(progress=False), token_docs=[[1, 2, 3, 4, 5, 6, 7], [8]], vocab_size=50)
+    new_id = DatastoreIndex.open(new).index_id
+    real_load, calls = index_module.Shard.load, []
+
+    def load_while_publishing(folder, name):
+        calls.append(name)
+        if len(calls) == 1:
+            replace_dir(new, out)        # the publish lands after the old manifest was read
+        return real_load(folder, name)
+
+    monkeypatch.setattr(index_module.Shard, "load", staticmethod(load_while_publishing))
+    ix = DatastoreIndex.open(out)
+    assert ix.index_id == new_id and ix.num_documents == 2 and len(calls) == 2
+    assert ix.retrieve([1, 2, 3, 4, 5], 4, min_prob=0.0).tokens.tolist()[:1] == [6]
