@@ -148,14 +148,14 @@ class PublishedPathReader(threading.Thread):
         self.out, self.old_id, self.new_id, self.interval = out, old_id, new_id, interval
         self.counts = {"old": 0, "new": 0, "none": 0, "bad": 0}
         self.bad: list = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(10)
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             kind, why = self.look()
             self.counts[kind] += 1
             if kind == "bad" and len(self.bad) < 5:
