@@ -28,8 +28,10 @@ prefix (``{"datastore": "host:port", "timeout_ms": 5}``); the variables win over
 
 Per engine step ``propose`` sees batch rows, not request ids. A request is followed by the key (row, hash
 of its first tokens) and by what the row held at its last step (token count and last token): a row that
-changes hands (the key changes, or the row shrank or no longer holds that token; e.g. a new request with
-the same system prompt) or disappears ends the old request's state (its datastore session is closed). Every running request's lookup travels in one ``RetrieveBatch`` call
+changes hands (the head differs, or the row shrank or no longer holds that token; e.g. a new request with
+the same system prompt) no longer holds its request. A request found at another row in the same step
+(vLLM compacts the batch when requests finish) moves with its state; one seen nowhere has ended: its state
+is released (its datastore session is closed). Every running request's lookup travels in one ``RetrieveBatch`` call
 (remote) or runs in process (embedded); its tree is fused with the context drafter's by longest prefix,
 calibrated by the acceptance learned so far (what vLLM accepted of earlier chains, read back from the
 tokens that follow), and the best chain is kept. Fail-soft: a slow or dead datastore costs its drafts for
@@ -240,16 +242,33 @@ class SpecstoreProposer:
             except Exception as e:  # noqa: BLE001
                 self._error("datastore session close", e)
 
-    def _sync(self, n_rows: int, num_tokens: np.ndarray, token_ids: np.ndarray) -> None:
-        """Follow requests across steps: release the state of rows that changed hands or are gone."""
+    def _sync(self, n_rows: int, num_tokens: np.ndarray, token_ids: np.ndarray) -> list[_Request]:
+        """Follow requests across steps: the requests whose row no longer holds them (changed hands, or gone).
+
+        They are not ended yet: vLLM moves running requests between rows when others finish, so a request
+        seen at a new row is adopted (``_adopt``) and the rest are ended after the step (``_end``)."""
+        lost = []
         for row in list(self._requests):
             req = self._requests[row]
             n = int(num_tokens[row]) if row < n_rows else 0
-            if row >= n_rows or n < max(req.key[1], req.seen) \
-                    or (req.seen and int(token_ids[row, req.seen - 1]) != req.last) \
-                    or self.request_key(row, token_ids[row, :n], req.key[1]) != req.key:
-                self._end(self._requests.pop(row))
-                self._requests_changed()
+            if row >= n_rows or not self._holds(req, token_ids[row, :n], row):
+                lost.append(self._requests.pop(row))
+        return lost
+
+    def _holds(self, req: _Request, tokens: np.ndarray, row: int) -> bool:
+        """Whether ``tokens`` (a row's tokens now) continue ``req``: same head, not shorter, same last token."""
+        n = len(tokens)
+        if n < max(req.key[1], req.seen) or (req.seen and int(tokens[req.seen - 1]) != req.last):
+            return False
+        return self.request_key(row, tokens, req.key[1])[1:] == req.key[1:]
+
+    def _adopt(self, lost: list[_Request], row: int, tokens: np.ndarray) -> Optional[_Request]:
+        """A request of ``lost`` that ``tokens`` continue, moved to ``row`` (taken out of ``lost``)."""
+        for i, req in enumerate(lost):
+            if self._holds(req, tokens, row):
+                req.key = (row, *req.key[1:])
+                return lost.pop(i)
+        return None
 
     def _learn(self, req: _Request, tokens: np.ndarray) -> None:
         """What vLLM accepted of the last chain: the drafts that the tokens after it repeat."""
@@ -281,8 +300,9 @@ class SpecstoreProposer:
         if self._last_step is not None:   # the engine step just done: its time against what it verified
             self.step_cost.observe(self._last_step[1], t0 - self._last_step[0], self._last_step[2])
         self._last_step = None
+        lost: list[_Request] = []
         try:
-            self._sync(n_rows, num_tokens_no_spec, token_ids_cpu)
+            lost = self._sync(n_rows, num_tokens_no_spec, token_ids_cpu)
             live: list[tuple[int, _Request, np.ndarray]] = []
             for row in range(n_rows):
                 n = int(num_tokens_no_spec[row])
@@ -291,7 +311,10 @@ class SpecstoreProposer:
                 tokens = token_ids_cpu[row, :n]
                 req = self._requests.get(row)
                 if req is None:
-                    req = self._requests[row] = self._begin(self.request_key(row, tokens), tokens)
+                    req = self._adopt(lost, row, tokens)
+                    if req is None:
+                        req = self._begin(self.request_key(row, tokens), tokens)
+                    self._requests[row] = req
                     self._requests_changed()
                 self._learn(req, tokens)
                 req.seen, req.last = n, int(tokens[-1])
@@ -336,6 +359,11 @@ class SpecstoreProposer:
         except Exception as e:  # noqa: BLE001 - a drafting failure costs drafts, never the step
             self._error("propose", e)
             out = [[] for _ in range(n_rows)]
+        finally:
+            for req in lost:      # not seen again at any row: finished (or aborted)
+                self._end(req)
+            if lost:
+                self._requests_changed()
         self.stats.extra["last_propose_s"] = time.perf_counter() - t0
         return out
 

@@ -271,3 +271,26 @@ def test_the_same_prompt_again_in_the_same_row_is_a_new_request(model):
     assert _engine(model, [p, list(p), list(p)], 12, prop, batch=1) == {0: want, 1: want, 2: want}
     assert prop.stats.requests_started == 3 and backend.opened == ["s0", "s1", "s2"]
     assert backend.closed == ["s0", "s1"] and prop.stats.requests_released == 2
+
+
+def test_a_request_moved_to_another_row_keeps_its_state():
+    """vLLM compacts its batch when requests finish: a request seen at another row is the same request."""
+    a = [11] + list(range(20, 60))
+    b = [12] + list(range(60, 100))
+    backend = ReferenceBackend({11: a + [1, 2, 3], 12: b + [4, 5, 6]})
+    prop = SpecstoreProposer(_config(), ProposerOptions(datastore="x:1"), backend=backend)
+
+    def step(rows):
+        ids = np.zeros((len(rows), MAX_LEN), dtype=np.int32)
+        for r, seq in enumerate(rows):
+            ids[r, :len(seq)] = seq
+        return prop.propose([[seq[-1]] for seq in rows], np.array([len(s) for s in rows], np.int32), ids)
+
+    step([a, b])
+    before = {row: prop._requests[row] for row in (0, 1)}
+    step([b + [4], a + [1]])                       # swapped rows, one token more each
+    assert prop._requests[0] is before[1] and prop._requests[1] is before[0]
+    assert prop.stats.requests_started == 2 and backend.closed == []
+    step([a + [1, 2]])                             # b finished, a compacted to row 0
+    assert prop._requests[0] is before[0] and backend.closed == ["s1"]
+    assert prop.stats.requests_started == 2 and prop.stats.requests_released == 1
