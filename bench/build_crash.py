@@ -79,7 +79,7 @@ def write_corpus(folder: Path, files: int = 8, lines: int = 120, seed: int = 0) 
 
 def write_tiny_embedder(folder: Path) -> Path:
     """A 2-layer, 32-wide random BERT with all-MiniLM-L6-v2's tokenizer (the embed/FAISS stages at a tiny
-    cost; the same construction as the tests' ``tiny_embedder``)."""
+    cost; the tests' ``tiny_embedder`` fixture too)."""
     from safetensors.numpy import save_file
 
     from ..datastore.embedder import default_embedder_path

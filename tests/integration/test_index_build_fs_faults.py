@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from specstore.datastore.durable import sha256_file
-from tests.integration.test_index_publish import FLAGS, ROOT, index_build, npy_files, write_corpus
+from tests.integration.test_index_publish import FLAGS, ROOT, index_build, npy_files, old_and_clean_builds
 
 
 def _files(path: Path) -> dict:
@@ -37,12 +37,7 @@ pytestmark = pytest.mark.skipif(not _namespaces_work(), reason="no unprivileged 
 
 @pytest.fixture(scope="module")
 def corpus_and_old(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsfault")
-    files = write_corpus(root / "corpus")
-    for name, inputs in (("old", files[:2]), ("clean", files)):
-        r = index_build(*inputs, "--out", str(root / name), *FLAGS)
-        assert r.returncode == 0, r.stderr
-    return root, files
+    return old_and_clean_builds(tmp_path_factory.mktemp("fsfault"))
 
 
 def _inner(mode: str, work: Path, old: Path, files: list) -> dict:

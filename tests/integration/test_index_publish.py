@@ -57,15 +57,19 @@ def served_index_id(path: Path) -> str:
         return pb_grpc.DatastoreStub(ch).Info(pb.InfoRequest(), timeout=10).index_id
 
 
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory):
-    """(root, corpus files, old index built from the first two files, clean build of all four)."""
-    root = tmp_path_factory.mktemp("publish")
+def old_and_clean_builds(root: Path) -> tuple[Path, list]:
+    """(root, corpus files) with ``root/old`` built from the first two files and ``root/clean`` from all."""
     files = write_corpus(root / "corpus")
     for name, inputs in (("old", files[:2]), ("clean", files)):
         r = index_build(*inputs, "--out", str(root / name), *FLAGS)
         assert r.returncode == 0, r.stderr
     return root, files
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """(root, corpus files, old index built from the first two files, clean build of all four)."""
+    return old_and_clean_builds(tmp_path_factory.mktemp("publish"))
 
 
 @pytest.mark.parametrize("exchange", ["1", "0"], ids=["rename-exchange", "two-renames"])

@@ -30,37 +30,9 @@ def tok():
 @pytest.fixture(scope="session")
 def tiny_embedder(tmp_path_factory):
     """A 2-layer, 32-wide random BERT with MiniLM's tokenizer: exercises the pipeline at a tiny cost."""
-    import shutil
+    from specstore.bench.build_crash import write_tiny_embedder
 
-    from safetensors.numpy import save_file
-
-    from specstore.datastore.embedder import default_embedder_path
-
-    d = tmp_path_factory.mktemp("tiny-bert")
-    src = default_embedder_path()
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(src / f, d / f)
-    H, I, V, P, layers = 32, 64, 30522, 512, 2
-    cfg = {"model_type": "bert", "hidden_size": H, "num_attention_heads": 2, "num_hidden_layers": layers,
-           "intermediate_size": I, "vocab_size": V, "max_position_embeddings": P, "hidden_act": "gelu",
-           "layer_norm_eps": 1e-12, "type_vocab_size": 2}
-    (d / "config.json").write_text(json.dumps(cfg))
-    rng = np.random.default_rng(0)
-    r = lambda *shape: (rng.standard_normal(shape) * 0.1).astype(np.float32)
-    w = {"embeddings.word_embeddings.weight": r(V, H), "embeddings.position_embeddings.weight": r(P, H),
-         "embeddings.token_type_embeddings.weight": r(2, H), "embeddings.LayerNorm.weight": np.ones(H, np.float32),
-         "embeddings.LayerNorm.bias": np.zeros(H, np.float32)}
-    for i in range(layers):
-        p = f"encoder.layer.{i}."
-        for n in ("query", "key", "value"):
-            w[p + f"attention.self.{n}.weight"], w[p + f"attention.self.{n}.bias"] = r(H, H), r(H)
-        w[p + "attention.output.dense.weight"], w[p + "attention.output.dense.bias"] = r(H, H), r(H)
-        w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"] = r(I, H), r(I)
-        w[p + "output.dense.weight"], w[p + "output.dense.bias"] = r(H, I), r(H)
-        for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
-            w[p + ln + ".weight"], w[p + ln + ".bias"] = np.ones(H, np.float32), np.zeros(H, np.float32)
-    save_file(w, str(d / "model.safetensors"))
-    return d
+    return write_tiny_embedder(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture
