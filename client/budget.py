@@ -159,6 +159,7 @@ class StepCostModel:
         self._xx = np.zeros((3, 3))   # decayed sums of f f^T, f = (1, tokens, speculated)
         self._xy = np.zeros(3)        # decayed sums of f * seconds
         self._fastest = float("inf")  # least seconds per verified token seen (screens idle gaps early on)
+        self._fit: Optional[tuple] = None   # (fit,) once solved for the steps seen so far (the fit may be None)
 
     def observe(self, tokens: int, seconds: float, speculated: bool = False) -> None:
         if seconds <= 0:
@@ -173,11 +174,18 @@ class StepCostModel:
         self._xx = self._xx * self.decay + np.outer(f, f)
         self._xy = self._xy * self.decay + f * float(seconds)
         self.n += 1
+        self._fit = None
 
     def fit(self) -> Optional[tuple[float, float, float]]:
-        """(a, b, s) seconds, or None while fewer than ``warmup`` steps have been seen."""
+        """(a, b, s) seconds, or None while fewer than ``warmup`` steps have been seen. Solved once per
+        observed step (the proposer reads it several times a step)."""
         if self.n < self.warmup:
             return None
+        if self._fit is None:
+            self._fit = (self._solve(),)
+        return self._fit[0]
+
+    def _solve(self) -> Optional[tuple[float, float, float]]:
         # the prior as pseudo-steps: ``prior_steps`` steps that the prior model (b = prior * a, s = 0) would
         # take, at the data's own scale and around its mean token count (spread at least one token)
         w = self._xx[0, 0]

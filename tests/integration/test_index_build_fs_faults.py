@@ -79,15 +79,20 @@ def _run_inner(mode: str, tmp_path: Path, corpus_and_old) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_disk_full_gives_one_line_and_keeps_the_old_index(tmp_path, corpus_and_old):
+def _assert_one_line_and_old_index_intact(got: dict, message: str, root: Path) -> None:
+    """The failed build's exit status 1, one stderr line naming ``message``, the old index untouched."""
     from specstore.datastore.index import DatastoreIndex
 
-    root, _ = corpus_and_old
-    got = _run_inner("enospc", tmp_path, corpus_and_old)
     assert got["rc"] == 1, got["stderr"]
     err = got["stderr"].strip().splitlines()
-    assert len(err) == 1 and "No space left on device" in err[0] and "unchanged" in err[0], got["stderr"]
+    assert len(err) == 1 and message in err[0] and "unchanged" in err[0], got["stderr"]
     assert got["intact"] and got["verifies"] == DatastoreIndex.open(root / "old").index_id
+
+
+def test_disk_full_gives_one_line_and_keeps_the_old_index(tmp_path, corpus_and_old):
+    root, _ = corpus_and_old
+    got = _run_inner("enospc", tmp_path, corpus_and_old)
+    _assert_one_line_and_old_index_intact(got, "No space left on device", root)
     assert got["rerun_rc"] == 0, got["rerun_stderr"]
     assert "resuming" in got["rerun_stderr"]
     assert got["rerun_sha"] == {k: sha256_file(root / "clean" / k) for k in npy_files(root / "clean")}
@@ -95,14 +100,9 @@ def test_disk_full_gives_one_line_and_keeps_the_old_index(tmp_path, corpus_and_o
 
 
 def test_read_only_location_gives_one_line_and_keeps_the_old_index(tmp_path, corpus_and_old):
-    from specstore.datastore.index import DatastoreIndex
-
     root, _ = corpus_and_old
     got = _run_inner("readonly", tmp_path, corpus_and_old)
-    assert got["rc"] == 1, got["stderr"]
-    err = got["stderr"].strip().splitlines()
-    assert len(err) == 1 and "Read-only file system" in err[0] and "unchanged" in err[0], got["stderr"]
-    assert got["intact"] and got["verifies"] == DatastoreIndex.open(root / "old").index_id
+    _assert_one_line_and_old_index_intact(got, "Read-only file system", root)
     assert got["listing"] == ["idx"]
 
 
