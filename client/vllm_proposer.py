@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 VLLM_VERSION = "0.32.0"   # the release whose custom_class call this adapter is written and tested against
 _KEY_TOKENS = 32          # a request's identity: its row and a hash of this many first tokens
 _FUSE_BUDGET = 64         # nodes kept of the fused tree before the chain is chosen
+_EXPLORE = 8              # one in this many steps that would be declined for the overhead drafts anyway
 
 
 @dataclass
@@ -177,6 +178,7 @@ class SpecstoreProposer:
             self.backend = self._open_backend(vllm_config)
         self.controller = BudgetController(CostProfile.flat(self.k + 1), max_budget=self.k)
         self.step_cost = StepCostModel(prior_token_cost=self.options.token_cost)
+        self._would_decline = 0     # steps whose drafts could not pay speculation's overhead
         self._last_step: Optional[tuple[float, int, bool]] = None   # (start, tokens verified, speculated) of the last step
         self.stats = ProposerStats()
         self._requests: dict[int, _Request] = {}   # row -> state
@@ -343,11 +345,15 @@ class SpecstoreProposer:
                     chosen.append((row, req, len(tokens), chain))
                     gain += expected - token_cost * chain.num_drafts
             # a speculative step costs the whole batch the engine's speculation overhead once: draft only
-            # where the expected tokens pay for it too
+            # where the expected tokens pay for it too; but every _EXPLORE-th such step drafts anyway, so that
+            # the overhead and the acceptance keep being measured (an over-estimate would otherwise stop
+            # speculation for good)
             overhead = self.step_cost.overhead(len(live))
-            if gain <= overhead:
-                self.stats.extra["declined_steps"] = self.stats.extra.get("declined_steps", 0) + int(bool(chosen))
-                chosen = []
+            if chosen and gain <= overhead:
+                self._would_decline += 1
+                if self._would_decline % _EXPLORE:
+                    self.stats.extra["declined_steps"] = self.stats.extra.get("declined_steps", 0) + 1
+                    chosen = []
             for row, req, at, chain in chosen:
                 req.chain, req.chain_at = chain, at
                 out[row] = chain.tokens[1:].tolist()
