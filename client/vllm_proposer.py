@@ -21,7 +21,7 @@ prefix (``{"datastore": "host:port", "timeout_ms": 5}``); the variables win over
                                   between engine steps against the tokens they verified), so chains get
                                   shorter where verifying drafts is dear and as the batch grows; a step in
                                   which no request expects to gain more than speculation's own overhead
-                                  (also measured) drafts nothing
+                                  (also measured) drafts nothing (but one in 8 such steps, to keep measuring)
   SPECSTORE_AUTH_TOKEN=T          bearer token for the datastore's session calls
   SPECSTORE_STATS_FILE=PATH       keep the proposer's counters there (JSON, rewritten when a request starts
                                   or ends): requests started/released, live and most live, drafts, errors
