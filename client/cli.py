@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datastore", metavar="HOST:PORT", default=None, help="draft from a datastore-serve service")
     p.add_argument("--index", type=Path, default=None, help="draft from a local index in process (no server)")
     p.add_argument("--datastore-timeout-ms", type=float, default=None, help="deadline of each remote lookup")
+    p.add_argument("--share-stats", action="store_true",
+                   help="with --datastore: push what this decoder observes (the target's top-k at accepted nodes, "
+                        "accepted tokens) to the service's shared statistics, off the decode path, and warm-start "
+                        "the recycling drafter from what the fleet learned (the server needs --stats-dir). Writes "
+                        "need the server's token when it has one: set $DATASTORE_AUTH_TOKEN")
     p.add_argument("--no-session-memory", action="store_true",
                    help="datastore lookups search the corpus only, not also this request's own tokens")
     p.add_argument("--compare-plain", action="store_true",
@@ -103,9 +108,17 @@ def make_drafters(names: str, model, tokenizer, args) -> list:
         opts = {}
         if args.datastore_timeout_ms is not None:
             opts["timeout_s"] = args.datastore_timeout_ms / 1000.0
-        out.insert(0, make_datastore_drafter(address=args.datastore, index_path=str(args.index) if args.index else None,
-                                             tokenizer=tokenizer,
-                                             memory=not getattr(args, "no_session_memory", False), **opts))
+        ds = make_datastore_drafter(address=args.datastore, index_path=str(args.index) if args.index else None,
+                                    tokenizer=tokenizer, memory=not getattr(args, "no_session_memory", False),
+                                    auth_token=os.environ.get("DATASTORE_AUTH_TOKEN") or None, **opts)
+        out.insert(0, ds)
+        if getattr(args, "share_stats", False):
+            from .shared_stats import StatsSharer
+
+            recycling = next((d for d in out if isinstance(d, RecyclingDrafter)), None)
+            sharer = StatsSharer(ds.backend.client, recycling=recycling)
+            sharer.warm_start()
+            out.append(sharer)
     return out
 
 
@@ -134,6 +147,8 @@ def _validate(args) -> None:
 
     SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     validate_common(args)
+    if args.share_stats and not args.datastore:
+        raise ValueError("--share-stats needs --datastore HOST:PORT (the statistics are the service's)")
 
 
 def run(args) -> int:
@@ -166,6 +181,10 @@ def run(args) -> int:
             stats = {k: v for k, v in out.items() if k != "text"}
             print(f"\n[{i + 1}/{len(prompts)}] " + " ".join(f"{k}={v}" for k, v in stats.items()),
                   file=sys.stderr, flush=True)
+    for d in reversed(dec.drafters):   # a StatsSharer (last) flushes before the datastore drafter closes the channel
+        close = getattr(d, "close", None)
+        if close is not None:
+            close()
     rt = getattr(args, "recycling_table", None)
     if rt is not None:
         from .drafters import RecyclingDrafter

@@ -451,6 +451,23 @@ class DatastoreClient:
         self._success()
         return [tree_from_response(r, x) for r, x in zip(roots, resp.responses)]
 
+    def push_stats(self, batch: "pb.PushStatsRequest", timeout_s: float = 2.0) -> tuple[bool, int]:
+        """Push one batch of observations (client/shared_stats.py builds them): (applied, version); False
+        when the server had applied this batch_id before. Raises grpc.RpcError (the caller retries with
+        the same batch_id); pushes do not count toward the lookups' circuit breaker."""
+        if self.tokenizer_fingerprint and not batch.tokenizer_fingerprint:
+            batch.tokenizer_fingerprint = self.tokenizer_fingerprint
+        r = self._stub.PushStats(batch, timeout=timeout_s, metadata=self._metadata)
+        return r.applied, r.version
+
+    def pull_stats(self, since_version: int = 0, max_rows: int = 0, timeout_s: float = 5.0):
+        """One page of the shared order-1 rows changed after ``since_version``: (rows [(token, next tokens,
+        probs)], version to ask from next, more). Raises grpc.RpcError."""
+        r = self._stub.PullStats(pb.PullStatsRequest(since_version=since_version, max_rows=max_rows,
+                                                     tokenizer_fingerprint=self.tokenizer_fingerprint),
+                                 timeout=timeout_s, metadata=self._metadata)
+        return [(x.token, list(x.next_tokens), list(x.probs)) for x in r.rows], r.version, r.more
+
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()

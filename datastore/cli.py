@@ -98,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds in-flight RPCs get to finish on SIGTERM (default 10)")
     g.add_argument("--drain-delay", type=float, default=S.drain_delay_s,
                    help="seconds to report NOT_SERVING before refusing new RPCs on SIGTERM (default 0)")
+    g = ap.add_argument_group("shared statistics (what decoders push with PushStats; issue 11)")
+    g.add_argument("--stats-dir", default=None,
+                   help="keep the fleet's shared next-token statistics here (write-ahead log + snapshots): enables "
+                        "PushStats/PullStats, and Retrieve fuses them with the corpus. An acknowledged push "
+                        "survives kill -9. Off by default; one process only (not with --workers N > 1)")
+    g.add_argument("--stats-half-life", type=float, default=86_400.0,
+                   help="seconds after which a statistic weighs half (default 86400: follow a day's traffic)")
+    g.add_argument("--stats-max-rows", type=int, default=1_000_000,
+                   help="rows kept (least recently updated go first; default 1,000,000, ~0.3-0.5 GB)")
+    g.add_argument("--stats-snapshot-every", type=int, default=10_000,
+                   help="snapshot after this many pushes, which bounds the log replayed at start (default 10000)")
     g = ap.add_argument_group("logging")
     g.add_argument("--log-level", default="info")
     g.add_argument("--log-format", choices=("json", "text"), default="json")
@@ -148,8 +159,15 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
         from .model_files import load_tokenizer
 
         tokenizer = load_tokenizer(a.tokenizer)
+    stats = None
+    if a.stats_dir:
+        from .ngram_stats import NgramStats
+        from .stats_log import StatsLog
+
+        stats = StatsLog(a.stats_dir, stats=NgramStats(half_life_s=a.stats_half_life, max_rows=a.stats_max_rows),
+                         snapshot_every=a.stats_snapshot_every).open()
     server = DatastoreServer(a.index, config, opts, opener=default_opener(load_faiss=not a.no_faiss),
-                             tokenizer=tokenizer)
+                             tokenizer=tokenizer, stats=stats)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     status = EXIT_OK
@@ -215,8 +233,13 @@ def _main(a) -> int:
         workers = parse_workers(a.workers)
     except ValueError as e:
         raise UsageError(f"--workers: {e}") from None
+    if a.stats_dir and (a.stats_half_life <= 0 or a.stats_max_rows < 1 or a.stats_snapshot_every < 1):
+        raise UsageError("--stats-half-life, --stats-max-rows and --stats-snapshot-every must be positive")
     if workers == 1:
         return asyncio.run(_serve(a))
+    if a.stats_dir:
+        raise UsageError("--stats-dir needs one server process: the statistics have one writer "
+                         "(drop --workers, or run one process per replica)")
     if a.metrics_port and a.metrics_port + workers - 1 > 65535:
         raise UsageError(f"--metrics-port {a.metrics_port} + {workers} workers exceeds 65535")
     _config_from_args(a)  # bad auth settings fail here once, not in every worker

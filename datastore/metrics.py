@@ -9,7 +9,8 @@ _LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0
 )
 _TREE_BUCKETS = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-_METHODS = ("Info", "OpenSession", "CloseSession", "Retrieve", "RetrieveBatch", "RetrieveStream")
+_METHODS = ("Info", "OpenSession", "CloseSession", "Retrieve", "RetrieveBatch", "RetrieveStream", "PushStats",
+            "PullStats")
 
 
 class Metrics:
@@ -34,6 +35,9 @@ class Metrics:
         self.in_flight = Gauge("datastore_in_flight", "RPCs being handled", registry=r)
         self.sessions = Gauge("datastore_sessions", "Open document sessions", registry=r)
         self.streams = Gauge("datastore_streams", "Open RetrieveStream streams", registry=r)
+        self.stats_pushes = Counter("datastore_stats_pushes", "PushStats batches: applied, or a duplicate (a retry)",
+                                    ["outcome"], registry=r)
+        self.stats_rows = Gauge("datastore_stats_rows", "Rows of the shared statistics", registry=r)
         self.reloads = Counter("datastore_reloads", "Index reloads by outcome", ["outcome"], registry=r)
         self.index_info = Info("datastore_index", "The index being served", registry=r)
         self.latency_by_method = {m: self.latency.labels(m) for m in _METHODS}
@@ -42,6 +46,7 @@ class Metrics:
         self.nodes_datastore = self.nodes.labels("datastore")
         self.nodes_documents = self.nodes.labels("documents")
         self.nodes_memory = self.nodes.labels("memory")
+        self.nodes_stats = self.nodes.labels("stats")
         self.ok_by_method = {m: self.requests.labels(m, "OK") for m in _METHODS}
 
     def error(self, method: str, code_name: str) -> None:

@@ -89,12 +89,12 @@ class ServerOptions:
 
 class DatastoreServer:
     def __init__(self, index_path: str, config: Optional[ServiceConfig] = None, options: Optional[ServerOptions] = None,
-                 *, opener: Optional[Callable[[str], Any]] = None, tokenizer: Any = None):
+                 *, opener: Optional[Callable[[str], Any]] = None, tokenizer: Any = None, stats: Any = None):
         self.index_path = str(index_path)
         self.options = options or ServerOptions()
         self.metrics = Metrics()
         self.servicer = DatastoreServicer(None, config or ServiceConfig(), self.metrics, tokenizer=tokenizer,
-                                          worker_id=self.options.worker_id)
+                                          worker_id=self.options.worker_id, stats=stats)
         self.health = health.aio.HealthServicer()
         self._opener = opener or default_opener()
         self._signature: Optional[tuple] = None

@@ -56,8 +56,10 @@ from ..protos import datastore_pb2_grpc as pb_grpc
 from .logs import RateLimitedLog
 from .memory import TokenMemory
 from .metrics import Metrics
+from .ngram_stats import check_batch
 from .public_manifest import public_manifest
 from .sessions import SessionStore
+from .tree_fusion import cut_tree, fuse_trees
 from .wire import Undecodable
 
 log = logging.getLogger("datastore.servicer")
@@ -68,8 +70,11 @@ SERVER_VERSION = "0.1.0"
 # answer), by node count
 _ALL_DATASTORE = tuple(bytes([pb.SOURCE_DATASTORE]) * k for k in range(257))
 
-READ_METHODS = frozenset({"Info", "Retrieve", "RetrieveBatch", "RetrieveStream"})
-WRITE_METHODS = frozenset({"OpenSession", "CloseSession"})
+READ_METHODS = frozenset({"Info", "Retrieve", "RetrieveBatch", "RetrieveStream", "PullStats"})
+WRITE_METHODS = frozenset({"OpenSession", "CloseSession", "PushStats"})
+# Largest push batch (PushStats): rows, runs, tokens per run, next tokens per row; and rows per PullStats
+PUSH_LIMITS = {"max_rows": 4096, "max_runs": 256, "max_run": 4096, "max_next": 64}
+PULL_ROWS = 4096
 
 # Largest value of each RetrieveOptions field (0 = the server's default). A span beyond the longest context
 # (--max-context) changes nothing; the cost of a lookup is bounded by max_matches x depth (max_lookup_cells).
@@ -293,8 +298,10 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     """Serves one ``DatastoreIndex`` at a time; ``swap_index`` replaces it atomically (reload)."""
 
     def __init__(self, index: Any = None, config: Optional[ServiceConfig] = None, metrics: Optional[Metrics] = None,
-                 tokenizer: Any = None, worker_id: Optional[int] = None):
+                 tokenizer: Any = None, worker_id: Optional[int] = None, stats: Any = None):
         self.config = config or ServiceConfig()
+        # shared statistics (datastore/stats_log.py StatsLog), or None: PushStats/PullStats then refuse
+        self.stats = stats
         self.config.check()
         self.metrics = metrics or Metrics()
         # Under --workers N each process keeps its own sessions; their ids name the worker that holds them.
@@ -313,6 +320,8 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         self._search_pool = ThreadPoolExecutor(max(1, self.config.search_workers), thread_name_prefix="doc-search")
         self._lookup_pool = ThreadPoolExecutor(self.config.lookup_workers, thread_name_prefix="lookup")
         self._bad_bytes_log = RateLimitedLog(log)
+        if stats is not None:
+            self.metrics.stats_rows.set_function(lambda: len(stats.stats))
         if index is not None:
             self.swap_index(index)
 
@@ -352,6 +361,8 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     def close(self) -> None:
         self._search_pool.shutdown(wait=False, cancel_futures=True)
         self._lookup_pool.shutdown(wait=False, cancel_futures=True)
+        if self.stats is not None:
+            self.stats.close()     # after the last push was answered: the writer finishes its queue
 
     def end_streams(self) -> int:
         """Draining: end every open RetrieveStream with status OK, and refuse new ones. A stream waiting
@@ -542,6 +553,8 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     def _answer(self, index, lk: _Lookup) -> pb.RetrieveResponse:
         """The lookup itself and its response (on the loop thread or in the lookup pool)."""
         r = index.retrieve(lk.ctx, lk.budget, **lk.kwargs)
+        if self.stats is not None:
+            return self._answer_with_stats(index, lk, r)
         m = self.metrics
         k = len(r.tokens)
         m.tree_size.observe(k)
@@ -573,6 +586,37 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             index_id=index_id,
             match_len=int(r.match_len),
         )
+
+    def _answer_with_stats(self, index, lk: _Lookup, r) -> pb.RetrieveResponse:
+        """The corpus tree ``r`` fused with the shared statistics' tree by longest prefix (the client's
+        fusion rule, datastore/tree_fusion.py), cut to the budget."""
+        kw = lk.kwargs
+        st = self.stats.stats.tree(lk.ctx, lk.budget, min_prob=kw.get("min_prob", INDEX_DEFAULTS["min_prob"]),
+                                   depth=kw.get("depth", INDEX_DEFAULTS["depth"]))
+        m = self.metrics
+        src = (pb.SOURCE_DATASTORE + pb.SOURCE_DOCUMENTS * np.asarray(r.in_documents, bool)
+               + pb.SOURCE_CONTEXT * np.asarray(r.in_memory, bool)).astype(np.uint8)
+        trees = [(r.tokens, r.parents, r.probs, src)]
+        if len(st.tokens):
+            trees.append((st.tokens, st.parents, st.probs, np.full(len(st.tokens), pb.SOURCE_RECYCLED, np.uint8)))
+        tok, par, prob, srcs = cut_tree(fuse_trees(trees), lk.budget) if len(trees) > 1 else trees[0]
+        k = len(tok)
+        m.tree_size.observe(k)
+        (m.hit if k else m.miss).inc()
+        for bit, counter in ((pb.SOURCE_DATASTORE, m.nodes_datastore), (pb.SOURCE_DOCUMENTS, m.nodes_documents),
+                             (pb.SOURCE_CONTEXT, m.nodes_memory), (pb.SOURCE_RECYCLED, m.nodes_stats)):
+            c = int(np.count_nonzero(srcs & bit))
+            if c:
+                counter.inc(c)
+        return pb.RetrieveResponse(tokens=np.asarray(tok).tolist(), parents=np.asarray(par).tolist(),
+                                   probs=np.asarray(prob).tolist(), sources=np.asarray(srcs, np.uint8).tobytes(),
+                                   index_id=str(index.index_id), match_len=int(max(r.match_len, st.match_len)))
+
+    def _require_stats(self):
+        if self.stats is None:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                           "this server keeps no shared statistics (start it with --stats-dir)")
+        return self.stats
 
     # ------------------------------------------------------------------ RPCs
     # Each handler only translates: (index snapshot, request protobuf) -> response protobuf (or its future:
@@ -653,3 +697,32 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         closed = self.sessions.close(request.session_id)
         self.metrics.sessions.set(len(self.sessions))
         return pb.CloseSessionResponse(closed=closed)
+
+    @_unary("PushStats")
+    async def PushStats(self, index, request) -> pb.PushStatsResponse:
+        stats = self._require_stats()
+        bid = request.batch_id
+        if not bid or len(bid) > MAX_ID_CHARS or not bid.isprintable():
+            raise _invalid(f"batch_id must be 1..{MAX_ID_CHARS} printable characters")
+        self._check_fingerprint(request.tokenizer_fingerprint)
+        why = check_batch(request.rows, request.runs, self._info.vocab_size, **PUSH_LIMITS)
+        if why:
+            raise _invalid(why)
+        try:
+            applied, version = await asyncio.wrap_future(stats.submit(request))
+        except OSError as e:
+            log.error("statistics log write failed", extra={"error": f"{type(e).__name__}: {e}"})
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the statistics log could not be written; retry later") from None
+        self.metrics.stats_pushes.labels("applied" if applied else "duplicate").inc()
+        return pb.PushStatsResponse(applied=applied, version=version)
+
+    @_unary("PullStats")
+    def PullStats(self, index, request) -> pb.PullStatsResponse:
+        stats = self._require_stats()
+        self._check_fingerprint(request.tokenizer_fingerprint)
+        limit = request.max_rows or PULL_ROWS
+        if limit > PULL_ROWS:
+            raise _invalid(f"max_rows {limit} exceeds {PULL_ROWS}")
+        rows, version, more = stats.stats.rows_since(int(request.since_version), limit)
+        return pb.PullStatsResponse(rows=[pb.TopkRow(token=t, next_tokens=n, probs=p) for t, n, p in rows],
+                                    version=version, more=more)

@@ -163,3 +163,61 @@ class RetrieveBatchResponse(_message.Message):
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
     responses: _containers.RepeatedCompositeFieldContainer[RetrieveResponse]
     def __init__(self, responses: _Optional[_Iterable[_Union[RetrieveResponse, _Mapping]]] = ...) -> None: ...
+
+class TopkRow(_message.Message):
+    __slots__ = ("token", "next_tokens", "probs")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROBS_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    next_tokens: _containers.RepeatedScalarFieldContainer[int]
+    probs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token: _Optional[int] = ..., next_tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class TokenRun(_message.Message):
+    __slots__ = ("tokens", "new_from")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEW_FROM_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    new_from: int
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., new_from: _Optional[int] = ...) -> None: ...
+
+class PushStatsRequest(_message.Message):
+    __slots__ = ("batch_id", "rows", "runs", "tokenizer_fingerprint")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    rows: _containers.RepeatedCompositeFieldContainer[TopkRow]
+    runs: _containers.RepeatedCompositeFieldContainer[TokenRun]
+    tokenizer_fingerprint: str
+    def __init__(self, batch_id: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[TopkRow, _Mapping]]] = ..., runs: _Optional[_Iterable[_Union[TokenRun, _Mapping]]] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
+
+class PushStatsResponse(_message.Message):
+    __slots__ = ("applied", "version")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    applied: bool
+    version: int
+    def __init__(self, applied: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+
+class PullStatsRequest(_message.Message):
+    __slots__ = ("since_version", "max_rows", "tokenizer_fingerprint")
+    SINCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    since_version: int
+    max_rows: int
+    tokenizer_fingerprint: str
+    def __init__(self, since_version: _Optional[int] = ..., max_rows: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
+
+class PullStatsResponse(_message.Message):
+    __slots__ = ("rows", "version", "more")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[TopkRow]
+    version: int
+    more: bool
+    def __init__(self, rows: _Optional[_Iterable[_Union[TopkRow, _Mapping]]] = ..., version: _Optional[int] = ..., more: _Optional[bool] = ...) -> None: ...

@@ -29,8 +29,8 @@ class DatastoreStub:
     """Retrieval datastore: suffix-array lookups over an indexed corpus, scoped by sessions (FAISS documents
     of the prompt, and a private memory of the request's own tokens).
 
-    Reads:  Info, Retrieve, RetrieveBatch, RetrieveStream   (bearer token required only with --auth-reads)
-    Writes: OpenSession, CloseSession               (bearer token required when the server has one)
+    Reads:  Info, Retrieve, RetrieveBatch, RetrieveStream, PullStats   (bearer token required only with --auth-reads)
+    Writes: OpenSession, CloseSession, PushStats               (bearer token required when the server has one)
     """
 
     def __init__(self, channel):
@@ -69,14 +69,24 @@ class DatastoreStub:
                 request_serializer=protos_dot_datastore__pb2.RetrieveRequest.SerializeToString,
                 response_deserializer=protos_dot_datastore__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
+        self.PushStats = channel.unary_unary(
+                '/specstore.datastore.v1.Datastore/PushStats',
+                request_serializer=protos_dot_datastore__pb2.PushStatsRequest.SerializeToString,
+                response_deserializer=protos_dot_datastore__pb2.PushStatsResponse.FromString,
+                _registered_method=True)
+        self.PullStats = channel.unary_unary(
+                '/specstore.datastore.v1.Datastore/PullStats',
+                request_serializer=protos_dot_datastore__pb2.PullStatsRequest.SerializeToString,
+                response_deserializer=protos_dot_datastore__pb2.PullStatsResponse.FromString,
+                _registered_method=True)
 
 
 class DatastoreServicer:
     """Retrieval datastore: suffix-array lookups over an indexed corpus, scoped by sessions (FAISS documents
     of the prompt, and a private memory of the request's own tokens).
 
-    Reads:  Info, Retrieve, RetrieveBatch, RetrieveStream   (bearer token required only with --auth-reads)
-    Writes: OpenSession, CloseSession               (bearer token required when the server has one)
+    Reads:  Info, Retrieve, RetrieveBatch, RetrieveStream, PullStats   (bearer token required only with --auth-reads)
+    Writes: OpenSession, CloseSession, PushStats               (bearer token required when the server has one)
     """
 
     def Info(self, request, context):
@@ -119,6 +129,22 @@ class DatastoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushStats(self, request, context):
+        """Shared statistics (a server started with --stats-dir): decoders push what they observed, in batches
+        off the decode path; the server merges them by addition (with decay), answers Retrieve from the corpus
+        and the statistics fused, and serves the order-1 rows as versioned deltas for a client's warm start.
+        A push is acknowledged after its write-ahead-log record is on disk; a retried batch_id is applied once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatastoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +178,16 @@ def add_DatastoreServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_datastore__pb2.RetrieveRequest.FromString,
                     response_serializer=protos_dot_datastore__pb2.RetrieveResponse.SerializeToString,
             ),
+            'PushStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushStats,
+                    request_deserializer=protos_dot_datastore__pb2.PushStatsRequest.FromString,
+                    response_serializer=protos_dot_datastore__pb2.PushStatsResponse.SerializeToString,
+            ),
+            'PullStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullStats,
+                    request_deserializer=protos_dot_datastore__pb2.PullStatsRequest.FromString,
+                    response_serializer=protos_dot_datastore__pb2.PullStatsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'specstore.datastore.v1.Datastore', rpc_method_handlers)
@@ -164,8 +200,8 @@ class Datastore:
     """Retrieval datastore: suffix-array lookups over an indexed corpus, scoped by sessions (FAISS documents
     of the prompt, and a private memory of the request's own tokens).
 
-    Reads:  Info, Retrieve, RetrieveBatch, RetrieveStream   (bearer token required only with --auth-reads)
-    Writes: OpenSession, CloseSession               (bearer token required when the server has one)
+    Reads:  Info, Retrieve, RetrieveBatch, RetrieveStream, PullStats   (bearer token required only with --auth-reads)
+    Writes: OpenSession, CloseSession, PushStats               (bearer token required when the server has one)
     """
 
     @staticmethod
@@ -320,6 +356,60 @@ class Datastore:
             '/specstore.datastore.v1.Datastore/RetrieveStream',
             protos_dot_datastore__pb2.RetrieveRequest.SerializeToString,
             protos_dot_datastore__pb2.RetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specstore.datastore.v1.Datastore/PushStats',
+            protos_dot_datastore__pb2.PushStatsRequest.SerializeToString,
+            protos_dot_datastore__pb2.PushStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specstore.datastore.v1.Datastore/PullStats',
+            protos_dot_datastore__pb2.PullStatsRequest.SerializeToString,
+            protos_dot_datastore__pb2.PullStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

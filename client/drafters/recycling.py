@@ -84,6 +84,22 @@ class RecyclingDrafter(Drafter):
         self.table[toks[ok], :k] = step.node_topk_tokens[ok, :k]
         self.table_probs[toks[ok], :k] = step.node_topk_probs[ok, :k]
 
+    def warm_rows(self, rows) -> int:
+        """Fill rows this table has not learned yet from ``rows`` [(token, next tokens, probs)] (the fleet's
+        shared statistics, client/shared_stats.py); returns how many were filled. Its own observations
+        overwrite them later, as they overwrite any row."""
+        n = 0
+        for token, nxt, probs in rows:
+            if not 0 <= token < self.vocab_size or self.table[token, 0] >= 0:
+                continue
+            pairs = [(t, p) for t, p in zip(nxt, probs) if 0 <= t < self.vocab_size][:self.k]
+            if not pairs:
+                continue
+            self.table[token, :len(pairs)] = [t for t, _ in pairs]
+            self.table_probs[token, :len(pairs)] = [p for _, p in pairs]
+            n += 1
+        return n
+
     def save(self, path: str | Path) -> None:
         from ...datastore.durable import save_npz
 

@@ -19,12 +19,12 @@ class ServerThread:
     """A DatastoreServer running in its own event loop thread."""
 
     def __init__(self, index_path, config: Optional[ServiceConfig] = None, options: Optional[ServerOptions] = None,
-                 opener=None, load: bool = True):
+                 opener=None, load: bool = True, stats=None):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = DatastoreServer(str(index_path), config or ServiceConfig(), options or ServerOptions(),
-                                      opener=opener)
+                                      opener=opener, stats=stats)
         self.port = self.call(self.server.start(load=load))
         self.address = f"127.0.0.1:{self.port}"
 
