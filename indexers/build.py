@@ -319,9 +319,11 @@ def build_index(
             if ctx.opts.engine == "ray":
                 from .ray_engine import RayEngine
 
-                # started after every refusal of _prepare (Ray's start costs seconds)
+                # started after every refusal of _prepare (Ray's start costs seconds, reported as its own stage)
+                t_ray = time.time()
                 ctx.engine = RayEngine(ctx.opts.ray_address, ctx.opts.workers if ctx.opts.workers > 1 else None,
                                        crash_at=os.environ.get(CRASH_ENV))
+                ctx.report.stage_seconds["ray_start"] = time.time() - t_ray
             tokenize_stage(ctx)
             suffix_array_stage(ctx)
         finally:
