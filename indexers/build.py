@@ -3,7 +3,8 @@
 ``build_index(inputs, out, BuildOptions(...))`` prepares a ``BuildContext`` and runs one function per stage:
 ``tokenize_stage``, ``suffix_array_stage``, ``embed_stage``, ``faiss_stage`` (the last two only with
 embeddings), then ``publish``. The files it writes and the manifest are the format of
-``datastore/index_format.py``; every file goes through ``datastore/durable.py``.
+``datastore/index_format.py``; every file goes through ``datastore/durable.py``. With ``engine="ray"`` the
+tokenize and suffix array stages hand their computing to Ray tasks (``ray_engine.py``) and write the same bytes.
 
 Crash safety: everything is written into a staging folder next to the destination
 (``<parent>/.<name>.building``). Each finished unit of work leaves a stage marker
