@@ -133,7 +133,7 @@ class IndexManifest:
     stats: {"num_documents", "num_tokens", "num_shards", "bytes_suffix_store", "bytes_per_token", "bytes_faiss",
             "read", "inputs", "appended_from", "previous_inputs", "build_key" (the build's resume key: a rerun
             of the last --append with the same inputs and options is recognised and does nothing)}
-    build_seconds: stage -> seconds; builder: {"chunk_tokens", "shard_tokens"}
+    build_seconds: stage -> seconds; builder: {"chunk_tokens", "shard_tokens", "engine"}
     extra: top-level keys this version does not know (kept as they are on a load/dump round trip)
     """
 

@@ -3,7 +3,8 @@
 ``build_index(inputs, out, BuildOptions(...))`` prepares a ``BuildContext`` and runs one function per stage:
 ``tokenize_stage``, ``suffix_array_stage``, ``embed_stage``, ``faiss_stage`` (the last two only with
 embeddings), then ``publish``. The files it writes and the manifest are the format of
-``datastore/index_format.py``; every file goes through ``datastore/durable.py``.
+``datastore/index_format.py``; every file goes through ``datastore/durable.py``. With ``engine="ray"`` the
+tokenize and suffix array stages hand their computing to Ray tasks (``ray_engine.py``) and write the same bytes.
 
 Crash safety: everything is written into a staging folder next to the destination
 (``<parent>/.<name>.building``). Each finished unit of work leaves a stage marker
@@ -49,11 +50,17 @@ DEFAULT_EMBED_MAX_PIECES = 128
 #: chunks per embedding checkpoint: a crash in the (long) embed stage loses at most this many chunks
 EMBED_PART_CHUNKS = 4096
 FAISS_DEVICES = ("auto", "cpu", "gpu")
+ENGINES = ("local", "ray")
 CRASH_ENV = "SPECSTORE_INDEX_CRASH_AT"   # test hook: raise at a named point of the build
 
 
 class BuildError(RuntimeError):
     """A build that cannot go on (bad options, tokenizer mismatch on --append, ...)."""
+
+
+class EngineTaskFailed(BuildError):
+    """A task of a distributed engine (``--engine ray``) failed: it raised, its worker died, the cluster went
+    away. The staging folder keeps every finished shard, so rerunning the same command resumes."""
 
 
 class SimulatedCrash(RuntimeError):
@@ -68,9 +75,10 @@ class AlreadyAppended(Exception):
         self.manifest = manifest
 
 
-def _crash_point(name: str) -> None:
-    """Test hook: ``SPECSTORE_INDEX_CRASH_AT=<point>`` raises there, ``<point>!kill`` SIGKILLs the process."""
-    want = os.environ.get(CRASH_ENV)
+def _crash_point(name: str, want: Optional[str] = None) -> None:
+    """Test hook: ``SPECSTORE_INDEX_CRASH_AT=<point>`` raises there, ``<point>!kill`` SIGKILLs the process.
+    ``want``: the hook's value where the environment is not the driver's (a Ray task gets it as an argument)."""
+    want = want or os.environ.get(CRASH_ENV)
     if not want:
         return
     point, _, how = want.partition("!")
@@ -90,7 +98,11 @@ class BuildOptions:
     model: model spec whose tokenizer is used (datastore/model_files.py) when no tokenizer object is given
     text_field, template: how a record becomes text (indexers/readers.py); None = auto
     shard_tokens: tokens per shard, one suffix array each (16 <= n < 2**31 - 1)
-    workers: tokenizer processes (1 = batched in this process); batch_docs: documents per tokenizer batch
+    workers: tokenizer processes (1 = batched in this process); with engine "ray", the CPUs of the local Ray
+        instance the build starts (1 or less = every core); batch_docs: documents per tokenizer batch
+    engine: where tokenisation and suffix arrays run, one of ENGINES: "local" (this process and ``workers``
+        processes) or "ray" (Ray tasks, indexers/ray_engine.py; same bytes); ray_address: a Ray cluster to use
+        (None = start a local Ray instance)
     embeddings: chunk embeddings + FAISS; embedder: encoder folder (None = all-MiniLM-L6-v2, the default)
     faiss_factory: FAISS index_factory string (None = by size, ``default_faiss_factory``)
     faiss_device: where FAISS trains and adds, one of FAISS_DEVICES
@@ -116,6 +128,8 @@ class BuildOptions:
     append: bool = False
     skip_bad_records: bool = False
     progress: bool = True
+    engine: str = "local"
+    ray_address: Optional[str] = None
 
     def check(self) -> None:
         """BuildError for values no build can use."""
@@ -123,6 +137,10 @@ class BuildOptions:
             raise BuildError(f"--faiss-device must be one of {', '.join(FAISS_DEVICES)}, not {self.faiss_device!r}")
         if self.shard_tokens < 16 or self.shard_tokens >= 2**31 - 1:
             raise BuildError("--shard-tokens must be between 16 and 2**31-2")
+        if self.engine not in ENGINES:
+            raise BuildError(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.ray_address and self.engine != "ray":
+            raise BuildError("--address names a Ray cluster: it needs --engine ray")
 
 
 # ------------------------------------------------------------------------------------------ stage markers
@@ -201,6 +219,7 @@ class BuildContext:
     opts: the effective options (``--append`` takes embeddings, embedder and chunk size from the index);
     inputs: input paths as str ([] with ``token_docs``); token_docs: int64 arrays, one per document, or None;
     fingerprint, vocab_size, dtype, sep: the token space (dtype uint16|uint32, sep = its max value);
+    engine: the Ray connection (``ray_engine.RayEngine``) when ``opts.engine == "ray"``;
     old: the manifest of the index appended to; embedder_path: resolved encoder folder (with embeddings);
     old_shards, doc_base: shard entries inherited from ``old`` and the first new document id;
     new_shards: manifest entries of the shards this build writes (``files`` filled by the suffix array stage);
@@ -229,6 +248,7 @@ class BuildContext:
     read_stats: dict = field(default_factory=dict)
     faiss_meta: Optional[dict] = None
     key: str = ""
+    engine: object = None   # ray_engine.RayEngine with engine "ray", else None
 
     @property
     def first_new(self) -> int:
@@ -282,6 +302,10 @@ def build_index(
     t_start = time.time()
     options = options or BuildOptions()
     options.check()
+    if options.engine == "ray":   # a missing ray is refused before anything is written
+        from .ray_engine import import_ray
+
+        import_ray()
     out = Path(out).expanduser().resolve()
     with build_lock(out):
         recover_publish(out, log)
@@ -292,8 +316,20 @@ def build_index(
                 "was interrupted once published); nothing to do")
             return BuildReport(out, done.manifest.to_dict())
         _link_old_shards(ctx)
-        tokenize_stage(ctx)
-        suffix_array_stage(ctx)
+        try:
+            if ctx.opts.engine == "ray":
+                from .ray_engine import RayEngine
+
+                # started after every refusal of _prepare (Ray's start costs seconds, reported as its own stage)
+                t_ray = time.time()
+                ctx.engine = RayEngine(ctx.opts.ray_address, ctx.opts.workers if ctx.opts.workers > 1 else None,
+                                       crash_at=os.environ.get(CRASH_ENV))
+                ctx.report.stage_seconds["ray_start"] = time.time() - t_ray
+            tokenize_stage(ctx)
+            suffix_array_stage(ctx)
+        finally:
+            if ctx.engine is not None:
+                ctx.engine.close()
         if ctx.opts.embeddings:
             embed_stage(ctx)
             faiss_stage(ctx)
@@ -495,6 +531,26 @@ def _worker_encode(texts: list) -> list:
     return _encode(_WORKER_TOK, texts)
 
 
+class _PoolEncoder:
+    """Tokenizer batches on ``workers`` spawned processes: ``submit(texts)`` -> handle, ``result(handle)`` ->
+    token arrays (uint32), ``width``: workers (2 x width batches are kept in flight), ``close()``."""
+
+    def __init__(self, backend, workers: int):
+        import multiprocessing as mp
+
+        self.width = workers
+        self.pool = mp.get_context("spawn").Pool(workers, _worker_init, (backend.to_str(),))
+
+    def submit(self, texts: list):
+        return self.pool.apply_async(_worker_encode, (texts,))
+
+    def result(self, handle) -> list:
+        return handle.get()
+
+    def close(self) -> None:
+        self.pool.terminate()
+
+
 def _backend_of(tokenizer):
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is None:
@@ -553,10 +609,10 @@ def tokenize_stage(ctx: BuildContext) -> None:
             backend = _backend_of(ctx.tokenizer)
             docs = iter_documents(ctx.inputs, text_field=o.text_field, template=o.template,
                                   skip_bad=o.skip_bad_records, stats=read_stats)
-            if o.workers > 1:
-                import multiprocessing as mp
-
-                pool = mp.get_context("spawn").Pool(o.workers, _worker_init, (backend.to_str(),))
+            if ctx.engine is not None:
+                pool = ctx.engine.encoder(backend)
+            elif o.workers > 1:
+                pool = _PoolEncoder(backend, o.workers)
         bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=not o.progress, leave=True)
         buf: list[np.ndarray] = []
         buf_ids: list[int] = []
@@ -582,7 +638,7 @@ def tokenize_stage(ctx: BuildContext) -> None:
         finally:
             bar.close()
             if pool is not None:
-                pool.terminate()
+                pool.close()
         ctx.read_stats = read_stats.as_dict()
         stages.mark("tokenize", [], read_stats=ctx.read_stats, num_shards=i)
     report.read_stats = ctx.read_stats
@@ -594,8 +650,9 @@ def tokenize_stage(ctx: BuildContext) -> None:
 
 
 def _encoded_batches(ctx: BuildContext, docs, backend, pool, done_docs: int) -> Iterator[tuple[int, list]]:
-    """(global id of the first document, its token arrays and the following ones') per batch, skipping the
-    first ``done_docs`` documents (tokenized by an interrupted run whose shards are kept)."""
+    """(global id of the first document, its token arrays and the following ones') per batch, in document
+    order, skipping the first ``done_docs`` documents (tokenized by an interrupted run whose shards are kept).
+    ``pool``: None (encode here) or an encoder (``_PoolEncoder``, ``ray_engine.RayEncoder``)."""
     if ctx.token_docs is not None:
         for j in range(done_docs, len(ctx.token_docs)):
             yield ctx.doc_base + j, [ctx.token_docs[j]]
@@ -613,12 +670,12 @@ def _encoded_batches(ctx: BuildContext, docs, backend, pool, done_docs: int) -> 
         if pool is None:
             yield ids0, _encode(backend, texts)
         else:
-            pending.append((ids0, pool.apply_async(_worker_encode, (texts,))))
-            if len(pending) >= 2 * ctx.opts.workers:
+            pending.append((ids0, pool.submit(texts)))
+            if len(pending) >= 2 * pool.width:
                 a, r = pending.pop(0)
-                yield a, r.get()
+                yield a, pool.result(r)
     for a, r in pending:
-        yield a, r.get()
+        yield a, pool.result(r)
 
 
 def _write_shard(ctx: BuildContext, i: int, buf: list, buf_ids: list) -> dict:
@@ -658,20 +715,38 @@ def suffix_array_stage(ctx: BuildContext) -> None:
     t0 = time.time()
     bar = tqdm(total=sum(s["array_len"] for s in ctx.new_shards), desc="suffix array", unit="tok", unit_scale=True,
                disable=not ctx.opts.progress)
+    todo = []
     for sh in ctx.new_shards:
-        name = sh["name"]
-        d = shard_path(ctx.staging, name)
-        if ctx.stages.done(f"sa-{name}") is not None:
-            ctx.report.resumed.append(f"sa-{name}")
+        if ctx.stages.done(f"sa-{sh['name']}") is not None:
+            ctx.report.resumed.append(f"sa-{sh['name']}")
+            bar.update(sh["array_len"])
         else:
-            T = np.load(d / SHARD_TOKENS)
-            save_npy(d / SHARD_RSA, build_reverse_sa(T))
-            _crash_point(f"sa:{name}")
-            save_npy(d / SHARD_BUCKETS, build_buckets(T, ctx.vocab_size))
-            del T
-            ctx.stages.mark(f"sa-{name}", [d / SHARD_RSA, d / SHARD_BUCKETS])
-        bar.update(sh["array_len"])
-    bar.close()
+            todo.append(sh)
+    lens = {sh["name"]: sh["array_len"] for sh in todo}
+
+    def save(name: str, rsa: np.ndarray, buckets) -> None:
+        d = shard_path(ctx.staging, name)
+        save_npy(d / SHARD_RSA, rsa)
+        _crash_point(f"sa:{name}")
+        save_npy(d / SHARD_BUCKETS, buckets() if callable(buckets) else buckets)
+        ctx.stages.mark(f"sa-{name}", [d / SHARD_RSA, d / SHARD_BUCKETS])
+        bar.update(lens[name])
+
+    def tokens(name: str) -> np.ndarray:
+        return np.load(shard_path(ctx.staging, name) / SHARD_TOKENS)
+
+    try:
+        if ctx.engine is not None:
+            ctx.engine.suffix_arrays(((sh["name"], lambda n=sh["name"]: tokens(n)) for sh in todo), ctx.vocab_size,
+                                     save)
+        else:
+            for sh in todo:
+                T = tokens(sh["name"])
+                # buckets after the rsa is saved, so that the crash point between the two sees the local order
+                save(sh["name"], build_reverse_sa(T), lambda T=T: build_buckets(T, ctx.vocab_size))
+                del T
+    finally:
+        bar.close()
     for sh in ctx.new_shards:
         d = shard_path(ctx.staging, sh["name"])
         sh["files"] = {f: file_entry(d / f) for f in SHARD_FILES}
@@ -883,7 +958,7 @@ def _manifest(ctx: BuildContext) -> IndexManifest:
         },
         build_seconds=dict(ctx.report.stage_seconds),
         builder={"chunk_tokens": ctx.opts.chunk_tokens if ctx.opts.embeddings else None,
-                 "shard_tokens": ctx.opts.shard_tokens},
+                 "shard_tokens": ctx.opts.shard_tokens, "engine": ctx.opts.engine},
     )
 
 

@@ -22,13 +22,14 @@ examples:
   index-build build ../shared/data/corpus --out idx/
   index-build build data.jsonl --template "{instruction}\\n{response}" --out idx/
   index-build build more.parquet --text-field body --out idx/ --append
+  index-build build ../shared/data/corpus --out idx/ --engine ray --address ray://head:10001
   index-build inspect idx/ --verify
 """
 
 
 def _build_parser() -> argparse.ArgumentParser:
     from ..datastore.model_files import DEFAULT_MODEL
-    from .build import DEFAULT_EMBED_MAX_PIECES, FAISS_DEVICES, BuildOptions
+    from .build import DEFAULT_EMBED_MAX_PIECES, ENGINES, FAISS_DEVICES, BuildOptions
 
     O = BuildOptions()   # the defaults live in the options dataclass
     p = CliParser(
@@ -60,7 +61,14 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"tokens per shard; one suffix array per shard (default {O.shard_tokens:,})")
     b.add_argument("--workers", type=int, default=O.workers, metavar="N",
                    help=f"tokenizer worker processes (default {O.workers}: batched in process, the Rust tokenizer is "
-                        "itself multi-threaded)")
+                        "itself multi-threaded); with --engine ray: the CPUs of the local Ray instance (default: "
+                        "every core)")
+    b.add_argument("--engine", choices=ENGINES, default=O.engine,
+                   help="where tokenisation and the per-shard suffix arrays run: local (default: this process and "
+                        "--workers processes) or ray (Ray tasks; needs the 'shared' extra; the same bytes)")
+    b.add_argument("--address", metavar="ADDR", default=None,
+                   help="with --engine ray: the Ray cluster to run on (ray://HEAD:10001, HEAD:6379 or auto); "
+                        "default: a local Ray instance on 127.0.0.1 for this build")
     b.add_argument("--batch-docs", type=int, default=O.batch_docs, metavar="N",
                    help=f"documents per tokenizer batch (default {O.batch_docs})")
     b.add_argument("--no-embeddings", action="store_true", help="skip chunk embeddings and the FAISS index")
@@ -111,7 +119,8 @@ def build_options(args: argparse.Namespace) -> BuildOptions:
         batch_docs=max(1, args.batch_docs), embeddings=not args.no_embeddings, embedder=args.embedder,
         faiss_factory=args.faiss_factory, faiss_device=args.faiss_device,
         chunk_tokens=args.chunk_tokens or DEFAULT_CHUNK_TOKENS, embed_batch=args.embed_batch, append=args.append,
-        skip_bad_records=args.skip_bad_records, progress=not args.quiet,
+        skip_bad_records=args.skip_bad_records, progress=not args.quiet, engine=args.engine,
+        ray_address=args.address,
     )
 
 
@@ -175,7 +184,7 @@ _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 
 
 def _build(args) -> int:
-    from .build import BuildError, build_index
+    from .build import BuildError, EngineTaskFailed, build_index
     from .readers import BadRecordError
 
     try:
@@ -183,6 +192,10 @@ def _build(args) -> int:
     except BadRecordError as e:  # exit status 1, not 2: the documented status of bad records in the data
         print(f"index-build: bad input: {one_line(e)} (use --skip-bad-records to skip such records and count them)",
               file=sys.stderr)
+        return 1
+    except EngineTaskFailed as e:   # the cluster's failure, not the user's: exit 1
+        print(f"index-build: {one_line(e)}; the index published at {args.out} (if any) is unchanged; rerun the "
+              "same command to resume from the finished shards", file=sys.stderr)
         return 1
     except BuildError as e:
         return usage_error("index-build", e)

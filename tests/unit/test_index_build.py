@@ -309,7 +309,8 @@ def test_cli_help_lists_every_flag(capsys):
         main(["build", "--help"])
     h = capsys.readouterr().out
     for flag in ["--out", "--model", "--text-field", "--template", "--shard-tokens", "--workers", "--no-embeddings",
-                 "--embedder", "--faiss-factory", "--chunk-tokens", "--append", "--skip-bad-records", "--quiet"]:
+                 "--embedder", "--faiss-factory", "--chunk-tokens", "--append", "--skip-bad-records", "--quiet", "--engine",
+                 "--address"]:
         assert flag in h
 
 
