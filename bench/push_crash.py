@@ -82,9 +82,10 @@ def reference(batches) -> NgramStats:
 
 
 class Server:
-    """``datastore-serve`` as a child process on a free port, with the statistics folder."""
+    """``datastore-serve`` as a child process on 127.0.0.1 and a free port, keeping its shared statistics in
+    ``stats_dir``; ``args`` replace this campaign's settings (decay off, frequent snapshots, a token)."""
 
-    def __init__(self, index: Path, stats_dir: Path, log_path: Path):
+    def __init__(self, index: Path, stats_dir: Path, log_path: Path, args: Optional[list] = None):
         port_file = log_path.with_suffix(".port")
         port_file.unlink(missing_ok=True)
         self._log = open(log_path, "a")
@@ -92,8 +93,9 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "specstore.datastore.cli", "--index", str(index), "--host", "127.0.0.1",
              "--port", "0", "--port-file", str(port_file), "--no-faiss", "--stats-dir", str(stats_dir),
-             "--stats-half-life", "1e15", "--stats-snapshot-every", "50", "--auth-token", TOKEN,
-             "--log-level", "warning"],
+             "--log-level", "warning",
+             *(args if args is not None else ["--stats-half-life", "1e15", "--stats-snapshot-every", "50",
+                                              "--auth-token", TOKEN])],
             stdout=subprocess.DEVNULL, stderr=self._log,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
         deadline = time.monotonic() + 120
@@ -108,7 +110,7 @@ class Server:
         """Seconds from the process start until Info answers (the index and the statistics are loaded)."""
         from ..client.datastore_client import DatastoreClient
 
-        c = DatastoreClient(self.address, auth_token=TOKEN)
+        c = DatastoreClient(self.address)     # Info is a read: no token needed
         try:
             end = time.monotonic() + timeout_s
             while c.info(timeout_s=2.0) is None:

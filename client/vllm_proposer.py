@@ -22,7 +22,11 @@ prefix (``{"datastore": "host:port", "timeout_ms": 5}``); the variables win over
                                   shorter where verifying drafts is dear and as the batch grows; a step in
                                   which no request expects to gain more than speculation's own overhead
                                   (also measured) drafts nothing (but one in 8 such steps, to keep measuring)
-  SPECSTORE_AUTH_TOKEN=T          bearer token for the datastore's session calls
+  SPECSTORE_SHARE_STATS=0         push each request's accepted tokens (as n-gram runs, in batches from a
+                                  background thread) to the service's shared statistics, so that what this
+                                  node generates drafts for every node (needs SPECSTORE_DATASTORE and a
+                                  server with --stats-dir; up to 15 last tokens of a request are not sent)
+  SPECSTORE_AUTH_TOKEN=T          bearer token for the datastore's session calls (and pushes)
   SPECSTORE_STATS_FILE=PATH       keep the proposer's counters there (JSON, rewritten when a request starts
                                   or ends): requests started/released, live and most live, drafts, errors
 
@@ -80,6 +84,7 @@ class ProposerOptions:
     auth_token: Optional[str] = None
     top_k: int = 8
     stats_file: Optional[str] = None
+    share_stats: bool = False
 
     @classmethod
     def from_env(cls, env: Optional[dict] = None) -> "ProposerOptions":
@@ -114,6 +119,8 @@ class ProposerOptions:
         bad = names - {"context", "datastore"}
         if bad:
             raise ValueError(f"SPECSTORE_DRAFTERS: unknown drafter(s) {sorted(bad)}; choose from context, datastore")
+        if self.share_stats and not self.datastore:
+            raise ValueError("SPECSTORE_SHARE_STATS needs SPECSTORE_DATASTORE (the statistics are the service's)")
         if "datastore" in names and not (self.datastore or self.index):
             raise ValueError("SPECSTORE_DRAFTERS names datastore, but neither SPECSTORE_DATASTORE nor SPECSTORE_INDEX is set")
 
@@ -144,6 +151,7 @@ class _Request:
     last: int = -1                      # ... and its last token then: a row that shrank or changed it is new
     chain: Optional[DraftTree] = None   # the chain proposed at the last step ...
     chain_at: int = 0                   # ... after this many tokens
+    pushed: int = -1                    # tokens already sent to the shared statistics (-1: not yet seen)
 
 
 @dataclass
@@ -182,6 +190,12 @@ class SpecstoreProposer:
         self._last_step: Optional[tuple[float, int, bool]] = None   # (start, tokens verified, speculated) of the last step
         self.stats = ProposerStats()
         self._requests: dict[int, _Request] = {}   # row -> state
+        self.pusher = None          # client/shared_stats.py StatsPusher (SPECSTORE_SHARE_STATS)
+        self._runs: list = []       # accepted-token runs not yet handed to the pusher
+        if self.options.share_stats and self.backend is not None and self.backend.remote:
+            from .shared_stats import StatsPusher
+
+            self.pusher = StatsPusher(self.backend.client)
         log.info("specstore proposer: k=%d, drafters=%s, datastore=%s", self.k, sorted(names),
                  self.options.datastore or self.options.index or "-")
 
@@ -319,6 +333,8 @@ class SpecstoreProposer:
                     self._requests[row] = req
                     self._requests_changed()
                 self._learn(req, tokens)
+                if self.pusher is not None:
+                    self._collect_run(req, tokens)
                 req.seen, req.last = n, int(tokens[-1])
                 live.append((row, req, tokens))
             self.stats.steps += 1
@@ -373,6 +389,24 @@ class SpecstoreProposer:
         self.stats.extra["last_propose_s"] = time.perf_counter() - t0
         return out
 
+    def _collect_run(self, req: _Request, tokens: np.ndarray) -> None:
+        """Queue the request's tokens generated since its last run (with ORDER - 1 tokens of context) once
+        there are 16; every 8 runs go to the pusher as one batch (its thread sends them)."""
+        from .shared_stats import ORDER
+
+        n = len(tokens)
+        if req.pushed < 0:
+            req.pushed = n              # the prompt is the user's: only generated tokens are shared
+            return
+        if n - req.pushed < 16:
+            return
+        start = max(0, req.pushed - (ORDER - 1))
+        self._runs.append((tokens[start:n].tolist(), req.pushed - start))
+        req.pushed = n
+        if len(self._runs) >= 8:
+            self.pusher.push([], self._runs)
+            self._runs = []
+
     def _datastore_trees(self, live: list) -> Optional[list[DraftTree]]:
         if self.backend is None:
             return None
@@ -413,5 +447,10 @@ class SpecstoreProposer:
         for row in list(self._requests):
             self._end(self._requests.pop(row))
         self._requests_changed()
+        if self.pusher is not None:
+            if self._runs:
+                self.pusher.push([], self._runs)
+                self._runs = []
+            self.pusher.close()
         if self.backend is not None:
             self.backend.close()

@@ -298,3 +298,36 @@ def test_a_request_moved_to_another_row_keeps_its_state():
     step([a + [1, 2]])                             # b finished, a compacted to row 0
     assert prop._requests[0] is before[0] and backend.closed == ["s1"]
     assert prop.stats.requests_started == 2 and prop.stats.requests_released == 1
+
+
+def test_accepted_tokens_reach_the_shared_statistics(model, tmp_path):
+    """SPECSTORE_SHARE_STATS: generated tokens (not prompts) go to a real service's statistics as n-gram runs;
+    outputs stay plain."""
+    from specstore.client.datastore_client import DatastoreClient
+    from specstore.client.datastore_drafter import RemoteBackend
+    from specstore.datastore.ngram_stats import NgramStats
+    from specstore.datastore.servicer import ServiceConfig
+    from specstore.datastore.stats_log import StatsLog
+    from tests.datastore_fake_index import FakeIndex, write_fake_index
+    from tests.integration.datastore_support import ServerThread
+
+    prompts = _prompts(4, seed=5)
+    want = {i: plain_greedy(model, p, 40) for i, p in enumerate(prompts)}
+    idx = write_fake_index(tmp_path / "idx", [[1, 2, 3]], fingerprint="fp-test")
+    log = StatsLog(tmp_path / "stats", stats=NgramStats(half_life_s=1e12)).open()
+    with ServerThread(idx, ServiceConfig(auth_token="t"), opener=FakeIndex.open, stats=log) as srv:
+        backend = RemoteBackend(DatastoreClient(srv.address, timeout_s=1.0, auth_token="t"))
+        prop = SpecstoreProposer(_config(), ProposerOptions(drafters="context", datastore=srv.address,
+                                                            share_stats=True), backend=backend)
+        assert _engine(model, prompts, 40, prop, batch=2) == want
+        prop.propose([], np.zeros(0, np.int32), np.zeros((0, MAX_LEN), np.int32))
+        prop.close()
+        assert prop.pusher.stats["pushed"] >= 1 and prop.pusher.stats["failed"] == 0
+        order1 = {k[0]: r for k, r in log.stats._rows.items() if len(k) == 1}
+        # every request shares at least 16 of its 40 tokens, at most all 40 but the prefill token
+        mass = sum(r.total for r in order1.values())
+        assert 16 * len(prompts) <= mass <= 39 * len(prompts)
+        bigrams = {(a, b) for out in want.values() for a, b in zip(out, out[1:])}
+        # only generated tokens count (a run's prompt tokens are context before new_from): each pair is a
+        # bigram of an output
+        assert order1 and all((key, nxt) in bigrams for key, row in order1.items() for nxt in row.weights)
