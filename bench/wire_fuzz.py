@@ -472,8 +472,11 @@ class RssSampler(threading.Thread):
         self._halt.set()
         self.join(5)
         mib = 1 << 20
+        # the timeline (12 evenly spaced samples) tells growth that levels off from a leak
         return {name: {"start_mib": round(v[0] / mib, 1), "peak_mib": round(max(v) / mib, 1),
-                       "end_mib": round(v[-1] / mib, 1), "samples": len(v)} for name, v in self.samples.items() if v}
+                       "end_mib": round(v[-1] / mib, 1), "samples": len(v),
+                       "timeline_mib": [round(v[i * (len(v) - 1) // 11] / mib) for i in range(12)]}
+                for name, v in self.samples.items() if v}
 
 
 # ------------------------------------------------------------------------------------------ the campaign
