@@ -199,8 +199,11 @@ class BuildReport:
         lines.append("  stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.stage_seconds.items()))
         rs = self.read_stats
         if rs.get("bad_records"):
-            lines.append(f"  skipped {rs['bad_records']} bad records (--skip-bad-records); first: "
+            cut = f", {rs['bad_files']} of them cut a file short" if rs.get("bad_files") else ""
+            lines.append(f"  skipped {rs['bad_records']} bad records (--skip-bad-records{cut}); first: "
                          f"{rs['bad_examples'][0] if rs['bad_examples'] else ''}")
+        if rs.get("empty_files"):
+            lines.append(f"  {rs['empty_files']} input files held no record")
         if rs.get("empty_records"):
             lines.append(f"  {rs['empty_records']} empty records skipped")
         if rs.get("skipped_files"):

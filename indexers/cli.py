@@ -157,7 +157,8 @@ def _inspect(args) -> int:
         print("faiss      none (built with --no-embeddings)")
     rd = st.get("read", {})
     print(f"read       {rd.get('files', 0)} files  {rd.get('records', 0):,} records  "
-          f"{rd.get('bad_records', 0)} bad skipped  {rd.get('empty_records', 0)} empty")
+          f"{rd.get('bad_records', 0)} bad skipped ({rd.get('bad_files', 0)} files cut short)  "
+          f"{rd.get('empty_records', 0)} empty  {rd.get('empty_files', 0)} empty files")
     bs = m.get("build_seconds", {})
     print("build      " + "  ".join(f"{k} {v:.1f}s" for k, v in bs.items()))
     if args.verify:

@@ -12,7 +12,11 @@ Supported inputs (files or folders, folders are walked recursively in sorted ord
 
 A record becomes text by ``template`` (``str.format_map`` over the record), else ``text_field``, else the
 auto rule (see :func:`record_text`). Problems raise :class:`BadRecordError` carrying ``file:line``; with
-``skip_bad=True`` the reader counts them in ``ReadStats`` and goes on.
+``skip_bad=True`` the reader counts them in ``ReadStats`` and goes on. A bad JSON line (malformed, not
+UTF-8, nested too deeply, longer than ``MAX_LINE_BYTES``) or a damaged Parquet row group is one bad record;
+the lines and row groups around it are read. A problem that leaves the rest of a file unreadable (a
+truncated JSON array, a Parquet file without its footer) is one bad record and one ``bad_files``; files
+with no record at all are counted as ``empty_files``. Nothing is dropped without being counted.
 """
 from __future__ import annotations
 
@@ -27,6 +31,10 @@ TEXT_EXTS = {".txt", ".text", ".md", ".markdown", ".rst"}
 PARQUET_EXTS = {".parquet"}
 TEXT_PIECE_CHARS = 8 << 20
 AUTO_FIELDS = ("text", "content", "document", "body", "markdown", "passage")
+# A JSON line longer than this is a bad record, skipped without being held in memory (a binary file or a
+# missing newline would otherwise make one "line" of the whole file).
+MAX_LINE_BYTES = 256 << 20
+_SKIP_CHUNK = 1 << 20
 
 
 class BadRecordError(ValueError):
@@ -54,6 +62,8 @@ class ReadStats:
     documents: int = 0
     empty: int = 0
     bad_records: int = 0
+    bad_files: int = 0       # files whose rest could not be read after a problem (counted in bad_records too)
+    empty_files: int = 0     # files that held no record at all
     skipped_files: list = field(default_factory=list)
     bad_examples: list = field(default_factory=list)
 
@@ -61,6 +71,7 @@ class ReadStats:
         return {
             "files": self.files, "records": self.records, "documents": self.documents,
             "empty_records": self.empty, "bad_records": self.bad_records,
+            "bad_files": self.bad_files, "empty_files": self.empty_files,
             "skipped_files": self.skipped_files[:50], "bad_examples": self.bad_examples[:20],
         }
 
@@ -101,7 +112,7 @@ def record_text(rec, path, line, text_field: Optional[str] = None, template: Opt
             return template.format_map(_SafeDict(rec, path, line))
         except BadRecordError:
             raise
-        except (ValueError, IndexError, KeyError, AttributeError) as e:
+        except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
             raise BadRecordError(path, line, f"template {template!r} failed: {e}") from None
     if text_field is not None:
         if not isinstance(rec, dict):
@@ -133,24 +144,46 @@ def record_text(rec, path, line, text_field: Optional[str] = None, template: Opt
 
 
 # ----------------------------------------------------------------------------------- per-format readers
+def _json_error(path, line, e: Exception) -> BadRecordError:
+    """The BadRecordError of a value ``json`` could not parse: JSONDecodeError, RecursionError (nesting
+    deeper than the interpreter's stack), ValueError (an integer of more than 4300 digits)."""
+    if isinstance(e, json.JSONDecodeError):
+        return BadRecordError(path, line, f"malformed JSON: {e.msg} (column {e.colno})")
+    if isinstance(e, RecursionError):
+        return BadRecordError(path, line, "JSON nested too deeply")
+    return BadRecordError(path, line, f"malformed JSON: {str(e)[:200]}")
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
-    with open(path, "r", encoding="utf-8", errors="strict") as f:
+    """(line number, record or BadRecordError) per non-blank line. Read as bytes and decoded line by line:
+    a text-mode reader decodes ahead in 8 KB blocks, so one bad byte failed the lines before it too, with
+    the wrong line number."""
+    max_line = MAX_LINE_BYTES
+    with open(path, "rb") as f:
         lineno = 0
         while True:
-            try:
-                line = f.readline()
-            except UnicodeDecodeError as e:
-                raise BadRecordError(path, lineno + 1, f"not UTF-8 text ({e.reason})") from None
-            if not line:
+            raw = f.readline(max_line + 1)
+            if not raw:
                 return
             lineno += 1
-            s = line.strip()
+            if len(raw) > max_line and not raw.endswith(b"\n"):
+                while (chunk := f.readline(_SKIP_CHUNK)) and not chunk.endswith(b"\n"):
+                    pass
+                yield lineno, BadRecordError(path, lineno, f"line longer than {max_line} bytes")
+                continue
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                s = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                yield lineno, BadRecordError(path, lineno, f"not UTF-8 text ({e.reason} at byte {e.start + 1})")
+                continue
             if not s:
                 continue
             try:
                 yield lineno, json.loads(s)
-            except json.JSONDecodeError as e:
-                yield lineno, BadRecordError(path, lineno, f"malformed JSON: {e.msg} (column {e.colno})")
+            except (ValueError, RecursionError) as e:
+                yield lineno, _json_error(path, lineno, e)
 
 
 def _iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[tuple[int, object]]:
@@ -217,6 +250,8 @@ def _iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[tuple[i
                         continue
                     err_line = start_line + buf.count("\n", pos, e.pos)
                     raise BadRecordError(path, err_line, f"malformed JSON: {e.msg}") from None
+                except (ValueError, RecursionError) as e:
+                    raise _json_error(path, start_line, e) from None
             line += buf.count("\n", pos, end)
             pos = end
             yield start_line, obj
@@ -231,15 +266,27 @@ def _json_kind(path: Path) -> str:
 
 
 def _iter_parquet(path: Path, columns=None, batch_rows: int = 2048) -> Iterator[tuple[int, object]]:
+    """(row number, record) per row, one row group at a time: a row group whose pages are damaged is one
+    bad record naming its rows, and the other groups are read."""
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(str(path))
     except Exception as e:  # pyarrow raises ArrowInvalid etc.
-        raise BadRecordError(path, None, f"unreadable Parquet file: {e}") from None
+        raise BadRecordError(path, None, f"unreadable Parquet file: {str(e).strip()}") from None
     row = 0
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
-        for rec in batch.to_pylist():
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        try:
+            # decoded whole before it is handed out: a group fails before any of its rows is yielded
+            recs = [r for b in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns)
+                    for r in b.to_pylist()]
+        except Exception as e:  # noqa: BLE001 - OSError, ArrowInvalid, ...: damaged pages
+            yield row + 1, BadRecordError(path, row + 1, f"row group {g} (rows {row + 1}-{row + n}) unreadable: "
+                                          f"{str(e).strip()[:200]}")
+            row += n
+            continue
+        for rec in recs:
             row += 1
             yield row, rec
 
@@ -248,16 +295,27 @@ def is_dataset_dir(p: Path) -> bool:
     return p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
 
 
+def _read_json(path: Path) -> dict:
+    """A small JSON object file (a dataset folder's state.json), BadRecordError when it is none."""
+    try:
+        out = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise _json_error(path, None, e) from None
+    if not isinstance(out, dict):
+        raise BadRecordError(path, None, f"expected a JSON object, got {type(out).__name__}")
+    return out
+
+
 def _iter_dataset_dir(path: Path) -> Iterator[tuple[int, object]]:
     import pyarrow as pa
 
     if (path / "dataset_dict.json").exists():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits") or sorted(
+        splits = _read_json(path / "dataset_dict.json").get("splits") or sorted(
             d.name for d in path.iterdir() if d.is_dir())
         for s in splits:
             yield from _iter_dataset_dir(path / s)
         return
-    state = json.loads((path / "state.json").read_text())
+    state = _read_json(path / "state.json")
     files = [path / d["filename"] for d in state.get("_data_files", [])] or sorted(path.glob("*.arrow"))
     row = 0
     for fp in files:
@@ -345,6 +403,7 @@ def iter_documents(inputs: Iterable, *, text_field: Optional[str] = None, templa
 
     for kind, p in files:
         stats.files += 1
+        records_before = stats.records
         try:
             if kind == "json":
                 it = _iter_jsonl(p) if _json_kind(p) == "jsonl" else _iter_json_array(p)
@@ -372,9 +431,14 @@ def iter_documents(inputs: Iterable, *, text_field: Optional[str] = None, templa
                     continue
                 stats.documents += 1
                 yield Document(text, str(p), line)
+            if stats.records == records_before:
+                stats.empty_files += 1
         except BadRecordError as e:
-            bad(e)  # a whole-file problem (unreadable, truncated array): the rest of this file is skipped
+            # a whole-file problem (unreadable, truncated array): the rest of this file is skipped
+            stats.bad_files += skip_bad
+            bad(e)
         except OSError as e:
+            stats.bad_files += skip_bad
             bad(BadRecordError(p, None, f"unreadable file: {e.strerror or e}"))
 
 
