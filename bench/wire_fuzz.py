@@ -8,8 +8,8 @@ writes need the token) and one with the token and ``--auth-reads``. Each input i
 method (every unary method, RetrieveStream with 1-3 messages, and a method the service lacks), with no
 token, the right token or a wrong one. Input classes:
 
-A unary method of the service this fuzzer has no generator for (issue 11's Push when it lands) gets the
-byte-level classes only, and is expected to need the token as the writes do.
+A unary method of the service this fuzzer has no generator for (PushStats, PullStats) gets the byte-level
+classes only; whether it needs the token is the servicer's ``WRITE_METHODS``.
 
 * ``valid``: well-formed requests within every limit (Retrieve's trees are compared with the in-process
   lookup, token for token);
@@ -49,16 +49,16 @@ from typing import Callable, Optional
 import grpc
 import numpy as np
 
+from ..datastore.servicer import WRITE_METHODS
 from ..protos import datastore_pb2 as pb
 
 SERVICE = "/specstore.datastore.v1.Datastore/"
 UNARY = ("Info", "OpenSession", "CloseSession", "Retrieve", "RetrieveBatch")
 _METHODS = {m.name: m for m in pb.DESCRIPTOR.services_by_name["Datastore"].methods}
-# unary methods of the service this fuzzer has no generator for (issue 11's Push when it lands): byte-level
-# inputs only, expected to need the token as writes do
+# unary methods of the service this fuzzer has no generator for (PushStats, PullStats): byte-level inputs only
 OTHER = tuple(n for n, m in _METHODS.items() if n not in UNARY + ("RetrieveStream",)
               and not m.client_streaming and not m.server_streaming)
-WRITES = ("OpenSession", "CloseSession") + OTHER
+WRITES = tuple(sorted(WRITE_METHODS))     # the methods that need the token (the servicer's list)
 UNKNOWN_NAMES = [n for n in ("Push", "Nope", "retrieve", "") if n not in _METHODS]
 TOKEN = "fuzz-token-7c1e"
 RECEIVE_LIMIT = 8 << 20          # the server's grpc.max_receive_message_length (datastore/server.py)
