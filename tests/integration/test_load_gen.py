@@ -3,10 +3,10 @@
 at 0.5x. Past capacity the server refuses (RESOURCE_EXHAUSTED, and no other error) quickly instead of
 queueing, its memory stays bounded, and once the load drops every call is answered again.
 
-The lookups ask for wide trees (1024 matches x depth 64, the costliest the server accepts) so that the
-service's capacity is set by lookup work, a few hundred calls/s, which a single load-generator process can
-offer four times over even on a shared 2-core machine (with the cheap default lookups the generator itself
-would be the bottleneck there)."""
+The lookups ask for wide trees (1024 matches x depth 64, the costliest the server accepts; half the calls
+are RetrieveBatch calls of 16) so that the service's capacity is set by lookup work, ~200 lookups/s (~25
+calls/s), which one load-generator process in the test's own process offers four times over even on a
+shared 2-core machine (with the cheap default lookups the generator itself would be the bottleneck there)."""
 from __future__ import annotations
 
 import numpy as np
