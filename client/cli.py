@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datastore", metavar="HOST:PORT", default=None, help="draft from a datastore-serve service")
     p.add_argument("--index", type=Path, default=None, help="draft from a local index in process (no server)")
     p.add_argument("--datastore-timeout-ms", type=float, default=None, help="deadline of each remote lookup")
+    p.add_argument("--datastore-tls-ca", metavar="PEM", default=None,
+                   help="connect to --datastore over TLS, trusting this CA (the server's --tls-cert issuer)")
+    p.add_argument("--datastore-tls-cert", metavar="PEM", default=None,
+                   help="client certificate for mutual TLS (a server with --tls-client-ca); with --datastore-tls-key")
+    p.add_argument("--datastore-tls-key", metavar="PEM", default=None, help="key of --datastore-tls-cert")
     p.add_argument("--no-session-memory", action="store_true",
                    help="datastore lookups search the corpus only, not also this request's own tokens")
     p.add_argument("--compare-plain", action="store_true",
@@ -100,7 +105,10 @@ def make_drafters(names: str, model, tokenizer, args) -> list:
     if args.datastore or args.index:
         from .datastore_drafter import make_datastore_drafter
 
-        opts = {}
+        from ..datastore.tls import client_tls_options
+
+        opts = client_tls_options(getattr(args, "datastore_tls_ca", None), getattr(args, "datastore_tls_cert", None),
+                                  getattr(args, "datastore_tls_key", None))
         if args.datastore_timeout_ms is not None:
             opts["timeout_s"] = args.datastore_timeout_ms / 1000.0
         out.insert(0, make_datastore_drafter(address=args.datastore, index_path=str(args.index) if args.index else None,

@@ -78,6 +78,9 @@ class ProposerOptions:
     memory: bool = True
     token_cost: float = 0.02
     auth_token: Optional[str] = None
+    tls_ca: Optional[str] = None      # PEM files: TLS to the datastore, and a client certificate (mutual TLS)
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
     top_k: int = 8
     stats_file: Optional[str] = None
 
@@ -188,13 +191,15 @@ class SpecstoreProposer:
     # ------------------------------------------------------------------ set-up
     def _open_backend(self, vllm_config: Any):
         """The datastore backend, checked against the engine's tokenizer (a mismatch is a config error)."""
+        from ..datastore.tls import client_tls_options
         from .datastore_drafter import make_datastore_drafter
 
         tok = self._load_tokenizer(vllm_config)
         drafter = make_datastore_drafter(
             address=self.options.datastore, index_path=self.options.index, tokenizer=tok,
             documents=self.options.documents, memory=self.options.memory, top_k=self.options.top_k,
-            timeout_s=self.options.timeout_ms / 1000.0, auth_token=self.options.auth_token, strict=False)
+            timeout_s=self.options.timeout_ms / 1000.0, auth_token=self.options.auth_token, strict=False,
+            **client_tls_options(self.options.tls_ca, self.options.tls_cert, self.options.tls_key))
         self._documents = drafter.documents
         return drafter.backend
 

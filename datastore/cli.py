@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-host", default=S.metrics_host)
     g.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
     g.add_argument("--tls-key", default=None, help="PEM private key")
+    g.add_argument("--tls-client-ca", default=None,
+                   help="PEM CA certificate(s): require every client to present a certificate signed by it "
+                        "(mutual TLS; needs --tls-cert/--tls-key)")
     g = ap.add_argument_group("auth")
     g.add_argument("--auth-token", default=None,
                    help="bearer token required for writes (OpenSession, CloseSession); default: $DATASTORE_AUTH_TOKEN")
@@ -112,6 +115,8 @@ def _config_from_args(a):
         token = Path(a.auth_token_file).read_text().strip()
     if token is None:
         token = os.environ.get("DATASTORE_AUTH_TOKEN") or None
+    if a.tls_client_ca and not (a.tls_cert and a.tls_key):
+        raise UsageError("--tls-client-ca needs TLS (--tls-cert and --tls-key)")
     if a.auth_reads and not token:
         raise UsageError("--auth-reads needs a token (--auth-token, --auth-token-file or $DATASTORE_AUTH_TOKEN)")
     defaults = {k: getattr(a, k) for k in ("max_span", "min_span", "max_matches", "depth", "min_prob")
@@ -139,7 +144,8 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
     opts = ServerOptions(
         host=a.host, port=a.port if worker is None else worker.port, reflection=a.reflection,
         metrics_port=a.metrics_port if worker is None else worker.metrics_port, metrics_host=a.metrics_host,
-        tls_cert=a.tls_cert, tls_key=a.tls_key, reload=a.reload, reload_interval_s=a.reload_interval,
+        tls_cert=a.tls_cert, tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, reload=a.reload,
+        reload_interval_s=a.reload_interval,
         shutdown_grace_s=a.shutdown_grace, drain_delay_s=a.drain_delay,
         reuse_port=worker is not None, worker_id=None if worker is None else worker.id,
     )
