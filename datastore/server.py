@@ -12,14 +12,14 @@ from typing import Any, Callable, Optional
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from ..protos import datastore_pb2
 
 from .metrics import Metrics
 from .servicer import DatastoreServicer, ServiceConfig
 from .tls import server_credentials
-from .wire import add_to_server
+from .wire import add_health_to_server, add_to_server
 
 log = logging.getLogger("datastore.server")
 
@@ -119,7 +119,8 @@ class DatastoreServer:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if o.reuse_port else 0),
                                           ("grpc.max_receive_message_length", 8 << 20)])
         add_to_server(self.servicer, server)   # the generated registration, with request parsing that never raises
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # tolerant parsing too: load balancers and scanners reach the health service without a token
+        add_health_to_server(self.health, server, self.servicer.log_undecodable)
         if o.reflection:
             from grpc_reflection.v1alpha import reflection
 

@@ -403,8 +403,12 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     def _release(self, _context=None) -> None:
         self._in_flight -= 1
 
-    def _undecodable(self, method: str, request: Undecodable) -> RpcError:
+    def log_undecodable(self, method: str, request: Undecodable) -> None:
+        """One rate-limited line for undecodable request bytes (of any service on the server: health too)."""
         self._bad_bytes_log.warning("undecodable request", method=method, bytes=request.size, error=request.error)
+
+    def _undecodable(self, method: str, request: Undecodable) -> RpcError:
+        self.log_undecodable(method, request)
         return _invalid(request.details())
 
     def _require_index(self):
