@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"idle session lifetime in seconds (default {C.session_ttl_s:g})")
     g.add_argument("--max-sessions", type=int, default=C.max_sessions,
                    help=f"open sessions kept (LRU beyond; default {C.max_sessions})")
+    g.add_argument("--max-sessions-per-client", type=int, default=C.max_sessions_per_client,
+                   help="open sessions of one client address; beyond it OpenSession answers RESOURCE_EXHAUSTED "
+                        "(default %(default)s)")
     g.add_argument("--top-k", type=int, default=C.default_top_k,
                    help=f"documents per session by default (default {C.default_top_k})")
     g = ap.add_argument_group("retrieval defaults (clients may override per request)")
@@ -124,7 +127,8 @@ def _config_from_args(a):
     config = ServiceConfig(
         max_context=a.max_context, max_budget=a.max_budget, max_batch=a.max_batch,
         max_concurrency=a.max_concurrency, auth_token=token, auth_reads=a.auth_reads,
-        session_ttl_s=a.session_ttl, max_sessions=a.max_sessions, default_top_k=a.top_k,
+        session_ttl_s=a.session_ttl, max_sessions=a.max_sessions, max_sessions_per_client=a.max_sessions_per_client,
+        default_top_k=a.top_k,
         retrieve_defaults=defaults, max_lookup_cells=a.max_lookup_cells, max_hint=a.max_hint,
         lookup_workers=a.lookup_workers,
     )
