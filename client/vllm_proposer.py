@@ -23,6 +23,8 @@ prefix (``{"datastore": "host:port", "timeout_ms": 5}``); the variables win over
                                   which no request expects to gain more than speculation's own overhead
                                   (also measured) drafts nothing (but one in 8 such steps, to keep measuring)
   SPECSTORE_AUTH_TOKEN=T          bearer token for the datastore's session calls
+  SPECSTORE_TLS_CA=PEM            TLS to the datastore, trusting this CA
+  SPECSTORE_TLS_CERT=PEM, SPECSTORE_TLS_KEY=PEM   client certificate and key (mutual TLS: --tls-client-ca)
   SPECSTORE_STATS_FILE=PATH       keep the proposer's counters there (JSON, rewritten when a request starts
                                   or ends): requests started/released, live and most live, drafts, errors
 

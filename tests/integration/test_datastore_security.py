@@ -216,3 +216,11 @@ def test_health_answers_garbage_with_invalid_argument_and_one_line(real_index, t
         log = s.log()
     assert "Traceback" not in log and "Unexpected" not in log, log[-2000:]
     assert len([ln for ln in log.splitlines() if "undecodable" in ln]) == 1, log[-2000:]
+
+
+def test_security_probe_small_run(capsys):
+    """The full run's command (bench/security_probe.py, RELIABILITY.md §6) at a CI size: all zeros."""
+    from specstore.bench.security_probe import main
+
+    assert main(["--bearers", "60", "--ids", "60", "--garbage", "60", "--sessions", "4", "--cap", "8",
+                 "--timing-calls", "2000"]) == 0, capsys.readouterr().out[-3000:]
