@@ -185,11 +185,12 @@ def main(argv=None) -> int:
             real = [st.OpenSession(pb.OpenSessionRequest(prompt_ids=[*CTX[:2], i + 20, *CTX[:2]], memory=True,
                                                          skip_documents=True), timeout=10, metadata=auth).session_id
                     for i in range(a.sessions)]
-            found = closed = 0
+            found = closed = sent = 0
             for _ in range(a.ids):
                 sid = bad_id(rng, real)
                 if not sid or sid in real:   # an empty id asks for no session
                     continue
+                sent += 1
                 c = _code(lambda: st.Retrieve(pb.RetrieveRequest(context=CTX[-2:], budget=4, session_id=sid),
                                               timeout=10, metadata=auth))
                 found += c != grpc.StatusCode.INVALID_ARGUMENT
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
                 r = st.Retrieve(pb.RetrieveRequest(context=CTX[:2], budget=8, session_id=sid), timeout=10,
                                 metadata=auth)
                 intact += (i + 20) in r.tokens
-            out["session_ids"] = {"tried": a.ids, "found_a_session": found, "closed_a_session": closed,
+            out["session_ids"] = {"drawn": a.ids, "sent": sent, "found_a_session": found, "closed_a_session": closed,
                                   "real_sessions": a.sessions, "real_sessions_intact": intact}
             # 3. garbage bytes
             got = {}
@@ -218,8 +219,8 @@ def main(argv=None) -> int:
             # 4. the per-client cap
             opened = 0
             while opened <= a.cap:
-                c = _code(lambda: st.OpenSession(pb.OpenSessionRequest(prompt_ids=[1], memory=True, skip_documents=True),
-                                                 timeout=10, metadata=auth))
+                one = pb.OpenSessionRequest(prompt_ids=[1], memory=True, skip_documents=True)
+                c = _code(lambda: st.OpenSession(one, timeout=10, metadata=auth))
                 if c != grpc.StatusCode.OK:
                     break
                 opened += 1
