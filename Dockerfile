@@ -27,7 +27,7 @@ COPY protos ./protos
 COPY bench ./bench
 RUN pip install --no-deps . \
     && useradd --create-home --uid 10001 specstore \
-    && mkdir -p /index /cache && chown specstore /index /cache
+    && mkdir -p /index /cache && chown -R specstore /index /cache
 USER specstore
 
 EXPOSE 50051 9100

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "accepted tokens) to the service's shared statistics, off the decode path, and warm-start "
                         "the recycling drafter from what the fleet learned (the server needs --stats-dir). Writes "
                         "need the server's token when it has one: set $DATASTORE_AUTH_TOKEN")
+    p.add_argument("--datastore-tls-ca", metavar="PEM", default=None,
+                   help="connect to --datastore over TLS, trusting this CA (the server's --tls-cert issuer)")
+    p.add_argument("--datastore-tls-cert", metavar="PEM", default=None,
+                   help="client certificate for mutual TLS (a server with --tls-client-ca); with --datastore-tls-key")
+    p.add_argument("--datastore-tls-key", metavar="PEM", default=None, help="key of --datastore-tls-cert")
     p.add_argument("--no-session-memory", action="store_true",
                    help="datastore lookups search the corpus only, not also this request's own tokens")
     p.add_argument("--compare-plain", action="store_true",
@@ -105,7 +110,10 @@ def make_drafters(names: str, model, tokenizer, args) -> list:
     if args.datastore or args.index:
         from .datastore_drafter import make_datastore_drafter
 
-        opts = {}
+        from ..datastore.tls import client_tls_options
+
+        opts = client_tls_options(getattr(args, "datastore_tls_ca", None), getattr(args, "datastore_tls_cert", None),
+                                  getattr(args, "datastore_tls_key", None))
         if args.datastore_timeout_ms is not None:
             opts["timeout_s"] = args.datastore_timeout_ms / 1000.0
         ds = make_datastore_drafter(address=args.datastore, index_path=str(args.index) if args.index else None,

@@ -46,6 +46,9 @@ def validate_common(args) -> None:
         raise ValueError("--max-budget must be >= 0")
     if args.datastore and args.index:
         raise ValueError("give --datastore or --index, not both")
+    tls = [f for f in ("datastore_tls_ca", "datastore_tls_cert", "datastore_tls_key") if getattr(args, f, None)]
+    if tls and not args.datastore:
+        raise ValueError(f"--{tls[0].replace('_', '-')} needs --datastore")
 
 
 def choose_max_budget(requested: Optional[int], model, profile) -> int:

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import grpc
 import numpy as np
 
+from ..datastore.tls import channel_credentials
 from ..protos import datastore_pb2 as pb
 from ..protos import datastore_pb2_grpc as pb_grpc
 
@@ -207,6 +208,10 @@ class PendingRetrieval:
 
 
 class DatastoreClient:
+    """``tls``: a TLS channel, trusting ``root_certificates`` (PEM; None: the system's roots); with
+    ``certificate_chain`` and ``private_key`` (PEM) the client presents a certificate (mutual TLS, the
+    server's ``--tls-client-ca``). ``datastore.tls.client_tls_options(ca, cert, key)`` reads these from files."""
+
     def __init__(
         self,
         address: str,
@@ -216,6 +221,8 @@ class DatastoreClient:
         auth_token: Optional[str] = None,
         tls: bool = False,
         root_certificates: Optional[bytes] = None,
+        certificate_chain: Optional[bytes] = None,
+        private_key: Optional[bytes] = None,
         context_tail: int = 64,
         breaker_failures: int = 5,
         breaker_cooldown_s: float = 1.0,
@@ -237,8 +244,11 @@ class DatastoreClient:
         self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else None
         opts = [("grpc.enable_retries", 0), ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000), *channel_options]
-        if tls:
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options=opts)
+        if bool(certificate_chain) != bool(private_key):
+            raise ValueError("a client certificate (mutual TLS) needs certificate_chain and private_key")
+        if tls or certificate_chain:
+            creds = channel_credentials(root_certificates, certificate_chain, private_key)
+            self._channel = grpc.secure_channel(address, creds, options=opts)
         else:
             self._channel = grpc.insecure_channel(address, options=opts)
         self._stub = pb_grpc.DatastoreStub(self._channel)

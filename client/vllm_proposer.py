@@ -27,6 +27,8 @@ prefix (``{"datastore": "host:port", "timeout_ms": 5}``); the variables win over
                                   node generates drafts for every node (needs SPECSTORE_DATASTORE and a
                                   server with --stats-dir; up to 15 last tokens of a request are not sent)
   SPECSTORE_AUTH_TOKEN=T          bearer token for the datastore's session calls (and pushes)
+  SPECSTORE_TLS_CA=PEM            TLS to the datastore, trusting this CA
+  SPECSTORE_TLS_CERT=PEM, SPECSTORE_TLS_KEY=PEM   client certificate and key (mutual TLS: --tls-client-ca)
   SPECSTORE_STATS_FILE=PATH       keep the proposer's counters there (JSON, rewritten when a request starts
                                   or ends): requests started/released, live and most live, drafts, errors
 
@@ -82,6 +84,9 @@ class ProposerOptions:
     memory: bool = True
     token_cost: float = 0.02
     auth_token: Optional[str] = None
+    tls_ca: Optional[str] = None      # PEM files: TLS to the datastore, and a client certificate (mutual TLS)
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
     top_k: int = 8
     stats_file: Optional[str] = None
     share_stats: bool = False
@@ -202,13 +207,15 @@ class SpecstoreProposer:
     # ------------------------------------------------------------------ set-up
     def _open_backend(self, vllm_config: Any):
         """The datastore backend, checked against the engine's tokenizer (a mismatch is a config error)."""
+        from ..datastore.tls import client_tls_options
         from .datastore_drafter import make_datastore_drafter
 
         tok = self._load_tokenizer(vllm_config)
         drafter = make_datastore_drafter(
             address=self.options.datastore, index_path=self.options.index, tokenizer=tok,
             documents=self.options.documents, memory=self.options.memory, top_k=self.options.top_k,
-            timeout_s=self.options.timeout_ms / 1000.0, auth_token=self.options.auth_token, strict=False)
+            timeout_s=self.options.timeout_ms / 1000.0, auth_token=self.options.auth_token, strict=False,
+            **client_tls_options(self.options.tls_ca, self.options.tls_cert, self.options.tls_key))
         self._documents = drafter.documents
         return drafter.backend
 

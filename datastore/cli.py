@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-host", default=S.metrics_host)
     g.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
     g.add_argument("--tls-key", default=None, help="PEM private key")
+    g.add_argument("--tls-client-ca", default=None,
+                   help="PEM CA certificate(s): require every client to present a certificate signed by it "
+                        "(mutual TLS; needs --tls-cert/--tls-key)")
     g = ap.add_argument_group("auth")
     g.add_argument("--auth-token", default=None,
                    help="bearer token required for writes (OpenSession, CloseSession); default: $DATASTORE_AUTH_TOKEN")
@@ -77,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"idle session lifetime in seconds (default {C.session_ttl_s:g})")
     g.add_argument("--max-sessions", type=int, default=C.max_sessions,
                    help=f"open sessions kept (LRU beyond; default {C.max_sessions})")
+    g.add_argument("--max-sessions-per-client", type=int, default=C.max_sessions_per_client,
+                   help="open sessions of one client address; beyond it OpenSession answers RESOURCE_EXHAUSTED "
+                        "(default %(default)s)")
     g.add_argument("--top-k", type=int, default=C.default_top_k,
                    help=f"documents per session by default (default {C.default_top_k})")
     g = ap.add_argument_group("retrieval defaults (clients may override per request)")
@@ -123,6 +129,8 @@ def _config_from_args(a):
         token = Path(a.auth_token_file).read_text().strip()
     if token is None:
         token = os.environ.get("DATASTORE_AUTH_TOKEN") or None
+    if a.tls_client_ca and not (a.tls_cert and a.tls_key):
+        raise UsageError("--tls-client-ca needs TLS (--tls-cert and --tls-key)")
     if a.auth_reads and not token:
         raise UsageError("--auth-reads needs a token (--auth-token, --auth-token-file or $DATASTORE_AUTH_TOKEN)")
     defaults = {k: getattr(a, k) for k in ("max_span", "min_span", "max_matches", "depth", "min_prob")
@@ -130,7 +138,8 @@ def _config_from_args(a):
     config = ServiceConfig(
         max_context=a.max_context, max_budget=a.max_budget, max_batch=a.max_batch,
         max_concurrency=a.max_concurrency, auth_token=token, auth_reads=a.auth_reads,
-        session_ttl_s=a.session_ttl, max_sessions=a.max_sessions, default_top_k=a.top_k,
+        session_ttl_s=a.session_ttl, max_sessions=a.max_sessions, max_sessions_per_client=a.max_sessions_per_client,
+        default_top_k=a.top_k,
         retrieve_defaults=defaults, max_lookup_cells=a.max_lookup_cells, max_hint=a.max_hint,
         lookup_workers=a.lookup_workers,
     )
@@ -150,7 +159,8 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
     opts = ServerOptions(
         host=a.host, port=a.port if worker is None else worker.port, reflection=a.reflection,
         metrics_port=a.metrics_port if worker is None else worker.metrics_port, metrics_host=a.metrics_host,
-        tls_cert=a.tls_cert, tls_key=a.tls_key, reload=a.reload, reload_interval_s=a.reload_interval,
+        tls_cert=a.tls_cert, tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, reload=a.reload,
+        reload_interval_s=a.reload_interval,
         shutdown_grace_s=a.shutdown_grace, drain_delay_s=a.drain_delay,
         reuse_port=worker is not None, worker_id=None if worker is None else worker.id,
     )

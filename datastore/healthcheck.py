@@ -1,6 +1,7 @@
 """Exit 0 when a datastore server answers SERVING on grpc.health.v1, else 1 (docker healthcheck).
 
     python -m specstore.datastore.healthcheck 127.0.0.1:50051 [--service NAME] [--timeout 2] [--tls --ca FILE]
+        [--cert FILE --key FILE]     # mutual TLS: a server with --tls-client-ca refuses a probe without them
 """
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def check(address: str, service: str = "", timeout: float = 2.0, tls: bool = False, ca: str | None = None) -> bool:
-    if tls:
-        root = open(ca, "rb").read() if ca else None
-        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root))
+from .tls import channel_credentials, client_tls_options
+
+
+def check(address: str, service: str = "", timeout: float = 2.0, tls: bool = False, ca: str | None = None,
+          cert: str | None = None, key: str | None = None) -> bool:
+    if tls or cert:
+        o = client_tls_options(ca, cert, key)
+        channel = grpc.secure_channel(address, channel_credentials(o.get("root_certificates"),
+                                                                   o.get("certificate_chain"), o.get("private_key")))
     else:
         channel = grpc.insecure_channel(address)
     with channel:
@@ -37,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=2.0)
     ap.add_argument("--tls", action="store_true")
     ap.add_argument("--ca", default=None, help="PEM root certificate for --tls")
+    ap.add_argument("--cert", default=None, help="PEM client certificate (mutual TLS; implies --tls)")
+    ap.add_argument("--key", default=None, help="PEM key of --cert")
     a = ap.parse_args(argv)
-    return 0 if check(a.address, a.service, a.timeout, a.tls, a.ca) else 1
+    return 0 if check(a.address, a.service, a.timeout, a.tls, a.ca, a.cert, a.key) else 1
 
 
 if __name__ == "__main__":

@@ -8,18 +8,18 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from ..protos import datastore_pb2
 
 from .metrics import Metrics
 from .servicer import DatastoreServicer, ServiceConfig
-from .wire import add_to_server
+from .tls import server_credentials
+from .wire import add_health_to_server, add_to_server
 
 log = logging.getLogger("datastore.server")
 
@@ -78,6 +78,7 @@ class ServerOptions:
     metrics_host: str = "0.0.0.0"
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
+    tls_client_ca: Optional[str] = None    # PEM CA: clients must present a certificate it signed (mutual TLS)
     reload: bool = False
     reload_interval_s: float = 2.0
     retire_after_s: float = 10.0           # close a replaced index this long after the swap
@@ -118,7 +119,8 @@ class DatastoreServer:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if o.reuse_port else 0),
                                           ("grpc.max_receive_message_length", 8 << 20)])
         add_to_server(self.servicer, server)   # the generated registration, with request parsing that never raises
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # tolerant parsing too: load balancers and scanners reach the health service without a token
+        add_health_to_server(self.health, server, self.servicer.log_undecodable)
         if o.reflection:
             from grpc_reflection.v1alpha import reflection
 
@@ -127,10 +129,8 @@ class DatastoreServer:
                 server,
             )
         addr = f"{o.host}:{o.port}"
-        if o.tls_cert or o.tls_key:
-            if not (o.tls_cert and o.tls_key):
-                raise ValueError("TLS needs both --tls-cert and --tls-key")
-            creds = grpc.ssl_server_credentials([(Path(o.tls_key).read_bytes(), Path(o.tls_cert).read_bytes())])
+        creds = server_credentials(o.tls_cert, o.tls_key, o.tls_client_ca)
+        if creds is not None:
             self.port = server.add_secure_port(addr, creds)
         else:
             self.port = server.add_insecure_port(addr)
@@ -143,6 +143,7 @@ class DatastoreServer:
         if o.metrics_port is not None:
             self.metrics_port, self._metrics_http = self.metrics.serve(o.metrics_port, o.metrics_host)
         log.info("listening", extra={"port": self.port, "metrics_port": self.metrics_port, "tls": bool(o.tls_cert),
+                                     "client_certificates": bool(o.tls_client_ca),
                                      "reflection": o.reflection, "reuse_port": o.reuse_port})
         if load:
             await self.load()

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import inspect
 import json
 import logging
@@ -53,12 +52,13 @@ import numpy as np
 from ..protos import datastore_pb2 as pb
 from ..protos import datastore_pb2_grpc as pb_grpc
 
+from .auth import client_identity, has_bearer
 from .logs import RateLimitedLog
 from .memory import TokenMemory
 from .metrics import Metrics
 from .ngram_stats import check_batch
 from .public_manifest import public_manifest
-from .sessions import SessionStore
+from .sessions import SessionLimitError, SessionStore
 from .tree_fusion import cut_tree, fuse_trees
 from .wire import Undecodable
 
@@ -102,6 +102,7 @@ class ServiceConfig:
     auth_reads: bool = False
     session_ttl_s: float = 600.0
     max_sessions: int = 10_000
+    max_sessions_per_client: int = 1024   # open sessions of one client address (RESOURCE_EXHAUSTED beyond)
     default_top_k: int = 8
     max_top_k: int = 256
     retrieve_defaults: dict = field(default_factory=dict)   # max_span, min_span, max_matches, depth, min_prob
@@ -115,7 +116,7 @@ class ServiceConfig:
     def check(self) -> None:
         """ValueError when a limit is not positive or the retrieval defaults exceed the per-request limits."""
         for name in ("max_context", "max_budget", "max_batch", "max_concurrency", "max_lookup_cells", "max_hint",
-                     "inline_cells", "lookup_workers"):
+                     "inline_cells", "lookup_workers", "max_sessions_per_client"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         d = {**INDEX_DEFAULTS, **self.retrieve_defaults}
@@ -171,7 +172,7 @@ class _OpenStream:
 
 
 def _unary(method: str, *, shed: bool = True, needs_index: bool = True, lookup: bool = False,
-           with_auth: bool = False):
+           with_auth: bool = False, with_client: bool = False):
     """Wrap ``handler(self, index, request) -> response`` (a function, or a coroutine function when it must
     wait; it may also return a future of the response: a lookup sent to the pool) into the servicer's
     ``async method(request, context)`` for the unary RPC ``method``.
@@ -180,7 +181,8 @@ def _unary(method: str, *, shed: bool = True, needs_index: bool = True, lookup: 
     past ``max_concurrency``; checks the bearer token; answers INVALID_ARGUMENT for undecodable request
     bytes; passes the index snapshot (UNAVAILABLE while none is loaded, unless not ``needs_index``: the
     handler then gets None); for a ``lookup``, awaits the tests' ``debug_delay_s``; with ``with_auth``
-    passes whether the caller showed the server's token (a fourth argument); and records the latency
+    passes whether the caller showed the server's token (a fourth argument); with ``with_client`` passes
+    the caller's identity (datastore/auth.py ``client_identity``: its address) last; and records the latency
     and the status, aborting with an ``RpcError``'s code and details.
     Info and CloseSession are never shed: both are cheap, and refusing CloseSession would keep a session
     alive that its client is done with.
@@ -202,6 +204,8 @@ def _unary(method: str, *, shed: bool = True, needs_index: bool = True, lookup: 
                 if lookup and self.config.debug_delay_s:
                     await asyncio.sleep(self.config.debug_delay_s)
                 args = (self, index, request, authed) if with_auth else (self, index, request)
+                if with_client:
+                    args += (client_identity(context.peer()),)
                 resp = await handler(*args) if waits else handler(*args)
                 if isinstance(resp, asyncio.Future):
                     resp = await resp
@@ -307,7 +311,8 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         # Under --workers N each process keeps its own sessions; their ids name the worker that holds them.
         self.worker_id = worker_id
         self.sessions = SessionStore(self.config.session_ttl_s, self.config.max_sessions,
-                                     prefix="" if worker_id is None else f"w{worker_id}-")
+                                     prefix="" if worker_id is None else f"w{worker_id}-",
+                                     max_per_owner=self.config.max_sessions_per_client)
         self.tokenizer = tokenizer           # optional: decodes OpenSession.prompt_ids into a query
         self._index = None
         self._info: Optional[pb.InfoResponse] = None          # for callers with the server's token
@@ -380,14 +385,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     # ------------------------------------------------------------------ helpers
     def _authenticated(self, context) -> bool:
         """Whether the call carries ``authorization: Bearer <the server's token>`` (constant-time compare)."""
-        token = self.config.auth_token
-        if not token:
-            return False
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                v = value if isinstance(value, str) else value.decode("utf-8", "replace")
-                return v.startswith("Bearer ") and hmac.compare_digest(v[7:].encode(), token.encode())
-        return False
+        return has_bearer(context.invocation_metadata(), self.config.auth_token)
 
     def _check_auth(self, method: str, context, want: bool = False) -> bool:
         """UNAUTHENTICATED when ``method`` needs the token and the call lacks it. Returns whether the call
@@ -414,8 +412,12 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
     def _release(self, _context=None) -> None:
         self._in_flight -= 1
 
-    def _undecodable(self, method: str, request: Undecodable) -> RpcError:
+    def log_undecodable(self, method: str, request: Undecodable) -> None:
+        """One rate-limited line for undecodable request bytes (of any service on the server: health too)."""
         self._bad_bytes_log.warning("undecodable request", method=method, bytes=request.size, error=request.error)
+
+    def _undecodable(self, method: str, request: Undecodable) -> RpcError:
+        self.log_undecodable(method, request)
         return _invalid(request.details())
 
     def _require_index(self):
@@ -652,8 +654,8 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
                 raise RpcError(e.code, f"requests[{i}]: {e.details}") from None
         return self._respond(index, lookups, lambda answers: pb.RetrieveBatchResponse(responses=answers))
 
-    @_unary("OpenSession")
-    async def OpenSession(self, index, request) -> pb.OpenSessionResponse:
+    @_unary("OpenSession", with_client=True)
+    async def OpenSession(self, index, request, client: str) -> pb.OpenSessionResponse:
         self._check_fingerprint(request.tokenizer_fingerprint)
         ids = None
         if request.prompt_ids:
@@ -682,7 +684,12 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
                                "this index has no document (FAISS) index (open a memory-only session with "
                                "memory=true, skip_documents=true)")
             docs = await self._search_documents(index, query, int(top_k))
-        s = self.sessions.create(query, np.asarray(docs, dtype=np.int64), str(index.index_id), memory)
+        try:
+            s = self.sessions.create(query, np.asarray(docs, dtype=np.int64), str(index.index_id), memory, owner=client)
+        except SessionLimitError as e:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{e} ({self.config.max_sessions_per_client}): close sessions you are done with "
+                           "(CloseSession) or let them expire") from None
         self.metrics.sessions.set(len(self.sessions))
         return pb.OpenSessionResponse(session_id=s.session_id, document_ids=s.doc_ids.tolist(),
                                       ttl_s=self.sessions.ttl_s, index_id=s.index_id, memory=memory is not None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -27,11 +27,16 @@ class Session:
     index_id: str                # index snapshot the doc ids belong to
     expires_at: float
     memory: Optional[TokenMemory] = None   # the request's own tokens (memory sessions)
+    owner: str = ""              # the client that opened it (datastore/auth.py client_identity)
 
 
 # A session id is a capability: whoever holds it may use and update the session (datastore/servicer.py), so
 # it is 128 bits from the OS's CSPRNG, returned only to the caller that opened the session.
 ID_BYTES = 16
+
+
+class SessionLimitError(Exception):
+    """A client already holds ``max_per_owner`` open sessions (the servicer answers RESOURCE_EXHAUSTED)."""
 
 
 class SessionStore:
@@ -41,14 +46,20 @@ class SessionStore:
     recently used one is evicted (a client that forgets CloseSession cannot exhaust the server).
     Every successful lookup refreshes the TTL.
 
+    ``max_per_owner`` bounds the open sessions of one client (``owner``): past it ``create`` raises
+    ``SessionLimitError`` instead of evicting, so that one client cannot push everybody else's sessions
+    out of the LRU by opening many.
+
     ``prefix`` starts every session id (``datastore-serve --workers N`` uses ``w<worker>-``, so that a
     worker receiving another worker's session can say so).
     """
 
     def __init__(self, ttl_s: float = 600.0, max_sessions: int = 10_000, clock: Callable[[], float] = time.monotonic,
-                 prefix: str = ""):
-        if ttl_s <= 0 or max_sessions <= 0:
-            raise ValueError("ttl_s and max_sessions must be positive")
+                 prefix: str = "", max_per_owner: Optional[int] = None):
+        if ttl_s <= 0 or max_sessions <= 0 or (max_per_owner is not None and max_per_owner <= 0):
+            raise ValueError("ttl_s, max_sessions and max_per_owner must be positive")
+        self.max_per_owner = max_per_owner
+        self._owned: Counter = Counter()   # owner -> open sessions
         self.prefix = prefix
         self.ttl_s = float(ttl_s)
         self.max_sessions = int(max_sessions)
@@ -61,18 +72,33 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def create(self, query: str, doc_ids: np.ndarray, index_id: str, memory: Optional[TokenMemory] = None
-               ) -> Session:
+    def create(self, query: str, doc_ids: np.ndarray, index_id: str, memory: Optional[TokenMemory] = None,
+               owner: str = "") -> Session:
+        """A new session of ``owner``; ``SessionLimitError`` when ``owner`` holds ``max_per_owner`` already."""
         now = self._clock()
         sid = self.prefix + secrets.token_hex(ID_BYTES)
-        s = Session(sid, query, np.sort(np.asarray(doc_ids, dtype=np.int64)), index_id, now + self.ttl_s, memory)
+        s = Session(sid, query, np.sort(np.asarray(doc_ids, dtype=np.int64)), index_id, now + self.ttl_s, memory,
+                    owner)
         with self._lock:
             self._purge_locked(now)
+            if self.max_per_owner is not None and self._owned[owner] >= self.max_per_owner:
+                raise SessionLimitError(f"this client has {self._owned[owner]} open sessions, the limit per client")
             while len(self._items) >= self.max_sessions:
-                self._items.popitem(last=False)
+                self._disown(self._items.popitem(last=False)[1])
                 self.evicted += 1
             self._items[sid] = s
+            self._owned[owner] += 1
         return s
+
+    def owned(self, owner: str) -> int:
+        """Open sessions of ``owner`` (expired ones count until purged)."""
+        with self._lock:
+            return self._owned[owner]
+
+    def _disown(self, s: Session) -> None:
+        self._owned[s.owner] -= 1
+        if self._owned[s.owner] <= 0:
+            del self._owned[s.owner]
 
     def get(self, session_id: str) -> Optional[Session]:
         now = self._clock()
@@ -81,7 +107,7 @@ class SessionStore:
             if s is None:
                 return None
             if s.expires_at <= now:
-                del self._items[session_id]
+                self._disown(self._items.pop(session_id))
                 self.expired += 1
                 return None
             s.expires_at = now + self.ttl_s
@@ -90,7 +116,11 @@ class SessionStore:
 
     def close(self, session_id: str) -> bool:
         with self._lock:
-            return self._items.pop(session_id, None) is not None
+            s = self._items.pop(session_id, None)
+            if s is None:
+                return False
+            self._disown(s)
+            return True
 
     def purge(self) -> int:
         with self._lock:
@@ -104,7 +134,7 @@ class SessionStore:
             sid, s = next(iter(self._items.items()))
             if s.expires_at > now:
                 break
-            del self._items[sid]
+            self._disown(self._items.pop(sid))
             n += 1
         self.expired += n
         return n

@@ -62,3 +62,39 @@ def add_to_server(servicer, server) -> None:
                                 response_serializer=resp.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
+
+
+def add_health_to_server(health_servicer, server, on_undecodable: Callable[[str, "Undecodable"], None]) -> None:
+    """Register grpc.health.v1 (``health_servicer``: grpc_health's aio ``HealthServicer``) on ``server``, as
+    ``health_pb2_grpc.add_HealthServicer_to_server`` does, but with ``tolerant_parser`` request parsing:
+    undecodable bytes get INVALID_ARGUMENT and ``on_undecodable(method, request)`` (a rate-limited log line)
+    instead of UNKNOWN and a traceback per call. The health service needs no token (load balancers probe it)."""
+    from grpc_health.v1 import health_pb2
+
+    service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    handlers = {}
+    for m in service.methods:
+        impl = getattr(health_servicer, m.name, None)
+        if impl is None:
+            continue
+        req, resp = getattr(health_pb2, m.input_type.name), getattr(health_pb2, m.output_type.name)
+        make = _HANDLER_KIND[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = make(_refusing_undecodable(m.name, impl, on_undecodable),
+                                request_deserializer=tolerant_parser(req), response_serializer=resp.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _refusing_undecodable(method: str, impl, on_undecodable):
+    """``impl(request, context)`` (a coroutine function: Check, and Watch, which writes on the context),
+    aborting with INVALID_ARGUMENT when the request did not parse."""
+    async def handler(request, context):
+        if type(request) is Undecodable:
+            on_undecodable(method, request)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details())
+        return await impl(request, context)
+
+    return handler

@@ -125,3 +125,32 @@ class ServeProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def make_certificates(folder: Path, ca_name: str, *leaves: str) -> dict:
+    """A throw-away CA ``ca_name`` and leaf certificates it signs (EC P-256, valid one day, made with the
+    ``openssl`` command): ``{"ca": ca.pem, leaf: (cert.pem, key.pem), ...}`` under ``folder``. Each leaf is
+    good for localhost / 127.0.0.1 as a server and as a client (mutual TLS)."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    ca_key, ca = folder / f"{ca_name}.key", folder / f"{ca_name}.pem"
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+            str(ca_key), "-out", str(ca), "-days", "1", "-subj", f"/CN={ca_name}",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    ext = folder / "leaf.ext"
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
+                   "basicConstraints=CA:FALSE\n")
+    out: dict = {"ca": ca}
+    for leaf in leaves:
+        key, csr, cert = folder / f"{leaf}.key", folder / f"{leaf}.csr", folder / f"{leaf}.pem"
+        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
+                "-out", str(csr), "-subj", f"/CN={leaf}")
+        openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+                "-out", str(cert), "-days", "1", "-extfile", str(ext))
+        out[leaf] = (cert, key)
+    return out
