@@ -207,6 +207,18 @@ class PendingRetrieval:
         return self._tree
 
 
+def channel_target(address: str) -> str:
+    """gRPC's target for ``address``: ``HOST:PORT``, or replicas as ``IP:PORT,IP:PORT,...`` (balanced with gRPC's
+    ``round_robin`` policy: each call goes to the next replica that is up, and a replica that goes down is
+    left out until it answers again), or a target gRPC knows (``dns:///name:port``, whose addresses are
+    balanced the same way)."""
+    if "," not in address:
+        return address
+    parts = [p.strip() for p in address.split(",") if p.strip()]
+    v6 = any(p.startswith("[") for p in parts)
+    return ("ipv6:" if v6 else "ipv4:") + ",".join(parts)
+
+
 class DatastoreClient:
     """``tls``: a TLS channel, trusting ``root_certificates`` (PEM; None: the system's roots); with
     ``certificate_chain`` and ``private_key`` (PEM) the client presents a certificate (mutual TLS, the
@@ -244,6 +256,9 @@ class DatastoreClient:
         self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else None
         opts = [("grpc.enable_retries", 0), ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000), *channel_options]
+        address = channel_target(address)
+        if address.startswith(("ipv4:", "ipv6:", "dns:")):
+            opts.append(("grpc.lb_policy_name", "round_robin"))
         if bool(certificate_chain) != bool(private_key):
             raise ValueError("a client certificate (mutual TLS) needs certificate_chain and private_key")
         if tls or certificate_chain:

@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the fleet's shared next-token statistics here (write-ahead log + snapshots): enables "
                         "PushStats/PullStats, and Retrieve fuses them with the corpus. An acknowledged push "
                         "survives kill -9. Off by default; one process only (not with --workers N > 1)")
+    g.add_argument("--stats-redis", default=None, metavar="URL",
+                   help="keep them in Redis instead (redis://HOST:PORT/DB), shared by every replica started with the "
+                        "same URL (and by --workers N processes): a push through one replica is served by all. As "
+                        "durable as Redis is configured (appendonly yes, appendfsync always)")
     g.add_argument("--stats-half-life", type=float, default=86_400.0,
                    help="seconds after which a statistic weighs half (default 86400: follow a day's traffic)")
     g.add_argument("--stats-max-rows", type=int, default=1_000_000,
@@ -170,12 +174,18 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
 
         tokenizer = load_tokenizer(a.tokenizer)
     stats = None
-    if a.stats_dir:
+    if a.stats_dir or a.stats_redis:
         from .ngram_stats import NgramStats
-        from .stats_log import StatsLog
 
-        stats = StatsLog(a.stats_dir, stats=NgramStats(half_life_s=a.stats_half_life, max_rows=a.stats_max_rows),
-                         snapshot_every=a.stats_snapshot_every).open()
+        table = NgramStats(half_life_s=a.stats_half_life, max_rows=a.stats_max_rows)
+        if a.stats_redis:
+            from .stats_redis import RedisStats
+
+            stats = RedisStats(a.stats_redis, stats=table, snapshot_every=a.stats_snapshot_every).open()
+        else:
+            from .stats_log import StatsLog
+
+            stats = StatsLog(a.stats_dir, stats=table, snapshot_every=a.stats_snapshot_every).open()
     server = DatastoreServer(a.index, config, opts, opener=default_opener(load_faiss=not a.no_faiss),
                              tokenizer=tokenizer, stats=stats)
     loop = asyncio.get_running_loop()
@@ -243,13 +253,20 @@ def _main(a) -> int:
         workers = parse_workers(a.workers)
     except ValueError as e:
         raise UsageError(f"--workers: {e}") from None
-    if a.stats_dir and (a.stats_half_life <= 0 or a.stats_max_rows < 1 or a.stats_snapshot_every < 1):
+    if a.stats_dir and a.stats_redis:
+        raise UsageError("give --stats-dir (one process) or --stats-redis (replicas), not both")
+    if (a.stats_dir or a.stats_redis) and (a.stats_half_life <= 0 or a.stats_max_rows < 1 or a.stats_snapshot_every < 1):
         raise UsageError("--stats-half-life, --stats-max-rows and --stats-snapshot-every must be positive")
+    if a.stats_redis:
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise UsageError("--stats-redis needs the redis package: pip install 'specstore[shared]'") from None
     if workers == 1:
         return asyncio.run(_serve(a))
     if a.stats_dir:
         raise UsageError("--stats-dir needs one server process: the statistics have one writer "
-                         "(drop --workers, or run one process per replica)")
+                         "(drop --workers, or keep them in Redis: --stats-redis)")
     if a.metrics_port and a.metrics_port + workers - 1 > 65535:
         raise UsageError(f"--metrics-port {a.metrics_port} + {workers} workers exceeds 65535")
     _config_from_args(a)  # bad auth settings fail here once, not in every worker

@@ -123,3 +123,64 @@ def test_compose_commands_run(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_compose_replicas_share_statistics_through_redis(tmp_path):
+    """The `replicas` profile: the compose file's redis command (a real redis-server) and its two datastore
+    replicas (their commands, --stats-redis pointed at it): a push through one is served by the other."""
+    svc = COMPOSE["services"]
+    assert "--appendfsync" in svc["redis"]["command"] and "always" in svc["redis"]["command"]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("The quick brown fox jumps over the lazy dog.\n")
+    volume = tmp_path / "index-volume"
+    volume.mkdir()
+    host = {"corpus": corpus, "index": volume}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    job = svc["index-build"]
+    r = subprocess.run(resolve(job["command"], mounts_of(job, host)), cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    rport = free_port()
+    redis_cmd = [shutil.which("redis-server") or "redis-server", *svc["redis"]["command"][1:], "--port", str(rport),
+                 "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+    procs = [subprocess.Popen(redis_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
+    from specstore.client.datastore_client import DatastoreClient
+    from specstore.protos import datastore_pb2 as pb
+
+    try:
+        ports = []
+        for name in ("datastore-a", "datastore-b"):
+            cmd = resolve(svc[name]["command"], mounts_of(svc[name], host))
+            port = free_port()
+            cmd[cmd.index("--port") + 1] = str(port)
+            cmd[cmd.index("--host") + 1] = "127.0.0.1"
+            cmd[cmd.index("--stats-redis") + 1] = f"redis://127.0.0.1:{rport}/0"
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**env, "DATASTORE_AUTH_TOKEN": "t"},
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            ports.append(port)
+        a = DatastoreClient(f"127.0.0.1:{ports[0]}", auth_token="t", session_timeout_s=30)
+        b = DatastoreClient(f"127.0.0.1:{ports[1]}", session_timeout_s=30)
+        try:
+            for c, p in zip((a, b), procs[1:]):
+                deadline = time.time() + 60
+                while c.info(timeout_s=10, wait_for_ready=True) is None:   # UNAVAILABLE until its index is loaded
+                    if p.poll() is not None or time.time() > deadline:
+                        p.terminate()
+                        raise AssertionError(f"replica did not start: {p.communicate()[1][-2000:]}")
+                    time.sleep(0.2)
+            batch = pb.PushStatsRequest(batch_id="compose-1", runs=[pb.TokenRun(tokens=[10, 11, 12, 13], new_from=1)])
+            assert a.push_stats(batch, timeout_s=10) == (True, 1)
+            deadline = time.time() + 10
+            while b.pull_stats(0)[1] < 1:
+                assert time.time() < deadline, "replica b never saw the push"
+                time.sleep(0.05)
+            tree = b.retrieve([10, 11], 4)
+            assert tree.tokens.tolist()[1:3] == [12, 13]
+        finally:
+            a.close(); b.close()
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            p.wait(30)
