@@ -350,21 +350,36 @@ def make_datastore_drafter(
         drafter.max_budget = max_budget
         return drafter
     from .datastore_client import DatastoreClient
+    from .sharded_backend import ShardedBackend, split_groups
 
-    client = DatastoreClient(address, timeout_s=timeout_s, tokenizer_fingerprint=fp, auth_token=auth_token, tls=tls,
-                             root_certificates=root_certificates, **client_opts)
-    info = client.info(timeout_s=connect_timeout_s, wait_for_ready=True)
-    if info is None:
-        msg = f"cannot reach the datastore at {address} ({client.last_error})"
-        if strict:
-            client.close()
-            raise DatastoreUnavailableError(msg + "; is datastore-serve running?")
-        log.warning("%s; drafting without it until it answers", msg)
-    elif fp is not None and info.tokenizer_fingerprint != fp:
-        client.close()
-        raise TokenizerMismatchError(
-            f"the datastore at {address} serves index {info.index_id} built with tokenizer "
-            f"{info.tokenizer_fingerprint}, but the model's tokenizer is {fp}: use a matching index"
-        )
-    return DatastoreDrafter(RemoteBackend(client), documents=documents and (info is None or info.documents_available),
-                            memory=memory, top_k=top_k, max_budget=max_budget)
+    groups = split_groups(address)
+    clients, infos = [], []
+    for group in groups:     # each shard group (one address, or its replicas' list) is checked alike
+        client = DatastoreClient(group, timeout_s=timeout_s, tokenizer_fingerprint=fp, auth_token=auth_token, tls=tls,
+                                 root_certificates=root_certificates, **client_opts)
+        clients.append(client)
+        info = client.info(timeout_s=connect_timeout_s, wait_for_ready=True)
+        infos.append(info)
+        if info is None:
+            msg = f"cannot reach the datastore at {group} ({client.last_error})"
+            if strict:
+                for c in clients:
+                    c.close()
+                raise DatastoreUnavailableError(msg + "; is datastore-serve running?")
+            log.warning("%s; drafting without it until it answers", msg)
+        elif fp is not None and info.tokenizer_fingerprint != fp:
+            for c in clients:
+                c.close()
+            raise TokenizerMismatchError(
+                f"the datastore at {group} serves index {info.index_id} built with tokenizer "
+                f"{info.tokenizer_fingerprint}, but the model's tokenizer is {fp}: use a matching index"
+            )
+    ids = {i.index_id for i in infos if i is not None}
+    if len(ids) > 1:
+        for c in clients:
+            c.close()
+        raise ValueError(f"the shard groups {address!r} serve different indexes ({sorted(ids)}): every group must "
+                         "serve the same index (datastore-serve --shard-group I/N)")
+    backend = RemoteBackend(clients[0]) if len(clients) == 1 else ShardedBackend(clients)
+    docs = all(i is None or i.documents_available for i in infos)
+    return DatastoreDrafter(backend, documents=documents and docs, memory=memory, top_k=top_k, max_budget=max_budget)

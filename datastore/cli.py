@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-prob", type=float, default=None)
     g = ap.add_argument_group("index lifecycle")
     g.add_argument("--no-faiss", action="store_true", help="don't load FAISS (no document sessions)")
+    g.add_argument("--shard-group", default=None, metavar="I/N",
+                   help="serve only the index's shards at positions p with p %% N == I: N processes (or machines) "
+                        "serve one index together; clients list them separated by ';' (--datastore 'A;B') and fan "
+                        "each lookup out to all, fusing the trees")
     g.add_argument("--tokenizer", default=None,
                    help="model spec whose tokenizer decodes OpenSession.prompt_ids (optional)")
     g.add_argument("--reload", action="store_true",
@@ -186,7 +190,8 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
             from .stats_log import StatsLog
 
             stats = StatsLog(a.stats_dir, stats=table, snapshot_every=a.stats_snapshot_every).open()
-    server = DatastoreServer(a.index, config, opts, opener=default_opener(load_faiss=not a.no_faiss),
+    server = DatastoreServer(a.index, config, opts,
+                             opener=default_opener(load_faiss=not a.no_faiss, shard_group=_shard_group(a.shard_group)),
                              tokenizer=tokenizer, stats=stats)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -238,6 +243,18 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
     return status
 
 
+def _shard_group(value: Optional[str]) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard-group {value!r}: expected I/N, e.g. 0/2") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard-group {value!r}: need 0 <= I < N")
+    return i, n
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     return run_cli("datastore-serve", lambda: _main(a))
@@ -253,6 +270,7 @@ def _main(a) -> int:
         workers = parse_workers(a.workers)
     except ValueError as e:
         raise UsageError(f"--workers: {e}") from None
+    _shard_group(a.shard_group)      # a bad value fails here, before any worker starts
     if a.stats_dir and a.stats_redis:
         raise UsageError("give --stats-dir (one process) or --stats-redis (replicas), not both")
     if (a.stats_dir or a.stats_redis) and (a.stats_half_life <= 0 or a.stats_max_rows < 1 or a.stats_snapshot_every < 1):

@@ -144,8 +144,12 @@ class DatastoreIndex:
 
     # ------------------------------------------------------------------------------------ open / close
     @classmethod
-    def open(cls, path, *, load_faiss: bool = True, verify: bool = False) -> "DatastoreIndex":
+    def open(cls, path, *, load_faiss: bool = True, verify: bool = False,
+             shard_group: Optional[tuple[int, int]] = None) -> "DatastoreIndex":
         """Map an index. ``verify=True`` also checks every file's sha256 (reads everything once).
+        ``shard_group=(i, n)`` maps only the shards whose position p has ``p % n == i``: one of n processes
+        (or machines) that serve an index together, each a share of the corpus (``datastore-serve
+        --shard-group i/n``; clients fan a lookup out to all n and fuse the trees).
 
         The files are opened by path, so a new index published at ``path`` meanwhile (index-build swaps the
         folder) could mix its files with the old manifest's: the manifest's inode is compared before and
@@ -153,22 +157,29 @@ class DatastoreIndex:
         path = Path(path)
         for _ in range(3):
             before = _manifest_stamp(path)
-            index = cls._open_once(path, load_faiss, verify)
+            index = cls._open_once(path, load_faiss, verify, shard_group)
             if _manifest_stamp(path) == before:
                 return index
             index.close()
         raise IndexFormatError(f"{path}: replaced by new snapshots three times while being opened")
 
     @classmethod
-    def _open_once(cls, path: Path, load_faiss: bool, verify: bool) -> "DatastoreIndex":
+    def _open_once(cls, path: Path, load_faiss: bool, verify: bool,
+                   shard_group: Optional[tuple[int, int]] = None) -> "DatastoreIndex":
         m = IndexManifest.load(path)
+        mine = m.shards
+        if shard_group is not None:
+            i, n = shard_group
+            mine = [sh for p, sh in enumerate(m.shards) if p % n == i]
+            if not mine:
+                raise IndexFormatError(f"{path}: shard group {i}/{n} holds none of the index's {len(m.shards)} shards")
         try:
-            for sh in m.shards:
+            for sh in mine:
                 check_files(shard_path(path, sh["name"]), sh["files"], verify)
             if load_faiss and m.faiss:
                 check_files(faiss_path(path), m.faiss["files"], verify)
             shards = []
-            for sh in m.shards:
+            for sh in mine:
                 s = Shard.load(shard_path(path, sh["name"]), sh["name"])
                 if s.tokens.dtype.name != m.token_dtype or len(s.rsa) != len(s.tokens):
                     raise IndexFormatError(f"{shard_path(path, sh['name'])}: arrays disagree with the manifest")

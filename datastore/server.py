@@ -28,7 +28,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def default_opener(load_faiss: bool = True) -> Callable[[str], Any]:
+def default_opener(load_faiss: bool = True, shard_group: Optional[tuple[int, int]] = None) -> Callable[[str], Any]:
     def _open(path: str):
         from .index import DatastoreIndex  # deferred: tests may serve a stand-in index
         from .index_format import readable_index_dir
@@ -37,7 +37,7 @@ def default_opener(load_faiss: bool = True) -> Callable[[str], Any]:
         if str(real) != str(path):
             log.warning("no index at the path: an index-build died inside its publish step; serving the old copy "
                         "it left until the next index-build restores or replaces it", extra={"path": str(real)})
-        return DatastoreIndex.open(real, load_faiss=load_faiss)
+        return DatastoreIndex.open(real, load_faiss=load_faiss, shard_group=shard_group)
 
     return _open
 
