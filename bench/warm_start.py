@@ -3,8 +3,8 @@
     .venv/bin/python -m specstore.bench.warm_start --index IDX [--n-per-half 2] [--max-new-tokens 128]
         [--threads 2] [--json OUT]
 
-Spec-Bench prompts are taken 2N per category and split: node A decodes the first N of each category, node
-B the other N (a related but different workload). Two real ``datastore-serve`` processes serve the same
+Spec-Bench prompts are split per category: node A decodes the first ``--n-a`` of each category, node B
+the next ``--n-per-half`` (a related but different workload). Two real ``datastore-serve`` processes serve the same
 index with ``--stats-dir``:
 
   warm  the service node A decoded through (A pushed its statistics while decoding); node B's recycling
@@ -32,14 +32,15 @@ from .push_crash import Server
 from .spec_bench import CATEGORIES, DEFAULT_QUESTIONS, load_questions, select_prompts
 
 
-def split_prompts(questions, n: int) -> tuple[list, list]:
-    """(A, B): of 2n prompts per category, the first n of each category for A, the next n for B."""
-    chosen, _ = select_prompts(questions, CATEGORIES, 2 * n)
+def split_prompts(questions, n: int, n_a: Optional[int] = None) -> tuple[list, list]:
+    """(A, B): per category, the first ``n_a`` (default n) prompts for A, the next n for B."""
+    n_a = n if n_a is None else n_a
+    chosen, _ = select_prompts(questions, CATEGORIES, n_a + n)
     a, b = [], []
     for cat in CATEGORIES:
         ps = [p for p in chosen if p.category == cat]
-        a.extend(ps[:n])
-        b.extend(ps[n:2 * n])
+        a.extend(ps[:n_a])
+        b.extend(ps[n_a:n_a + n])
     return a, b
 
 
@@ -82,7 +83,8 @@ def main(argv: Optional[list] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", type=Path, required=True, help="the index both services serve")
     ap.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS)
-    ap.add_argument("--n-per-half", type=int, default=2, help="prompts per category for each of A and B")
+    ap.add_argument("--n-per-half", type=int, default=2, help="prompts per category for B (and for A)")
+    ap.add_argument("--n-a", type=int, default=None, help="prompts per category for A (default: --n-per-half)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-budget", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
@@ -93,7 +95,7 @@ def main(argv: Optional[list] = None) -> int:
     from ..client.models import load_model
 
     torch.set_num_threads(a.threads)
-    prompts_a, prompts_b = split_prompts(load_questions(a.questions), a.n_per_half)
+    prompts_a, prompts_b = split_prompts(load_questions(a.questions), a.n_per_half, a.n_a)
     model, tok = load_model()
     with tempfile.TemporaryDirectory(prefix="warm-start-") as tmp:
         tmp = Path(tmp)

@@ -7,7 +7,7 @@ queue is bounded (the oldest batch goes first, counted in ``stats["dropped"]``) 
 down never grows the decoder's memory.
 
 ``StatsSharer`` is a Drafter (client/types.py) that drafts nothing: its hooks collect, at every step,
-the target's top-k next tokens at the accepted nodes and the accepted tokens with their preceding
+the target's top-k next tokens at every verified node and the accepted tokens with their preceding
 context, and hand them to the pusher every ``flush_steps`` steps and at the end of each request. With a
 ``RecyclingDrafter`` it first warm-starts that drafter's table from the fleet's rows (``warm_start``):
 a node that starts cold drafts from what the others learned at once.
@@ -160,13 +160,14 @@ class StatsSharer(Drafter):
         return DraftTree.empty(ctx.last_token)
 
     def observe(self, step: StepResult) -> None:
-        acc = np.asarray(step.accepted_nodes)
         topk_t, topk_p = step.node_topk_tokens, step.node_topk_probs
         if topk_t is not None and len(topk_t):
+            # every verified node, as Token Recycling's own table learns: the target's top-k after a node is
+            # right for that node's path, accepted or not
             k = min(self.topk, topk_t.shape[1])
-            toks = step.tree.tokens
-            for i in acc.tolist():
-                self._rows.append((int(toks[i]), topk_t[i, :k].tolist(), topk_p[i, :k].tolist()))
+            toks = step.tree.tokens.tolist()
+            tk, tp = topk_t[:, :k].tolist(), topk_p[:, :k].tolist()
+            self._rows.extend(zip(toks, tk, tp))
         if step.context is not None and len(step.new_tokens):
             before = np.asarray(step.context.tokens)[-ORDER + 1:]
             run = np.concatenate([before, np.asarray(step.new_tokens)])
