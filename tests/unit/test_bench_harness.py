@@ -146,6 +146,8 @@ def test_configs_add_datastore_variant():
 
 def test_datastore_flags_pass_through(model, monkeypatch):
     import specstore.client.datastore_drafter
+
+    monkeypatch.delenv("DATASTORE_AUTH_TOKEN", raising=False)
     from specstore.client.types import Drafter, DraftTree
 
     calls = []
@@ -165,10 +167,11 @@ def test_datastore_flags_pass_through(model, monkeypatch):
     assert not calls  # only configurations that name the datastore open it
     ds = factory("context,recycling,datastore")
     assert isinstance(ds[0], Stub) and len(ds) == 3
-    assert calls == [(None, "/some/index", {"timeout_s": 0.007, "memory": True})]
+    # the write token comes from $DATASTORE_AUTH_TOKEN, as the server's does (none here)
+    assert calls == [(None, "/some/index", {"timeout_s": 0.007, "memory": True, "auth_token": None})]
     args = bench_cli.build_parser().parse_args(["--index", "/some/index", "--no-session-memory"])
     bench_cli._drafter_factory(model, None, args)("datastore")
-    assert calls[-1] == (None, "/some/index", {"memory": False})
+    assert calls[-1] == (None, "/some/index", {"memory": False, "auth_token": None})
 
 
 def test_drafter_counters_are_recorded(model):

@@ -14,6 +14,7 @@ reach both sides of each one.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 
 import grpc
@@ -66,8 +67,12 @@ def served(tmp_path_factory):
 def run(loop, sv, method: str, request):
     """The handler of ``method`` on ``request`` as its wrapper runs it: on the event loop, awaiting a
     coroutine or a future (a lookup sent to the pool)."""
+    handler = getattr(DatastoreServicer, method).__wrapped__
+    # a handler wrapped with_client (OpenSession: per-client session caps) also takes the caller's identity
+    extra = ("127.0.0.1",) if "client" in inspect.signature(handler).parameters else ()
+
     async def call():
-        out = getattr(DatastoreServicer, method).__wrapped__(sv, sv.index, request)
+        out = handler(sv, sv.index, request, *extra)
         return await out if asyncio.isfuture(out) or asyncio.iscoroutine(out) else out
 
     return loop.run_until_complete(call())
