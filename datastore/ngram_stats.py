@@ -33,6 +33,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from .output_store import OutputStore
+
 
 @dataclass
 class _Row:
@@ -58,9 +60,12 @@ _EMPTY_TREE = StatsTree(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0
 class NgramStats:
     """Thread-safe table ``key (1..order tokens) -> next-token weights``, with decay and bounded size."""
 
-    def __init__(self, order: int = 3, keep: int = 16, half_life_s: float = 86_400.0, max_rows: int = 1_000_000):
+    def __init__(self, order: int = 3, keep: int = 16, half_life_s: float = 86_400.0, max_rows: int = 1_000_000,
+                 max_output_tokens: int = 1_000_000):
         if order < 1 or keep < 1 or half_life_s <= 0 or max_rows < 1:
             raise ValueError("order, keep, half_life_s and max_rows must be positive")
+        # finished generations shared as they are (datastore/output_store.py): same log, same lock
+        self.outputs = OutputStore(max_output_tokens)
         self.order, self.keep = int(order), int(keep)
         self.half_life_s, self.max_rows = float(half_life_s), int(max_rows)
         self.version = 0                     # +1 per applied batch
@@ -73,13 +78,16 @@ class NgramStats:
 
     # ------------------------------------------------------------------ writes
     def apply(self, topk_rows: Iterable[tuple[int, Sequence[int], Sequence[float]]],
-              runs: Iterable[tuple[Sequence[int], int]], now: float) -> int:
+              runs: Iterable[tuple[Sequence[int], int]], now: float, outputs: Iterable[Sequence[int]] = ()) -> int:
         """Add one batch (validated by the caller) at time ``now``; returns the new version.
 
-        topk_rows: (token, next tokens, their probabilities); runs: (tokens, new_from).
+        topk_rows: (token, next tokens, their probabilities); runs: (tokens, new_from); outputs: finished
+        generations for the recent-outputs store.
         """
         with self._lock:
             self.version += 1
+            for out in outputs:
+                self.outputs.add(out)
             for token, nxt, probs in topk_rows:
                 self._add((int(token),), zip(nxt, probs), 1.0, now)
             for tokens, new_from in runs:
@@ -157,6 +165,22 @@ class NgramStats:
         return StatsTree(np.asarray(tokens, np.int32), np.asarray(parents, np.int32),
                          np.asarray(probs, np.float32), match_len)
 
+    def output_tree(self, context: Sequence[int], budget: int, *, min_prob: float = 0.1, depth: int = 8,
+                    max_matches: int = 16) -> StatsTree:
+        """The recent outputs' continuation tree after ``context`` (see datastore/output_store.py)."""
+        if budget <= 0 or not len(self.outputs):
+            return _EMPTY_TREE
+        from .index import build_tree
+
+        with self._lock:
+            rows, match_len = self.outputs.continuations(context, max_matches=max_matches, depth=depth)
+        if not len(rows):
+            return _EMPTY_TREE
+        t = build_tree(rows, np.zeros(len(rows), bool), budget, min_prob)
+        if t is None:
+            return _EMPTY_TREE
+        return StatsTree(t[0], t[1], t[2], match_len)
+
     def rows_since(self, version: int, limit: int, k: int = 8) -> tuple[list[tuple[int, list[int], list[float]]], int, bool]:
         """Order-1 rows updated after ``version``, oldest update first: ([(token, next tokens, P)], the version
         to ask from next time, whether rows remain). At most ``limit`` rows, except that the rows of one
@@ -193,7 +217,7 @@ class NgramStats:
             conf = np.array([self.order, self.keep, self.half_life_s, self.max_rows, self.version, self.evicted],
                             np.float64)
             return dict(keys=keys, meta=meta, counts=counts, next=np.asarray(nxt, np.int64),
-                        weights=np.asarray(wts, np.float64), conf=conf)
+                        weights=np.asarray(wts, np.float64), conf=conf, **self.outputs.to_arrays())
 
     @classmethod
     def from_arrays(cls, a: dict, **overrides) -> "NgramStats":
@@ -203,6 +227,8 @@ class NgramStats:
         kw.update({k: v for k, v in overrides.items() if v is not None and k != "order"})
         s = cls(**kw)
         s.version, s.evicted = int(version), int(evicted)
+        if "outputs_tokens" in a:
+            s.outputs = OutputStore.from_arrays(a)
         ends = np.cumsum(a["counts"])
         nxt, wts = a["next"].tolist(), a["weights"].tolist()
         start = 0
@@ -228,17 +254,27 @@ class NgramStats:
 
 
 def check_batch(topk_rows, runs, vocab_size: int, *, max_rows: int, max_run: int, max_runs: int,
-                max_next: int) -> Optional[str]:
+                max_next: int, outputs=(), max_outputs: int = 16, max_output: int = 16_384) -> Optional[str]:
     """Why a push batch is invalid (a message for INVALID_ARGUMENT), or None.
 
-    topk_rows: objects with ``token``, ``next_tokens``, ``probs``; runs: objects with ``tokens``, ``new_from``.
+    topk_rows: objects with ``token``, ``next_tokens``, ``probs``; runs: objects with ``tokens``, ``new_from``;
+    outputs: objects with ``tokens``.
     """
     if len(topk_rows) > max_rows:
         return f"{len(topk_rows)} top-k rows; the limit is {max_rows}"
     if len(runs) > max_runs:
         return f"{len(runs)} token runs; the limit is {max_runs}"
-    if not topk_rows and not runs:
-        return "an empty batch (no rows, no runs)"
+    if len(outputs) > max_outputs:
+        return f"{len(outputs)} outputs; the limit is {max_outputs}"
+    if not topk_rows and not runs and not outputs:
+        return "an empty batch (no rows, runs or outputs)"
+    for i, o in enumerate(outputs):
+        n = len(o.tokens)
+        if n < 2 or n > max_output:
+            return f"outputs[{i}] has {n} tokens; an output has 2..{max_output}"
+        t = np.asarray(o.tokens, np.int64)
+        if int(t.min()) < 0 or int(t.max()) >= vocab_size:
+            return f"outputs[{i}].tokens hold ids outside the vocabulary [0, {vocab_size})"
     for i, r in enumerate(topk_rows):
         if not 0 <= r.token < vocab_size:
             return f"rows[{i}].token {r.token} is outside the vocabulary [0, {vocab_size})"

@@ -73,7 +73,8 @@ _ALL_DATASTORE = tuple(bytes([pb.SOURCE_DATASTORE]) * k for k in range(257))
 READ_METHODS = frozenset({"Info", "Retrieve", "RetrieveBatch", "RetrieveStream", "PullStats"})
 WRITE_METHODS = frozenset({"OpenSession", "CloseSession", "PushStats"})
 # Largest push batch (PushStats): rows, runs, tokens per run, next tokens per row; and rows per PullStats
-PUSH_LIMITS = {"max_rows": 4096, "max_runs": 256, "max_run": 4096, "max_next": 64}
+PUSH_LIMITS = {"max_rows": 4096, "max_runs": 256, "max_run": 4096, "max_next": 64, "max_outputs": 16,
+               "max_output": 16_384}
 PULL_ROWS = 4096
 
 # Largest value of each RetrieveOptions field (0 = the server's default). A span beyond the longest context
@@ -590,8 +591,8 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         )
 
     def _answer_with_stats(self, index, lk: _Lookup, r) -> pb.RetrieveResponse:
-        """The corpus tree ``r`` fused with the shared statistics' tree by longest prefix (the client's
-        fusion rule, datastore/tree_fusion.py), cut to the budget."""
+        """The corpus tree ``r`` fused with the shared statistics' tree and the recent shared outputs' tree
+        by longest prefix (the client's fusion rule, datastore/tree_fusion.py), cut to the budget."""
         kw = lk.kwargs
         st = self.stats.stats.tree(lk.ctx, lk.budget, min_prob=kw.get("min_prob", INDEX_DEFAULTS["min_prob"]),
                                    depth=kw.get("depth", INDEX_DEFAULTS["depth"]))
@@ -599,8 +600,11 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         src = (pb.SOURCE_DATASTORE + pb.SOURCE_DOCUMENTS * np.asarray(r.in_documents, bool)
                + pb.SOURCE_CONTEXT * np.asarray(r.in_memory, bool)).astype(np.uint8)
         trees = [(r.tokens, r.parents, r.probs, src)]
-        if len(st.tokens):
-            trees.append((st.tokens, st.parents, st.probs, np.full(len(st.tokens), pb.SOURCE_RECYCLED, np.uint8)))
+        ot = self.stats.stats.output_tree(lk.ctx, lk.budget, min_prob=kw.get("min_prob", INDEX_DEFAULTS["min_prob"]),
+                                          depth=kw.get("depth", INDEX_DEFAULTS["depth"]))
+        for t in (st, ot):
+            if len(t.tokens):
+                trees.append((t.tokens, t.parents, t.probs, np.full(len(t.tokens), pb.SOURCE_RECYCLED, np.uint8)))
         tok, par, prob, srcs = cut_tree(fuse_trees(trees), lk.budget) if len(trees) > 1 else trees[0]
         k = len(tok)
         m.tree_size.observe(k)
@@ -612,7 +616,8 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
                 counter.inc(c)
         return pb.RetrieveResponse(tokens=np.asarray(tok).tolist(), parents=np.asarray(par).tolist(),
                                    probs=np.asarray(prob).tolist(), sources=np.asarray(srcs, np.uint8).tobytes(),
-                                   index_id=str(index.index_id), match_len=int(max(r.match_len, st.match_len)))
+                                   index_id=str(index.index_id),
+                                   match_len=int(max(r.match_len, st.match_len, ot.match_len)))
 
     def _require_stats(self):
         if self.stats is None:
@@ -712,7 +717,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         if not bid or len(bid) > MAX_ID_CHARS or not bid.isprintable():
             raise _invalid(f"batch_id must be 1..{MAX_ID_CHARS} printable characters")
         self._check_fingerprint(request.tokenizer_fingerprint)
-        why = check_batch(request.rows, request.runs, self._info.vocab_size, **PUSH_LIMITS)
+        why = check_batch(request.rows, request.runs, self._info.vocab_size, outputs=request.outputs, **PUSH_LIMITS)
         if why:
             raise _invalid(why)
         try:

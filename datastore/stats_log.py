@@ -60,7 +60,8 @@ def _segments(directory: Path) -> list[Path]:
 
 
 def _batch(req: "pb.PushStatsRequest"):
-    return ([(r.token, r.next_tokens, r.probs) for r in req.rows], [(r.tokens, r.new_from) for r in req.runs])
+    return ([(r.token, r.next_tokens, r.probs) for r in req.rows], [(r.tokens, r.new_from) for r in req.runs],
+            [o.tokens for o in req.outputs])
 
 
 class StatsLog:
@@ -153,8 +154,8 @@ class StatsLog:
         return fut
 
     def _apply(self, req, now: float) -> int:
-        rows, runs = _batch(req)
-        version = self.stats.apply(rows, runs, now)
+        rows, runs, outputs = _batch(req)
+        version = self.stats.apply(rows, runs, now, outputs)
         self._ids[req.batch_id] = None
         while len(self._ids) > self.max_batch_ids:
             self._ids.popitem(last=False)

@@ -46,7 +46,8 @@ return false
 
 
 def _batch(req):
-    return ([(r.token, r.next_tokens, r.probs) for r in req.rows], [(r.tokens, r.new_from) for r in req.runs])
+    return ([(r.token, r.next_tokens, r.probs) for r in req.rows], [(r.tokens, r.new_from) for r in req.runs],
+            [o.tokens for o in req.outputs])
 
 
 def _id_time(entry_id: bytes) -> float:
@@ -147,8 +148,8 @@ class RedisStats:
                 if v != self.stats.version + 1:
                     raise _Gap(f"entry version {v} after table version {self.stats.version}")
                 req = pb.PushStatsRequest.FromString(fields[b"b"])
-                rows, runs = _batch(req)
-                self.stats.apply(rows, runs, _id_time(entry_id))
+                rows, runs, outputs = _batch(req)
+                self.stats.apply(rows, runs, _id_time(entry_id), outputs)
                 self.last_id = entry_id
                 self._since_snapshot += 1
             self._applied.notify_all()

@@ -182,17 +182,25 @@ class TokenRun(_message.Message):
     new_from: int
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., new_from: _Optional[int] = ...) -> None: ...
 
+class Output(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class PushStatsRequest(_message.Message):
-    __slots__ = ("batch_id", "rows", "runs", "tokenizer_fingerprint")
+    __slots__ = ("batch_id", "rows", "runs", "tokenizer_fingerprint", "outputs")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     RUNS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     rows: _containers.RepeatedCompositeFieldContainer[TopkRow]
     runs: _containers.RepeatedCompositeFieldContainer[TokenRun]
     tokenizer_fingerprint: str
-    def __init__(self, batch_id: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[TopkRow, _Mapping]]] = ..., runs: _Optional[_Iterable[_Union[TokenRun, _Mapping]]] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
+    outputs: _containers.RepeatedCompositeFieldContainer[Output]
+    def __init__(self, batch_id: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[TopkRow, _Mapping]]] = ..., runs: _Optional[_Iterable[_Union[TokenRun, _Mapping]]] = ..., tokenizer_fingerprint: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ...) -> None: ...
 
 class PushStatsResponse(_message.Message):
     __slots__ = ("applied", "version")
