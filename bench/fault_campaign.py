@@ -307,7 +307,7 @@ def _remote(rec: RunRecord, ft: FaultThread, new_hits: int) -> None:
         rec.remote_during_mismatch += 1   # a tree while only the other tokenizer's index served
 
 
-MAX_LEN = 256
+MAX_LEN = 512   # the tiny model's context
 
 
 def _vllm_config(k: int):
@@ -317,19 +317,81 @@ def _vllm_config(k: int):
                            model_config=SimpleNamespace(max_model_len=MAX_LEN, model="unused", tokenizer=None))
 
 
-def proposer_run(model, prompts, refs, fleet: Fleet, kind: str, rng: random.Random, deadline_s: float,
-                 max_new: int, recover_s: float = 20.0, at: Optional[float] = None, hold: Optional[float] = None,
-                 delay_s: Optional[float] = None, batch: int = 2, k: int = 8) -> RunRecord:
-    """The vLLM proposer under a small engine of ``batch`` rows that verifies each row's chain with the
-    model's argmax (as vLLM does under greedy sampling); requests are admitted as rows free up."""
-    import torch
+class SimulatedEngine:
+    """vLLM's call of a proposer under greedy sampling, in a few lines: ``batch`` rows, a row's chain of
+    drafts verified by the model's argmax (accepted up to the first mismatch, plus the model's own token),
+    requests admitted in turn from ``prompts`` as rows free up. ``outputs``: (prompt index, tokens) of every
+    finished request; ``propose_s``: the duration of each ``propose`` call."""
 
+    def __init__(self, model, prompts, proposer, max_new: int, batch: int = 2):
+        if max(len(p) for p in prompts) + max_new + proposer.k >= MAX_LEN:
+            raise ValueError(f"prompts + max_new + k must stay under MAX_LEN ({MAX_LEN})")
+        self.model, self.prompts, self.prop, self.max_new, self.batch = model, prompts, proposer, max_new, batch
+        self.rows = np.zeros((batch, MAX_LEN), dtype=np.int32)
+        self.ntok = np.zeros(batch, dtype=np.int32)
+        self.owner = [-1] * batch
+        self.sampled: list[list[int]] = [[] for _ in range(batch)]
+        self.next_prompt = 0
+        self.outputs: list[tuple[int, list[int]]] = []
+        self.propose_s: list[float] = []
+
+    def _argmax_after(self, seq):
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.tensor([seq])).logits[0].argmax(-1).tolist()
+
+    @property
+    def busy(self) -> bool:
+        return any(o >= 0 for o in self.owner)
+
+    def step(self, admit: bool = True) -> None:
+        """One engine step: admit requests into free rows (when ``admit``), propose, verify, finish."""
+        rows, ntok, owner, sampled = self.rows, self.ntok, self.owner, self.sampled
+        for r in range(self.batch):   # admit: prefill gives the first token
+            if owner[r] < 0 and admit:
+                p = self.prompts[self.next_prompt % len(self.prompts)]
+                rows[r, :len(p)] = p
+                rows[r, len(p)] = self._argmax_after(p)[-1]
+                ntok[r] = len(p) + 1
+                owner[r], sampled[r] = self.next_prompt, [int(rows[r, len(p)])]
+                self.next_prompt += 1
+        if not self.busy:
+            return
+        t0 = time.perf_counter()
+        drafts = self.prop.propose(sampled, ntok, rows)
+        self.propose_s.append(time.perf_counter() - t0)
+        for r in range(self.batch):
+            if owner[r] < 0:
+                sampled[r] = []
+                continue
+            seq = rows[r, :ntok[r]].tolist()
+            am = self._argmax_after(seq + list(drafts[r]))[len(seq) - 1:]
+            acc = 0
+            while acc < len(drafts[r]) and drafts[r][acc] == am[acc]:
+                acc += 1
+            new = list(drafts[r][:acc]) + [am[acc]]
+            rows[r, ntok[r]: ntok[r] + len(new)] = new
+            ntok[r] += len(new)
+            sampled[r] = new
+            p = self.prompts[owner[r] % len(self.prompts)]
+            out = rows[r, len(p): ntok[r]].tolist()
+            if EOS in out:
+                out = out[: out.index(EOS) + 1]
+            if len(out) >= self.max_new or out[-1:] == [EOS]:
+                self.outputs.append((owner[r] % len(self.prompts), out[:self.max_new]))
+                owner[r], sampled[r] = -1, []
+                rows[r] = 0
+                ntok[r] = 0
+
+
+def remote_proposer(address: str, deadline_s: float, k: int = 8, drafters: str = "context,datastore"):
+    """(SpecstoreProposer over the datastore at ``address``, its client, [number of remote trees with drafts])."""
     from ..client.datastore_client import DatastoreClient
     from ..client.datastore_drafter import RemoteBackend
     from ..client.vllm_proposer import ProposerOptions, SpecstoreProposer
 
-    rec = RunRecord("proposer", kind)
-    client = DatastoreClient(fleet.address, timeout_s=deadline_s, tokenizer_fingerprint=FINGERPRINT)
+    client = DatastoreClient(address, timeout_s=deadline_s, tokenizer_fingerprint=FINGERPRINT)
     backend = RemoteBackend(client)
     drafted = [0]
     many = backend.retrieve_many
@@ -340,63 +402,30 @@ def proposer_run(model, prompts, refs, fleet: Fleet, kind: str, rng: random.Rand
         return trees
 
     backend.retrieve_many = counting_retrieve_many
-    prop = SpecstoreProposer(_vllm_config(k), ProposerOptions(datastore=fleet.address, documents=False,
+    prop = SpecstoreProposer(_vllm_config(k), ProposerOptions(datastore=address, documents=False, drafters=drafters,
                                                               timeout_ms=deadline_s * 1000), backend=backend)
+    return prop, client, drafted
 
-    def argmax_after(seq):
-        with torch.no_grad():
-            return model(torch.tensor([seq])).logits[0].argmax(-1).tolist()
 
-    rows = np.zeros((batch, MAX_LEN), dtype=np.int32)
-    ntok = np.zeros(batch, dtype=np.int32)
-    owner = [-1] * batch
-    sampled: list[list[int]] = [[] for _ in range(batch)]
+def proposer_run(model, prompts, refs, fleet: Fleet, kind: str, rng: random.Random, deadline_s: float,
+                 max_new: int, recover_s: float = 20.0, at: Optional[float] = None, hold: Optional[float] = None,
+                 delay_s: Optional[float] = None, batch: int = 2, k: int = 8) -> RunRecord:
+    """The vLLM proposer under a SimulatedEngine of ``batch`` rows, requests admitted as rows free up."""
+    rec = RunRecord("proposer", kind)
+    prop, client, drafted = remote_proposer(fleet.address, deadline_s, k)
+    engine = SimulatedEngine(model, prompts, prop, max_new, batch)
     ft = FaultThread(fleet, kind, rng.uniform(0.2, 1.0) if at is None else at,
                      rng.uniform(0.3, 2.0) if hold is None else hold, deadline_s, rng, delay_s)
     ft.start()
-    nxt, stopping, last = 0, False, 0
+    last = 0
     try:
         while True:
-            if ft.t_heal is not None and (rec.remote_after_heal >= 3 or time.perf_counter() > ft.t_heal + recover_s):
-                stopping = True
-            for r in range(batch):   # admit: prefill gives the first token
-                if owner[r] < 0 and not stopping:
-                    p = prompts[nxt % len(prompts)]
-                    first = argmax_after(p)[-1]
-                    rows[r, :len(p)] = p
-                    rows[r, len(p)] = first
-                    ntok[r] = len(p) + 1
-                    owner[r], sampled[r] = nxt, [first]
-                    nxt += 1
-            if all(o < 0 for o in owner):
-                break
+            stopping = ft.t_heal is not None and (rec.remote_after_heal >= 3 or
+                                                  time.perf_counter() > ft.t_heal + recover_s)
             t0 = time.perf_counter()
-            drafts = prop.propose(sampled, ntok, rows)
-            rec.extra_s.append(time.perf_counter() - t0)
-            for r in range(batch):
-                if owner[r] < 0:
-                    sampled[r] = []
-                    continue
-                seq = rows[r, :ntok[r]].tolist()
-                am = argmax_after(seq + list(drafts[r]))[len(seq) - 1:]
-                acc = 0
-                while acc < len(drafts[r]) and drafts[r][acc] == am[acc]:
-                    acc += 1
-                new = list(drafts[r][:acc]) + [am[acc]]
-                rows[r, ntok[r]: ntok[r] + len(new)] = new
-                ntok[r] += len(new)
-                sampled[r] = new
-                p = prompts[owner[r] % len(prompts)]
-                out = rows[r, len(p): ntok[r]].tolist()
-                if EOS in out:
-                    out = out[: out.index(EOS) + 1]
-                if len(out) >= max_new or out[-1:] == [EOS]:
-                    rec.requests += 1
-                    if out[:max_new] != list(refs[owner[r] % len(prompts)][:max_new]):
-                        rec.identical = False
-                    owner[r], sampled[r] = -1, []
-                    rows[r] = 0
-                    ntok[r] = 0
+            engine.step(admit=not stopping)
+            if not engine.busy and stopping:
+                break
             rec.wall_s.append(time.perf_counter() - t0)
             rec.steps += 1
             if ft.t_fault is not None and ft.t_heal is None:
@@ -406,11 +435,14 @@ def proposer_run(model, prompts, refs, fleet: Fleet, kind: str, rng: random.Rand
     finally:
         ft.join(60)
         prop.close()
+    rec.requests = len(engine.outputs)
+    rec.identical = all(out == list(refs[i][:max_new]) for i, out in engine.outputs)
     # the proposer's own work (context drafting, fusion) is not the datastore's: extra = beyond its median
-    base = float(np.median(rec.extra_s)) if rec.extra_s else 0.0
-    rec.extra_s = [max(0.0, x - base) for x in rec.extra_s]
+    base = float(np.median(engine.propose_s)) if engine.propose_s else 0.0
+    rec.extra_s = [max(0.0, x - base) for x in engine.propose_s]
     rec.detail = {**ft.detail, "at_s": round(ft.at, 3), "hold_s": round(ft.hold, 3), "median_propose_s": base,
-                  "stats": {**{k_: v for k_, v in client.stats.items() if v}, "proposer_errors": prop.stats.errors}}
+                  "stats": {**{k_: v for k_, v in client.stats.items() if v}, "proposer_errors": prop.stats.errors,
+                            "sessions_reopened": prop.stats.extra.get("sessions_reopened", 0)}}
     if ft.error is not None:
         rec.error = f"{type(ft.error).__name__}: {ft.error}"
     return rec

@@ -100,3 +100,27 @@ def test_a_restart_on_another_index_mid_request_reopens_the_session(setup):
         assert old in client.lost_sessions
     finally:
         drafter.close()
+
+
+def test_the_proposer_reopens_a_session_lost_to_a_restart_mid_request(setup):
+    """The same for the vLLM proposer: one request in a one-row engine, drafting from the datastore only."""
+    model, prompts, refs, fleet = setup
+    prop, client, drafted = fc.remote_proposer(fleet.address, DEADLINE, drafters="datastore")
+    engine = fc.SimulatedEngine(model, prompts[:1], prop, 300, batch=1)
+    try:
+        engine.step()
+        for _ in range(20):   # the session opens in the background
+            engine.step(admit=False)
+            if prop._requests[0].session_id and drafted[0]:
+                break
+        old = prop._requests[0].session_id
+        assert old and drafted[0] > 0
+        fleet.inject("new_index", DEADLINE, random.Random(0))
+        grpc.channel_ready_future(client._channel).result(timeout=10)
+        before = drafted[0]
+        while engine.busy:
+            engine.step(admit=False)
+        assert engine.outputs == [(0, refs[0][:300])]
+        assert drafted[0] > before and prop.stats.extra["sessions_reopened"] >= 1 and old in client.lost_sessions
+    finally:
+        prop.close()
