@@ -197,45 +197,56 @@ class PendingSession:
     """An OpenSession in flight (``DatastoreClient.open_session_async``).
 
     ``poll(wait_s)`` waits at most ``wait_s`` seconds: ``(True, Session or None)`` once the call has ended
-    (None: it failed, counted in the client's stats), ``(False, None)`` while it runs. ``cancel()``
-    abandons it; a session the server opens anyway is closed as soon as its answer arrives."""
+    (None: it failed), ``(False, None)`` while it runs. The outcome counts for the client's breaker when
+    the call ends, polled or not (an unresolved half-open probe would keep the breaker open for good).
+    ``cancel()`` abandons it; a session the server opens anyway is closed as soon as its answer arrives."""
 
-    __slots__ = ("_client", "_future", "_outcome", "_cancelled")
+    __slots__ = ("_client", "_future", "_outcome", "_cancelled", "_lock")
 
     def __init__(self, client: "DatastoreClient", future):
         self._client, self._future = client, future
         self._outcome: Optional[tuple[bool, Optional[Session]]] = None if future is not None else (True, None)
         self._cancelled = False
+        self._lock = threading.Lock()
+        if future is not None:
+            future.add_done_callback(self._settle)
+
+    def _settle(self, f) -> None:
+        """Record how the call ended, once (from gRPC's callback thread or from ``poll``)."""
+        with self._lock:
+            if self._outcome is not None:
+                return
+            try:
+                r = f.result()
+            except Exception as e:  # noqa: BLE001 - grpc.RpcError or a cancelled future: no session
+                self._client._failure(e)
+                self._outcome = (True, None)
+                return
+            self._client._success()
+            self._outcome = (True, Session(r.session_id, np.asarray(r.document_ids, dtype=np.int64), r.ttl_s,
+                                           r.index_id))
+            cancelled = self._cancelled
+        if cancelled:
+            self._client.close_session_async(r.session_id)
 
     def poll(self, wait_s: float = 0.0) -> tuple[bool, Optional[Session]]:
-        if self._outcome is not None:
-            return self._outcome
-        try:
-            r = self._future.result(timeout=max(0.0, wait_s))
-        except grpc.FutureTimeoutError:
-            return False, None
-        except Exception as e:  # noqa: BLE001 - grpc.RpcError or a cancelled future: no session
-            self._client._failure(e)
-            self._outcome = (True, None)
-            return self._outcome
-        self._client._success()
-        self._outcome = (True, Session(r.session_id, np.asarray(r.document_ids, dtype=np.int64), r.ttl_s,
-                                       r.index_id))
-        return self._outcome
+        if self._outcome is None:
+            try:
+                self._future.result(timeout=max(0.0, wait_s))
+            except Exception:  # noqa: BLE001 - still running (timeout) or failed: _settle records which
+                pass
+            if self._future.done():
+                self._settle(self._future)
+        return self._outcome if self._outcome is not None else (False, None)
 
     def cancel(self) -> None:
-        if self._cancelled:
-            return
-        self._cancelled = True
-        if self._outcome is not None:   # it has ended: a session it opened is its owner's to close
-            return
-        client = self._client
-
-        def close_when_opened(f) -> None:
-            if not f.cancelled() and f.exception() is None:
-                client.close_session_async(f.result().session_id)
-
-        self._future.add_done_callback(close_when_opened)
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            opened = self._outcome[1] if self._outcome is not None else None
+        if opened is not None:   # it opened, but nobody took it
+            self._client.close_session_async(opened.session_id)
 
 
 class PendingRetrieval:
