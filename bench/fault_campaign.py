@@ -485,6 +485,10 @@ def summarize(records: list[RunRecord], deadline_s: float, slack_s: float) -> di
         "extra_ms_max": round(float(extra.max()) * 1000, 2),
         "extra_ms_p99": round(float(np.percentile(extra, 99)) * 1000, 2),
         "extra_ms_p50": round(float(np.percentile(extra, 50)) * 1000, 3),
+        "steps_over_deadline_plus_50ms": int(np.count_nonzero(extra > deadline_s + 0.05)),
+        # observe() does no I/O: its longest call is what scheduling alone costs on this machine
+        "noise_ms_max": round(max((r.detail.get("hook_max_ms", {}).get("observe", 0.0) for r in records),
+                                  default=0.0), 2),
         "wall_ms_max": round(max((max(r.wall_s) for r in records if r.wall_s), default=0) * 1000, 1),
         "reconnect_s_p50": round(float(np.median(reconnect)), 3) if reconnect else None,
         "reconnect_s_max": round(max(reconnect), 3) if reconnect else None,
@@ -493,7 +497,7 @@ def summarize(records: list[RunRecord], deadline_s: float, slack_s: float) -> di
     }
 
 
-def run_campaign(runs: int, work: Path, *, seed: int = 0, deadline_s: float = 0.02, slack_s: float = 0.05,
+def run_campaign(runs: int, work: Path, *, seed: int = 0, deadline_s: float = 0.02, slack_s: float = 0.25,
                  paths: Sequence[str] = ("decoder", "proposer"), kinds: Sequence[str] = KINDS, max_new: int = 48,
                  log: Callable[[str], None] = print) -> tuple[list[RunRecord], dict]:
     import torch
@@ -527,8 +531,9 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--runs", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deadline-ms", type=float, default=20.0, help="the client's lookup deadline (default 20)")
-    ap.add_argument("--slack-ms", type=float, default=50.0,
-                    help="time a step may wait beyond the deadline before the run fails (scheduling noise)")
+    ap.add_argument("--slack-ms", type=float, default=250.0,
+                    help="time a step may wait beyond the deadline before the run fails (scheduling noise on a "
+                         "shared machine reaches 200 ms: see noise_ms_max in the summary)")
     ap.add_argument("--paths", default="decoder,proposer")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--max-new", type=int, default=48)
