@@ -6,6 +6,12 @@ is raised into the decode loop. A circuit breaker skips calls for ``breaker_cool
 ``breaker_failures`` consecutive failures, then lets one probe through (half-open). The gRPC channel
 reconnects by itself.
 
+Nothing here makes the decode loop wait longer than the lookup deadline, even on a server that stopped
+answering: sessions open in the background (``open_session_async``; the caller waits what it chooses, the
+call itself runs up to ``session_timeout_s``) and close without waiting for the answer
+(``close_session_async``). A lookup refused because its session is unknown (a restarted server: sessions
+live in the server's memory) puts that session in ``lost_sessions``, so that its owner opens a new one.
+
 Lookups travel on one long-lived ``RetrieveStream`` call per client (``stream=True``, the default): a
 message on an open stream costs the Python gRPC runtime about a third less than a new unary call. A
 stream that ends (server restart, a rejected request) is replaced by a new one at the next lookup; a
@@ -49,6 +55,12 @@ class Session:
     session_id: str
     document_ids: np.ndarray
     ttl_s: float
+    index_id: str = ""    # the index it was opened on
+
+
+# codes of a lookup refused for its session (an unknown or expired id: the server restarted, or the session
+# expired); any other refusal leaves the session alone
+_SESSION_LOST_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 
 
 def tree_from_response(root: int, resp) -> DraftTree:
@@ -182,17 +194,74 @@ class _RetrieveStream:
         self._call.cancel()
 
 
+class PendingSession:
+    """An OpenSession in flight (``DatastoreClient.open_session_async``).
+
+    ``poll(wait_s)`` waits at most ``wait_s`` seconds: ``(True, Session or None)`` once the call has ended
+    (None: it failed), ``(False, None)`` while it runs. The outcome counts for the client's breaker when
+    the call ends, polled or not (an unresolved half-open probe would keep the breaker open for good).
+    ``cancel()`` abandons it; a session the server opens anyway is closed as soon as its answer arrives."""
+
+    __slots__ = ("_client", "_future", "_outcome", "_cancelled", "_lock")
+
+    def __init__(self, client: "DatastoreClient", future):
+        self._client, self._future = client, future
+        self._outcome: Optional[tuple[bool, Optional[Session]]] = None if future is not None else (True, None)
+        self._cancelled = False
+        self._lock = threading.Lock()
+        if future is not None:
+            future.add_done_callback(self._settle)
+
+    def _settle(self, f) -> None:
+        """Record how the call ended, once (from gRPC's callback thread or from ``poll``)."""
+        with self._lock:
+            if self._outcome is not None:
+                return
+            try:
+                r = f.result()
+            except Exception as e:  # noqa: BLE001 - grpc.RpcError or a cancelled future: no session
+                self._client._failure(e)
+                self._outcome = (True, None)
+                return
+            self._client._success()
+            self._outcome = (True, Session(r.session_id, np.asarray(r.document_ids, dtype=np.int64), r.ttl_s,
+                                           r.index_id))
+            cancelled = self._cancelled
+        if cancelled:
+            self._client.close_session_async(r.session_id)
+
+    def poll(self, wait_s: float = 0.0) -> tuple[bool, Optional[Session]]:
+        if self._outcome is None:
+            try:
+                self._future.result(timeout=max(0.0, wait_s))
+            except Exception:  # noqa: BLE001 - still running (timeout) or failed: _settle records which
+                pass
+            if self._future.done():
+                self._settle(self._future)
+        return self._outcome if self._outcome is not None else (False, None)
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            opened = self._outcome[1] if self._outcome is not None else None
+        if opened is not None:   # it opened, but nobody took it
+            self._client.close_session_async(opened.session_id)
+
+
 class PendingRetrieval:
     """Handle of an in-flight Retrieve: ``result()`` blocks at most until the call's deadline."""
 
-    __slots__ = ("_client", "_future", "root", "_tree", "key")
+    __slots__ = ("_client", "_future", "root", "_tree", "key", "session_id")
 
-    def __init__(self, client: "DatastoreClient", future, root: int, key=None):
+    def __init__(self, client: "DatastoreClient", future, root: int, key=None, session_id: Optional[str] = None):
         self._client = client
         self._future = future
         self.root = root
         self._tree: Optional[DraftTree] = None if future is not None else DraftTree.empty(root)
         self.key = key
+        self.session_id = session_id
 
     def done(self) -> bool:
         return self._tree is not None or self._future is None or self._future.done()
@@ -203,7 +272,7 @@ class PendingRetrieval:
 
     def result(self) -> DraftTree:
         if self._tree is None:
-            self._tree = self._client._finish(self._future, self.root)
+            self._tree = self._client._finish(self._future, self.root, self.session_id)
         return self._tree
 
 
@@ -272,6 +341,7 @@ class DatastoreClient:
         self._open_until = 0.0
         self._probe_in_flight = False
         self._stream: Optional[_RetrieveStream] = None
+        self.lost_sessions: set[str] = set()   # sessions a lookup was refused for (see _lost_session)
 
     # ------------------------------------------------------------------ circuit breaker
     @property
@@ -338,10 +408,52 @@ class DatastoreClient:
             self._failure(e)
             return None
         self._success()
-        return Session(r.session_id, np.asarray(r.document_ids, dtype=np.int64), r.ttl_s)
+        return Session(r.session_id, np.asarray(r.document_ids, dtype=np.int64), r.ttl_s, r.index_id)
+
+    def open_session_async(self, prompt_ids: Optional[Sequence[int]] = None, prompt_text: Optional[str] = None,
+                           top_k: int = 0, *, memory: bool = False, documents: bool = True) -> PendingSession:
+        """``open_session`` without waiting: the call runs up to ``session_timeout_s`` in the background
+        (document search can take longer than a lookup deadline); ``PendingSession.poll`` says how it ended."""
+        if not self._allow() or not (memory or documents):
+            return PendingSession(self, None)
+        req = pb.OpenSessionRequest(prompt_text=prompt_text or "", top_k=top_k,
+                                    tokenizer_fingerprint=self.tokenizer_fingerprint, memory=bool(memory),
+                                    skip_documents=not documents)
+        if prompt_ids is not None and (memory or not prompt_text):
+            req.prompt_ids.extend(np.asarray(prompt_ids, dtype=np.int64).tolist())
+        self.stats["open_session"] += 1
+        try:
+            fut = self._stub.OpenSession.future(req, timeout=self.session_timeout_s, metadata=self._metadata)
+        except Exception as e:  # noqa: BLE001 - e.g. a closed channel
+            self._failure(e)
+            return PendingSession(self, None)
+        return PendingSession(self, fut)
+
+    def close_session_async(self, session_id: Optional[str]):
+        """Close a session without waiting for the answer (the server expires sessions it is not told to
+        close); skipped while the breaker is open. Returns the call's future, or None when none was sent."""
+        if not session_id or self.breaker_open:
+            return None
+        try:
+            fut = self._stub.CloseSession.future(pb.CloseSessionRequest(session_id=session_id),
+                                                 timeout=self.session_timeout_s, metadata=self._metadata)
+        except Exception as e:  # noqa: BLE001 - e.g. a closed channel
+            self._failure(e)
+            return None
+        self.stats["close_session"] += 1
+        return fut
+
+    def _lost_session(self, session_id: Optional[str], err: BaseException) -> None:
+        """A lookup carrying ``session_id`` was refused: if for its session, note the session as lost."""
+        code = err.code() if isinstance(err, grpc.RpcError) and callable(getattr(err, "code", None)) else None
+        if session_id and code in _SESSION_LOST_CODES and session_id not in self.lost_sessions:
+            if len(self.lost_sessions) > 4096:   # ids of sessions nobody asked about again
+                self.lost_sessions.clear()
+            self.lost_sessions.add(session_id)
+            self.stats["sessions_lost"] += 1
 
     def close_session(self, session_id: Optional[str]) -> bool:
-        if not session_id:
+        if not session_id or self.breaker_open:
             return False
         try:
             r = self._stub.CloseSession(pb.CloseSessionRequest(session_id=session_id),
@@ -407,9 +519,9 @@ class DatastoreClient:
         except Exception as e:  # noqa: BLE001 - e.g. a closed channel
             self._failure(e)
             return PendingRetrieval(self, None, root, key)
-        return PendingRetrieval(self, fut, root, key)
+        return PendingRetrieval(self, fut, root, key, session_id)
 
-    def _finish(self, fut, root: int) -> DraftTree:
+    def _finish(self, fut, root: int, session_id: Optional[str] = None) -> DraftTree:
         try:
             resp = fut.result()
         except grpc.FutureCancelledError:
@@ -418,6 +530,7 @@ class DatastoreClient:
         except Exception as e:  # noqa: BLE001 - grpc.RpcError, or anything else: no draft this step
             if self.stream and isinstance(fut, _StreamLookup) and _unimplemented(e):
                 self._no_stream()
+            self._lost_session(session_id, e)
             self._failure(e)
             return DraftTree.empty(root)
         return self._convert(resp, root)
@@ -446,10 +559,11 @@ class DatastoreClient:
         try:
             root, req = self._request(context, budget, session_id, hint)
             if self.stream:
-                return self._finish(self._send(req), root)
+                return self._finish(self._send(req), root, session_id)
             # the plain unary call path is ~0.1 ms cheaper than a unary future
             resp = self._stub.Retrieve(req, timeout=self.timeout_s, metadata=self._metadata)
         except Exception as e:  # noqa: BLE001 - grpc.RpcError or a closed channel: no draft this step
+            self._lost_session(session_id, e)
             self._failure(e)
             return DraftTree.empty(root)
         return self._convert(resp, root)
@@ -471,6 +585,8 @@ class DatastoreClient:
             resp = self._stub.RetrieveBatch(batch, timeout=self.timeout_s * max(1, len(contexts) ** 0.5),
                                             metadata=self._metadata)
         except Exception as e:  # noqa: BLE001
+            for s in set(sessions):   # one unknown session refuses the whole batch: which one is not said
+                self._lost_session(s, e)
             self._failure(e)
             return [DraftTree.empty(r) for r in roots]
         self._success()

@@ -12,6 +12,11 @@ top-k documents when ``documents=True`` (lookups then prefer continuations insid
 suffix is also matched inside the prompt and the text generated so far, like REST's self-inserted queries
 but per request; such nodes are marked ``Source.CONTEXT``). ``end_request()`` closes it. The embedded
 backend needs no session for memory: it sees the whole context.
+
+A sick service never holds a step longer than the lookup deadline: the session opens in the background
+(``begin_request`` waits at most the deadline for it; lookups go without it until it is there) and closes
+without waiting. A session the service no longer knows (it restarted, perhaps on another index) is opened
+again, seeded with the request's tokens so far, at most ``MAX_REOPEN`` times per request.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from .fusion import cut_to_budget
 from .types import DecodeContext, Drafter, DraftTree, Source, StepResult
 
 log = logging.getLogger("client.datastore")
+
+MAX_REOPEN = 3   # sessions opened again per request after the service lost one (a restart)
 
 
 class DatastoreUnavailableError(ConnectionError):
@@ -66,6 +73,21 @@ class _Done:
 
     def result(self) -> DraftTree:
         return self._tree
+
+
+class _Opened:
+    """A session opened at once (the embedded backend): the PendingSession interface."""
+
+    __slots__ = ("session_id",)
+
+    def __init__(self, session_id: Optional[str]):
+        self.session_id = session_id
+
+    def poll(self, wait_s: float = 0.0) -> tuple[bool, Optional[str]]:
+        return True, self.session_id
+
+    def cancel(self) -> None:
+        pass
 
 
 class EmbeddedBackend:
@@ -135,7 +157,14 @@ class EmbeddedBackend:
         self._sessions[sid] = docs
         return sid
 
-    def close_session(self, session_id: Optional[str]) -> None:
+    def open_session_async(self, prompt_ids=None, prompt_text: Optional[str] = None, top_k: int = 8, *,
+                           memory: bool = False, documents: bool = True) -> _Opened:
+        return _Opened(self.open_session(prompt_ids, prompt_text, top_k, memory=memory, documents=documents))
+
+    def session_lost(self, session_id: Optional[str]) -> bool:
+        return False
+
+    def close_session(self, session_id: Optional[str], wait_s: float = 0.0) -> None:
         if session_id:
             self._sessions.pop(session_id, None)
 
@@ -168,16 +197,51 @@ class RemoteBackend:
         """Every context in one RetrieveBatch call, each with its own session."""
         return self.client.retrieve_batch(contexts, budget, session_ids)
 
+    @property
+    def deadline_s(self) -> float:
+        return self.client.timeout_s
+
     def open_session(self, prompt_ids=None, prompt_text: Optional[str] = None, top_k: int = 0, *,
                      memory: bool = False, documents: bool = True) -> Optional[str]:
         s = self.client.open_session(prompt_ids, prompt_text, top_k, memory=memory, documents=documents)
         return s.session_id if s is not None else None
 
-    def close_session(self, session_id: Optional[str]) -> None:
-        self.client.close_session(session_id)
+    def open_session_async(self, prompt_ids=None, prompt_text: Optional[str] = None, top_k: int = 0, *,
+                           memory: bool = False, documents: bool = True) -> "_RemoteOpening":
+        return _RemoteOpening(self.client.open_session_async(prompt_ids, prompt_text, top_k, memory=memory,
+                                                             documents=documents))
+
+    def session_lost(self, session_id: Optional[str]) -> bool:
+        """Whether a lookup was refused because the service does not know ``session_id`` (any more)."""
+        return bool(session_id) and session_id in self.client.lost_sessions
+
+    def close_session(self, session_id: Optional[str], wait_s: float = 0.0) -> None:
+        """Close, waiting at most ``wait_s`` for the answer (the call goes on in the background)."""
+        fut = self.client.close_session_async(session_id)
+        if fut is not None and wait_s > 0:
+            try:
+                fut.result(timeout=wait_s)
+            except Exception:  # noqa: BLE001 - still running, or failed: the service expires sessions anyway
+                pass
 
     def close(self) -> None:
         self.client.close()
+
+
+class _RemoteOpening:
+    """A PendingSession whose outcome is the session id (the backends' common interface)."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self, pending):
+        self._pending = pending
+
+    def poll(self, wait_s: float = 0.0) -> tuple[bool, Optional[str]]:
+        done, session = self._pending.poll(wait_s)
+        return done, session.session_id if session is not None else None
+
+    def cancel(self) -> None:
+        self._pending.cancel()
 
 
 class DatastoreDrafter(Drafter):
@@ -194,6 +258,9 @@ class DatastoreDrafter(Drafter):
         self.max_budget = max_budget
         self.session_id: Optional[str] = None
         self._pending = None
+        self._opening = None           # a session being opened (its poll() says when it is there)
+        self._prompt_text: Optional[str] = None
+        self._reopened = 0             # sessions opened again in this request
         self.counters: Counter = Counter()
 
     # ------------------------------------------------------------------ constructors
@@ -232,9 +299,42 @@ class DatastoreDrafter(Drafter):
     def _session(self, ctx: DecodeContext) -> Optional[str]:
         return ctx.session_id or self.session_id
 
+    def _take_session(self, wait_s: float = 0.0) -> None:
+        """Adopt the session being opened once it is there (waiting at most ``wait_s``)."""
+        if self._opening is None:
+            return
+        done, sid = self._opening.poll(wait_s)
+        if done:
+            self._opening = None
+            self.session_id = sid
+            self.counters["sessions" if sid else "session_failures"] += 1
+
+    def _reopen_if_lost(self, ctx: DecodeContext) -> None:
+        """The service refused a lookup for not knowing our session (it restarted): open a new one, seeded
+        with every token so far, so that its memory is in step with the request."""
+        if not self.session_id or not getattr(self.backend, "session_lost", None) \
+                or not self.backend.session_lost(self.session_id):
+            return
+        self.session_id = None
+        if self._reopened >= MAX_REOPEN:
+            return
+        self._reopened += 1
+        self.counters["sessions_reopened"] += 1
+        self._open(ctx.tokens, self._prompt_text, wait_s=0.0)
+
+    def _open(self, prompt_ids, prompt_text: Optional[str], wait_s: float) -> None:
+        memory = self.memory and self.backend.remote   # in process the backend sees the whole context
+        documents = self.documents and bool(prompt_text)   # documents are searched by the prompt's text
+        if not (documents or memory):
+            return
+        self._opening = self.backend.open_session_async(prompt_ids, prompt_text, self.top_k, memory=memory,
+                                                        documents=documents)
+        self._take_session(wait_s)
+
     def prefetch(self, ctx: DecodeContext, budget: int) -> None:
         """Issue the lookup for this step now (non-blocking for the remote backend)."""
         try:
+            self._take_session()
             if self._pending is not None:
                 self._pending.cancel()
             if not self.backend.remote:
@@ -261,6 +361,7 @@ class DatastoreDrafter(Drafter):
                     pending.cancel()
                     self.counters["prefetch_stale"] += 1
                 tree = self.backend.retrieve(ctx.tokens, budget, self._session(ctx))
+            self._reopen_if_lost(ctx)
             if tree.root != root:
                 return DraftTree.empty(root)
             return cut_to_budget(tree, budget)
@@ -276,17 +377,14 @@ class DatastoreDrafter(Drafter):
         self.counters["proposed"] += int(np.count_nonzero(src & int(Source.DATASTORE)))
 
     def begin_request(self, prompt_ids: Optional[Sequence[int]] = None, prompt_text: Optional[str] = None) -> None:
+        """Open the request's session; waits at most the lookup deadline for it (the first lookups go
+        without it when the service is slower than that)."""
         self.end_request()
-        memory = self.memory and self.backend.remote   # in process the backend sees the whole context
-        documents = self.documents and bool(prompt_text)   # documents are searched by the prompt's text
-        if not (documents or memory):
-            return
+        self._prompt_text, self._reopened = prompt_text, 0
         try:
-            self.session_id = self.backend.open_session(prompt_ids, prompt_text, self.top_k, memory=memory,
-                                                        documents=documents)
-            self.counters["sessions" if self.session_id else "session_failures"] += 1
+            self._open(prompt_ids, prompt_text, wait_s=getattr(self.backend, "deadline_s", 0.0))
         except Exception as e:  # noqa: BLE001
-            self.session_id = None
+            self.session_id, self._opening = None, None
             self.counters["session_failures"] += 1
             log.warning("datastore session failed: %s", e)
 
@@ -294,10 +392,13 @@ class DatastoreDrafter(Drafter):
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
+        if self._opening is not None:   # a session still being opened is closed when it arrives
+            self._opening.cancel()
+            self._opening = None
         sid, self.session_id = self.session_id, None
         if sid:
             try:
-                self.backend.close_session(sid)
+                self.backend.close_session(sid, wait_s=getattr(self.backend, "deadline_s", 0.0))
             except Exception as e:  # noqa: BLE001 - the service expires sessions it is not told to close
                 self.counters["errors"] += 1
                 log.warning("datastore session close failed: %s", e)

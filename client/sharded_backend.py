@@ -9,6 +9,7 @@ A session is one session per group; its id is their ids joined by ``,`` (empty w
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
@@ -43,6 +44,27 @@ class _FanOut:
         if self._tree is None:
             self._tree = fuse([p.result() for p in self.pending], self.budget)
         return self._tree
+
+
+class _Openings:
+    """Sessions being opened on every group: ``poll`` says when all answered, and the composite id."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self, pending: list):
+        self.pending = pending
+
+    def poll(self, wait_s: float = 0.0) -> tuple[bool, Optional[str]]:
+        end = time.monotonic() + wait_s
+        outs = [p.poll(max(0.0, end - time.monotonic())) for p in self.pending]
+        if not all(done for done, _ in outs):
+            return False, None
+        ids = [s.session_id if s is not None else "" for _, s in outs]
+        return True, (",".join(ids) if any(ids) else None)
+
+    def cancel(self) -> None:
+        for p in self.pending:
+            p.cancel()
 
 
 class ShardedBackend:
@@ -90,6 +112,10 @@ class ShardedBackend:
         answers = [f.result() for f in futures]        # each call has its own deadline
         return [fuse([a[i] for a in answers], budget) for i in range(len(contexts))]
 
+    @property
+    def deadline_s(self) -> float:
+        return max(c.timeout_s for c in self.clients)
+
     def open_session(self, prompt_ids=None, prompt_text: Optional[str] = None, top_k: int = 0, *,
                      memory: bool = False, documents: bool = True) -> Optional[str]:
         futures = [self._pool.submit(c.open_session, prompt_ids, prompt_text, top_k, memory=memory,
@@ -97,10 +123,24 @@ class ShardedBackend:
         ids = [(s.session_id if s is not None else "") for s in (f.result() for f in futures)]
         return ",".join(ids) if any(ids) else None
 
-    def close_session(self, session_id: Optional[str]) -> None:
-        for c, s in zip(self.clients, self._ids(session_id, len(self.clients))):
-            if s:
-                c.close_session(s)
+    def open_session_async(self, prompt_ids=None, prompt_text: Optional[str] = None, top_k: int = 0, *,
+                           memory: bool = False, documents: bool = True) -> "_Openings":
+        return _Openings([c.open_session_async(prompt_ids, prompt_text, top_k, memory=memory, documents=documents)
+                          for c in self.clients])
+
+    def session_lost(self, session_id: Optional[str]) -> bool:
+        """Whether a group refused a lookup because it does not know its part of ``session_id`` (any more)."""
+        return any(s and s in c.lost_sessions for c, s in zip(self.clients, self._ids(session_id, len(self.clients))))
+
+    def close_session(self, session_id: Optional[str], wait_s: float = 0.0) -> None:
+        futures = [c.close_session_async(s) for c, s in zip(self.clients, self._ids(session_id, len(self.clients))) if s]
+        end = time.monotonic() + wait_s
+        for f in futures:
+            if f is not None and wait_s > 0:
+                try:
+                    f.result(timeout=max(0.0, end - time.monotonic()))
+                except Exception:  # noqa: BLE001 - the service expires sessions anyway
+                    pass
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -41,7 +41,9 @@ is released (its datastore session is closed). Every running request's lookup tr
 (remote) or runs in process (embedded); its tree is fused with the context drafter's by longest prefix,
 calibrated by the acceptance learned so far (what vLLM accepted of earlier chains, read back from the
 tokens that follow), and the best chain is kept. Fail-soft: a slow or dead datastore costs its drafts for
-that step (deadline), never a stalled step or a changed output; vLLM verifies every draft.
+that step (deadline), never a stalled step or a changed output; vLLM verifies every draft. Sessions open in
+the background (a request drafts without its session until it is there) and close without waiting; a
+session the service lost (a restart) is opened again with the request's tokens so far.
 
 vLLM calls this interface experimental: it is pinned (``VLLM_VERSION``), and
 ``tests/vllm/test_vllm_proposer.py`` fails loudly when the runner's call changes.
@@ -60,6 +62,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .budget import BudgetController, CostProfile, StepCostModel
+from .datastore_drafter import MAX_REOPEN
 from .drafters.context import ContextDrafter
 from .fusion import fuse
 from .types import DecodeContext, DraftTree
@@ -152,11 +155,14 @@ class _Request:
     key: tuple
     context: ContextDrafter
     session_id: Optional[str] = None
+    text: Optional[str] = None          # the prompt's text, for document search (None: no documents)
     seen: int = 0                       # the row's token count at its last step ...
     last: int = -1                      # ... and its last token then: a row that shrank or changed it is new
     chain: Optional[DraftTree] = None   # the chain proposed at the last step ...
     chain_at: int = 0                   # ... after this many tokens
     pushed: int = -1                    # tokens already sent to the shared statistics (-1: not yet seen)
+    opening: Any = None                 # its session being opened (poll() says when it is there)
+    reopened: int = 0                   # sessions opened again after the service lost one
 
 
 @dataclass
@@ -248,17 +254,51 @@ class SpecstoreProposer:
                     text = self._tokenizer.decode(tokens.tolist())
                 except Exception:  # noqa: BLE001 - no text, no document search
                     text = None
-            memory = self.options.memory and self.backend.remote
-            if memory or text:
-                try:
-                    req.session_id = self.backend.open_session(tokens, text, self.options.top_k, memory=memory,
-                                                               documents=bool(text))
-                except Exception as e:  # noqa: BLE001
-                    self._error("datastore session", e)
+            req.text = text
+            self._open(req, tokens)
         return req
+
+    def _open(self, req: _Request, tokens: np.ndarray) -> None:
+        """Start opening ``req``'s session (seeded with ``tokens``); never waits for a remote service."""
+        memory = self.options.memory and self.backend.remote
+        if not (memory or req.text):
+            return
+        try:
+            opener = getattr(self.backend, "open_session_async", None)
+            if opener is None:
+                req.session_id = self.backend.open_session(tokens, req.text, self.options.top_k, memory=memory,
+                                                           documents=bool(req.text))
+            else:
+                req.opening = opener(tokens, req.text, self.options.top_k, memory=memory, documents=bool(req.text))
+        except Exception as e:  # noqa: BLE001
+            self._error("datastore session", e)
+
+    def _sessions_step(self, live: list) -> None:
+        """Adopt the sessions that have opened since the last step (before this step's lookups)."""
+        for _, req, _ in live:
+            if req.opening is not None:
+                done, sid = req.opening.poll(0.0)
+                if done:
+                    req.opening, req.session_id = None, sid
+
+    def _reopen_lost(self, live: list) -> None:
+        """Open again the sessions that the service refused this step's lookups for (it restarted)."""
+        lost = getattr(self.backend, "session_lost", None)
+        if lost is None:
+            return
+        for _, req, tokens in live:
+            if req.session_id and lost(req.session_id):
+                req.session_id = None
+                if req.reopened < MAX_REOPEN:
+                    req.reopened += 1
+                    self.stats.extra["sessions_reopened"] = self.stats.extra.get("sessions_reopened", 0) + 1
+                    self._open(req, tokens)
 
     def _end(self, req: _Request) -> None:
         self.stats.requests_released += 1
+        if req.opening is not None:   # closed by the client when it arrives
+            req.opening.cancel()
+            req.opening = None
         if req.session_id and self.backend is not None:
             try:
                 self.backend.close_session(req.session_id)
@@ -349,7 +389,11 @@ class SpecstoreProposer:
             if not live:
                 return out
             room = [min(self.k, self.max_model_len - len(t) - 1) for _, _, t in live]
+            if self.backend is not None:
+                self._sessions_step(live)
             remote = self._datastore_trees(live)
+            if self.backend is not None:
+                self._reopen_lost(live)
             token_cost = self.step_cost.token_cost(len(live))
             chosen: list[tuple[int, _Request, int, DraftTree]] = []
             gain = 0.0

@@ -168,3 +168,21 @@ def test_factory_checks_fingerprint_and_reachability(server):
     with pytest.raises(ValueError):
         make_datastore_drafter()
     assert tokenizer_fingerprint(tok)
+
+
+def test_an_abandoned_session_open_still_settles_the_breaker_probe():
+    """An OpenSession let through as the half-open breaker's probe and abandoned unpolled (a request that
+    ended first) must still count: before, the probe stayed 'in flight' and the breaker open for good (a
+    proposer run of the fault campaign drafted nothing remotely for 20 s after the server came back)."""
+    c = DatastoreClient(f"127.0.0.1:{free_port()}", timeout_s=0.005, breaker_failures=1, breaker_cooldown_s=0.05)
+    assert c.retrieve([2, 3], 4).num_drafts == 0 and c.breaker_open
+    time.sleep(0.08)
+    pending = c.open_session_async([1, 2], memory=True, documents=False)   # the probe
+    pending.cancel()
+    deadline = time.time() + 5
+    while c.stats["failures"] < 2 and time.time() < deadline:   # the probe's call fails (nothing listens)
+        time.sleep(0.01)
+    time.sleep(0.08)
+    c.retrieve([2, 3], 4)
+    assert c.stats["breaker_probes"] == 2, c.stats   # the next probe was let through
+    c.close()
