@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datastore-tls-cert", metavar="PEM", default=None,
                    help="client certificate for mutual TLS (a server with --tls-client-ca); with --datastore-tls-key")
     p.add_argument("--datastore-tls-key", metavar="PEM", default=None, help="key of --datastore-tls-cert")
+    p.add_argument("--share-outputs", action="store_true",
+                   help="with --share-stats: also share each finished generation (its output tokens, not the prompt) "
+                        "with the service's recent outputs, which every node's lookups match (off by default: "
+                        "outputs may be private)")
     p.add_argument("--no-session-memory", action="store_true",
                    help="datastore lookups search the corpus only, not also this request's own tokens")
     p.add_argument("--compare-plain", action="store_true",
@@ -124,7 +128,8 @@ def make_drafters(names: str, model, tokenizer, args) -> list:
             from .shared_stats import StatsSharer
 
             recycling = next((d for d in out if isinstance(d, RecyclingDrafter)), None)
-            sharer = StatsSharer(ds.backend.client, recycling=recycling)
+            sharer = StatsSharer(ds.backend.client, recycling=recycling,
+                                 share_outputs=getattr(args, "share_outputs", False))
             sharer.warm_start()
             out.append(sharer)
     return out
@@ -157,6 +162,8 @@ def _validate(args) -> None:
     validate_common(args)
     if args.share_stats and not args.datastore:
         raise ValueError("--share-stats needs --datastore HOST:PORT (the statistics are the service's)")
+    if args.share_outputs and not args.share_stats:
+        raise ValueError("--share-outputs goes with --share-stats (outputs travel in the same pushes)")
 
 
 def run(args) -> int:

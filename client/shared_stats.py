@@ -8,7 +8,8 @@ down never grows the decoder's memory.
 
 ``StatsSharer`` is a Drafter (client/types.py) that drafts nothing: its hooks collect, at every step,
 the target's top-k next tokens at every verified node and the accepted tokens with their preceding
-context, and hand them to the pusher every ``flush_steps`` steps and at the end of each request. With a
+context, and hand them to the pusher every ``flush_steps`` steps and at the end of each request; with
+``share_outputs`` (opt-in: outputs may be private) the finished generation too. With a
 ``RecyclingDrafter`` it first warm-starts that drafter's table from the fleet's rows (``warm_start``):
 a node that starts cold drafts from what the others learned at once.
 """
@@ -50,16 +51,17 @@ class StatsPusher:
         self._thread = threading.Thread(target=self._run, name="stats-push", daemon=True)
         self._thread.start()
 
-    def push(self, rows: Sequence[tuple], runs: Sequence[tuple]) -> None:
-        """Queue one batch: rows [(token, next tokens, probs)], runs [(tokens, new_from)]."""
-        if not rows and not runs:
+    def push(self, rows: Sequence[tuple], runs: Sequence[tuple], outputs: Sequence[Sequence[int]] = ()) -> None:
+        """Queue one batch: rows [(token, next tokens, probs)], runs [(tokens, new_from)], outputs [tokens]."""
+        if not rows and not runs and not outputs:
             return
         self._seq += 1
         req = pb.PushStatsRequest(
             batch_id=f"{self.node_id}-{self._seq}",
             rows=[pb.TopkRow(token=int(t), next_tokens=[int(x) for x in n], probs=[float(p) for p in ps])
                   for t, n, ps in rows],
-            runs=[pb.TokenRun(tokens=[int(x) for x in toks], new_from=int(nf)) for toks, nf in runs])
+            runs=[pb.TokenRun(tokens=[int(x) for x in toks], new_from=int(nf)) for toks, nf in runs],
+            outputs=[pb.Output(tokens=[int(x) for x in out]) for out in outputs])
         with self._cv:
             if len(self._queue) == self._queue.maxlen:
                 self.stats["dropped"] += 1
@@ -128,7 +130,7 @@ class StatsSharer(Drafter):
     needs_target_topk = True
 
     def __init__(self, client, *, recycling=None, flush_steps: int = 16, topk: int = 8, node_id: Optional[str] = None,
-                 pusher: Optional[StatsPusher] = None):
+                 pusher: Optional[StatsPusher] = None, share_outputs: bool = False):
         self.client = client
         self.recycling = recycling
         self.flush_steps = int(flush_steps)
@@ -138,6 +140,10 @@ class StatsSharer(Drafter):
         self._runs: list = []
         self._steps = 0
         self.warm_rows = 0
+        # opt-in (outputs may be private): each finished generation also goes to the service's recent outputs;
+        # set per request by assigning share_outputs before it starts
+        self.share_outputs = bool(share_outputs)
+        self._output: list = []
 
     def warm_start(self, max_pages: int = 64) -> int:
         """Load the fleet's order-1 rows into the recycling drafter's table (rows it has not learned itself
@@ -168,6 +174,8 @@ class StatsSharer(Drafter):
             toks = step.tree.tokens.tolist()
             tk, tp = topk_t[:, :k].tolist(), topk_p[:, :k].tolist()
             self._rows.extend(zip(toks, tk, tp))
+        if self.share_outputs:
+            self._output.extend(np.asarray(step.new_tokens).tolist())
         if step.context is not None and len(step.new_tokens):
             before = np.asarray(step.context.tokens)[-ORDER + 1:]
             run = np.concatenate([before, np.asarray(step.new_tokens)])
@@ -189,9 +197,15 @@ class StatsSharer(Drafter):
         for i in range(0, max(len(rows), 1), 4096):
             self.pusher.push(rows[i:i + 4096], merged if i == 0 else [])
 
+    def begin_request(self, prompt_ids=None, prompt_text=None) -> None:
+        self._output = []
+
     def end_request(self) -> None:
         if self._rows or self._runs:
             self._flush()
+        out, self._output = self._output[-16_384:], []
+        if self.share_outputs and len(out) >= 2:
+            self.pusher.push([], [], [out])
 
     def close(self) -> None:
         self.end_request()

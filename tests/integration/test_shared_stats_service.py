@@ -167,3 +167,35 @@ def test_node_a_statistics_reach_node_b_and_outputs_stay_plain(smol, real_index,
             ds.close()
         finally:
             c.close()
+
+
+def test_shared_outputs_draft_for_another_node(tmp_path):
+    """Node A shares its finished generation (opt-in); node B, asked the same, drafts it from the service's
+    recent outputs: fewer steps, the same tokens as plain greedy."""
+    from specstore.client.budget import CostProfile
+    from specstore.client.datastore_drafter import DatastoreDrafter, RemoteBackend
+    from specstore.client.decoder import SpeculativeDecoder
+    from specstore.client.shared_stats import StatsSharer
+    from tests.helpers import plain_greedy, tiny_llama
+
+    model = tiny_llama(vocab=96, seed=7)
+    prompt = [5, 17, 33, 2, 41, 8]
+    want = plain_greedy(model, prompt, 40)
+    idx = write_fake_index(tmp_path / "idx", [[90, 91, 92]], fingerprint="fp-test")
+    log = StatsLog(tmp_path / "stats", stats=NgramStats(half_life_s=1e12)).open()
+    with ServerThread(idx, ServiceConfig(auth_token=TOKEN), opener=FakeIndex.open, stats=log) as srv:
+        steps = {}
+        for node, share in (("a", True), ("b", False)):
+            c = DatastoreClient(srv.address, auth_token=TOKEN, timeout_s=2.0, stream=False)
+            sharer = StatsSharer(c, share_outputs=share)
+            ds = DatastoreDrafter(RemoteBackend(c), documents=False, memory=False)
+            dec = SpeculativeDecoder(model, None, [ds, sharer], profile=CostProfile.flat(17), max_budget=16)
+            res = dec.generate(prompt, max_new_tokens=40)
+            assert res.new_tokens == want, node
+            steps[node] = len(res.drafted_per_step)
+            sharer.close()
+            ds.close()
+        assert len(log.stats.outputs) >= 40 and log.stats.outputs.outputs == 1   # only A shared its output
+        t = log.stats.output_tree(prompt + want[:6], budget=16, min_prob=0.0, depth=8)
+        assert t.tokens.tolist()[:8] == want[6:14]                               # A's output, continued
+        assert steps["b"] <= steps["a"] // 3, steps                              # B drafted A's output

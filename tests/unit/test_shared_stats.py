@@ -193,3 +193,48 @@ def test_failed_write_is_not_acknowledged_nor_applied(tmp_path, monkeypatch):
     again = StatsLog(tmp_path, clock=lambda: 0.0).open()
     assert again.stats.same_as(_reference([_req(0), _req(1)]))
     again.close()
+
+
+# ------------------------------------------------------------------ recent shared outputs
+from specstore.datastore.output_store import OutputStore  # noqa: E402
+
+
+def test_outputs_match_the_longest_and_newest_and_stop_at_an_output_end():
+    s = OutputStore(max_tokens=1000)
+    s.add([1, 2, 3, 4, 5, 6])
+    s.add([9, 2, 3, 4, 7, 8])
+    s.add([0, 0, 2, 3, 4, 5])
+    rows, n = s.continuations([1, 2, 3, 4], depth=4)
+    # the match [1 2 3 4] (length 4) ranks first; then the two of length 3, newest first; a row stops at its end
+    assert n == 4 and rows.tolist() == [[5, 6, -1, -1], [5, -1, -1, -1], [7, 8, -1, -1]]
+    assert s.continuations([7, 7, 7], depth=2)[0].shape == (0, 2)
+
+
+def test_outputs_are_bounded_fifo_and_snapshot_roundtrip():
+    s = OutputStore(max_tokens=20)
+    for i in range(10):
+        s.add([50 + i, 1, 2, 3, 60 + i])
+    assert len(s) <= 20 and s.outputs <= 3
+    rows, _ = s.continuations([1, 2, 3], depth=1)
+    assert sorted(rows[:, 0].tolist()) == [60 + i for i in range(10 - s.outputs, 10)]   # the oldest went first
+    for i in range(1000):                  # distinct 3-grams: the index drops evicted outputs' keys as it goes
+        s.add([100 + i, 200 + i, 300 + i, 400 + i])
+    assert len(s._index) <= 2 * 20 and len(s._tokens) <= 2 * 20 + 5
+    t = OutputStore.from_arrays(s.to_arrays())
+    assert t.continuations([100 + 999, 200 + 999, 300 + 999], depth=1)[0].tolist() == [[400 + 999]]
+    assert t.continuations([1, 2, 3], depth=1)[0].shape[0] == 0
+
+
+def test_outputs_travel_in_the_log_and_draft_a_tree(tmp_path):
+    log = StatsLog(tmp_path, clock=lambda: 0.0).open()
+    req = pb.PushStatsRequest(batch_id="o1", outputs=[pb.Output(tokens=[10, 11, 12, 13, 14, 15])])
+    assert log.submit(req).result() == (True, 1)
+    log.close()
+    again = StatsLog(tmp_path).open()
+    t = again.stats.output_tree([3, 11, 12, 13], budget=4, min_prob=0.0)
+    assert t.tokens.tolist() == [14, 15] and t.parents.tolist() == [-1, 0] and t.match_len == 3
+    again.snapshot()
+    again.close()
+    third = StatsLog(tmp_path).open()
+    assert third.replayed == 0 and third.stats.output_tree([11, 12, 13], 4, min_prob=0.0).tokens.tolist() == [14, 15]
+    third.close()
