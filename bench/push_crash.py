@@ -83,17 +83,17 @@ def reference(batches) -> NgramStats:
 
 class Server:
     """``datastore-serve`` as a child process on 127.0.0.1 and a free port, keeping its shared statistics in
-    ``stats_dir``; ``args`` replace this campaign's settings (decay off, frequent snapshots, a token)."""
+    ``stats_dir`` (None: none); ``args`` replace this campaign's settings (decay off, frequent snapshots, a token)."""
 
-    def __init__(self, index: Path, stats_dir: Path, log_path: Path, args: Optional[list] = None):
+    def __init__(self, index: Path, stats_dir: Optional[Path], log_path: Path, args: Optional[list] = None):
         port_file = log_path.with_suffix(".port")
         port_file.unlink(missing_ok=True)
         self._log = open(log_path, "a")
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "specstore.datastore.cli", "--index", str(index), "--host", "127.0.0.1",
-             "--port", "0", "--port-file", str(port_file), "--no-faiss", "--stats-dir", str(stats_dir),
-             "--log-level", "warning",
+             "--port", "0", "--port-file", str(port_file), "--no-faiss",
+             *(["--stats-dir", str(stats_dir)] if stats_dir is not None else []), "--log-level", "warning",
              *(args if args is not None else ["--stats-half-life", "1e15", "--stats-snapshot-every", "50",
                                               "--auth-token", TOKEN])],
             stdout=subprocess.DEVNULL, stderr=self._log,
