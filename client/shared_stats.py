@@ -51,22 +51,32 @@ class StatsPusher:
         self._thread = threading.Thread(target=self._run, name="stats-push", daemon=True)
         self._thread.start()
 
-    def push(self, rows: Sequence[tuple], runs: Sequence[tuple], outputs: Sequence[Sequence[int]] = ()) -> None:
-        """Queue one batch: rows [(token, next tokens, probs)], runs [(tokens, new_from)], outputs [tokens]."""
-        if not rows and not runs and not outputs:
+    def push(self, rows: Sequence[tuple], runs: Sequence[tuple], outputs: Sequence[Sequence[int]] = (),
+             row_blocks: Sequence[tuple] = ()) -> None:
+        """Queue one batch: rows [(token, next tokens, probs)], runs [(tokens, new_from)], outputs [tokens],
+        row_blocks [(tokens [n], next tokens [n, k], probs [n, k]) arrays]: rows too, turned into the message in
+        the pusher's thread (the caller, a decode loop, only hands over arrays). Its batch id is fixed here."""
+        if not rows and not runs and not outputs and not row_blocks:
             return
         self._seq += 1
-        req = pb.PushStatsRequest(
-            batch_id=f"{self.node_id}-{self._seq}",
-            rows=[pb.TopkRow(token=int(t), next_tokens=[int(x) for x in n], probs=[float(p) for p in ps])
-                  for t, n, ps in rows],
-            runs=[pb.TokenRun(tokens=[int(x) for x in toks], new_from=int(nf)) for toks, nf in runs],
-            outputs=[pb.Output(tokens=[int(x) for x in out]) for out in outputs])
+        item = (f"{self.node_id}-{self._seq}", rows, runs, outputs, row_blocks)
         with self._cv:
             if len(self._queue) == self._queue.maxlen:
                 self.stats["dropped"] += 1
-            self._queue.append(req)
+            self._queue.append(item)
             self._cv.notify()
+
+    @staticmethod
+    def _message(item) -> "pb.PushStatsRequest":
+        batch_id, rows, runs, outputs, blocks = item
+        all_rows = list(rows)
+        for toks, tk, tp in blocks:
+            all_rows.extend(zip(np.asarray(toks).tolist(), np.asarray(tk).tolist(), np.asarray(tp, np.float64).tolist()))
+        return pb.PushStatsRequest(
+            batch_id=batch_id,
+            rows=[pb.TopkRow(token=int(t), next_tokens=n, probs=ps) for t, n, ps in all_rows],
+            runs=[pb.TokenRun(tokens=[int(x) for x in toks], new_from=int(nf)) for toks, nf in runs],
+            outputs=[pb.Output(tokens=[int(x) for x in out]) for out in outputs])
 
     def _run(self) -> None:
         while True:
@@ -75,10 +85,10 @@ class StatsPusher:
                     self._cv.wait()
                 if not self._queue:
                     return
-                req = self._queue.popleft()
+                item = self._queue.popleft()
                 self._busy = True
             try:
-                self._send(req)
+                self._send(self._message(item))
             finally:
                 with self._cv:
                     self._busy = False
@@ -169,11 +179,9 @@ class StatsSharer(Drafter):
         topk_t, topk_p = step.node_topk_tokens, step.node_topk_probs
         if topk_t is not None and len(topk_t):
             # every verified node, as Token Recycling's own table learns: the target's top-k after a node is
-            # right for that node's path, accepted or not
+            # right for that node's path, accepted or not. Arrays only here: the pusher's thread builds rows
             k = min(self.topk, topk_t.shape[1])
-            toks = step.tree.tokens.tolist()
-            tk, tp = topk_t[:, :k].tolist(), topk_p[:, :k].tolist()
-            self._rows.extend(zip(toks, tk, tp))
+            self._rows.append((np.array(step.tree.tokens), np.array(topk_t[:, :k]), np.array(topk_p[:, :k])))
         if self.share_outputs:
             self._output.extend(np.asarray(step.new_tokens).tolist())
         if step.context is not None and len(step.new_tokens):
@@ -194,8 +202,14 @@ class StatsSharer(Drafter):
                 merged[-1] = (merged[-1][0] + toks[nf:], merged[-1][1])
             else:
                 merged.append((toks, nf))
-        for i in range(0, max(len(rows), 1), 4096):
-            self.pusher.push(rows[i:i + 4096], merged if i == 0 else [])
+        blocks, n = [], 0
+        for b in rows:                     # at most 4096 rows per batch (the service's limit)
+            if n + len(b[0]) > 4096 and blocks:
+                self.pusher.push([], merged, row_blocks=blocks)
+                blocks, n, merged = [], 0, []
+            blocks.append(b)
+            n += len(b[0])
+        self.pusher.push([], merged, row_blocks=blocks)
 
     def begin_request(self, prompt_ids=None, prompt_text=None) -> None:
         self._output = []
