@@ -390,18 +390,22 @@ class DatastoreClient:
         return ServerInfo(r.index_id, r.tokenizer_fingerprint, r.vocab_size, r.num_tokens, r.num_documents,
                           r.max_context, r.max_budget, r.max_batch, r.documents_available, r.manifest_json)
 
-    def open_session(self, prompt_ids: Optional[Sequence[int]] = None, prompt_text: Optional[str] = None,
-                     top_k: int = 0, *, memory: bool = False, documents: bool = True) -> Optional[Session]:
-        """Open a session: the prompt's FAISS documents (``documents``) and/or a server-side memory of this
-        request's tokens, seeded with ``prompt_ids`` (``memory``). None on any failure."""
-        if not self._allow() or not (memory or documents):
-            return None
+    def _session_request(self, prompt_ids, prompt_text, top_k: int, memory: bool, documents: bool):
         req = pb.OpenSessionRequest(prompt_text=prompt_text or "", top_k=top_k,
                                     tokenizer_fingerprint=self.tokenizer_fingerprint, memory=bool(memory),
                                     skip_documents=not documents)
         if prompt_ids is not None and (memory or not prompt_text):
             req.prompt_ids.extend(np.asarray(prompt_ids, dtype=np.int64).tolist())
         self.stats["open_session"] += 1
+        return req
+
+    def open_session(self, prompt_ids: Optional[Sequence[int]] = None, prompt_text: Optional[str] = None,
+                     top_k: int = 0, *, memory: bool = False, documents: bool = True) -> Optional[Session]:
+        """Open a session: the prompt's FAISS documents (``documents``) and/or a server-side memory of this
+        request's tokens, seeded with ``prompt_ids`` (``memory``). None on any failure."""
+        if not self._allow() or not (memory or documents):
+            return None
+        req = self._session_request(prompt_ids, prompt_text, top_k, memory, documents)
         try:
             r = self._stub.OpenSession(req, timeout=self.session_timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
@@ -416,12 +420,7 @@ class DatastoreClient:
         (document search can take longer than a lookup deadline); ``PendingSession.poll`` says how it ended."""
         if not self._allow() or not (memory or documents):
             return PendingSession(self, None)
-        req = pb.OpenSessionRequest(prompt_text=prompt_text or "", top_k=top_k,
-                                    tokenizer_fingerprint=self.tokenizer_fingerprint, memory=bool(memory),
-                                    skip_documents=not documents)
-        if prompt_ids is not None and (memory or not prompt_text):
-            req.prompt_ids.extend(np.asarray(prompt_ids, dtype=np.int64).tolist())
-        self.stats["open_session"] += 1
+        req = self._session_request(prompt_ids, prompt_text, top_k, memory, documents)
         try:
             fut = self._stub.OpenSession.future(req, timeout=self.session_timeout_s, metadata=self._metadata)
         except Exception as e:  # noqa: BLE001 - e.g. a closed channel
