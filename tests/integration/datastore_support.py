@@ -154,3 +154,21 @@ def make_certificates(folder: Path, ca_name: str, *leaves: str) -> dict:
                 "-out", str(cert), "-days", "1", "-extfile", str(ext))
         out[leaf] = (cert, key)
     return out
+
+
+def stop_at_step(server, at: int):
+    """A drafter that drafts nothing and stops ``server`` (a ServerThread) at its ``at``-th step: a datastore
+    that dies in the middle of a generation. ``.n`` counts the steps it saw."""
+    from specstore.client.types import Drafter, DraftTree
+
+    class _StopAt(Drafter):
+        def __init__(self):
+            self.n = 0
+
+        def propose(self, ctx, budget):
+            self.n += 1
+            if self.n == at:
+                server.stop()
+            return DraftTree.empty(ctx.last_token)
+
+    return _StopAt()

@@ -25,7 +25,7 @@ DRIVER = textwrap.dedent("""
     import sys, dataclasses
     import specstore.datastore.server as server, specstore.datastore.cli as cli
     from tests.datastore_fake_index import FakeIndex
-    server.default_opener = lambda load_faiss=True: FakeIndex.open
+    server.default_opener = lambda load_faiss=True, **_: FakeIndex.open
     _cfg = cli._config_from_args
     cli._config_from_args = lambda a: dataclasses.replace(_cfg(a), debug_delay_s=float(sys.argv[1]))
     sys.exit(cli.main(sys.argv[2:]))

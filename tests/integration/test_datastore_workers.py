@@ -31,7 +31,7 @@ DRIVER = textwrap.dedent("""
     import sys
     import specstore.datastore.server as server, specstore.datastore.cli as cli
     from tests.datastore_fake_index import FakeIndex
-    server.default_opener = lambda load_faiss=True: FakeIndex.open
+    server.default_opener = lambda load_faiss=True, **_: FakeIndex.open
     sys.exit(cli.main(sys.argv[1:]))
 """)
 DOCS = [[1, 2, 3, 4, 5, 6, 7], [9, 2, 3, 4, 8, 8]]

@@ -15,7 +15,7 @@ from specstore.client.sharded_backend import ShardedBackend
 from specstore.datastore.index import DatastoreIndex
 from specstore.datastore.server import default_opener
 from specstore.datastore.servicer import ServiceConfig
-from tests.integration.datastore_support import ServerThread
+from tests.integration.datastore_support import ServerThread, stop_at_step
 
 TOPICS = ["The borrow checker rejects two mutable references to one value at the same time.",
           "A closure captures variables from its environment by reference, by mutable reference or by value.",
@@ -101,9 +101,8 @@ def test_decoding_over_shard_groups_is_plain_with_a_group_killed(sharded_index, 
     try:
         ds = make_datastore_drafter(address=";".join(g.address for g in groups), tokenizer=tok, timeout_s=1.0)
         dec = SpeculativeDecoder(model, tok, [ds, ContextDrafter()], profile=CostProfile.flat(17), max_budget=16)
-        for i, prompt in enumerate(["Explain what the borrow checker does.", "What does a closure capture?"]):
-            if i == 1:
-                groups[0].stop()                          # a group dies between requests
+        dec.drafters.append(stop_at_step(groups[0], at=3))    # a group dies in the middle of the first request
+        for prompt in ["Explain what the borrow checker does.", "What does a closure capture?"]:
             ids = dec.encode_prompt(prompt)
             ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
                                  eos_token_id=sorted(dec.eos_token_ids))[0, len(ids):].tolist()

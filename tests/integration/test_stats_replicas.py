@@ -13,7 +13,7 @@ from specstore.datastore.servicer import ServiceConfig
 from specstore.datastore.stats_redis import RedisStats
 from specstore.protos import datastore_pb2 as pb
 from tests.datastore_fake_index import FakeIndex, write_fake_index
-from tests.integration.datastore_support import ServerThread
+from tests.integration.datastore_support import ServerThread, stop_at_step
 from tests.redis_support import RedisServer
 
 
@@ -163,24 +163,25 @@ def test_decoding_over_replicas_survives_a_replica_death(redis_server, tmp_path)
     torch.manual_seed(0)
     model = tiny_llama(vocab=96, seed=4)
     prompts = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [11, 12, 13, 14, 11, 12, 13]]
-    want = [plain_greedy(model, p, 24) for p in prompts]
+    want = [plain_greedy(model, p, 48) for p in prompts]
     docs = [p + w for p, w in zip(prompts, want)]             # the corpus holds the true continuations
     idx = write_fake_index(tmp_path / "idx", docs, fingerprint="fp-test")
     a = ServerThread(idx, ServiceConfig(), opener=FakeIndex.open, stats=_replica(redis_server.url))
     b = ServerThread(idx, ServiceConfig(), opener=FakeIndex.open, stats=_replica(redis_server.url))
     client = DatastoreClient(f"{a.address},{b.address}", timeout_s=1.0, stream=False)
     ds = DatastoreDrafter(RemoteBackend(client), documents=False, memory=False)
-    dec = SpeculativeDecoder(model, None, [ds, ContextDrafter()], profile=CostProfile.flat(9), max_budget=8)
+    stopper = stop_at_step(a, at=4)                               # replica a dies at the 4th step of the first request
+    dec = SpeculativeDecoder(model, None, [ds, ContextDrafter(), stopper], profile=CostProfile.flat(5), max_budget=4)
     try:
-        assert dec.generate(prompts[0], max_new_tokens=24).new_tokens == want[0]
-        a.stop()                                             # one replica dies between requests
+        res = dec.generate(prompts[0], max_new_tokens=48)
+        assert res.new_tokens == want[0] and stopper.n > 4    # the request went on after the death
         before = client.stats.copy()
-        res = dec.generate(prompts[1], max_new_tokens=24)
+        res = dec.generate(prompts[1], max_new_tokens=48)
         assert res.new_tokens == want[1]
         lookups = client.stats["requests"] - before["requests"]
         failed = client.stats["failures"] - before["failures"]
-        assert lookups >= 2 and failed <= 2          # a retry's worth, then the live replica answers
-        assert len(res.drafted_per_step) <= 8        # the corpus drafts held: the true continuation, long chains
+        assert lookups >= 5 and failed <= 2          # a retry's worth, then the live replica answers
+        assert len(res.drafted_per_step) <= 16       # the corpus drafts held: the true continuation, long chains
     finally:
         ds.close()
         b.stop()
