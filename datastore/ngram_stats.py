@@ -33,6 +33,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from .index import build_tree
 from .output_store import OutputStore
 
 
@@ -170,8 +171,6 @@ class NgramStats:
         """The recent outputs' continuation tree after ``context`` (see datastore/output_store.py)."""
         if budget <= 0 or not len(self.outputs):
             return _EMPTY_TREE
-        from .index import build_tree
-
         with self._lock:
             rows, match_len = self.outputs.continuations(context, max_matches=max_matches, depth=depth)
         if not len(rows):

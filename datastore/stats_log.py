@@ -59,9 +59,11 @@ def _segments(directory: Path) -> list[Path]:
     return sorted(directory.glob("wal-*.log"))
 
 
-def _batch(req: "pb.PushStatsRequest"):
-    return ([(r.token, r.next_tokens, r.probs) for r in req.rows], [(r.tokens, r.new_from) for r in req.runs],
-            [o.tokens for o in req.outputs])
+def apply_push(stats: NgramStats, req: "pb.PushStatsRequest", now: float) -> int:
+    """Apply one PushStatsRequest to ``stats`` at time ``now`` (the log's replay and Redis's followers alike);
+    returns the table's new version."""
+    return stats.apply([(r.token, r.next_tokens, r.probs) for r in req.rows], [(r.tokens, r.new_from) for r in req.runs],
+                       now, [o.tokens for o in req.outputs])
 
 
 class StatsLog:
@@ -154,8 +156,7 @@ class StatsLog:
         return fut
 
     def _apply(self, req, now: float) -> int:
-        rows, runs, outputs = _batch(req)
-        version = self.stats.apply(rows, runs, now, outputs)
+        version = apply_push(self.stats, req, now)
         self._ids[req.batch_id] = None
         while len(self._ids) > self.max_batch_ids:
             self._ids.popitem(last=False)

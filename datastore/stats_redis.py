@@ -32,6 +32,7 @@ import numpy as np
 
 from ..protos import datastore_pb2 as pb
 from .ngram_stats import NgramStats
+from .stats_log import apply_push
 
 log = logging.getLogger("datastore.stats")
 
@@ -43,11 +44,6 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
 end
 return false
 """
-
-
-def _batch(req):
-    return ([(r.token, r.next_tokens, r.probs) for r in req.rows], [(r.tokens, r.new_from) for r in req.runs],
-            [o.tokens for o in req.outputs])
 
 
 def _id_time(entry_id: bytes) -> float:
@@ -148,8 +144,7 @@ class RedisStats:
                 if v != self.stats.version + 1:
                     raise _Gap(f"entry version {v} after table version {self.stats.version}")
                 req = pb.PushStatsRequest.FromString(fields[b"b"])
-                rows, runs, outputs = _batch(req)
-                self.stats.apply(rows, runs, _id_time(entry_id), outputs)
+                apply_push(self.stats, req, _id_time(entry_id))
                 self.last_id = entry_id
                 self._since_snapshot += 1
             self._applied.notify_all()
