@@ -17,12 +17,12 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
 from .push_crash import Server
 from .spec_bench import CATEGORIES, DEFAULT_QUESTIONS, load_questions, select_prompts
+from .warm_start import Node
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -37,18 +37,11 @@ def main(argv: Optional[list] = None) -> int:
     a = ap.parse_args(argv)
     import torch
 
-    from ..client.budget import cached_cost_profile
-    from ..client.datastore_drafter import make_datastore_drafter
-    from ..client.decoder import SpeculativeDecoder
-    from ..client.drafters import ContextDrafter, RecyclingDrafter
     from ..client.models import load_model
-    from ..client.shared_stats import StatsSharer
-    from ..datastore.model_files import resolve_model
 
     torch.set_num_threads(a.threads)
     prompts, warm = select_prompts(load_questions(a.questions), CATEGORIES, a.n_per_category)
     model, tok = load_model()
-    profile = cached_cost_profile(model, resolve_model(None).name)
     with tempfile.TemporaryDirectory(prefix="push-overhead-") as tmp:
         # lookups go to a server without statistics, pushes to another one: what one variant pushes must not
         # draft for the other (that is the feature's gain, bench/warm_start.py), only its cost is measured here
@@ -57,47 +50,31 @@ def main(argv: Optional[list] = None) -> int:
         try:
             srv.wait_ready()
             sink.wait_ready()
-            from ..client.datastore_client import DatastoreClient
-
-            def decoder(share: bool):
-                ds = make_datastore_drafter(address=srv.address, tokenizer=tok, timeout_s=0.05)
-                rec = RecyclingDrafter(int(model.config.vocab_size))
-                drafters = [ds, ContextDrafter(), rec]
-                sharer = StatsSharer(DatastoreClient(sink.address), recycling=rec) if share else None
-                if sharer is not None:
-                    drafters.append(sharer)
-                return SpeculativeDecoder(model, tok, drafters, profile=profile, max_budget=16), ds, sharer
-
-            nodes = {"plain_sharing_off": decoder(False), "sharing": decoder(True)}
+            nodes = {"plain_sharing_off": Node(model, tok, srv.address, 16, share_to=None),
+                     "sharing": Node(model, tok, srv.address, 16, share_to=sink.address)}
             if warm is not None:
-                for dec, _, _ in nodes.values():
-                    dec.generate(dec.encode_prompt(warm.text), max_new_tokens=16, prompt_text=warm.text)
+                for node in nodes.values():
+                    node.run(warm, 16)
             tps = {k: [] for k in nodes}
             secs = {k: 0.0 for k in nodes}
             identical = 0
-            sharer = nodes["sharing"][2]
+            sharer = nodes["sharing"].sharer
             pushed0 = sharer.pusher.stats["pushed"]
             for i, p in enumerate(prompts):
                 order = list(nodes)[:: 1 if i % 2 == 0 else -1]
                 toks = {}
                 for name in order:
-                    dec = nodes[name][0]
-                    ids = dec.encode_prompt(p.text)
-                    t0 = time.perf_counter()
-                    res = dec.generate(ids, max_new_tokens=a.max_new_tokens, prompt_text=p.text)
-                    dt = time.perf_counter() - t0
-                    tps[name].append(len(res.new_tokens) / dt)
-                    secs[name] += dt
-                    toks[name] = res.new_tokens
+                    r = nodes[name].run(p, a.max_new_tokens)
+                    tps[name].append(r["tokens_per_second"])
+                    secs[name] += r["seconds"]
+                    toks[name] = r["tokens"]
                 identical += int(toks["sharing"] == toks["plain_sharing_off"])
                 print(f"{i + 1}/{len(prompts)} {p.category}: " + " ".join(f"{k} {tps[k][-1]:.1f} tok/s" for k in nodes),
                       file=sys.stderr)
             sharer.pusher.flush()
             pushes = sharer.pusher.stats["pushed"] - pushed0
-            for dec, ds, sh in nodes.values():
-                if sh is not None:
-                    sh.close()
-                ds.close()
+            for node in nodes.values():
+                node.close()
         finally:
             srv.stop()
             sink.stop()

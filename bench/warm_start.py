@@ -45,24 +45,31 @@ def split_prompts(questions, n: int, n_a: Optional[int] = None) -> tuple[list, l
 
 
 class Node:
-    """One decoder (the model shared) with datastore, context and recycling drafters and a StatsSharer."""
+    """One decoder (the model shared) with datastore, context and recycling drafters, and a StatsSharer that
+    pushes to the service it looks up in (``share_to="same"``), to another one (an address), or nowhere (None)."""
 
-    def __init__(self, model, tok, address: str, warm: bool, max_budget: int):
+    def __init__(self, model, tok, address: str, max_budget: int, *, warm: bool = False,
+                 share_to: Optional[str] = "same"):
         from ..client.budget import cached_cost_profile
+        from ..client.datastore_client import DatastoreClient
         from ..client.datastore_drafter import make_datastore_drafter
         from ..client.decoder import SpeculativeDecoder
         from ..client.drafters import ContextDrafter, RecyclingDrafter
         from ..client.shared_stats import StatsSharer
+        from ..datastore.model_files import resolve_model
 
         self.ds = make_datastore_drafter(address=address, tokenizer=tok, timeout_s=0.05)
         self.recycling = RecyclingDrafter(int(model.config.vocab_size))
-        self.sharer = StatsSharer(self.ds.backend.client, recycling=self.recycling)
-        self.warm_rows = self.sharer.warm_start() if warm else 0
-        from ..datastore.model_files import resolve_model
-
+        drafters = [self.ds, ContextDrafter(), self.recycling]
+        self.sharer, self._sink = None, None
+        if share_to is not None:
+            if share_to != "same":
+                self._sink = DatastoreClient(share_to)
+            self.sharer = StatsSharer(self._sink or self.ds.backend.client, recycling=self.recycling)
+            drafters.append(self.sharer)
+        self.warm_rows = self.sharer.warm_start() if warm and self.sharer is not None else 0
         profile = cached_cost_profile(model, resolve_model(None).name)    # spec-generate's cached profile
-        self.dec = SpeculativeDecoder(model, tok, [self.ds, ContextDrafter(), self.recycling, self.sharer],
-                                      profile=profile, max_budget=max_budget)
+        self.dec = SpeculativeDecoder(model, tok, drafters, profile=profile, max_budget=max_budget)
 
     def run(self, prompt, max_new_tokens: int) -> dict:
         ids = self.dec.encode_prompt(prompt.text)
@@ -71,10 +78,13 @@ class Node:
         secs = time.perf_counter() - t0
         steps = max(1, len(res.drafted_per_step))
         return {"tokens": res.new_tokens, "steps": steps, "mat": len(res.new_tokens) / steps,
-                "tokens_per_second": len(res.new_tokens) / max(secs, 1e-9)}
+                "tokens_per_second": len(res.new_tokens) / max(secs, 1e-9), "seconds": secs}
 
     def close(self) -> None:
-        self.sharer.close()
+        if self.sharer is not None:
+            self.sharer.close()
+        if self._sink is not None:
+            self._sink.close()
         self.ds.close()
 
 
@@ -103,14 +113,14 @@ def main(argv: Optional[list] = None) -> int:
         cold_srv = Server(a.index, tmp / "stats-cold", tmp / "cold.log", args=[])
         try:
             warm_srv.wait_ready(); cold_srv.wait_ready()
-            node_a = Node(model, tok, warm_srv.address, warm=False, max_budget=a.max_budget)
+            node_a = Node(model, tok, warm_srv.address, a.max_budget)
             a_runs = []
             for i, p in enumerate(prompts_a):
                 a_runs.append(node_a.run(p, a.max_new_tokens))
                 print(f"A {i + 1}/{len(prompts_a)} {p.category}: MAT {a_runs[-1]['mat']:.2f}", file=sys.stderr)
             node_a.close()
-            cold = Node(model, tok, cold_srv.address, warm=False, max_budget=a.max_budget)
-            warm = Node(model, tok, warm_srv.address, warm=True, max_budget=a.max_budget)
+            cold = Node(model, tok, cold_srv.address, a.max_budget)
+            warm = Node(model, tok, warm_srv.address, a.max_budget, warm=True)
             rows = []
             for i, p in enumerate(prompts_b):
                 order = [("cold", cold), ("warm", warm)][:: 1 if i % 2 == 0 else -1]
