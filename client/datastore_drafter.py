@@ -111,8 +111,10 @@ class EmbeddedBackend:
     def tokenizer_fingerprint(self) -> str:
         return str(self.index.tokenizer_fingerprint)
 
-    def retrieve(self, context, budget: int, session_id: Optional[str] = None) -> DraftTree:
-        """``context``: the request's whole token sequence (its tail is looked up, all of it is memory)."""
+    def retrieve(self, context, budget: int, session_id: Optional[str] = None,
+                 hint: Optional[tuple] = None) -> DraftTree:
+        """``context``: the request's whole token sequence (its tail is looked up, all of it is memory);
+        ``hint``: a draft model's (tokens, probs) after the root (RASD, client/rasd.py)."""
         full = np.asarray(context).reshape(-1)
         ctx = full[-self.context_tail:]
         root = int(ctx[-1])
@@ -126,6 +128,8 @@ class EmbeddedBackend:
                 kw["doc_filter"] = docs
             if self.memory_tokens:
                 kw["memory"] = full[-self.memory_tokens:]
+            if hint is not None:
+                kw["hint_tokens"], kw["hint_probs"] = hint
             r = self.index.retrieve(ctx.astype(np.int32), int(budget), **kw)
             tree = tree_from_result(root, r)
         except Exception as e:  # noqa: BLE001 - never into the decode loop
@@ -135,8 +139,9 @@ class EmbeddedBackend:
         self.stats["hits" if len(tree) > 1 else "misses"] += 1
         return tree
 
-    def retrieve_async(self, context, budget: int, session_id: Optional[str] = None, key=None):
-        return _Done(self.retrieve(context, budget, session_id), key)
+    def retrieve_async(self, context, budget: int, session_id: Optional[str] = None, key=None,
+                       hint: Optional[tuple] = None):
+        return _Done(self.retrieve(context, budget, session_id, hint), key)
 
     def retrieve_many(self, contexts: Sequence, budget: int, session_ids: Sequence[Optional[str]]) -> list[DraftTree]:
         """One lookup per context (an engine step's running requests); in process there is nothing to batch."""
@@ -187,11 +192,13 @@ class RemoteBackend:
     def stats(self) -> Counter:
         return self.client.stats
 
-    def retrieve_async(self, context, budget: int, session_id: Optional[str] = None, key=None):
-        return self.client.retrieve_async(context, budget, session_id, key=key)
+    def retrieve_async(self, context, budget: int, session_id: Optional[str] = None, key=None,
+                       hint: Optional[tuple] = None):
+        return self.client.retrieve_async(context, budget, session_id, hint=hint, key=key)
 
-    def retrieve(self, context, budget: int, session_id: Optional[str] = None) -> DraftTree:
-        return self.client.retrieve(context, budget, session_id)
+    def retrieve(self, context, budget: int, session_id: Optional[str] = None,
+                 hint: Optional[tuple] = None) -> DraftTree:
+        return self.client.retrieve(context, budget, session_id, hint=hint)
 
     def retrieve_many(self, contexts: Sequence, budget: int, session_ids: Sequence[Optional[str]]) -> list[DraftTree]:
         """Every context in one RetrieveBatch call, each with its own session."""
@@ -341,7 +348,7 @@ class DatastoreDrafter(Drafter):
                 self._pending = None  # in process the lookup is cheaper than any overlap
                 return
             self._pending = self.backend.retrieve_async(ctx.tokens, self._budget(budget), self._session(ctx),
-                                                        key=self._key(ctx))
+                                                        key=self._key(ctx), hint=ctx.draft_hint)
             self.counters["prefetched"] += 1
         except Exception as e:  # noqa: BLE001
             self._pending = None
@@ -360,7 +367,7 @@ class DatastoreDrafter(Drafter):
                 if pending is not None:
                     pending.cancel()
                     self.counters["prefetch_stale"] += 1
-                tree = self.backend.retrieve(ctx.tokens, budget, self._session(ctx))
+                tree = self.backend.retrieve(ctx.tokens, budget, self._session(ctx), hint=ctx.draft_hint)
             self._reopen_if_lost(ctx)
             if tree.root != root:
                 return DraftTree.empty(root)

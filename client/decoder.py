@@ -24,8 +24,9 @@ from .acceptance import greedy_accept, sample_accept
 from .budget import MAX_BUDGET_CPU, BudgetController, CostProfile
 from .drafter_errors import DrafterErrors
 from .fusion import fuse
+from .rasd import prune_by_hint
 from .sampling import LogitsProcessor, ProcessedLogits, SamplingParams, warp
-from .types import DecodeContext, Drafter, DraftTree, StepResult
+from .types import DecodeContext, Drafter, DraftTree, Source, StepResult
 from .verifier import Verifier
 
 
@@ -108,14 +109,17 @@ class SpeculativeDecoder:
               logged; the step goes on without that drafter's tree, so the output does not change.
     profile:  the verify cost profile t(n); None -> a flat profile (always worth drafting).
     speculate=False gives plain decoding through the same code path (one-node trees).
+    rasd:     prune the local drafters' trees by a draft model's first-step distribution (client/rasd.py)
+              when a drafter provides one; drafters that provide it run first.
     """
 
     def __init__(self, model, tokenizer=None, drafters: Sequence = (), *, profile: Optional[CostProfile] = None,
                  max_budget: int = MAX_BUDGET_CPU, speculate: bool = True, topk: int = 8,
-                 controller: Optional[BudgetController] = None):
+                 controller: Optional[BudgetController] = None, rasd: bool = True):
         self.model = model
         self.tokenizer = tokenizer
-        self.drafters = list(drafters)
+        self.drafters = sorted(drafters, key=lambda d: not getattr(d, "provides_hint", False))
+        self.rasd = rasd
         alien = [type(d).__name__ for d in self.drafters if not isinstance(d, Drafter)]
         if alien:
             raise TypeError(f"drafters must subclass specstore.client.types.Drafter: {', '.join(alien)}")
@@ -309,6 +313,9 @@ class SpeculativeDecoder:
         if not trees:
             self.controller.steps += 1
             return DraftTree.empty(root)
+        if self.rasd and ctx.draft_hint is not None:   # the datastore pruned its own tree by the same hint
+            skip = int(Source.DRAFT_MODEL | Source.DATASTORE | Source.DOCUMENTS)
+            trees = [t if (t.sources[1:] & skip).any() else prune_by_hint(t, ctx.draft_hint) for t in trees]
         # 2. fuse, drop what cannot be verified, and let the controller choose the budget
         fused = fuse(trees, 4 * budget)
         fused = self._sanitize(fused, remaining)

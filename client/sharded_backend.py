@@ -98,12 +98,15 @@ class ShardedBackend:
         parts = session_id.split(",")
         return [p or None for p in parts] + [None] * (n - len(parts))
 
-    def retrieve_async(self, context, budget: int, session_id: Optional[str] = None, key=None) -> _FanOut:
+    def retrieve_async(self, context, budget: int, session_id: Optional[str] = None, key=None,
+                       hint: Optional[tuple] = None) -> _FanOut:
         ids = self._ids(session_id, len(self.clients))
-        return _FanOut([c.retrieve_async(context, budget, s) for c, s in zip(self.clients, ids)], budget, key)
+        return _FanOut([c.retrieve_async(context, budget, s, hint=hint) for c, s in zip(self.clients, ids)],
+                       budget, key)
 
-    def retrieve(self, context, budget: int, session_id: Optional[str] = None) -> DraftTree:
-        return self.retrieve_async(context, budget, session_id).result()
+    def retrieve(self, context, budget: int, session_id: Optional[str] = None,
+                 hint: Optional[tuple] = None) -> DraftTree:
+        return self.retrieve_async(context, budget, session_id, hint=hint).result()
 
     def retrieve_many(self, contexts: Sequence, budget: int, session_ids: Sequence[Optional[str]]) -> list[DraftTree]:
         per_group = [[self._ids(s, len(self.clients))[g] for s in session_ids] for g in range(len(self.clients))]

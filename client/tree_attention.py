@@ -44,8 +44,16 @@ def build_tree_attention(tree: DraftTree, past_len: int, device: torch.device | 
     pos = torch.as_tensor(past_len + tree.depths().astype(np.int64), device=device).view(1, n)
     if n == 1:
         return TreeInputs(ids, pos, None)
-    allowed = np.ones((n, past_len + n), dtype=bool)
-    allowed[:, past_len:] = ancestor_matrix(tree)
-    mask = torch.zeros((1, 1, n, past_len + n), dtype=dtype)
-    mask.masked_fill_(torch.from_numpy(~allowed).view(1, 1, n, past_len + n), torch.finfo(dtype).min)
-    return TreeInputs(ids, pos, mask.to(device))
+    return TreeInputs(ids, pos, additive_mask(ancestor_matrix(tree), past_len, device, dtype))
+
+
+def additive_mask(tree_part: np.ndarray, past_len: int, device: torch.device | str,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[1, 1, m, past_len + t] additive mask for m new positions that see every past position and, of the
+    t tree positions after it, those where ``tree_part`` ([m, t] bool) is True."""
+    m, t = tree_part.shape
+    allowed = np.ones((m, past_len + t), dtype=bool)
+    allowed[:, past_len:] = tree_part
+    mask = torch.zeros((1, 1, m, past_len + t), dtype=dtype)
+    mask.masked_fill_(torch.from_numpy(~allowed).view(1, 1, m, past_len + t), torch.finfo(dtype).min)
+    return mask.to(device)

@@ -182,12 +182,15 @@ class DecodeContext:
     tokens:     [L] int64  the prompt followed by every token accepted so far (last one = tree root)
     prompt_len: length of the prompt part of ``tokens``
     session_id: datastore session (documents found for this prompt), if any
+    draft_hint: the draft model's next-token distribution after the root, (tokens [k] int, probs [k] float),
+                set during prefetch by a drafter that ``provides_hint`` (RASD: the others prune by it)
     """
 
     tokens: np.ndarray
     prompt_len: int
     session_id: Optional[str] = None
     request_id: int = 0
+    draft_hint: Optional[tuple] = None
 
     @property
     def last_token(self) -> int:
@@ -235,10 +238,12 @@ class Drafter(abc.ABC):
     source:            the Source bit this drafter marks its nodes with
     needs_target_topk: ask the decoder for the target's top-k next tokens at every verified node
                        (``StepResult.node_topk_*``; costs a softmax + top-k per step, so only on request)
+    provides_hint:     its prefetch sets ``ctx.draft_hint`` (a draft model): the decoder runs it first
     """
 
     source: Source = Source.NONE
     needs_target_topk: bool = False
+    provides_hint: bool = False
 
     @abc.abstractmethod
     def propose(self, ctx: DecodeContext, budget: int) -> DraftTree:

@@ -7,13 +7,12 @@ rest, so accepted tokens are never recomputed.
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 from typing import Optional
 
 import numpy as np
 import torch
 
+from .kv_cache import attention_backends, cache_keyword, keep_positions, new_cache
 from .tree_attention import build_tree_attention
 from .types import DraftTree
 
@@ -25,40 +24,25 @@ class Verifier:
     """
 
     def __init__(self, model, topk: int = 8):
-        from transformers import DynamicCache
-
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.config.vocab_size)
         self.topk = topk
-        self._cache_cls = DynamicCache
-        params = inspect.signature(model.forward).parameters
-        # transformers 5.x renamed past_key_values to cache (the old name still works, with a warning)
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_keyword(model)
         self.cache = None
         self.past_len = 0
         self._pending: Optional[int] = None  # tree size of the last verify, not yet committed
 
-    def _attention_backends(self):
-        """On CUDA, keep SDPA off the cuDNN backend: it builds a new execution plan for every new sequence
-        length (~0.1-1 s each), and a decode loop sees a new length every step. Measured on an H100 with a
-        Llama-3-8B-sized model: tree verify 104 ms with cuDNN chosen vs 12-14 ms with the other backends."""
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
     @torch.inference_mode()
     def prefill(self, ids: np.ndarray) -> None:
         """Feed every prompt token but the last (the first root) into a fresh cache."""
-        self.cache = self._cache_cls()
+        self.cache = new_cache()
         self.past_len = 0
         self._pending = None
         if len(ids) > 1:
             x = torch.as_tensor(np.asarray(ids[:-1], dtype=np.int64), device=self.device).view(1, -1)
-            with self._attention_backends():
+            with attention_backends(self.device):
                 self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache})
             self.past_len = len(ids) - 1
 
@@ -68,7 +52,7 @@ class Verifier:
         if self._pending is not None:
             raise RuntimeError("verify() called twice without commit()")
         ti = build_tree_attention(tree, self.past_len, self.device, self.dtype)
-        with self._attention_backends():
+        with attention_backends(self.device):
             out = self.model(input_ids=ti.input_ids, position_ids=ti.position_ids,
                              attention_mask=ti.attention_mask, use_cache=True, **{self._cache_kw: self.cache})
         self._pending = len(tree)
@@ -81,17 +65,5 @@ class Verifier:
         if n is None:
             raise RuntimeError("commit() without verify()")
         self._pending = None
-        k = len(accepted_nodes)
-        if k != n:
-            end = self.past_len + k
-            chain = list(accepted_nodes) == list(range(k))  # a chain prefix: slicing is enough
-            if not chain:
-                idx = torch.as_tensor([self.past_len + int(i) for i in accepted_nodes], device=self.device)
-            for layer in self.cache.layers:
-                if chain:
-                    layer.keys, layer.values = layer.keys[:, :, :end], layer.values[:, :, :end]
-                else:
-                    layer.keys = torch.cat([layer.keys[:, :, : self.past_len], layer.keys.index_select(2, idx)], 2)
-                    layer.values = torch.cat([layer.values[:, :, : self.past_len],
-                                              layer.values.index_select(2, idx)], 2)
-        self.past_len += k
+        keep_positions(self.cache, self.past_len, [self.past_len + int(i) for i in accepted_nodes])
+        self.past_len += len(accepted_nodes)

@@ -21,6 +21,7 @@ from .index_format import (FAISS_CHUNKS, FAISS_INDEX, MANIFEST_NAME, IndexFormat
 from .kernels import count_and_cut, lookup_one_shard
 from .memory import match_memory, memory_continuations
 from .suffix_shard import Shard
+from .tree_fusion import hint_args
 
 
 @dataclass(frozen=True)
@@ -70,20 +71,6 @@ def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[i] == values
 
 
-_NO_HINT = (np.zeros(0, np.int64), np.zeros(0, np.float64), 0.0, False)
-
-
-def _hint_args(hint_tokens, hint_probs, hint_confident: float = 0.8) -> tuple:
-    """The draft hint as the compiled kernels take it: (sorted tokens int64, their probs float64, the
-    probability of a token the hint lacks, whether the hint is confident enough to veto such tokens)."""
-    if hint_tokens is None or hint_probs is None or not len(hint_tokens):
-        return _NO_HINT
-    ht = np.asarray(hint_tokens, dtype=np.int64)
-    hp = np.asarray(hint_probs, dtype=np.float64)
-    srt = np.argsort(ht, kind="stable")
-    return ht[srt], hp[srt], max(0.0, 1.0 - float(hp.sum())), float(hp.max()) >= hint_confident
-
-
 def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: float,
                hint_tokens=None, hint_probs=None, hint_confident: float = 0.8, in_mem: Optional[np.ndarray] = None):
     """Count continuation rows into a trie and cut it (see ``DatastoreIndex.retrieve``).
@@ -101,7 +88,7 @@ def build_tree(conts: np.ndarray, in_doc: np.ndarray, budget: int, min_prob: flo
     M, D = conts.shape
     if M == 0 or D == 0 or budget <= 0:
         return None
-    hint = _hint_args(hint_tokens, hint_probs, hint_confident)
+    hint = hint_args(hint_tokens, hint_probs, hint_confident)
     fdoc = np.ascontiguousarray(in_doc, dtype=np.bool_)
     fmem = np.zeros(M, np.bool_) if in_mem is None else np.ascontiguousarray(in_mem, dtype=np.bool_)
     out = count_and_cut(np.ascontiguousarray(conts, dtype=np.int64), fdoc, fmem, int(budget), float(min_prob),
@@ -282,7 +269,7 @@ class DatastoreIndex:
         if len(self.shards) == 1 and doc_filter is None:
             return self._retrieve_one_shard(context, int(budget), max_span, min_span, max_matches, depth,
                                             float(min_prob), memory, memory_matches,
-                                            _hint_args(hint_tokens, hint_probs))
+                                            hint_args(hint_tokens, hint_probs))
         m, found = self.longest_match(context, max_span)
         m_mem, q_mem = 0, None
         ctx = np.asarray(context).ravel()

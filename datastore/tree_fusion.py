@@ -73,3 +73,32 @@ def cut_tree(tree: Tree, budget: int) -> Tree:
     par = np.asarray(parents)[keep]
     return (np.asarray(tokens)[keep], np.where(par >= 0, new_of[np.maximum(par, 0)], -1).astype(np.int32),
             np.asarray(probs)[keep], np.asarray(sources)[keep])
+
+
+_NO_HINT = (np.zeros(0, np.int64), np.zeros(0, np.float64), 0.0, False)
+HINT_CONFIDENT = 0.8
+
+
+def hint_args(hint_tokens, hint_probs, hint_confident: float = HINT_CONFIDENT) -> tuple:
+    """A draft model's first-step distribution (RASD) as the lookup kernels take it: (sorted tokens int64,
+    their probs float64, the probability of a token the hint lacks, whether the hint is confident enough
+    to veto such tokens). The rule: a first-level probability p becomes sqrt(p * hint); a token the hint
+    lacks gets the hint's leftover mass, or goes (with its subtree) when the veto holds."""
+    if hint_tokens is None or hint_probs is None or not len(hint_tokens):
+        return _NO_HINT
+    ht = np.asarray(hint_tokens, dtype=np.int64)
+    hp = np.asarray(hint_probs, dtype=np.float64)
+    srt = np.argsort(ht, kind="stable")
+    return ht[srt], hp[srt], max(0.0, 1.0 - float(hp.sum())), float(hp.max()) >= hint_confident
+
+
+def apply_hint(first_tokens: np.ndarray, first_probs: np.ndarray, hint: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """``hint_args``' rule on one tree's first-level nodes: (new probabilities [m] float64, keep [m] bool)."""
+    ht, hp, left, veto = hint
+    tok = np.asarray(first_tokens, dtype=np.int64)
+    if len(ht) == 0:
+        return np.asarray(first_probs, np.float64), np.ones(len(tok), bool)
+    j = np.minimum(np.searchsorted(ht, tok), len(ht) - 1)
+    hit = ht[j] == tok
+    h = np.where(hit, hp[j], left)
+    return np.sqrt(np.asarray(first_probs, np.float64) * h), hit | (not veto)
