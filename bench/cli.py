@@ -7,8 +7,12 @@ process on the same model object (the order of methods rotates from prompt to pr
   pld            transformers prompt lookup: generate(..., prompt_lookup_num_tokens=10, do_sample=False)
   ours-plain     our decoder with speculation off (the same code path, one token per forward)
   ours:<D>       our decoder with drafters D, one per --configs entry (default: context,recycling and
-                 context; with --datastore/--index also context,recycling,datastore). Each configuration
-                 keeps its drafters, recycling table and budget statistics across prompts, as in real use.
+                 context; with --datastore/--index also context,recycling,datastore; with --draft-model
+                 also draft and context,recycling,draft). Each configuration keeps its drafters, recycling
+                 table and budget statistics across prompts, as in real use. A configuration may end in
+                 :norasd or :frspec (the draft's RASD pruning off, its FR-Spec vocabulary on).
+  assisted       with --draft-model: transformers' assisted decoding with the same draft
+                 (generate(..., assistant_model=draft)), unless --no-assisted
 
 Every method first runs once on an extra, unmeasured warm-up prompt (--warmup). Every output of ours is
 checked token for token against plain greedy; a difference is reported with its first position and
@@ -26,8 +30,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..client.cli_support import (DEFAULT_MAX_NEW_TOKENS, MAX_BUDGET_HELP, MODEL_HELP, choose_max_budget, run_main,
-                                  validate_common)
+from ..client.cli_support import (DEFAULT_MAX_NEW_TOKENS, MAX_BUDGET_HELP, MODEL_HELP, add_draft_arguments,
+                                  choose_max_budget, run_main, validate_common, validate_draft_arguments)
 from ..datastore.cli_common import CliParser
 from .spec_bench import CATEGORIES, DATASTORE, DEFAULT_CONFIGS, DEFAULT_QUESTIONS, PLD_NUM_TOKENS
 
@@ -69,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"recycling, datastore (default: {' '.join(DEFAULT_CONFIGS)})")
     g.add_argument("--no-pld", action="store_true", help="skip transformers prompt lookup")
     g.add_argument("--no-ours-plain", action="store_true", help="skip our decoder with speculation off")
+    g.add_argument("--no-assisted", action="store_true",
+                   help="with --draft-model: skip transformers' assisted decoding with the same draft")
     g.add_argument("--max-budget", type=int, default=None, help=MAX_BUDGET_HELP)
     g.add_argument("--refresh-profile", action="store_true", help="re-measure the verify cost profile t(n) first")
     g.add_argument("--datastore", metavar="HOST:PORT", default=None,
@@ -79,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-session-memory", action="store_true",
                    help="the datastore drafter searches the corpus only, not also the request's own tokens")
 
+    add_draft_arguments(p)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help=MODEL_HELP)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -99,12 +106,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DRAFT_VARIANTS = ("norasd", "frspec")
+
+
+def split_variant(config: str) -> tuple[str, set]:
+    """"context,draft:norasd:frspec" -> ("context,draft", {"norasd", "frspec"})."""
+    head, *variants = config.split(":")
+    bad = set(variants) - set(DRAFT_VARIANTS)
+    if bad:
+        raise ValueError(f"unknown configuration variant {sorted(bad)} in {config!r}; choose from {DRAFT_VARIANTS}")
+    return head, set(variants)
+
+
 def _configs(args) -> list[str]:
     configs = list(args.configs) if args.configs else list(DEFAULT_CONFIGS)
-    names = {n.strip() for c in configs for n in c.split(",") if n.strip()}
-    bad = names - {"context", "recycling", DATASTORE, "rest"}
+    names = {n.strip() for c in configs for n in split_variant(c)[0].split(",") if n.strip()}
+    bad = names - {"context", "recycling", DATASTORE, "rest", "draft"}
     if bad:
-        raise ValueError(f"unknown drafters {sorted(bad)} in --configs; choose from context, recycling, datastore, rest")
+        raise ValueError(f"unknown drafters {sorted(bad)} in --configs; choose from context, recycling, datastore, "
+                         "rest, draft")
+    if "draft" in names and not args.draft_model:
+        raise ValueError("a configuration uses the draft drafter: give --draft-model PATH")
+    if any("frspec" in split_variant(c)[1] for c in configs) and not args.draft_vocab:
+        raise ValueError("a :frspec configuration needs --draft-vocab K (and --draft-vocab-from or --index)")
     remote = bool(args.datastore or args.index)
     if DATASTORE in names and not remote:
         raise ValueError("a configuration uses the datastore drafter: give --datastore HOST:PORT or --index PATH")
@@ -112,6 +136,8 @@ def _configs(args) -> list[str]:
         raise ValueError("the rest drafter (REST's draftretriever, for comparison) needs --index PATH")
     if remote and not args.configs:
         configs.append(f"context,recycling,{DATASTORE}")
+    if args.draft_model and not args.configs:
+        configs += ["draft", "context,recycling,draft"]
     return configs
 
 
@@ -119,13 +145,20 @@ def _drafter_factory(model, tokenizer, args):
     """Drafters by name; the datastore drafter through client.cli.make_drafters (imported lazily)."""
     from ..client.cli import make_drafters
 
-    def factory(names: str) -> list:
+    def factory(config: str) -> list:
+        names, variants = split_variant(config)
         parts = [n.strip() for n in names.split(",") if n.strip()]
         remote = DATASTORE in parts
         ns = argparse.Namespace(recycling_table=None, datastore_timeout_ms=args.datastore_timeout_ms,
                                 no_session_memory=args.no_session_memory,
                                 datastore=args.datastore if remote else None,
-                                index=args.index if remote else None)
+                                index=args.index if remote else None,
+                                draft_model=args.draft_model if "draft" in parts else None,
+                                draft_width=args.draft_width, draft_depth=args.draft_depth,
+                                draft_vocab=args.draft_vocab if "frspec" in variants else 0,
+                                draft_vocab_from=args.draft_vocab_from or ([args.index] if args.index else []),
+                                no_rasd="norasd" in variants, refresh_profile=False,
+                                verify_profile=getattr(args, "verify_profile", None))
         local = ",".join(n for n in parts if n not in (DATASTORE, "rest"))
         drafters = make_drafters(local or "none", model, tokenizer, ns)
         if "rest" in parts:  # a fresh draftretriever Reader per configuration (it learns from its queries)
@@ -150,6 +183,7 @@ def run(args) -> int:
                              run_benchmark, select_prompts)
 
     validate_common(args)
+    validate_draft_arguments(args)
     if args.warmup < 0:
         raise ValueError("--warmup must be >= 0")
     categories = parse_categories(args.categories)
@@ -169,9 +203,15 @@ def run(args) -> int:
     model_name = resolve_model(args.model).name
     profile = cached_cost_profile(model, model_name, refresh=args.refresh_profile)
     max_budget = choose_max_budget(args.max_budget, model, profile)
+    args.verify_profile = profile
+    assistant = None
+    if args.draft_model and not args.no_assisted:
+        from ..client.drafters.draft_model import load_draft
+
+        assistant = load_draft(args.draft_model, model, tokenizer)
     methods = build_methods(model, tokenizer, configs, profile=profile, max_budget=max_budget,
                             include_pld=not args.no_pld, include_ours_plain=not args.no_ours_plain,
-                            drafter_factory=_drafter_factory(model, tokenizer, args))
+                            drafter_factory=_drafter_factory(model, tokenizer, args), assistant=assistant)
     encoder = next((m.decoder for m in methods if isinstance(m, OursMethod)), None)
     if encoder is None:  # only transformers' methods: still encode prompts the same way
         from ..client.decoder import SpeculativeDecoder

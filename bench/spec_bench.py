@@ -27,7 +27,7 @@ MT_BENCH_SUBCATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", 
 DEFAULT_CONFIGS = ("context,recycling", "context")
 DATASTORE = "datastore"
 
-PLAIN, PLD, OURS_PLAIN = "plain", "pld", "ours-plain"
+PLAIN, PLD, OURS_PLAIN, ASSISTED = "plain", "pld", "ours-plain", "assisted"
 PLD_NUM_TOKENS = 10
 
 
@@ -144,16 +144,18 @@ class ForwardCounter:
 
 
 class HFMethod:
-    """transformers ``model.generate`` greedy; with ``prompt_lookup`` set, its prompt lookup decoding."""
+    """transformers ``model.generate`` greedy; with ``prompt_lookup`` set, its prompt lookup decoding; with
+    ``assistant`` (a draft model), its assisted decoding."""
 
     def __init__(self, name: str, model, eos_token_ids: Iterable[int], pad_token_id: Optional[int],
-                 counter: ForwardCounter, prompt_lookup: Optional[int] = None):
+                 counter: ForwardCounter, prompt_lookup: Optional[int] = None, assistant=None):
         self.name = name
         self.model = model
         self.eos = sorted(set(int(e) for e in eos_token_ids)) or None
         self.pad = pad_token_id if pad_token_id is not None else (self.eos[0] if self.eos else 0)
         self.counter = counter
         self.prompt_lookup = prompt_lookup
+        self.assistant = assistant
 
     def run(self, ids: list[int], max_new_tokens: int) -> Run:
         import torch
@@ -165,6 +167,8 @@ class HFMethod:
                   temperature=None, top_p=None, top_k=None)
         if self.prompt_lookup:
             kw["prompt_lookup_num_tokens"] = self.prompt_lookup
+        if self.assistant is not None:
+            kw["assistant_model"] = self.assistant
         c0 = self.counter.calls
         _sync(dev)
         t0 = time.perf_counter()
@@ -205,8 +209,9 @@ def config_name(drafters: str) -> str:
 
 def build_methods(model, tokenizer, configs: Sequence[str], *, profile=None, max_budget: int = MAX_BUDGET_CPU,
                   include_pld: bool = True, include_ours_plain: bool = True,
-                  drafter_factory: Optional[Callable[[str], list]] = None) -> list:
-    """plain, pld, ours-plain and one ``ours:<drafters>`` per config, all on the same model object.
+                  drafter_factory: Optional[Callable[[str], list]] = None, assistant=None) -> list:
+    """plain, pld, ours-plain, assisted (with ``assistant``, a draft model) and one ``ours:<drafters>`` per
+    config, all on the same model object.
 
     drafter_factory(names) -> list of drafters; default: ContextDrafter / RecyclingDrafter by name
     (``datastore`` needs a factory that knows the address: see bench/cli.py).
@@ -222,6 +227,8 @@ def build_methods(model, tokenizer, configs: Sequence[str], *, profile=None, max
     methods: list = [HFMethod(PLAIN, model, eos, pad, counter)]
     if include_pld:
         methods.append(HFMethod(PLD, model, eos, pad, counter, prompt_lookup=PLD_NUM_TOKENS))
+    if assistant is not None:
+        methods.append(HFMethod(ASSISTED, model, eos, pad, counter, assistant=assistant))
     if include_ours_plain:
         methods.append(OursMethod(OURS_PLAIN, plain_dec))
     factory = drafter_factory or (lambda names: default_drafters(names, model))
@@ -369,14 +376,19 @@ def run_benchmark(methods: Sequence, prompts: Sequence[Prompt], encode: Callable
 
 
 def drafter_counters(methods: Sequence) -> dict:
-    """{method: {drafter class: {counter: value}}} of every drafter that keeps counters (``.stats``, e.g. the
-    datastore drafter: lookups, hits, failures by gRPC code, prefetches used), summed over the whole run."""
+    """{method: {drafter class: {counter: value}}} over the whole run: the decoder's per-drafter drafting
+    seconds and verified / accepted nodes, and the counters of drafters that keep them (``.stats``, e.g.
+    the datastore drafter: lookups, hits, failures by gRPC code, prefetches used)."""
     out: dict = {}
     for m in methods:
-        for d in getattr(getattr(m, "decoder", None), "drafters", ()):
-            stats = getattr(d, "stats", None)
+        dec = getattr(m, "decoder", None)
+        for d in getattr(dec, "drafters", ()):
+            name = type(d).__name__
+            stats = dict(getattr(dec, "drafter_stats", {}).get(name, {}))
+            stats.update(dict(getattr(d, "stats", None) or {}))
             if stats:
-                out.setdefault(m.name, {})[type(d).__name__] = {k: int(v) for k, v in sorted(dict(stats).items())}
+                out.setdefault(m.name, {})[name] = {
+                    k: (round(v, 4) if isinstance(v, float) else int(v)) for k, v in sorted(stats.items())}
     return out
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Optional
 
 from ..datastore.cli_common import CliParser
-from .cli_support import (DEFAULT_MAX_NEW_TOKENS, MAX_BUDGET_HELP, MODEL_HELP, choose_max_budget, iter_jsonl,
-                          run_main, validate_common)
+from .cli_support import (DEFAULT_MAX_NEW_TOKENS, MAX_BUDGET_HELP, MODEL_HELP, add_draft_arguments,
+                          choose_max_budget, iter_jsonl, run_main, validate_common, validate_draft_arguments)
 
 DRAFTER_NAMES = ("context", "recycling")
+# "draft" (a draft model's OPT-Tree, needs --draft-model) and "all" (every drafter the arguments allow)
+OPTIONAL_DRAFTERS = ("draft", "all")
 
 EPILOG = """\
 examples:
@@ -21,6 +23,7 @@ examples:
   spec-generate --prompt "..." --index ./my-index          # embedded datastore, no server
   spec-generate --prompt "..." --datastore 127.0.0.1:50051 # shared datastore service
   spec-generate --prompt "..." --compare-plain             # also run plain decoding, print the speedup
+  spec-generate --prompt "..." --draft-model ./my-draft --drafters all   # + a draft model's trees
 
 Greedy output (the default, --temperature 0) is token for token the output of plain decoding.
 With --temperature > 0 tokens are sampled; the distribution is exactly that of plain sampling.
@@ -45,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--drafters", default=",".join(DRAFTER_NAMES),
-                   help=f"comma-separated local drafters from {', '.join(DRAFTER_NAMES)} (default: all)")
+                   help=f"comma-separated local drafters from {', '.join(DRAFTER_NAMES + OPTIONAL_DRAFTERS)} "
+                        "(default: %(default)s; draft = the --draft-model's trees; all = every drafter available)")
+    add_draft_arguments(p)
     p.add_argument("--no-speculation", action="store_true", help="plain decoding through the same code path")
     p.add_argument("--max-budget", type=int, default=None, help=MAX_BUDGET_HELP)
     p.add_argument("--refresh-profile", action="store_true", help="re-measure the verify cost profile t(n)")
@@ -99,8 +104,16 @@ def make_drafters(names: str, model, tokenizer, args) -> list:
     from .drafters import ContextDrafter, RecyclingDrafter
 
     out = []
-    for name in [n.strip() for n in names.split(",") if n.strip()]:
-        if name == "context":
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    if "all" in wanted:
+        wanted = [n for n in wanted if n != "all"] + list(DRAFTER_NAMES) + (
+            ["draft"] if getattr(args, "draft_model", None) else [])
+    if getattr(args, "draft_model", None) and "draft" not in wanted:
+        wanted.append("draft")
+    for name in dict.fromkeys(wanted):
+        if name == "draft":
+            out.append(make_draft_drafter(model, tokenizer, args))
+        elif name == "context":
             out.append(ContextDrafter())
         elif name == "recycling":
             d = RecyclingDrafter(int(model.config.vocab_size))
@@ -110,7 +123,7 @@ def make_drafters(names: str, model, tokenizer, args) -> list:
         elif name in ("none", ""):
             continue
         else:
-            raise ValueError(f"unknown drafter {name!r}; choose from {', '.join(DRAFTER_NAMES)}")
+            raise ValueError(f"unknown drafter {name!r}; choose from {', '.join(DRAFTER_NAMES + OPTIONAL_DRAFTERS)}")
     if args.datastore or args.index:
         from .datastore_drafter import make_datastore_drafter
 
@@ -135,6 +148,35 @@ def make_drafters(names: str, model, tokenizer, args) -> list:
     return out
 
 
+def make_draft_drafter(model, tokenizer, args):
+    """The draft drafter of ``--draft-model`` on the target's device and dtype, with the machine's measured
+    draft forward profile (cached next to the target's t(n)) and the FR-Spec vocabulary if asked for."""
+    from .budget import cached_cost_profile
+    from .drafters.draft_model import DraftModelDrafter, load_draft
+
+    path = getattr(args, "draft_model", None)
+    if not path:
+        raise ValueError("the draft drafter needs --draft-model PATH (a local HF folder, e.g. from `draft-model distill`)")
+    draft = load_draft(path, model, tokenizer)
+    vocab_ids = None
+    if getattr(args, "draft_vocab", 0):
+        from .frequent_vocab import frequent_token_ids, token_counts
+
+        sources = list(args.draft_vocab_from) or ([args.index] if getattr(args, "index", None) else [])
+        if not sources:
+            raise ValueError("--draft-vocab needs token counts: give --draft-vocab-from PATH or --index PATH")
+        eos = getattr(model.generation_config, "eos_token_id", None) if model.generation_config else None
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        vocab_ids = frequent_token_ids(token_counts(sources, tokenizer, int(model.config.vocab_size)),
+                                       args.draft_vocab, always=eos)
+    name = "draft-" + Path(path).resolve().name
+    draft_profile = cached_cost_profile(draft, name, refresh=getattr(args, "refresh_profile", False),
+                                        sizes=(1, 2, 4, 8, 12, 16, 24, 32))
+    return DraftModelDrafter(draft, width=args.draft_width, max_depth=args.draft_depth, vocab_ids=vocab_ids,
+                             verify_profile=getattr(args, "verify_profile", None), draft_profile=draft_profile,
+                             hint_size=0 if getattr(args, "no_rasd", False) else 32)
+
+
 def build_decoder(args):
     """Load the model and assemble a SpeculativeDecoder from parsed CLI arguments."""
     import torch
@@ -147,8 +189,9 @@ def build_decoder(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
-    drafters = [] if args.no_speculation else make_drafters(args.drafters, model, tokenizer, args)
     profile = cached_cost_profile(model, resolve_model(args.model).name, refresh=args.refresh_profile)
+    args.verify_profile = profile
+    drafters = [] if args.no_speculation else make_drafters(args.drafters, model, tokenizer, args)
     max_budget = choose_max_budget(args.max_budget, model, profile)
     dec = SpeculativeDecoder(model, tokenizer, drafters, profile=profile, max_budget=max_budget,
                              speculate=not args.no_speculation)
@@ -164,6 +207,7 @@ def _validate(args) -> None:
         raise ValueError("--share-stats needs --datastore HOST:PORT (the statistics are the service's)")
     if args.share_outputs and not args.share_stats:
         raise ValueError("--share-outputs goes with --share-stats (outputs travel in the same pushes)")
+    validate_draft_arguments(args)
 
 
 def run(args) -> int:

@@ -67,3 +67,30 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         yield i, obj
+
+
+def add_draft_arguments(parser) -> None:
+    """The draft-model flags that spec-generate and spec-bench share."""
+    g = parser.add_argument_group("draft model (OPT-Tree drafts, RASD pruning, FR-Spec)")
+    g.add_argument("--draft-model", metavar="PATH", default=None,
+                   help="a local HF causal-LM folder with the target's tokenizer (e.g. made by `draft-model "
+                        "distill`); adds the draft drafter: an OPT-Tree grown with one draft forward per depth")
+    g.add_argument("--draft-width", type=int, default=8, help="draft tree nodes per depth (default: %(default)s)")
+    g.add_argument("--draft-depth", type=int, default=6, help="draft tree depth at most (default: %(default)s)")
+    g.add_argument("--draft-vocab", type=int, default=0, metavar="K",
+                   help="FR-Spec: the draft proposes only the K most frequent tokens (counted from "
+                        "--draft-vocab-from, else --index); 0 = the whole vocabulary (default)")
+    g.add_argument("--draft-vocab-from", action="append", default=[], metavar="PATH",
+                   help="index folder or text files/folders to count token frequencies from (repeatable)")
+    g.add_argument("--no-rasd", action="store_true",
+                   help="do not prune the other drafters' trees (and datastore lookups) by the draft's first-step "
+                        "distribution")
+
+
+def validate_draft_arguments(args) -> None:
+    from pathlib import Path
+
+    if args.draft_model and not Path(args.draft_model).is_dir():
+        raise ValueError(f"--draft-model {args.draft_model}: not a folder (a local HF model folder is needed)")
+    if args.draft_width < 1 or args.draft_depth < 1 or args.draft_vocab < 0:
+        raise ValueError("--draft-width and --draft-depth must be >= 1, --draft-vocab >= 0")

@@ -109,21 +109,23 @@ class SpeculativeDecoder:
               logged; the step goes on without that drafter's tree, so the output does not change.
     profile:  the verify cost profile t(n); None -> a flat profile (always worth drafting).
     speculate=False gives plain decoding through the same code path (one-node trees).
-    rasd:     prune the local drafters' trees by a draft model's first-step distribution (client/rasd.py)
-              when a drafter provides one; drafters that provide it run first.
+    A drafter that ``provides_hint`` (a draft model) runs first; its first-step distribution
+    (``ctx.draft_hint``) prunes the other local drafters' trees (RASD, client/rasd.py).
     """
 
     def __init__(self, model, tokenizer=None, drafters: Sequence = (), *, profile: Optional[CostProfile] = None,
                  max_budget: int = MAX_BUDGET_CPU, speculate: bool = True, topk: int = 8,
-                 controller: Optional[BudgetController] = None, rasd: bool = True):
+                 controller: Optional[BudgetController] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.drafters = sorted(drafters, key=lambda d: not getattr(d, "provides_hint", False))
-        self.rasd = rasd
         alien = [type(d).__name__ for d in self.drafters if not isinstance(d, Drafter)]
         if alien:
             raise TypeError(f"drafters must subclass specstore.client.types.Drafter: {', '.join(alien)}")
         self.drafter_errors = DrafterErrors()
+        # per drafter class: seconds in prefetch + propose, verified and accepted nodes carrying its source
+        self.drafter_stats: dict[str, dict] = {type(d).__name__: {"seconds": 0.0, "verified": 0, "accepted": 0}
+                                               for d in self.drafters}
         self.speculate = speculate
         self.topk = topk
         self.verifier = Verifier(model, topk=topk)
@@ -297,23 +299,29 @@ class SpeculativeDecoder:
         # 1. propose: every prefetch first, so that remote round trips overlap local drafting
         budget = self.controller.max_budget
         errors = self.drafter_errors
-        for d in drafters:
+        clock = time.perf_counter
+        spent = [0.0] * len(drafters)
+        for i, d in enumerate(drafters):
+            t0 = clock()
             try:
                 d.prefetch(ctx, budget)
             except Exception as e:  # noqa: BLE001 - counted and logged; the drafter may still propose
                 errors.record(d, "prefetch", e)
+            spent[i] = clock() - t0
         trees = []
-        for d in drafters:
+        for i, d in enumerate(drafters):
+            t0 = clock()
             try:
                 t = d.propose(ctx, budget)
                 if t.num_drafts > 0 and t.root == root:
                     trees.append(t)
             except Exception as e:  # noqa: BLE001 - counted and logged; this step goes on without its tree
                 errors.record(d, "propose", e)
+            self.drafter_stats[type(d).__name__]["seconds"] += spent[i] + clock() - t0
         if not trees:
             self.controller.steps += 1
             return DraftTree.empty(root)
-        if self.rasd and ctx.draft_hint is not None:   # the datastore pruned its own tree by the same hint
+        if ctx.draft_hint is not None:   # the datastore pruned its own tree by the same hint
             skip = int(Source.DRAFT_MODEL | Source.DATASTORE | Source.DOCUMENTS)
             trees = [t if (t.sources[1:] & skip).any() else prune_by_hint(t, ctx.draft_hint) for t in trees]
         # 2. fuse, drop what cannot be verified, and let the controller choose the budget
@@ -340,6 +348,15 @@ class SpeculativeDecoder:
         if not drafters:
             return
         self.controller.observe(tree, path)
+        if len(tree) > 1:
+            on_path = np.zeros(len(tree), bool)
+            on_path[path] = True
+            for d in drafters:
+                mine = (tree.sources[1:] & int(d.source)) != 0
+                if d.source and mine.any():
+                    st = self.drafter_stats[type(d).__name__]
+                    st["verified"] += int(mine.sum())
+                    st["accepted"] += int((mine & on_path[1:]).sum())
         if self._needs_topk:
             probs = torch.softmax(logits, dim=-1)
             top = torch.topk(probs, self.topk, dim=-1)

@@ -43,7 +43,8 @@ class DraftModelDrafter(Drafter):
     verify_profile, draft_profile: t(n) of the target over n tree nodes and td(m) of the draft over m new
                  positions (client/budget.py CostProfile); None: drafting is free and speculation always
                  pays (growth then stops at ``max_depth`` or when a layer adds < ``min_layer_gain``)
-    hint_size:   tokens of the root distribution handed to other drafters (``DecodeContext.draft_hint``)
+    hint_size:   tokens of the root distribution handed to other drafters (``DecodeContext.draft_hint``);
+                 0: no hint, so no RASD pruning
     """
 
     source = Source.DRAFT_MODEL
@@ -161,7 +162,8 @@ class DraftModelDrafter(Drafter):
             return
         self._catch_up(ctx.tokens)
         self._secs = time.perf_counter() - t0
-        ctx.draft_hint = (self._root_probs[0][: self.hint_size], self._root_probs[1][: self.hint_size])
+        if self.hint_size > 0:
+            ctx.draft_hint = (self._root_probs[0][: self.hint_size], self._root_probs[1][: self.hint_size])
 
     def propose(self, ctx: DecodeContext, budget: int) -> DraftTree:
         root = ctx.last_token
@@ -279,3 +281,16 @@ def _as_tree(tree: OptTree) -> DraftTree:
     n = len(tree)
     return DraftTree(np.asarray(tree.tokens, np.int32), np.asarray(tree.parents, np.int32),
                      np.ones(n, np.float32), np.zeros(n, np.uint8))
+
+
+def load_draft(path, target, tokenizer=None):
+    """A draft model from a local HF folder, on the target's device and dtype, in eval mode. Refuses a draft
+    whose vocabulary differs from the target's (its token ids would mean other tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    p = next(target.parameters())
+    draft = AutoModelForCausalLM.from_pretrained(str(path), dtype=p.dtype, local_files_only=True)
+    if int(draft.config.vocab_size) != int(target.config.vocab_size):
+        raise ValueError(f"draft model {path}: vocabulary of {draft.config.vocab_size} tokens, the target's has "
+                         f"{target.config.vocab_size}: a draft must use the target's tokenizer")
+    return draft.to(p.device).eval()

@@ -49,7 +49,10 @@ def test_interleaved_run_is_lossless_and_rotates(model):
     res = run_benchmark(methods, prompts, encode=None, max_new_tokens=10, warmup=[repetitive_prompts(1, 9)[0]],
                         progress=False, log=lambda s: None)
     assert methods[3].decoder is dec_before
-    assert "drafter_counters" not in res.meta   # context and recycling keep no counters
+    counters = res.meta["drafter_counters"]     # every drafter's time and verified / accepted nodes
+    ctx = counters["ours:context"]["ContextDrafter"]
+    assert ctx["seconds"] > 0 and 0 <= ctx["accepted"] <= ctx["verified"]
+    assert set(counters["ours:context,recycling"]) == {"ContextDrafter", "RecyclingDrafter"}
     assert len(res.records) == 3 * len(names)
     assert not res.mismatches()
     assert all(r.identical for r in res.records if r.method.startswith("ours"))
@@ -195,5 +198,8 @@ def test_drafter_counters_are_recorded(model):
                         log=lambda s: None)
     got = res.meta["drafter_counters"]
     assert list(got) == ["ours:context,counting"]
-    assert got["ours:context,counting"] == {"Counting": {"requests": counting.stats["requests"]}}
+    c = got["ours:context,counting"]["Counting"]
+    assert c["requests"] == counting.stats["requests"] and c["seconds"] >= 0
+    assert c["verified"] == c["accepted"] == 0          # its source bit is NONE: nothing is counted as its own
+    assert set(got["ours:context,counting"]) == {"ContextDrafter", "Counting"}
     assert counting.stats["requests"] > 0
