@@ -105,8 +105,11 @@ def measure_cost_profile(model, sizes: Sequence[int] = DEFAULT_SIZES, past_len: 
 
 
 def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None, refresh: bool = False,
-                        sizes: Sequence[int] = DEFAULT_SIZES) -> CostProfile:
-    """The machine's profile for this model, measured once and cached as JSON."""
+                        sizes: Sequence[int] = DEFAULT_SIZES, measure=None) -> CostProfile:
+    """The machine's profile for this model, measured once and cached as JSON.
+
+    measure: ``(sizes) -> CostProfile`` to time something else than a verify forward of ``model`` (a draft
+    model's own forward: client/drafters/draft_model.py); ``model_name`` must then name what it times."""
     import torch
 
     from ..datastore.durable import write_text
@@ -123,7 +126,7 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
         except (ValueError, KeyError):
             log.warning("ignoring unreadable cost profile %s", path)
     log.info("measuring the verify cost profile t(n) for %s (once)", key)
-    prof = measure_cost_profile(model, sizes)
+    prof = (measure or (lambda sz: measure_cost_profile(model, sz)))(sizes)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(prof.to_json(), indent=1), unique=True)   # other processes may measure too
     return prof

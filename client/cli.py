@@ -169,12 +169,14 @@ def make_draft_drafter(model, tokenizer, args):
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         vocab_ids = frequent_token_ids(token_counts(sources, tokenizer, int(model.config.vocab_size)),
                                        args.draft_vocab, always=eos)
-    name = "draft-" + Path(path).resolve().name
-    draft_profile = cached_cost_profile(draft, name, refresh=getattr(args, "refresh_profile", False),
-                                        sizes=(1, 2, 4, 8, 12, 16, 24, 32))
-    return DraftModelDrafter(draft, width=args.draft_width, max_depth=args.draft_depth, vocab_ids=vocab_ids,
-                             verify_profile=getattr(args, "verify_profile", None), draft_profile=draft_profile,
-                             hint_size=0 if getattr(args, "no_rasd", False) else 32)
+    drafter = DraftModelDrafter(draft, width=args.draft_width, max_depth=args.draft_depth, vocab_ids=vocab_ids,
+                                verify_profile=getattr(args, "verify_profile", None),
+                                hint_size=0 if getattr(args, "no_rasd", False) else 32)
+    # td(m) through the drafter's own forward (its output layer, FR-Spec cut included), cached by size of head
+    name = f"draft-{Path(path).resolve().name}-v{len(vocab_ids) if vocab_ids is not None else 'all'}"
+    drafter.draft_profile = cached_cost_profile(draft, name, refresh=getattr(args, "refresh_profile", False),
+                                                measure=lambda sizes: drafter.measure_profile())
+    return drafter
 
 
 def build_decoder(args):

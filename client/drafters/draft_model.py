@@ -212,6 +212,35 @@ class DraftModelDrafter(Drafter):
         self.stats["reused_rows"] += len(rows)
         self._root_probs = None
 
+    # ------------------------------------------------------------------ what drafting costs and pays
+    def measure_profile(self, sizes: Sequence[int] = (1, 2, 4, 8, 12, 16, 24, 32), past_len: int = 256,
+                        reps: int = 7) -> CostProfile:
+        """td(m): seconds of one draft forward of m new positions (this drafter's own path: tree mask, its
+        output layer, FR-Spec cut included) after ``past_len`` cached positions; medians of ``reps``."""
+        rng = np.random.default_rng(0)
+        vocab = int(self._head_w.shape[0]) if self.vocab_ids is None else int(self.vocab_ids.max()) + 1
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        seconds = []
+        self._reset()
+        self._catch_up(rng.integers(0, vocab, past_len + 1))
+        base = cache_length(self.cache)
+        for m in sizes:
+            times = []
+            for _ in range(reps + 1):
+                mask = additive_mask(np.tril(np.ones((m, m), bool)), base, self.device, self.dtype)
+                sync()
+                t0 = time.perf_counter()
+                self._forward(rng.integers(0, vocab, m), [base] * m, mask)
+                sync()
+                times.append(time.perf_counter() - t0)
+                keep_positions(self.cache, base, [])
+            seconds.append(float(np.median(times[1:])))
+        self._reset()
+        seconds = [min(seconds[i:]) for i in range(len(seconds))]
+        return CostProfile([int(m) for m in sizes], seconds, {"kind": "draft forward", "past_len": past_len,
+                                                              "vocab": len(self.vocab_ids) if self.vocab_ids
+                                                              is not None else vocab})
+
     # ------------------------------------------------------------------ what drafting pays
     @property
     def calibration(self) -> float:

@@ -242,3 +242,14 @@ def test_decoder_prunes_local_trees_by_the_draft_hint(target):
     prompt = [5, 6, 7, 8, 5, 6, 7, 8]
     assert dec.generate(prompt, 24, eos_token_id=[]).new_tokens == plain_greedy(target, prompt, 24)
     assert seen_hints and all(seen_hints)
+
+
+def test_draft_profile_times_the_drafters_own_forward(target):
+    full = DraftModelDrafter(truncated_draft(target), width=2)
+    cut = DraftModelDrafter(truncated_draft(target), width=2, vocab_ids=np.arange(3, 40))
+    for d in (full, cut):
+        prof = d.measure_profile(sizes=(1, 4, 8), past_len=32, reps=2)
+        assert prof.sizes == [1, 4, 8] and all(s > 0 for s in prof.seconds)
+        assert prof.seconds == sorted(prof.seconds)
+        assert d.cache is None and d.seen == []          # the measurement leaves no request state behind
+    assert cut.measure_profile(sizes=(1,), past_len=8, reps=1).meta["vocab"] == 37
