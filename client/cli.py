@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share-stats", action="store_true",
                    help="with --datastore: push what this decoder observes (the target's top-k at accepted nodes, "
                         "accepted tokens) to the service's shared statistics, off the decode path, and warm-start "
-                        "the recycling drafter from what the fleet learned (the server needs --stats-dir). Writes "
-                        "need the server's token when it has one: set $DATASTORE_AUTH_TOKEN")
+                        "the recycling drafter from what the fleet learned (the server needs --stats-dir or "
+                        "--stats-redis). Writes need the server's token when it has one: set $DATASTORE_AUTH_TOKEN")
     p.add_argument("--datastore-tls-ca", metavar="PEM", default=None,
                    help="connect to --datastore over TLS, trusting this CA (the server's --tls-cert issuer)")
     p.add_argument("--datastore-tls-cert", metavar="PEM", default=None,
@@ -156,7 +156,8 @@ def make_draft_drafter(model, tokenizer, args):
 
     path = getattr(args, "draft_model", None)
     if not path:
-        raise ValueError("the draft drafter needs --draft-model PATH (a local HF folder, e.g. from `draft-model distill`)")
+        raise ValueError("the draft drafter needs --draft-model PATH (a local HF folder, e.g. from "
+                         "`draft-model distill`)")
     draft = load_draft(path, model, tokenizer)
     vocab_ids = None
     if getattr(args, "draft_vocab", 0):

@@ -41,7 +41,8 @@ class OptTree:
     """A tree being grown. Node 0 is the root; nodes are appended layer by layer (topological order).
 
     tokens, parents: node token ids and parent indices; probs: P(node | parent) as the drafter scored it;
-    q: the same scaled by ``add_layer``'s calibration; pp: path probabilities (products of q); layers: the node indices of each depth (layers[0] = [0]).
+    q: the same scaled by ``add_layer``'s calibration; pp: path probabilities (products of q);
+    layers: the node indices of each depth (layers[0] = [0]).
     """
 
     def __init__(self, root: int):

@@ -621,8 +621,8 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
 
     def _require_stats(self):
         if self.stats is None:
-            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
-                           "this server keeps no shared statistics (start it with --stats-dir)")
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "this server keeps no shared statistics "
+                           "(start it with --stats-dir DIR or --stats-redis URL)")
         return self.stats
 
     # ------------------------------------------------------------------ RPCs
