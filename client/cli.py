@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                   formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (the chat template is applied for chat models)")
-    src.add_argument("--prompts-file", type=Path, help="JSON lines file, one object with a 'prompt' field per line")
+    src.add_argument("--prompts-file", type=Path,
+                     help="JSON lines file, one object with a 'prompt' field per line (and optionally 'share_output': "
+                          "true/false, this request's opt-in to shared outputs, over --share-outputs)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
@@ -84,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_prompts(args) -> list[str]:
+def read_prompts(args) -> list[dict]:
+    """[{"prompt": text, "share_output": bool or None}, ...]: --prompt, or one object per line of
+    --prompts-file ("share_output" optional: this request's opt-in to shared outputs, over --share-outputs)."""
     if args.prompt is not None:
-        return [args.prompt]
+        return [{"prompt": args.prompt, "share_output": None}]
     path: Path = args.prompts_file
     if not path.exists():
         raise ValueError(f"{path}: no such file")
@@ -94,7 +98,12 @@ def read_prompts(args) -> list[str]:
     for i, obj in iter_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise ValueError(f"{path}:{i}: expected an object with a string 'prompt' field")
-        prompts.append(obj["prompt"])
+        share = obj.get("share_output")
+        if share is not None and not isinstance(share, bool):
+            raise ValueError(f"{path}:{i}: 'share_output' must be true or false")
+        if share and not args.share_stats:
+            raise ValueError(f"{path}:{i}: 'share_output' needs --share-stats (outputs travel with the statistics)")
+        prompts.append({"prompt": obj["prompt"], "share_output": share})
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
@@ -219,11 +228,18 @@ def run(args) -> int:
     dec = build_decoder(args)
     gen_kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, stop=args.stop)
+    sharer = next((d for d in dec.drafters if hasattr(d, "share_outputs")), None)
     if args.compare_plain:  # the first calls in a process are slow (kernel warm-up): keep them out of the timing
-        warm = dec.encode_prompt(prompts[0], raw=args.raw)
+        warm = dec.encode_prompt(prompts[0]["prompt"], raw=args.raw)
+        if sharer is not None:
+            sharer.share_outputs = False    # a warm-up is no output of anyone's
         dec.generate(warm, max_new_tokens=8, decode_text=False)
         _plain(dec, warm, None, {"max_new_tokens": 8})
-    for i, text in enumerate(prompts):
+    for i, request in enumerate(prompts):
+        text = request["prompt"]
+        if sharer is not None:   # opt-in per request, else the node's --share-outputs
+            share = request["share_output"]
+            sharer.share_outputs = bool(args.share_outputs if share is None else share)
         ids = dec.encode_prompt(text, raw=args.raw)
         if args.json:
             res = dec.generate(ids, prompt_text=text, **gen_kw)

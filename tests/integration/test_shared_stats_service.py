@@ -131,14 +131,19 @@ def test_node_a_statistics_reach_node_b_and_outputs_stay_plain(smol, real_index,
     with ServerThread(real_index, ServiceConfig(auth_token=TOKEN), stats=log) as srv:
         # node A: the spec-generate CLI in its own process
         env = {**os.environ, "DATASTORE_AUTH_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        p = subprocess.run([sys.executable, "-m", "specstore.client.cli", "--prompt", PROMPT_A, "--datastore",
-                            srv.address, "--share-stats", "--max-new-tokens", "48", "--json", "--compare-plain",
+        # two requests, the first opting in to shared outputs and the second not (no --share-outputs)
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text(json.dumps({"prompt": PROMPT_A, "share_output": True}) + "\n"
+                           + json.dumps({"prompt": PROMPT_B, "share_output": False}) + "\n")
+        p = subprocess.run([sys.executable, "-m", "specstore.client.cli", "--prompts-file", str(prompts),
+                            "--datastore", srv.address, "--share-stats", "--max-new-tokens", "48", "--json", "--compare-plain",
                             "--threads", "2", "--max-budget", "16"],
                            capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2],
                            timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
-        out_a = json.loads(p.stdout.strip().splitlines()[-1])
-        assert out_a["identical_to_plain"] is True
+        outs = [json.loads(line) for line in p.stdout.strip().splitlines()[-2:]]
+        assert all(o["identical_to_plain"] is True for o in outs)
+        assert log.stats.outputs.outputs == 1          # the opted-in request's output only (no warm-up either)
         c = DatastoreClient(srv.address, auth_token=TOKEN, timeout_s=2.0)
         try:
             rows, version, _ = c.pull_stats(0)

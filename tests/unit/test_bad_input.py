@@ -59,3 +59,24 @@ def test_cli_bad_prompts_file_line(tmp_path):
     f.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
     r = run_cli("--prompts-file", str(f))
     assert r.returncode == 2 and f"{f}:2" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("line,extra,msg", [
+    ('{"prompt": "ok", "share_output": "yes"}', [], "must be true or false"),
+    ('{"prompt": "ok", "share_output": true}', [], "needs --share-stats"),
+])
+def test_cli_bad_share_output(tmp_path, line, extra, msg):
+    f = tmp_path / "p.jsonl"
+    f.write_text(line + "\n")
+    r = run_cli("--prompts-file", str(f), *extra)
+    assert r.returncode == 2 and f"{f}:1" in r.stderr and msg in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--draft-model", "/no/such/draft"], "not a folder"),
+    (["--draft-width", "0"], "--draft-width"),
+    (["--drafters", "draft"], "--draft-model"),
+])
+def test_cli_bad_draft_arguments(args, msg):
+    r = run_cli("--prompt", "hi", *args)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
