@@ -165,7 +165,7 @@ def test_fr_spec_proposes_only_frequent_tokens_and_stays_lossless(target):
 
 
 def test_draft_model_sampling_follows_the_plain_distribution():
-    from tests.unit.test_sampling import exact_pair_distribution
+    from tests.unit.test_sampling import exact_pair_distribution, sample_pairs
 
     vocab = 10
     target = tiny_llama(vocab=vocab, seed=3)
@@ -177,12 +177,7 @@ def test_draft_model_sampling_follows_the_plain_distribution():
     params = dict(temperature=1.0)
     exact = exact_pair_distribution(target, prompt, SamplingParams(**params)).ravel()
     n = 1200
-    counts = np.zeros(vocab * vocab)
-    drafted = 0
-    for s in range(n):
-        res = dec.generate(prompt, 2, seed=s, eos_token_id=[], **params)
-        counts[res.new_tokens[0] * vocab + res.new_tokens[1]] += 1
-        drafted += sum(res.drafted_per_step)
+    counts, drafted = sample_pairs(dec, prompt, n, params, vocab)
     assert drafted > 0
     assert_two_token_distribution(counts, exact, n, vocab)
 

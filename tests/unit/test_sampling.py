@@ -84,11 +84,17 @@ def test_generated_pairs_follow_the_plain_distribution(params, drafts):
     drafters = [FixedTreeDrafter([[2, 4], [4, 2], [4, 1], [9]])] if drafts else []
     dec = SpeculativeDecoder(model, None, drafters, profile=CostProfile.flat(9), max_budget=8)
     n = 1500
-    counts = np.zeros(VOCAB * VOCAB)
+    counts, drafted = sample_pairs(dec, prompt, n, params, VOCAB)
+    assert (drafted > 0) == drafts
+    assert_two_token_distribution(counts, exact, n, VOCAB)
+
+
+def sample_pairs(dec, prompt, n: int, params: dict, vocab: int) -> tuple[np.ndarray, int]:
+    """([vocab * vocab] counts of the first two generated tokens over n seeded generations, drafts verified)."""
+    counts = np.zeros(vocab * vocab)
     drafted = 0
     for s in range(n):
         res = dec.generate(prompt, 2, seed=s, eos_token_id=[], **params)
-        counts[res.new_tokens[0] * VOCAB + res.new_tokens[1]] += 1
+        counts[res.new_tokens[0] * vocab + res.new_tokens[1]] += 1
         drafted += sum(res.drafted_per_step)
-    assert (drafted > 0) == drafts
-    assert_two_token_distribution(counts, exact, n, VOCAB)
+    return counts, drafted
