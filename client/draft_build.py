@@ -27,10 +27,10 @@ def layer_list(model) -> tuple[str, torch.nn.ModuleList]:
 
 
 def default_init_layers(n: int) -> list[int]:
-    """The first ``n`` target layers. Measured on SmolLM2-135M (BENCHMARKS.md, "Draft distillation"):
-    before training, the first layers keep the residual stream in the shape the next layers expect and
-    give a few per cent top-1 agreement, where any mix that includes the last layer gives ~0%; the
-    trained drafts follow the same order."""
+    """The first ``n`` target layers: each then reads the residual stream its own predecessor wrote, as in
+    the target. Measured on SmolLM2-135M (BENCHMARKS.md, "Draft distillation"): 4.4% held-out top-1
+    agreement before training (mixes that include the last layer: ~0%), and after the same 40 steps
+    2-3 points more than the first three plus the last (which reaches a lower KL)."""
     return list(range(n))
 
 
