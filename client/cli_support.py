@@ -22,7 +22,7 @@ MAX_BUDGET_HELP = (f"largest number of draft nodes per step (default: from the c
                    f"on CPU, <= {MAX_BUDGET_CUDA} on CUDA)")
 
 
-def run_main(prog: str, run: Callable[[object], int], args) -> int:
+def run_main(prog: str, run: Callable[[object], int], args, interrupt_hint: Optional[str] = None) -> int:
     """Run ``run(args)`` under the exit convention (cli_common.run_cli) with quiet logging.
 
     A missing optional dependency (ImportError) counts as bad input: its message says what to install.
@@ -35,7 +35,7 @@ def run_main(prog: str, run: Callable[[object], int], args) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    return run_cli(prog, lambda: run(args), input_errors=(ImportError,))
+    return run_cli(prog, lambda: run(args), input_errors=(ImportError,), interrupt_hint=interrupt_hint)
 
 
 def validate_common(args) -> None:

@@ -1,4 +1,4 @@
-"""The four console scripts as processes: --version, one-line usage errors (exit 2), internal errors (exit 1
+"""The console scripts as processes: --version, one-line usage errors (exit 2), internal errors (exit 1
 with the traceback's log file), Ctrl-C (exit 130). The convention itself: datastore/cli_common.py."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from tests.datastore_fake_index import write_fake_index
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ("spec-generate", "spec-bench", "index-build", "datastore-serve")
+SCRIPTS = ("spec-generate", "spec-bench", "index-build", "datastore-serve", "draft-model")
 
 # Runs console script NAME through its entry point after replacing MODULE:ATTR (unless "-") with a function
 # that raises: the internal error of a real run, without a real failure to provoke.
@@ -64,6 +64,9 @@ def test_version(name, tmp_path):
     ("datastore-serve", []),                                    # --index is required
     ("datastore-serve", ["--index", "x", "--workers", "many"]),
     ("datastore-serve", ["--index", "x", "--auth-reads"]),      # no token
+    ("draft-model", []),                                        # no command
+    ("draft-model", ["distill", "--out", "d"]),                 # no corpus
+    ("draft-model", ["distill", "--text", "x", "--out", "d", "--layers", "many"]),
 ])
 def test_usage_and_input_errors_are_one_line_exit_2(name, argv, tmp_path):
     r = run([*script(name), *argv], tmp_path)
@@ -77,6 +80,7 @@ def test_usage_and_input_errors_are_one_line_exit_2(name, argv, tmp_path):
     ("spec-bench", "specstore.bench.spec_bench:load_questions", ["--quiet"]),
     ("index-build", "specstore.indexers.build:build_index", ["notes.txt", "--out", "idx", "--no-embeddings"]),
     ("datastore-serve", "specstore.datastore.server:DatastoreServer", ["--index", "idx", "--port", "0"]),
+    ("draft-model", "specstore.client.draft_distill:distill", ["distill", "--text", "notes.txt", "--out", "d"]),
 ])
 def test_internal_error_exits_1_with_the_log_file(name, target, argv, tmp_path):
     r = run([sys.executable, "-c", ENTRY, name, target, *argv], tmp_path)

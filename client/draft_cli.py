@@ -1,0 +1,114 @@
+"""``draft-model``: make draft models for speculative decoding.
+
+    draft-model distill (--index DIR | --text PATH...) --out DIR [options]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from ..datastore.cli_common import CliParser
+from .cli_support import MODEL_HELP, run_main
+
+EPILOG = """\
+examples:
+  index-build build ../shared/data/corpus --out corpus-idx --no-embeddings
+  draft-model distill --index corpus-idx --out drafts/smollm2-draft
+  draft-model distill --text notes/ data.jsonl --out drafts/mine --layers 2 --steps 200 --max-minutes 10
+  spec-generate --prompt "..." --draft-model drafts/smollm2-draft
+
+A run writes a checkpoint every --checkpoint-every steps, on Ctrl-C and when --max-minutes ends; rerunning
+the same command resumes from it (automatically: a checkpoint of another recipe is refused). The finished
+folder is a plain Hugging Face model folder (plus distill.json with the recipe and the figures).
+"""
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated layer numbers, e.g. 0,1,2,3") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .draft_distill import (DEFAULT_BATCH, DEFAULT_CHECKPOINT_EVERY, DEFAULT_EVAL_WINDOWS, DEFAULT_HOLDOUT,
+                                DEFAULT_LAYERS, DEFAULT_LR, DEFAULT_SEQ_LEN, DEFAULT_STEPS, DEFAULT_TOP_K)
+
+    p = CliParser(prog="draft-model", description="Make draft models for speculative decoding.",
+                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    sub = p.add_subparsers(dest="cmd", metavar="{distill}")
+    d = sub.add_parser(
+        "distill", help="distill a small draft from the target", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Cut a draft from the target (its first --layers layers, its embedding, final norm and "
+                    "output layer, so it shares the tokenizer) and train its layers to match the target's "
+                    "next-token distribution (KL on the target's logits) on a corpus. Reports the held-out "
+                    "top-1 agreement (draft argmax == target argmax) before and after.")
+    d.add_argument("--model", default=None, help=MODEL_HELP + "; the target the draft drafts for")
+    d.add_argument("--index", metavar="DIR", default=None, help="corpus: an index built by index-build (its token shards)")
+    d.add_argument("--text", nargs="+", metavar="PATH", default=None,
+                   help="corpus: .txt/.md files, JSON lines files with a \"text\" field, or folders of them")
+    d.add_argument("--out", "-o", required=True, metavar="DIR", help="draft folder to create (or resume)")
+    d.add_argument("--layers", type=int, default=None, metavar="N",
+                   help=f"draft layers (default {DEFAULT_LAYERS}), initialised from the target's first N")
+    d.add_argument("--init-layers", type=_layers, default=None, metavar="LIST",
+                   help="which target layers initialise the draft's, e.g. 0,1,2,29 (default: the first --layers)")
+    d.add_argument("--init-from", metavar="DRAFT", default=None,
+                   help="start from an existing draft folder instead (its tokenizer must be the target's)")
+    d.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
+                   help="tokens per training window (default %(default)s)")
+    d.add_argument("--batch", type=int, default=DEFAULT_BATCH, metavar="N", help="windows per step (default %(default)s)")
+    d.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (default %(default)g)")
+    d.add_argument("--steps", type=int, default=DEFAULT_STEPS, metavar="N",
+                   help="training steps in all (default %(default)s; the learning-rate schedule spans them)")
+    d.add_argument("--warmup", type=int, default=None, metavar="N", help="warm-up steps (default: 5%% of --steps)")
+    d.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="stop training after M minutes (checkpoint + usable draft; rerun to continue)")
+    d.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K",
+                   help="match the target's top-K tokens, renormalised (default %(default)s; 0 = full vocabulary)")
+    d.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT, metavar="F",
+                   help="share of windows held out, never trained on (default %(default)s)")
+    d.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS, metavar="N",
+                   help="held-out windows the agreement is measured on (default %(default)s)")
+    d.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY, metavar="N",
+                   help="steps between checkpoints (default %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the split and the data order (default 0)")
+    d.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    d.add_argument("--json", action="store_true", help="print distill.json instead of a summary")
+    d.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _distill(args) -> int:
+    from . import draft_distill
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    opts = draft_distill.DistillOptions(
+        out=args.out, model=args.model, index=args.index, texts=args.text, layers=args.layers,
+        init_layers=args.init_layers, init_from=args.init_from, seq_len=args.seq_len, batch=args.batch, lr=args.lr,
+        steps=args.steps, warmup=args.warmup, top_k=args.top_k, holdout=args.holdout, eval_windows=args.eval_windows,
+        checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes, seed=args.seed, device=args.device,
+        progress=not args.quiet)
+    info = draft_distill.distill(opts)
+    print(json.dumps(info, indent=2) if args.json else draft_distill.summary(info, args.out))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.error("give a command: distill")
+    return run_main("draft-model", _distill, args,
+                    interrupt_hint="rerun the same command to resume from the last checkpoint")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,496 @@
+"""``draft-model distill``: train a small draft (draft_build.py) to match the target's next-token
+distribution on a corpus (draft_corpus.py), with checkpoints, resume after a kill, and a held-out top-1
+agreement figure.
+
+Loss: KL(target || draft) at every position of every window, on the target's top-k tokens renormalised
+(``top_k=0``: the full vocabulary). The draft still normalises over the whole vocabulary, so top-k only
+trims the target's side: it saves the memory and time of a full [tokens, vocab] target distribution and
+puts the weight where drafts are accepted.
+
+The output folder ``out`` holds, once done, a plain Hugging Face model folder (config.json,
+model.safetensors, tokenizer files, generation_config.json) and ``distill.json`` (recipe, steps, seconds,
+agreement before and after). While training it holds ``distill-checkpoint.pt`` (written atomically every
+``checkpoint_every`` steps, on Ctrl-C and when the time budget ends): trainable weights, optimizer state,
+step (the data position follows from it: draft_corpus.batch_rows), RNG states, the held-out targets. A run
+finding a checkpoint of the same recipe in ``out`` resumes from it automatically (a rerun of the same
+command continues); a checkpoint of another recipe, or other files, are refused. A resumed run replays the
+same batches and learning rates, so its final weights equal an uninterrupted run's (same threads, same
+device). The checkpoint is deleted when all steps are done.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..datastore.durable import atomic_open, fsync_dir, sha256_file, write_json
+from ..datastore.index_format import tokenizer_fingerprint
+from .draft_build import build_draft, default_init_layers, freeze_shared, load_draft, load_trainable_state, \
+    trainable_state
+from .draft_compat import DISTILL_FILE, check_draft_compatible, read_distill_info
+from .draft_corpus import Windows, batch_rows, data_position, load_corpus, split_windows
+
+CHECKPOINT_FILE = "distill-checkpoint.pt"
+FORMAT = "specstore-draft-distill"
+FORMAT_VERSION = 1
+#: test hook: SIGKILL this process right after this (1-based) step, before its checkpoint (a real kill)
+KILL_ENV = "SPECSTORE_DISTILL_KILL_AT_STEP"
+#: the held-out KL is measured on the target's top EVAL_TOP_K tokens whatever --top-k trains with, so
+#: figures of different recipes compare (and the held-out targets stay small enough to checkpoint)
+EVAL_TOP_K = 64
+MIN_LR_FRACTION = 0.1
+
+# The default recipe (BENCHMARKS.md "Draft distillation": chosen by short timing runs on a 2-core CPU)
+DEFAULT_LAYERS = 4
+DEFAULT_SEQ_LEN = 256
+DEFAULT_BATCH = 4
+DEFAULT_LR = 3e-3
+DEFAULT_STEPS = 220
+DEFAULT_TOP_K = 64
+DEFAULT_HOLDOUT = 0.05
+DEFAULT_EVAL_WINDOWS = 32
+DEFAULT_CHECKPOINT_EVERY = 25
+
+
+@dataclass
+class DistillOptions:
+    """One distillation. ``layers``/``init_layers``: the draft's depth and which target layers start it
+    (default: the first ``layers``); ``init_from``: start from an existing draft folder instead.
+    ``max_minutes``: this run's training time budget (a checkpoint and a usable draft are written when it
+    ends; rerun to continue). ``steps``: the total number of steps (part of the recipe: the learning rate
+    schedule spans it)."""
+
+    out: str
+    model: Optional[str] = None
+    index: Optional[str] = None
+    texts: Optional[list] = None
+    layers: Optional[int] = None
+    init_layers: Optional[list] = None
+    init_from: Optional[str] = None
+    seq_len: int = DEFAULT_SEQ_LEN
+    batch: int = DEFAULT_BATCH
+    lr: float = DEFAULT_LR
+    steps: int = DEFAULT_STEPS
+    warmup: Optional[int] = None
+    top_k: int = DEFAULT_TOP_K
+    holdout: float = DEFAULT_HOLDOUT
+    eval_windows: int = DEFAULT_EVAL_WINDOWS
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    max_minutes: Optional[float] = None
+    seed: int = 0
+    device: Optional[str] = "cpu"
+    progress: bool = True
+    log: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr))
+
+    def check(self) -> None:
+        """ValueError naming the flag of the first bad value."""
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(msg)
+        need(bool(self.out), "--out is required")
+        need(bool(self.index or self.texts),
+             "no corpus: give --index DIR (built by index-build) or --text FILE_OR_FOLDER...")
+        need(not (self.index and self.texts), "give --index or --text, not both")
+        need(self.layers is None or self.layers >= 1, "--layers must be >= 1")
+        need(not (self.init_from and (self.layers or self.init_layers)),
+             "--init-from takes the draft's own layers: drop --layers/--init-layers")
+        need(not (self.layers and self.init_layers and len(self.init_layers) != self.layers),
+             "--init-layers must name --layers layers")
+        need(self.seq_len >= 2, "--seq-len must be >= 2")
+        need(self.batch >= 1, "--batch must be >= 1")
+        need(self.lr > 0, "--lr must be > 0")
+        need(self.steps >= 1, "--steps must be >= 1")
+        need(self.warmup is None or self.warmup >= 0, "--warmup must be >= 0")
+        need(self.top_k >= 0, "--top-k must be >= 0 (0 = the full vocabulary)")
+        need(0 < self.holdout < 1, "--holdout must be a fraction between 0 and 1")
+        need(self.eval_windows >= 1, "--eval-windows must be >= 1")
+        need(self.checkpoint_every >= 1, "--checkpoint-every must be >= 1")
+        need(self.max_minutes is None or self.max_minutes > 0, "--max-minutes must be > 0")
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def target_distribution(logits: torch.Tensor, top_k: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(token ids [.., k] int64 or None for the full vocabulary, log-probabilities [.., k or V]) of the
+    target's next-token distribution; top-k is renormalised over the k tokens."""
+    logits = logits.float()
+    if top_k and top_k < logits.shape[-1]:
+        vals, idx = logits.topk(top_k, dim=-1)
+        return idx, torch.log_softmax(vals, dim=-1)
+    return None, torch.log_softmax(logits, dim=-1)
+
+
+def kl_loss(draft_logits: torch.Tensor, idx: Optional[torch.Tensor], target_logq: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(q || p_draft) = sum_k q_k (log q_k - log p_draft(k)), the draft normalised
+    over its whole vocabulary. draft_logits: [B, T, V]; idx/target_logq from ``target_distribution``."""
+    logp = torch.log_softmax(draft_logits.float(), dim=-1)
+    if idx is not None:
+        logp = logp.gather(-1, idx)
+    q = target_logq.exp()
+    return (q * (target_logq - logp)).sum(-1).mean()
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Learning rate of the 0-based ``step``: linear warm-up over ``warmup`` steps, then a cosine decay to
+    MIN_LR_FRACTION * lr at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(1, steps - warmup)
+    t = min(1.0, (step - warmup) / span)
+    return lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+@dataclass
+class HeldOut:
+    """The target on the held-out windows, computed once: tokens int32 [n, T], top1 int64 [n, T] and the
+    top-EVAL_TOP_K (idx int64, logq float32) [n, T, k]."""
+
+    tokens: torch.Tensor
+    top1: torch.Tensor
+    idx: torch.Tensor
+    logq: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, target, windows: np.ndarray, batch: int) -> "HeldOut":
+        dev = next(target.parameters()).device
+        x = torch.from_numpy(windows).long()
+        top1, idx, logq = [], [], []
+        for i in range(0, len(x), batch):
+            lg = target(input_ids=x[i:i + batch].to(dev), use_cache=False).logits
+            top1.append(lg.argmax(-1).cpu())
+            vals, k_idx = lg.float().topk(min(EVAL_TOP_K, lg.shape[-1]), dim=-1)
+            idx.append(k_idx.cpu())
+            logq.append(torch.log_softmax(vals, dim=-1).cpu())
+        return cls(x.int(), torch.cat(top1), torch.cat(idx), torch.cat(logq))
+
+    def to_state(self) -> dict:
+        return {"tokens": self.tokens, "top1": self.top1, "idx": self.idx, "logq": self.logq}
+
+    @classmethod
+    def from_state(cls, d: dict) -> "HeldOut":
+        return cls(d["tokens"], d["top1"], d["idx"], d["logq"])
+
+
+@torch.no_grad()
+def evaluate(draft, held: HeldOut, batch: int) -> dict:
+    """{"top1_agreement": share of held-out positions where the draft's argmax is the target's,
+    "kl_top64": mean KL on the target's top-64, "positions": n}."""
+    was_training = draft.training
+    draft.eval()
+    dev = next(draft.parameters()).device
+    hits, kl_sum, n = 0, 0.0, 0
+    for i in range(0, len(held.tokens), batch):
+        lg = draft(input_ids=held.tokens[i:i + batch].long().to(dev), use_cache=False).logits
+        hits += int((lg.argmax(-1).cpu() == held.top1[i:i + batch]).sum())
+        m = lg.shape[0] * lg.shape[1]
+        kl_sum += float(kl_loss(lg, held.idx[i:i + batch].to(dev), held.logq[i:i + batch].to(dev))) * m
+        n += m
+    draft.train(was_training)
+    return {"top1_agreement": hits / n, f"kl_top{EVAL_TOP_K}": kl_sum / n, "positions": n}
+
+
+# ------------------------------------------------------------------------------------ recipe and output
+def _file_digest(folder: Path) -> str:
+    """sha256 over a model folder's weight files (what an --init-from draft is identified by)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        h.update(f.name.encode() + sha256_file(f).encode())
+    return h.hexdigest()[:16]
+
+
+def make_recipe(opts: DistillOptions, target, target_folder: Path, tokenizer, corpus_source: dict,
+                init_layers: Optional[list], n_eval: int) -> dict:
+    """Everything that decides the trained weights (a resumed run must have the same), as plain JSON."""
+    cfg = target.config
+    init = None
+    if opts.init_from:
+        p = Path(opts.init_from).expanduser().resolve()
+        init = {"path": str(p), "weights_sha256": _file_digest(p)}
+    return {
+        "target": {"folder": str(target_folder), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                   "num_hidden_layers": int(cfg.num_hidden_layers), "hidden_size": int(cfg.hidden_size),
+                   "vocab_size": int(cfg.vocab_size)},
+        "corpus": corpus_source,
+        "draft": {"init_layers": init_layers, "init_from": init,
+                  "frozen": "input embedding and output layer (the target's)"},
+        "train": {"seq_len": opts.seq_len, "batch": opts.batch, "lr": opts.lr, "steps": opts.steps,
+                  "warmup": _warmup(opts), "schedule": f"linear warm-up, cosine to {MIN_LR_FRACTION} x lr",
+                  "optimizer": "AdamW betas (0.9, 0.95), weight decay 0, gradient norm clipped at 1",
+                  "loss": "KL(target || draft)", "top_k": opts.top_k, "seed": opts.seed},
+        "held_out": {"fraction": opts.holdout, "eval_windows": n_eval},
+    }
+
+
+def _warmup(opts: DistillOptions) -> int:
+    return opts.warmup if opts.warmup is not None else max(1, opts.steps // 20)
+
+
+def recipe_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys where two recipes differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += recipe_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def inspect_out(out: Path) -> str:
+    """"new" (absent or empty), "checkpoint" (a run to resume), "done" (distill.json, no checkpoint) or
+    "partial" (a draft written when a time budget ended, plus its checkpoint: same as "checkpoint");
+    ValueError for a file or a folder of other things."""
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if (out / CHECKPOINT_FILE).exists():
+        return "checkpoint"
+    if (out / DISTILL_FILE).exists():
+        return "done"
+    if any(out.iterdir()):
+        raise ValueError(f"--out {out}: exists and is not a draft-model distill output (no {CHECKPOINT_FILE} or "
+                         f"{DISTILL_FILE}); choose a new folder")
+    return "new"
+
+
+def save_draft_folder(draft, tokenizer, out: Path) -> None:
+    """Write the HF folder files into ``out`` (each file moved in with one rename; ``distill.json``, written
+    after, marks the set complete)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".save.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        draft.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+        fsync_dir(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _machine(threads: int, device: torch.device) -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch_threads": threads,
+            "device": str(device), "torch": torch.__version__}
+
+
+# ------------------------------------------------------------------------------------------- the run
+def _save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def distill(opts: DistillOptions) -> dict:
+    """Run (or resume, or recognise as done) one distillation; returns the ``distill.json`` contents.
+
+    ValueError / FileNotFoundError on bad input (no or empty corpus, layers beyond the target's, an output
+    folder of something else or of another recipe, an incompatible --init-from draft)."""
+    from .models import load_model, model_folder, pick_device
+
+    t0 = time.perf_counter()
+    opts.check()
+    out = Path(opts.out).expanduser().resolve()
+    state_kind = inspect_out(out)
+    log = opts.log
+    dev = pick_device(opts.device)
+    target_folder = model_folder(opts.model)
+    target, tok = load_model(opts.model, device=str(dev), dtype="float32")
+    target.requires_grad_(False)
+    n_target = int(target.config.num_hidden_layers)
+    if opts.layers and opts.layers > n_target:
+        raise ValueError(f"--layers {opts.layers}: the target has only {n_target} layers")
+    init_layers = None
+    if not opts.init_from:
+        init_layers = list(opts.init_layers) if opts.init_layers else default_init_layers(opts.layers or DEFAULT_LAYERS)
+    else:
+        check_draft_compatible(target, tok, opts.init_from)
+
+    corpus = load_corpus(opts.index, opts.texts, tok, target.config)
+    if len(corpus.stream) == 0:
+        skipped = f" ({len(corpus.skipped_files)} files of unknown kinds skipped)" if corpus.skipped_files else ""
+        raise ValueError(f"the corpus is empty: no documents with text{skipped}")
+    windows = split_windows(corpus.stream, opts.seq_len, opts.holdout, opts.seed)
+    n_eval = min(opts.eval_windows, len(windows.held_out))
+    recipe = make_recipe(opts, target, target_folder, tok, corpus.source, init_layers, n_eval)
+    t_load = time.perf_counter() - t0
+
+    ckpt_path = out / CHECKPOINT_FILE
+    ckpt = None
+    if state_kind == "done":
+        info = read_distill_info(out) or {}
+        if not info.get("complete"):
+            raise ValueError(f"--out {out}: holds an unfinished draft whose checkpoint is gone; choose a new folder")
+        diff = recipe_diff(info.get("recipe", {}), recipe)
+        if diff:
+            raise ValueError(f"--out {out}: holds a draft distilled with another recipe (differs in "
+                             f"{', '.join(diff)}); choose a new folder")
+        log(f"{out}: already distilled with this recipe ({info.get('steps')} steps); nothing to do")
+        return info
+    if state_kind == "checkpoint":
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        diff = recipe_diff(ckpt.get("recipe", {}), recipe)
+        if diff:
+            raise ValueError(f"--out {out}: holds a checkpoint of another recipe (differs in {', '.join(diff)}); "
+                             "rerun with the same options to resume it, or choose a new folder")
+        if (out / "config.json").exists():   # a draft written when an earlier run's time budget ended
+            check_draft_compatible(target, tok, out, shared_embedding=opts.init_from is None)
+
+    torch.manual_seed(opts.seed)
+    draft = load_draft(opts.init_from, dev) if opts.init_from else build_draft(target, init_layers)
+    params = freeze_shared(draft)
+    opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = _warmup(opts)
+
+    if ckpt is not None:
+        load_trainable_state(draft, ckpt["trainable"])
+        opt.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"])
+        step = int(ckpt["step"])
+        held = HeldOut.from_state(ckpt["held_out"])
+        before = ckpt["before"]
+        losses = list(ckpt["losses"])
+        train_seconds = float(ckpt["train_seconds"])
+        log(f"resuming {out} from its checkpoint at step {step} of {opts.steps}")
+    else:
+        step, losses, train_seconds = 0, [], 0.0
+        t = time.perf_counter()
+        held = HeldOut.compute(target, windows.held_out[:n_eval], opts.batch)
+        before = evaluate(draft, held, opts.batch)
+        before["seconds"] = time.perf_counter() - t
+        log(f"held-out top-1 agreement before training: {before['top1_agreement']:.1%} "
+            f"({before['positions']:,} positions)")
+    first_step = step
+
+    def checkpoint():
+        _save_checkpoint(ckpt_path, {
+            "recipe": recipe, "step": step, "trainable": trainable_state(draft), "optimizer": opt.state_dict(),
+            "rng": _rng_state(), "held_out": held.to_state(), "before": before, "losses": losses,
+            "train_seconds": train_seconds + (time.perf_counter() - t_train), "data": data_position(
+                len(windows.train), opts.batch, step)})
+
+    out.mkdir(parents=True, exist_ok=True)
+    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    deadline = None if opts.max_minutes is None else time.perf_counter() + 60 * opts.max_minutes
+    stopped = None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=opts.steps, initial=step, disable=not opts.progress, unit="step", desc="distill",
+               dynamic_ncols=True, file=sys.stderr)
+    t_train = time.perf_counter()
+    try:
+        while step < opts.steps:
+            x = torch.from_numpy(windows.train[batch_rows(len(windows.train), opts.batch, step, opts.seed)]).long()
+            x = x.to(dev)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, opts.steps, opts.lr, warmup)
+            with torch.no_grad():
+                idx, logq = target_distribution(target(input_ids=x, use_cache=False).logits, opts.top_k)
+            loss = kl_loss(draft(input_ids=x, use_cache=False).logits, idx, logq)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(kl=f"{np.mean(losses[-20:]):.3f}", refresh=False)
+            if step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if step < opts.steps and deadline is not None and time.perf_counter() >= deadline:
+                stopped = f"time budget of {opts.max_minutes:g} min"
+                break
+            if step % opts.checkpoint_every == 0 and step < opts.steps:
+                checkpoint()
+    except KeyboardInterrupt:
+        bar.close()
+        checkpoint()
+        log(f"checkpoint saved at step {step} in {ckpt_path}")
+        raise
+    bar.close()
+    run_train = time.perf_counter() - t_train
+    if stopped:
+        checkpoint()
+    train_seconds += run_train
+
+    t = time.perf_counter()
+    after = evaluate(draft, held, opts.batch)
+    after["seconds"] = time.perf_counter() - t
+    complete = step >= opts.steps
+    n_params = sum(p.numel() for p in draft.parameters())
+    run_steps = step - first_step
+    info = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "complete": complete, "stopped": stopped,
+        "steps": step, "tokens_trained": step * opts.batch * opts.seq_len,
+        "recipe": recipe, "shares_target_embedding": opts.init_from is None,
+        "draft": {"num_hidden_layers": int(draft.config.num_hidden_layers),
+                  "target_num_hidden_layers": n_target, "init_layers": init_layers, "parameters": n_params,
+                  "trainable_parameters": sum(p.numel() for p in params)},
+        "corpus": {"documents": corpus.documents, "tokens": int(len(corpus.stream)),
+                   "train_windows": int(len(windows.train)), "held_out_windows": int(len(windows.held_out)),
+                   "data_position": data_position(len(windows.train), opts.batch, step)},
+        "agreement": {"before": before, "after": after},
+        "loss": {"first": losses[0] if losses else None, "last20_mean": float(np.mean(losses[-20:])) if losses else None,
+                 "curve": [round(float(np.mean(losses[i:i + 10])), 4) for i in range(0, len(losses), max(10, len(losses) // 20))]},
+        "seconds": {"load_this_run": round(t_load, 1), "train_total": round(train_seconds, 1),
+                    "train_this_run": round(run_train, 1), "eval_after": round(after["seconds"], 1),
+                    "wall_this_run": round(time.perf_counter() - t0, 1)},
+        "steps_per_second_this_run": round(run_steps / run_train, 4) if run_train > 0 and run_steps else None,
+        "machine": _machine(torch.get_num_threads(), dev),
+    }
+    info["seconds"]["wall_this_run"] = round(time.perf_counter() - t0, 1)
+    save_draft_folder(draft, tok, out)
+    write_json(out / DISTILL_FILE, info)
+    if complete:
+        ckpt_path.unlink(missing_ok=True)
+        fsync_dir(out)
+    return info
+
+
+def summary(info: dict, out) -> str:
+    """Three lines for people: what ran, how long, the agreement."""
+    b, a = info["agreement"]["before"], info["agreement"]["after"]
+    d = info["draft"]
+    sps = info.get("steps_per_second_this_run")
+    tr = info["recipe"]["train"]
+    lines = [
+        f"draft      {out}  ({d['num_hidden_layers']} of {d['target_num_hidden_layers']} target layers, "
+        f"{d['parameters'] / 1e6:.1f}M parameters, {d['trainable_parameters'] / 1e6:.1f}M trained)",
+        f"training   {info['steps']} of {tr['steps']} steps  {info['tokens_trained']:,} tokens  "
+        f"{info['seconds']['train_total'] / 60:.1f} min" + (f"  ({sps:.3f} steps/s this run)" if sps else "")
+        + ("" if info["complete"] else f"  stopped: {info['stopped']}; rerun the same command to continue"),
+        f"held-out   top-1 agreement {b['top1_agreement']:.1%} -> {a['top1_agreement']:.1%}  "
+        f"KL(top-{EVAL_TOP_K}) {b[f'kl_top{EVAL_TOP_K}']:.3f} -> {a[f'kl_top{EVAL_TOP_K}']:.3f}  "
+        f"({a['positions']:,} positions)",
+    ]
+    return "\n".join(lines)
