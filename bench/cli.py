@@ -206,9 +206,9 @@ def run(args) -> int:
     args.verify_profile = profile
     assistant = None
     if args.draft_model and not args.no_assisted:
-        from ..client.drafters.draft_model import load_draft
+        from ..client.drafters.draft_model import open_draft_model
 
-        assistant = load_draft(args.draft_model, model, tokenizer)
+        assistant = open_draft_model(args.draft_model, model, tokenizer)
     methods = build_methods(model, tokenizer, configs, profile=profile, max_budget=max_budget,
                             include_pld=not args.no_pld, include_ours_plain=not args.no_ours_plain,
                             drafter_factory=_drafter_factory(model, tokenizer, args), assistant=assistant)

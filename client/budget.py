@@ -79,14 +79,17 @@ def measure_cost_profile(model, sizes: Sequence[int] = DEFAULT_SIZES, past_len: 
 
     v = Verifier(model)
     rng = np.random.default_rng(0)
-    past = rng.integers(vocab_low, min(v.vocab_size, 30000), size=past_len + 1)
+    hi = min(v.vocab_size, 30000)
+    vocab_low = min(vocab_low, hi // 2)          # a tiny test vocabulary has fewer than 100 ids
+    draft_hi = min(1000, hi)
+    past = rng.integers(vocab_low, hi, size=past_len + 1)
     seconds = []
     sync = torch.cuda.synchronize if v.device.type == "cuda" else (lambda: None)
     v.prefill(past)
     for n in sizes:
         times = []
         for r in range(reps + 1):
-            tree = DraftTree(np.concatenate([[past[-1]], rng.integers(vocab_low, 1000, n - 1)]).astype(np.int32),
+            tree = DraftTree(np.concatenate([[past[-1]], rng.integers(vocab_low, draft_hi, n - 1)]).astype(np.int32),
                              np.concatenate([[-1], rng.integers(0, np.arange(1, n).clip(1), n - 1)
                                              if n > 1 else []]).astype(np.int32),
                              np.ones(n, np.float32), np.zeros(n, np.uint8))

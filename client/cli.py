@@ -161,13 +161,13 @@ def make_draft_drafter(model, tokenizer, args):
     """The draft drafter of ``--draft-model`` on the target's device and dtype, with the machine's measured
     draft forward profile (cached next to the target's t(n)) and the FR-Spec vocabulary if asked for."""
     from .budget import cached_cost_profile
-    from .drafters.draft_model import DraftModelDrafter, load_draft
+    from .drafters.draft_model import DraftModelDrafter, open_draft_model
 
     path = getattr(args, "draft_model", None)
     if not path:
         raise ValueError("the draft drafter needs --draft-model PATH (a local HF folder, e.g. from "
                          "`draft-model distill`)")
-    draft = load_draft(path, model, tokenizer)
+    draft = open_draft_model(path, model, tokenizer)
     vocab_ids = None
     if getattr(args, "draft_vocab", 0):
         from .frequent_vocab import frequent_token_ids, token_counts

@@ -312,14 +312,19 @@ def _as_tree(tree: OptTree) -> DraftTree:
                      np.ones(n, np.float32), np.zeros(n, np.uint8))
 
 
-def load_draft(path, target, tokenizer=None):
-    """A draft model from a local HF folder, on the target's device and dtype, in eval mode. Refuses a draft
-    whose vocabulary differs from the target's (its token ids would mean other tokens)."""
+def open_draft_model(path, target, tokenizer=None):
+    """The draft model in ``path`` (a local HF folder) for decoding: on the target's device and dtype, in eval
+    mode. Refuses (DraftIncompatibleError, a ValueError) a draft whose tokenizer, vocabulary or, for a draft
+    that shares the target's embedding, hidden size differ from the target's (client/draft_compat.py)."""
     from transformers import AutoModelForCausalLM
 
+    from ..draft_compat import DraftIncompatibleError, check_draft_compatible
+
+    if tokenizer is not None:
+        check_draft_compatible(target, tokenizer, path)
     p = next(target.parameters())
     draft = AutoModelForCausalLM.from_pretrained(str(path), dtype=p.dtype, local_files_only=True)
     if int(draft.config.vocab_size) != int(target.config.vocab_size):
-        raise ValueError(f"draft model {path}: vocabulary of {draft.config.vocab_size} tokens, the target's has "
-                         f"{target.config.vocab_size}: a draft must use the target's tokenizer")
+        raise DraftIncompatibleError(f"draft model {path}: vocabulary size {draft.config.vocab_size} differs from "
+                                     f"the target's {target.config.vocab_size}")
     return draft.to(p.device).eval()
