@@ -56,3 +56,25 @@ def test_cli_rejects_prompt_longer_than_context():
     r = subprocess.run([sys.executable, "-m", "specstore.client.cli", "--raw", "--prompt", ""],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_draft_model_trees_on_the_real_model_are_plain_greedy(smol):
+    """SmolLM2 with a draft cut from its own first layers (untrained: its guesses are poor, which tests the
+    rejected paths as much as the accepted ones), fused with context and recycling, RASD and FR-Spec on."""
+    import numpy as np
+
+    from specstore.client.draft_build import build_draft
+    from specstore.client.drafters.draft_model import DraftModelDrafter
+
+    model, tok = smol
+    draft = build_draft(model, [0, 1]).eval()
+    dm = DraftModelDrafter(draft, width=4, max_depth=3, vocab_ids=np.arange(0, 8192), min_layer_gain=0)
+    dec = SpeculativeDecoder(model, tok, [ContextDrafter(), RecyclingDrafter(model.config.vocab_size), dm],
+                             profile=CostProfile.flat(17), max_budget=16)
+    for p in PROMPTS[:2]:
+        ids = dec.encode_prompt(p)
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
+                             eos_token_id=sorted(dec.eos_token_ids))[0, len(ids):].tolist()
+        assert dec.generate(ids, max_new_tokens=40).new_tokens == ref, p
+    assert dm.stats["drafted"] > 0 and dm.stats["forwards"] > dm.stats["drafted"]
+    assert dec.drafter_stats["DraftModelDrafter"]["verified"] > 0
