@@ -187,19 +187,23 @@ class HeldOut:
 @torch.no_grad()
 def evaluate(draft, held: HeldOut, batch: int) -> dict:
     """{"top1_agreement": share of held-out positions where the draft's argmax is the target's,
-    "kl_top64": mean KL on the target's top-64, "positions": n}."""
+    "top5_has_target_top1": share where the target's argmax is among the draft's 5 best (what a tree
+    with 5 children per node can catch), "kl_top64": mean KL on the target's top-64, "positions": n}."""
     was_training = draft.training
     draft.eval()
     dev = next(draft.parameters()).device
-    hits, kl_sum, n = 0, 0.0, 0
+    hits, hits5, kl_sum, n = 0, 0, 0.0, 0
     for i in range(0, len(held.tokens), batch):
         lg = draft(input_ids=held.tokens[i:i + batch].long().to(dev), use_cache=False).logits
-        hits += int((lg.argmax(-1).cpu() == held.top1[i:i + batch]).sum())
+        want = held.top1[i:i + batch]
+        hits += int((lg.argmax(-1).cpu() == want).sum())
+        hits5 += int((lg.topk(min(5, lg.shape[-1]), dim=-1).indices.cpu() == want[..., None]).any(-1).sum())
         m = lg.shape[0] * lg.shape[1]
         kl_sum += float(kl_loss(lg, held.idx[i:i + batch].to(dev), held.logq[i:i + batch].to(dev))) * m
         n += m
     draft.train(was_training)
-    return {"top1_agreement": hits / n, f"kl_top{EVAL_TOP_K}": kl_sum / n, "positions": n}
+    return {"top1_agreement": hits / n, "top5_has_target_top1": hits5 / n, f"kl_top{EVAL_TOP_K}": kl_sum / n,
+            "positions": n}
 
 
 # ------------------------------------------------------------------------------------ recipe and output
@@ -308,18 +312,37 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def distill(opts: DistillOptions) -> dict:
-    """Run (or resume, or recognise as done) one distillation; returns the ``distill.json`` contents.
+@dataclass
+class _Setup:
+    """What a run reads before it trains: the target, the corpus split into windows, the recipe."""
 
-    ValueError / FileNotFoundError on bad input (no or empty corpus, layers beyond the target's, an output
-    folder of something else or of another recipe, an incompatible --init-from draft)."""
+    out: Path
+    target: object
+    tokenizer: object
+    device: torch.device
+    corpus: object
+    windows: Windows
+    n_eval: int
+    init_layers: Optional[list]
+    recipe: dict
+    load_seconds: float
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint keeps besides the weights and the optimizer (and what the report needs)."""
+
+    step: int
+    held: HeldOut
+    before: dict
+    losses: list
+    train_seconds: float
+
+
+def _prepare(opts: DistillOptions, t0: float) -> _Setup:
+    """Load the target and the corpus, check the options against them, and write down the recipe."""
     from .models import load_model, model_folder, pick_device
 
-    t0 = time.perf_counter()
-    opts.check()
-    out = Path(opts.out).expanduser().resolve()
-    state_kind = inspect_out(out)
-    log = opts.log
     dev = pick_device(opts.device)
     target_folder = model_folder(opts.model)
     target, tok = load_model(opts.model, device=str(dev), dtype="float32")
@@ -332,7 +355,6 @@ def distill(opts: DistillOptions) -> dict:
         init_layers = list(opts.init_layers) if opts.init_layers else default_init_layers(opts.layers or DEFAULT_LAYERS)
     else:
         check_draft_compatible(target, tok, opts.init_from)
-
     corpus = load_corpus(opts.index, opts.texts, tok, target.config)
     if len(corpus.stream) == 0:
         skipped = f" ({len(corpus.skipped_files)} files of unknown kinds skipped)" if corpus.skipped_files else ""
@@ -340,140 +362,176 @@ def distill(opts: DistillOptions) -> dict:
     windows = split_windows(corpus.stream, opts.seq_len, opts.holdout, opts.seed)
     n_eval = min(opts.eval_windows, len(windows.held_out))
     recipe = make_recipe(opts, target, target_folder, tok, corpus.source, init_layers, n_eval)
-    t_load = time.perf_counter() - t0
+    return _Setup(Path(opts.out).expanduser().resolve(), target, tok, dev, corpus, windows, n_eval, init_layers,
+                  recipe, time.perf_counter() - t0)
 
-    ckpt_path = out / CHECKPOINT_FILE
-    ckpt = None
+
+def _existing_run(setup: _Setup, state_kind: str, opts: DistillOptions):
+    """("done", distill.json) for a finished run of this recipe, ("resume", checkpoint) for one to continue,
+    (None, None) for a new folder; ValueError for another recipe's output."""
+    out = setup.out
     if state_kind == "done":
         info = read_distill_info(out) or {}
         if not info.get("complete"):
             raise ValueError(f"--out {out}: holds an unfinished draft whose checkpoint is gone; choose a new folder")
-        diff = recipe_diff(info.get("recipe", {}), recipe)
+        diff = recipe_diff(info.get("recipe", {}), setup.recipe)
         if diff:
             raise ValueError(f"--out {out}: holds a draft distilled with another recipe (differs in "
                              f"{', '.join(diff)}); choose a new folder")
-        log(f"{out}: already distilled with this recipe ({info.get('steps')} steps); nothing to do")
-        return info
+        return "done", info
     if state_kind == "checkpoint":
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        diff = recipe_diff(ckpt.get("recipe", {}), recipe)
+        ckpt = torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        diff = recipe_diff(ckpt.get("recipe", {}), setup.recipe)
         if diff:
             raise ValueError(f"--out {out}: holds a checkpoint of another recipe (differs in {', '.join(diff)}); "
                              "rerun with the same options to resume it, or choose a new folder")
         if (out / "config.json").exists():   # a draft written when an earlier run's time budget ended
-            check_draft_compatible(target, tok, out, shared_embedding=opts.init_from is None)
+            check_draft_compatible(setup.target, setup.tokenizer, out, shared_embedding=opts.init_from is None)
+        return "resume", ckpt
+    return None, None
 
+
+def _start(setup: _Setup, opts: DistillOptions, ckpt: Optional[dict]):
+    """(draft, trainable params, optimizer, _Progress): fresh (the held-out targets and the "before" figure
+    measured now) or as the checkpoint left them."""
     torch.manual_seed(opts.seed)
-    draft = load_draft(opts.init_from, dev) if opts.init_from else build_draft(target, init_layers)
+    draft = load_draft(opts.init_from, setup.device) if opts.init_from else build_draft(setup.target,
+                                                                                        setup.init_layers)
     params = freeze_shared(draft)
     opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = _warmup(opts)
-
     if ckpt is not None:
         load_trainable_state(draft, ckpt["trainable"])
         opt.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"])
-        step = int(ckpt["step"])
-        held = HeldOut.from_state(ckpt["held_out"])
-        before = ckpt["before"]
-        losses = list(ckpt["losses"])
-        train_seconds = float(ckpt["train_seconds"])
-        log(f"resuming {out} from its checkpoint at step {step} of {opts.steps}")
-    else:
-        step, losses, train_seconds = 0, [], 0.0
-        t = time.perf_counter()
-        held = HeldOut.compute(target, windows.held_out[:n_eval], opts.batch)
-        before = evaluate(draft, held, opts.batch)
-        before["seconds"] = time.perf_counter() - t
-        log(f"held-out top-1 agreement before training: {before['top1_agreement']:.1%} "
-            f"({before['positions']:,} positions)")
-    first_step = step
+        prog = _Progress(int(ckpt["step"]), HeldOut.from_state(ckpt["held_out"]), ckpt["before"],
+                         list(ckpt["losses"]), float(ckpt["train_seconds"]))
+        opts.log(f"resuming {setup.out} from its checkpoint at step {prog.step} of {opts.steps}")
+        return draft, params, opt, prog
+    t = time.perf_counter()
+    held = HeldOut.compute(setup.target, setup.windows.held_out[:setup.n_eval], opts.batch)
+    before = evaluate(draft, held, opts.batch)
+    before["seconds"] = time.perf_counter() - t
+    opts.log(f"held-out top-1 agreement before training: {before['top1_agreement']:.1%} "
+             f"({before['positions']:,} positions)")
+    return draft, params, opt, _Progress(0, held, before, [], 0.0)
+
+
+def _train(setup: _Setup, opts: DistillOptions, draft, params, opt, prog: _Progress) -> tuple[Optional[str], float]:
+    """Train until ``opts.steps`` or the time budget; checkpoints on the way, on Ctrl-C (then re-raised) and
+    at a budget stop. Returns (why it stopped early or None, seconds of training in this run)."""
+    from tqdm.auto import tqdm
+
+    ckpt_path = setup.out / CHECKPOINT_FILE
+    n_train, warmup = len(setup.windows.train), _warmup(opts)
+    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    deadline = None if opts.max_minutes is None else time.perf_counter() + 60 * opts.max_minutes
+    t_train = time.perf_counter()
 
     def checkpoint():
         _save_checkpoint(ckpt_path, {
-            "recipe": recipe, "step": step, "trainable": trainable_state(draft), "optimizer": opt.state_dict(),
-            "rng": _rng_state(), "held_out": held.to_state(), "before": before, "losses": losses,
-            "train_seconds": train_seconds + (time.perf_counter() - t_train), "data": data_position(
-                len(windows.train), opts.batch, step)})
+            "recipe": setup.recipe, "step": prog.step, "trainable": trainable_state(draft),
+            "optimizer": opt.state_dict(), "rng": _rng_state(), "held_out": prog.held.to_state(),
+            "before": prog.before, "losses": prog.losses,
+            "train_seconds": prog.train_seconds + (time.perf_counter() - t_train),
+            "data": data_position(n_train, opts.batch, prog.step)})
 
-    out.mkdir(parents=True, exist_ok=True)
-    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
-    deadline = None if opts.max_minutes is None else time.perf_counter() + 60 * opts.max_minutes
-    stopped = None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=opts.steps, initial=step, disable=not opts.progress, unit="step", desc="distill",
+    setup.out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=opts.steps, initial=prog.step, disable=not opts.progress, unit="step", desc="distill",
                dynamic_ncols=True, file=sys.stderr)
-    t_train = time.perf_counter()
+    stopped = None
     try:
-        while step < opts.steps:
-            x = torch.from_numpy(windows.train[batch_rows(len(windows.train), opts.batch, step, opts.seed)]).long()
-            x = x.to(dev)
+        while prog.step < opts.steps:
+            rows = batch_rows(n_train, opts.batch, prog.step, opts.seed)
+            x = torch.from_numpy(setup.windows.train[rows]).long().to(setup.device)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, opts.steps, opts.lr, warmup)
+                g["lr"] = lr_at(prog.step, opts.steps, opts.lr, warmup)
             with torch.no_grad():
-                idx, logq = target_distribution(target(input_ids=x, use_cache=False).logits, opts.top_k)
+                idx, logq = target_distribution(setup.target(input_ids=x, use_cache=False).logits, opts.top_k)
             loss = kl_loss(draft(input_ids=x, use_cache=False).logits, idx, logq)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            step += 1
-            losses.append(loss.item())
+            prog.step += 1
+            prog.losses.append(loss.item())
             bar.update(1)
-            bar.set_postfix(kl=f"{np.mean(losses[-20:]):.3f}", refresh=False)
-            if step == kill_at:
+            bar.set_postfix(kl=f"{np.mean(prog.losses[-20:]):.3f}", refresh=False)
+            if prog.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            if step < opts.steps and deadline is not None and time.perf_counter() >= deadline:
+            if prog.step < opts.steps and deadline is not None and time.perf_counter() >= deadline:
                 stopped = f"time budget of {opts.max_minutes:g} min"
+                checkpoint()
                 break
-            if step % opts.checkpoint_every == 0 and step < opts.steps:
+            if prog.step % opts.checkpoint_every == 0 and prog.step < opts.steps:
                 checkpoint()
     except KeyboardInterrupt:
         bar.close()
         checkpoint()
-        log(f"checkpoint saved at step {step} in {ckpt_path}")
+        opts.log(f"checkpoint saved at step {prog.step} in {ckpt_path}")
         raise
     bar.close()
-    run_train = time.perf_counter() - t_train
-    if stopped:
-        checkpoint()
-    train_seconds += run_train
+    return stopped, time.perf_counter() - t_train
 
-    t = time.perf_counter()
-    after = evaluate(draft, held, opts.batch)
-    after["seconds"] = time.perf_counter() - t
-    complete = step >= opts.steps
-    n_params = sum(p.numel() for p in draft.parameters())
-    run_steps = step - first_step
-    info = {
+
+def _report(setup: _Setup, opts: DistillOptions, draft, params, prog: _Progress, after: dict,
+            stopped: Optional[str], run_steps: int, run_train: float, t0: float) -> dict:
+    """The ``distill.json`` contents."""
+    losses = prog.losses
+    every = max(10, len(losses) // 20)
+    return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
-        "complete": complete, "stopped": stopped,
-        "steps": step, "tokens_trained": step * opts.batch * opts.seq_len,
-        "recipe": recipe, "shares_target_embedding": opts.init_from is None,
+        "complete": prog.step >= opts.steps, "stopped": stopped,
+        "steps": prog.step, "tokens_trained": prog.step * opts.batch * opts.seq_len,
+        "recipe": setup.recipe, "shares_target_embedding": opts.init_from is None,
         "draft": {"num_hidden_layers": int(draft.config.num_hidden_layers),
-                  "target_num_hidden_layers": n_target, "init_layers": init_layers, "parameters": n_params,
+                  "target_num_hidden_layers": int(setup.target.config.num_hidden_layers),
+                  "init_layers": setup.init_layers, "parameters": sum(p.numel() for p in draft.parameters()),
                   "trainable_parameters": sum(p.numel() for p in params)},
-        "corpus": {"documents": corpus.documents, "tokens": int(len(corpus.stream)),
-                   "train_windows": int(len(windows.train)), "held_out_windows": int(len(windows.held_out)),
-                   "data_position": data_position(len(windows.train), opts.batch, step)},
-        "agreement": {"before": before, "after": after},
-        "loss": {"first": losses[0] if losses else None, "last20_mean": float(np.mean(losses[-20:])) if losses else None,
-                 "curve": [round(float(np.mean(losses[i:i + 10])), 4) for i in range(0, len(losses), max(10, len(losses) // 20))]},
-        "seconds": {"load_this_run": round(t_load, 1), "train_total": round(train_seconds, 1),
+        "corpus": {"documents": setup.corpus.documents, "tokens": int(len(setup.corpus.stream)),
+                   "train_windows": int(len(setup.windows.train)),
+                   "held_out_windows": int(len(setup.windows.held_out)),
+                   "data_position": data_position(len(setup.windows.train), opts.batch, prog.step)},
+        "agreement": {"before": prog.before, "after": after},
+        # the curve: mean training loss of 10 steps, every `every` steps
+        "loss": {"first": losses[0] if losses else None,
+                 "last20_mean": float(np.mean(losses[-20:])) if losses else None, "curve_every": every,
+                 "curve": [round(float(np.mean(losses[i:i + 10])), 4) for i in range(0, len(losses), every)]},
+        "seconds": {"load_this_run": round(setup.load_seconds, 1), "train_total": round(prog.train_seconds, 1),
                     "train_this_run": round(run_train, 1), "eval_after": round(after["seconds"], 1),
                     "wall_this_run": round(time.perf_counter() - t0, 1)},
         "steps_per_second_this_run": round(run_steps / run_train, 4) if run_train > 0 and run_steps else None,
-        "machine": _machine(torch.get_num_threads(), dev),
+        "machine": _machine(torch.get_num_threads(), setup.device),
     }
-    info["seconds"]["wall_this_run"] = round(time.perf_counter() - t0, 1)
-    save_draft_folder(draft, tok, out)
-    write_json(out / DISTILL_FILE, info)
-    if complete:
-        ckpt_path.unlink(missing_ok=True)
-        fsync_dir(out)
+
+
+def distill(opts: DistillOptions) -> dict:
+    """Run (or resume, or recognise as done) one distillation; returns the ``distill.json`` contents.
+
+    ValueError / FileNotFoundError on bad input (no or empty corpus, layers beyond the target's, an output
+    folder of something else or of another recipe, an incompatible --init-from draft)."""
+    t0 = time.perf_counter()
+    opts.check()
+    state_kind = inspect_out(Path(opts.out).expanduser().resolve())   # before the slow loads: fail fast
+    setup = _prepare(opts, t0)
+    kind, found = _existing_run(setup, state_kind, opts)
+    if kind == "done":
+        opts.log(f"{setup.out}: already distilled with this recipe ({found.get('steps')} steps); nothing to do")
+        return found
+    draft, params, opt, prog = _start(setup, opts, found)
+    first_step = prog.step
+    stopped, run_train = _train(setup, opts, draft, params, opt, prog)
+    prog.train_seconds += run_train
+    t = time.perf_counter()
+    after = evaluate(draft, prog.held, opts.batch)
+    after["seconds"] = time.perf_counter() - t
+    info = _report(setup, opts, draft, params, prog, after, stopped, prog.step - first_step, run_train, t0)
+    save_draft_folder(draft, setup.tokenizer, setup.out)
+    write_json(setup.out / DISTILL_FILE, info)
+    if info["complete"]:
+        (setup.out / CHECKPOINT_FILE).unlink(missing_ok=True)
+        fsync_dir(setup.out)
     return info
 
 
@@ -490,7 +548,9 @@ def summary(info: dict, out) -> str:
         f"{info['seconds']['train_total'] / 60:.1f} min" + (f"  ({sps:.3f} steps/s this run)" if sps else "")
         + ("" if info["complete"] else f"  stopped: {info['stopped']}; rerun the same command to continue"),
         f"held-out   top-1 agreement {b['top1_agreement']:.1%} -> {a['top1_agreement']:.1%}  "
-        f"KL(top-{EVAL_TOP_K}) {b[f'kl_top{EVAL_TOP_K}']:.3f} -> {a[f'kl_top{EVAL_TOP_K}']:.3f}  "
+        + (f"target's top-1 in the draft's top-5 {b['top5_has_target_top1']:.1%} -> "
+           f"{a['top5_has_target_top1']:.1%}  " if "top5_has_target_top1" in a and "top5_has_target_top1" in b else "")
+        + f"KL(top-{EVAL_TOP_K}) {b[f'kl_top{EVAL_TOP_K}']:.3f} -> {a[f'kl_top{EVAL_TOP_K}']:.3f}  "
         f"({a['positions']:,} positions)",
     ]
     return "\n".join(lines)
