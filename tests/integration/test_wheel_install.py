@@ -24,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ROOMS = ("client", "datastore", "indexers", "protos", "bench")
-SCRIPTS = ("spec-generate", "spec-bench", "index-build", "datastore-serve")
+SCRIPTS = ("spec-generate", "spec-bench", "index-build", "datastore-serve", "draft-model")
 PACKAGE_DATA = ("specstore/client/drafters/token_recycle_tree.json", "specstore/protos/datastore.proto")
 
 WORDS = [f"w{i}" for i in range(1020)]
