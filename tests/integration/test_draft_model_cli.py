@@ -66,3 +66,17 @@ def test_spec_bench_reports_the_draft_configurations(made, tmp_path):
     assert {"assisted", "ours:draft", "ours:draft:frspec", "ours:context,recycling,draft:norasd"} <= methods
     counters = res["meta"]["drafter_counters"]["ours:context,recycling,draft"]["DraftModelDrafter"]
     assert counters["seconds"] > 0 and counters["verified"] >= counters["accepted"] >= 0
+
+
+def test_draft_agreement_tool_measures_the_draft(made, tmp_path):
+    d, target, _ = made
+    cats = ["writing", "translation", "summarization", "qa", "math_reasoning", "rag"]
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": ["the red cat runs over the"]}) + "\n"
+                         for i, c in enumerate(cats)))
+    r = _run("specstore.bench.draft_agreement", str(d / "draft"), "--model", str(target), "--questions", str(q),
+             "--max-new-tokens", "12", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["prompts"] == 6 and out["positions"] > 0
+    assert 0.0 <= out["teacher_forced_top1_agreement"] <= 1.0 and 0.0 <= out["first_node_acceptance"] <= 1.0
