@@ -58,15 +58,17 @@ def choose_max_budget(requested: Optional[int], model, profile) -> int:
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; ValueError naming ``file:line`` on bad JSON."""
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        yield i, obj
+    """(line number, object) for each non-blank line, read as it goes (a corpus may be large); ValueError naming
+    ``file:line`` on bad JSON."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            yield i, obj
 
 
 def add_draft_arguments(parser) -> None:

@@ -11,7 +11,6 @@ formats (JSON arrays, Parquet, datasets folders, templates) go through ``index-b
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -19,6 +18,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from ..datastore.index_format import IndexFormatError, tokenizer_fingerprint
+from .cli_support import iter_jsonl
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
@@ -93,18 +93,14 @@ def _documents(path: Path) -> Iterator[str]:
         except UnicodeDecodeError:
             raise ValueError(f"--text {path}: not UTF-8 text") from None
         return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    try:
+        for i, rec in iter_jsonl(path):
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise ValueError(f"{path}:{i}: no string \"text\" field (for other layouts build an index with "
                                  "index-build --text-field/--template and pass --index)")
             yield rec["text"]
+    except UnicodeDecodeError:
+        raise ValueError(f"--text {path}: not UTF-8 text") from None
 
 
 def text_corpus(inputs: list, tokenizer, eos_id: int, batch_docs: int = 256) -> Corpus:
