@@ -317,7 +317,7 @@ class SpeculativeDecoder:
                     trees.append(t)
             except Exception as e:  # noqa: BLE001 - counted and logged; this step goes on without its tree
                 errors.record(d, "propose", e)
-            self.drafter_stats[type(d).__name__]["seconds"] += spent[i] + clock() - t0
+            self._stats_of(d)["seconds"] += spent[i] + clock() - t0
         if not trees:
             self.controller.steps += 1
             return DraftTree.empty(root)
@@ -329,6 +329,13 @@ class SpeculativeDecoder:
         fused = self._sanitize(fused, remaining)
         tree, _ = self.controller.choose(fused)
         return tree
+
+    def _stats_of(self, d) -> dict:
+        """``drafter_stats`` of ``d``'s class (a drafter may join ``self.drafters`` after construction)."""
+        st = self.drafter_stats.get(type(d).__name__)
+        if st is None:
+            st = self.drafter_stats[type(d).__name__] = {"seconds": 0.0, "verified": 0, "accepted": 0}
+        return st
 
     def _sanitize(self, tree: DraftTree, remaining: int) -> DraftTree:
         """Drop nodes with ids outside the vocabulary, deeper than the room left, or past the context."""
@@ -354,7 +361,7 @@ class SpeculativeDecoder:
             for d in drafters:
                 mine = (tree.sources[1:] & int(d.source)) != 0
                 if d.source and mine.any():
-                    st = self.drafter_stats[type(d).__name__]
+                    st = self._stats_of(d)
                     st["verified"] += int(mine.sum())
                     st["accepted"] += int((mine & on_path[1:]).sum())
         if self._needs_topk:
