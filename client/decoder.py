@@ -124,8 +124,9 @@ class SpeculativeDecoder:
             raise TypeError(f"drafters must subclass specstore.client.types.Drafter: {', '.join(alien)}")
         self.drafter_errors = DrafterErrors()
         # per drafter class: seconds in prefetch + propose, verified and accepted nodes carrying its source
-        self.drafter_stats: dict[str, dict] = {type(d).__name__: {"seconds": 0.0, "verified": 0, "accepted": 0}
-                                               for d in self.drafters}
+        self.drafter_stats: dict[str, dict] = {}
+        for d in self.drafters:
+            self._stats_of(d)
         self.speculate = speculate
         self.topk = topk
         self.verifier = Verifier(model, topk=topk)

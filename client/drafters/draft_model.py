@@ -19,7 +19,6 @@ masses, so acceptance (greedy or sampling) is as exact as with the full vocabula
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Optional, Sequence
 
@@ -31,9 +30,6 @@ from ..kv_cache import attention_backends, cache_keyword, cache_length, keep_pos
 from ..opt_tree import OptTree
 from ..tree_attention import ancestor_matrix, additive_mask
 from ..types import DecodeContext, Drafter, DraftTree, Source, StepResult
-
-log = logging.getLogger(__name__)
-
 
 class DraftModelDrafter(Drafter):
     """draft:      a causal LM (transformers) sharing the target's tokenizer, in eval mode
@@ -178,8 +174,8 @@ class DraftModelDrafter(Drafter):
         new = tree.add_layer(toks[None, : self.width], probs[None, : self.width], self.width, scale)
         base = cache_length(self.cache)
         fed = 0                               # tree nodes 1..fed have KV rows, at base + node - 1
-        while len(new) and tree.depth < self.max_depth and self._worth_layer(tree, budget, fed):
-            anc = ancestor_matrix(_as_tree(tree))[new][:, 1:]          # [w, nodes so far]: ancestors, self
+        while len(new) and tree.depth < self.max_depth and self._worth_layer(tree, budget):
+            anc = ancestor_matrix(tree.to_tree(len(tree)))[new][:, 1:]   # [w, nodes so far]: ancestors, self
             pos = base - 1 + tree.depth
             ct, cp = self._forward([tree.tokens[i] for i in new], [pos] * len(new), additive_mask(
                 anc, base, self.device, self.dtype))
@@ -241,7 +237,6 @@ class DraftModelDrafter(Drafter):
                                                               "vocab": len(self.vocab_ids) if self.vocab_ids
                                                               is not None else vocab})
 
-    # ------------------------------------------------------------------ what drafting pays
     @property
     def calibration(self) -> float:
         """Accepted / predicted over this drafter's verified nodes (decayed; starts at 0.5)."""
@@ -280,7 +275,7 @@ class DraftModelDrafter(Drafter):
         self._skipped += 1
         return self._skipped % 16 == 0
 
-    def _worth_layer(self, tree: OptTree, budget: int, fed: int) -> bool:
+    def _worth_layer(self, tree: OptTree, budget: int) -> bool:
         """Feed the last layer and grow another? Predicts the next layer's gain from the last two layers'
         ratio, and (with profiles) weighs it against the forward it costs and the larger verify."""
         d = tree.depth
@@ -304,12 +299,6 @@ class DraftModelDrafter(Drafter):
         now = g_now / (spent + t(1 + n_now))
         later = (g_now + nxt) / (spent + td(len(tree.layers[d])) + t(1 + n_next))
         return later > now
-
-
-def _as_tree(tree: OptTree) -> DraftTree:
-    n = len(tree)
-    return DraftTree(np.asarray(tree.tokens, np.int32), np.asarray(tree.parents, np.int32),
-                     np.ones(n, np.float32), np.zeros(n, np.uint8))
 
 
 def open_draft_model(path, target, tokenizer=None):
