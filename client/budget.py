@@ -117,9 +117,12 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
 
     from ..datastore.durable import write_text
     from ..datastore.model_files import cache_root
+    from . import small_linear
 
     p = next(model.parameters())
     key = f"{model_name}-{p.device.type}-{str(p.dtype).replace('torch.', '')}-t{torch.get_num_threads()}"
+    if small_linear.installed(model):
+        key += "-smalllinear"               # another kernel, another curve (client/small_linear.py)
     if p.device.type == "cuda":
         key += "-" + torch.cuda.get_device_name(p.device).replace(" ", "_")
     path = (cache_dir or cache_root() / "profiles") / f"{key}.json"

@@ -16,6 +16,7 @@ import torch
 
 from ..datastore.durable import atomic_dir
 from ..datastore.model_files import ModelFiles, resolve_model, tokenizer_folder
+from . import small_linear
 
 log = logging.getLogger(__name__)
 
@@ -86,5 +87,6 @@ def load_model(spec: Optional[str] = None, device: Optional[str] = None, dtype: 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt, attn_implementation=attn_implementation,
                                                  local_files_only=True)
     model.to(dev).eval()
+    small_linear.install(model)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return model, tokenizer

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .. import small_linear
 from ..budget import CostProfile
 from ..kv_cache import attention_backends, cache_keyword, cache_length, keep_positions, new_cache
 from ..opt_tree import OptTree
@@ -316,4 +317,6 @@ def open_draft_model(path, target, tokenizer=None):
     if int(draft.config.vocab_size) != int(target.config.vocab_size):
         raise DraftIncompatibleError(f"draft model {path}: vocabulary size {draft.config.vocab_size} differs from "
                                      f"the target's {target.config.vocab_size}")
-    return draft.to(p.device).eval()
+    draft = draft.to(p.device).eval()
+    small_linear.install(draft)       # it drafts a layer of a few rows per forward: client/small_linear.py
+    return draft

@@ -1,0 +1,72 @@
+"""client/small_linear.py: the few-rows linear path gives torch's linear's values (up to rounding), leaves one
+row and big inputs on torch's own path bit for bit, and is installed only on CPU float32 models."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specstore.client import small_linear
+from specstore.client.budget import CostProfile, cached_cost_profile
+from specstore.client.verifier import Verifier
+
+from ..helpers import TEST_DEVICE, tiny_llama
+
+
+def _linears(model):
+    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+def _plain_logits(model, ids):
+    saved = [m.__dict__.pop("forward", None) for m in _linears(model)]
+    try:
+        with torch.inference_mode():
+            return model(ids).logits
+    finally:
+        for m, f in zip(_linears(model), saved):
+            if f is not None:
+                m.forward = f
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 17, small_linear.MAX_ROWS, small_linear.MAX_ROWS + 1, 100])
+def test_same_values_as_torch_linear(n):
+    model = tiny_llama(vocab=96, layers=2).cpu()
+    assert small_linear.install(model) and small_linear.installed(model)
+    ids = torch.randint(3, 96, (1, n), generator=torch.Generator().manual_seed(n))
+    ref = _plain_logits(model, ids)
+    with torch.inference_mode():
+        got = model(ids).logits
+    if n == 1 or n > small_linear.MAX_ROWS:
+        assert torch.equal(got, ref)                   # torch's own path, bit for bit
+    else:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_and_batch_shapes():
+    lin = torch.nn.Linear(8, 5, bias=True)
+    x = torch.randn(2, 3, 8)
+    ref = lin(x)
+    holder = torch.nn.Sequential(lin)
+    assert small_linear.install(holder)
+    got = lin(x)
+    assert got.shape == (2, 3, 5)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_only_cpu_float32_and_not_when_disabled(monkeypatch):
+    assert not small_linear.install(tiny_llama().to(torch.bfloat16))
+    monkeypatch.setenv("SPECSTORE_SMALL_LINEAR", "0")
+    model = tiny_llama()
+    assert not small_linear.install(model)
+    assert all("forward" not in m.__dict__ for m in _linears(model))
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="the few-rows path is for CPU models")
+def test_verifier_installs_it_and_the_cost_profile_says_so(tmp_path):
+    model = tiny_llama()
+    Verifier(model)
+    assert small_linear.installed(model)
+    prof = cached_cost_profile(model, "tiny", cache_dir=tmp_path, measure=lambda sizes: CostProfile([1, 2], [1.0, 1.0]))
+    (path,) = tmp_path.glob("*.json")
+    assert "-smalllinear" in path.name and json.loads(path.read_text())["sizes"] == prof.sizes
