@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 from .cli_common import EXIT_INTERRUPTED, EXIT_OK, CliParser, UsageError, run_cli
 from .logs import setup_logging
 
+# recent shared outputs (datastore/output_shards.py): compact past 256K online tokens into ~1 MB shards,
+# keep 64M compacted tokens (~256 shards of a few hundred MB in all)
+OUTPUTS_COMPACT_TOKENS = 1 << 18
+OUTPUTS_MAX_COMPACTED_TOKENS = 1 << 26
+
 log = logging.getLogger("datastore.cli")
 
 
@@ -123,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows kept (least recently updated go first; default 1,000,000, ~0.3-0.5 GB)")
     g.add_argument("--stats-snapshot-every", type=int, default=10_000,
                    help="snapshot after this many pushes, which bounds the log replayed at start (default 10000)")
+    g.add_argument("--outputs-compact-tokens", type=int, default=OUTPUTS_COMPACT_TOKENS, metavar="N",
+                   help="with --stats-dir: when the recent shared outputs held online exceed this many tokens, the "
+                        "oldest are compacted, in the background, into a suffix-array shard in <stats-dir>/outputs/ "
+                        f"that lookups search too (default {OUTPUTS_COMPACT_TOKENS}; below the online bound of "
+                        "1,000,000). With --stats-redis the outputs stay online only")
+    g.add_argument("--outputs-max-compacted-tokens", type=int, default=OUTPUTS_MAX_COMPACTED_TOKENS, metavar="N",
+                   help="with --stats-dir: tokens kept in compacted output shards; past it the oldest shards are "
+                        f"deleted (default {OUTPUTS_MAX_COMPACTED_TOKENS:,}; at least --outputs-compact-tokens)")
     g = ap.add_argument_group("logging")
     g.add_argument("--log-level", default="info")
     g.add_argument("--log-format", choices=("json", "text"), default="json")
@@ -182,6 +195,10 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
         from .ngram_stats import NgramStats
 
         table = NgramStats(half_life_s=a.stats_half_life, max_rows=a.stats_max_rows)
+        if a.stats_dir and a.outputs_compact_tokens >= table.outputs.max_tokens:
+            # the online store would evict its oldest outputs before they were ever compacted
+            raise UsageError(f"--outputs-compact-tokens must be below the online outputs' bound "
+                             f"({table.outputs.max_tokens} tokens)")
         if a.stats_redis:
             from .stats_redis import RedisStats
 
@@ -189,7 +206,9 @@ async def _serve(a, worker: Optional["Worker"] = None) -> int:
         else:
             from .stats_log import StatsLog
 
-            stats = StatsLog(a.stats_dir, stats=table, snapshot_every=a.stats_snapshot_every).open()
+            stats = StatsLog(a.stats_dir, stats=table, snapshot_every=a.stats_snapshot_every,
+                             outputs_compact_tokens=a.outputs_compact_tokens,
+                             outputs_max_compacted_tokens=a.outputs_max_compacted_tokens).open()
     server = DatastoreServer(a.index, config, opts,
                              opener=default_opener(load_faiss=not a.no_faiss, shard_group=_shard_group(a.shard_group)),
                              tokenizer=tokenizer, stats=stats)
@@ -275,6 +294,10 @@ def _main(a) -> int:
         raise UsageError("give --stats-dir (one process) or --stats-redis (replicas), not both")
     if (a.stats_dir or a.stats_redis) and (a.stats_half_life <= 0 or a.stats_max_rows < 1 or a.stats_snapshot_every < 1):
         raise UsageError("--stats-half-life, --stats-max-rows and --stats-snapshot-every must be positive")
+    if a.stats_dir and a.outputs_compact_tokens < 1:
+        raise UsageError("--outputs-compact-tokens must be positive")
+    if a.stats_dir and a.outputs_max_compacted_tokens < a.outputs_compact_tokens:
+        raise UsageError("--outputs-max-compacted-tokens must be at least --outputs-compact-tokens")
     if a.stats_redis:
         try:
             import redis  # noqa: F401

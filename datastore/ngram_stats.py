@@ -34,6 +34,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from .index import build_tree
+from .output_shards import shard_matches
 from .output_store import OutputStore
 
 
@@ -67,6 +68,9 @@ class NgramStats:
             raise ValueError("order, keep, half_life_s and max_rows must be positive")
         # finished generations shared as they are (datastore/output_store.py): same log, same lock
         self.outputs = OutputStore(max_output_tokens)
+        # its compacted older part (datastore/output_shards.py OutputShard), oldest first; replaced, never
+        # mutated, so a lookup reads it once under the lock and searches the shards outside it
+        self.output_shards: tuple = ()
         self.order, self.keep = int(order), int(keep)
         self.half_life_s, self.max_rows = float(half_life_s), int(max_rows)
         self.version = 0                     # +1 per applied batch
@@ -167,18 +171,57 @@ class NgramStats:
                          np.asarray(probs, np.float32), match_len)
 
     def output_tree(self, context: Sequence[int], budget: int, *, min_prob: float = 0.1, depth: int = 8,
-                    max_matches: int = 16) -> StatsTree:
-        """The recent outputs' continuation tree after ``context`` (see datastore/output_store.py)."""
-        if budget <= 0 or not len(self.outputs):
+                    max_matches: int = 16, max_span: int = 16) -> StatsTree:
+        """The recent outputs' continuation tree after ``context``: the online store's matches and the
+        compacted shards' (datastore/output_store.py, datastore/output_shards.py), ranked together by match
+        length, then newer first, the ``max_matches`` best counted into one tree (``index.build_tree``)."""
+        if budget <= 0 or not (len(self.outputs) or self.output_shards):
             return _EMPTY_TREE
         with self._lock:
-            rows, match_len = self.outputs.continuations(context, max_matches=max_matches, depth=depth)
-        if not len(rows):
+            scored = self.outputs.matches(context, max_matches, max_span)
+            rows = [self.outputs.rows([p for _, p in scored], depth)] if scored else []
+            shards = self.output_shards
+        lens = [np.asarray([n for n, _ in scored], np.int64)] if scored else []
+        for o in reversed(shards):                   # newest first: the online store's outputs are newer still
+            n, pos = shard_matches(o.shard, context, max_matches, max_span)
+            if len(pos):
+                lens.append(n)
+                rows.append(o.shard.continuations(pos, depth))
+        if not rows:
             return _EMPTY_TREE
-        t = build_tree(rows, np.zeros(len(rows), bool), budget, min_prob)
+        n, rows = np.concatenate(lens), np.concatenate(rows)
+        pick = np.argsort(-n, kind="stable")[:max_matches]
+        t = build_tree(rows[pick], np.zeros(len(pick), bool), budget, min_prob)
         if t is None:
             return _EMPTY_TREE
-        return StatsTree(t[0], t[1], t[2], match_len)
+        return StatsTree(t[0], t[1], t[2], int(n[pick[0]]))
+
+    # ------------------------------------------------------------------ compaction (OutputCompactor's steps)
+    def outputs_to_compact(self, max_tokens: int) -> tuple[int, list]:
+        """A copy of the oldest online outputs (at most ``max_tokens`` tokens): (first ordinal, token lists)."""
+        with self._lock:
+            return self.outputs.oldest(max_tokens)
+
+    def install_output_shard(self, shard) -> int:
+        """Search ``shard`` from now on and drop the online outputs it holds (ordinals below its end, which
+        also covers every older shard's); returns how many were dropped."""
+        with self._lock:
+            if all(o.path != shard.path for o in self.output_shards):
+                self.output_shards = tuple(sorted((*self.output_shards, shard), key=lambda o: o.first))
+            return self.outputs.drop_before(max(o.end for o in self.output_shards))
+
+    def retire_output_shards(self, max_tokens: int) -> list:
+        """Stop searching the oldest shards while the shards hold more than ``max_tokens`` tokens (the newest
+        stays: it records what is compacted); returns them, for the caller to delete."""
+        with self._lock:
+            keep = list(self.output_shards)
+            total = sum(o.tokens for o in keep)
+            gone = []
+            while len(keep) > 1 and total > max_tokens:
+                gone.append(keep.pop(0))
+                total -= gone[-1].tokens
+            self.output_shards = tuple(keep)
+            return gone
 
     def rows_since(self, version: int, limit: int, k: int = 8) -> tuple[list[tuple[int, list[int], list[float]]], int, bool]:
         """Order-1 rows updated after ``version``, oldest update first: ([(token, next tokens, P)], the version

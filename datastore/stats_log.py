@@ -19,6 +19,10 @@ Files in ``directory``:
   open. Anywhere else it is corruption, and ``open`` refuses with the file and offset.
 - ``snapshot.npz``: the table, the recent batch ids and the last seq it includes; written atomically every
   ``snapshot_every`` records, after which the segments it covers are deleted (replay time stays bounded).
+- ``outputs/``: the recent shared outputs compacted into suffix-array shards, with ``outputs_compact_tokens``
+  (datastore/output_shards.py): a background thread, lookups and pushes go on meanwhile. At open, after the
+  replay, the online outputs a shard already holds are dropped (a kill between a shard's rename and the
+  next snapshot neither loses nor duplicates an output).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ import numpy as np
 from ..protos import datastore_pb2 as pb
 from .durable import fsync_dir, save_npz
 from .ngram_stats import NgramStats
+from .output_shards import OUTPUTS_DIR, OutputCompactor, open_output_shards
 
 log = logging.getLogger("datastore.stats")
 
@@ -70,7 +75,8 @@ class StatsLog:
     """The statistics table behind a write-ahead log; see the module docstring."""
 
     def __init__(self, directory, *, stats: Optional[NgramStats] = None, snapshot_every: int = 10_000,
-                 max_batch_ids: int = 1_000_000, fsync: bool = True, clock: Callable[[], float] = time.time):
+                 max_batch_ids: int = 1_000_000, fsync: bool = True, clock: Callable[[], float] = time.time,
+                 outputs_compact_tokens: Optional[int] = None, outputs_max_compacted_tokens: int = 1 << 26):
         self.dir = Path(directory)
         self.stats = stats if stats is not None else NgramStats()   # (an empty table is falsy: len 0)
         self.snapshot_every = int(snapshot_every)
@@ -85,6 +91,10 @@ class StatsLog:
         self._thread: Optional[threading.Thread] = None
         self.replayed = 0
         self.cut_tail_bytes = 0
+        # None: the recent outputs stay online only (shards already on disk are still searched)
+        self.outputs_compact_tokens = outputs_compact_tokens
+        self.outputs_max_compacted_tokens = int(outputs_max_compacted_tokens)
+        self.compactor: Optional[OutputCompactor] = None
 
     # ------------------------------------------------------------------ start
     def open(self) -> "StatsLog":
@@ -101,12 +111,27 @@ class StatsLog:
         segs = _segments(self.dir)
         for i, seg in enumerate(segs):
             self._replay(seg, newest=i == len(segs) - 1)
+        self._open_output_shards()
         self._start_segment()
         self._thread = threading.Thread(target=self._writer, name="stats-wal", daemon=True)
         self._thread.start()
         log.info("shared statistics: %d rows, version %d, %d records replayed from %s", len(self.stats),
                  self.stats.version, self.replayed, self.dir)
         return self
+
+    def _open_output_shards(self) -> None:
+        folder = self.dir / OUTPUTS_DIR
+        if self.outputs_compact_tokens is None and not folder.exists():
+            return
+        dropped = 0
+        for sh in open_output_shards(folder):
+            dropped += self.stats.install_output_shard(sh)
+        if self.stats.output_shards:
+            log.info("recent outputs: %d compacted shards; %d replayed outputs they already hold dropped",
+                     len(self.stats.output_shards), dropped)
+        if self.outputs_compact_tokens is not None:
+            self.compactor = OutputCompactor(self.stats, folder, self.outputs_compact_tokens,
+                                             self.outputs_max_compacted_tokens).start()
 
     def _replay(self, seg: Path, newest: bool) -> None:
         data = seg.read_bytes()
@@ -224,6 +249,8 @@ class StatsLog:
         for req, fut in group:
             fut.set_result((id(fut) in applied, version))
         self._since_snapshot += len(fresh)
+        if self.compactor is not None:
+            self.compactor.poke()
         if self._since_snapshot >= self.snapshot_every:
             self.snapshot()
 
@@ -244,6 +271,9 @@ class StatsLog:
         self._since_snapshot = 0
 
     def close(self) -> None:
+        if self.compactor is not None:
+            self.compactor.close()
+            self.compactor = None
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()

@@ -30,6 +30,25 @@ def token_dtype_for(vocab_size: int):
     return np.uint16 if vocab_size <= 65535 else np.uint32
 
 
+def pack_documents(docs, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(T [sum(len) + len(docs) + 1] of ``dtype``, starts int64 [len(docs) + 1]): the documents (token arrays)
+    in one array, a separator before each and one at the end; ``starts`` = each document's first token, then
+    ``len(T)`` (a shard's ``tokens.npy`` and ``docs.npy``)."""
+    sep = sep_for(dtype)
+    lens = np.fromiter((len(a) for a in docs), dtype=np.int64, count=len(docs))
+    T = np.empty(int(lens.sum()) + len(docs) + 1, dtype=dtype)
+    starts = np.empty(len(docs) + 1, dtype=np.int64)
+    pos = 0
+    for j, a in enumerate(docs):
+        T[pos] = sep
+        starts[j] = pos + 1
+        T[pos + 1:pos + 1 + len(a)] = a
+        pos += 1 + len(a)
+    T[pos] = sep
+    starts[-1] = len(T)
+    return T, starts
+
+
 def build_reverse_sa(tokens: np.ndarray) -> np.ndarray:
     """Positions sorted by the backward string from each position (int32), built with pydivsufsort."""
     import pydivsufsort

@@ -39,7 +39,7 @@ from ..datastore.index_format import (FAISS_CHUNKS, FAISS_FILES, FAISS_INDEX, FO
                                       SHARD_RSA, SHARD_TOKENS, IndexFormatError, IndexManifest, faiss_path,
                                       file_entry, index_id_of, is_complete_index, shard_path, tokenizer_fingerprint)
 from ..datastore.model_files import load_tokenizer
-from ..datastore.suffix_shard import build_buckets, build_reverse_sa, sep_for, token_dtype_for
+from ..datastore.suffix_shard import build_buckets, build_reverse_sa, pack_documents, sep_for, token_dtype_for
 from .readers import ReadStats, input_signature, iter_documents
 
 DEFAULT_SHARD_TOKENS = 1 << 26   # 67M tokens per shard (~400 MB of SA + tokens)
@@ -687,22 +687,12 @@ def _write_shard(ctx: BuildContext, i: int, buf: list, buf_ids: list) -> dict:
     name = f"shard-{i:05d}"
     d = shard_path(ctx.staging, name)
     d.mkdir(exist_ok=True)
-    lens = np.fromiter((len(a) for a in buf), dtype=np.int64, count=len(buf))
-    T = np.empty(int(lens.sum()) + len(buf) + 1, dtype=ctx.dtype)
-    starts = np.empty(len(buf) + 1, dtype=np.int64)
-    pos = 0
-    for j, a in enumerate(buf):
-        T[pos] = ctx.sep
-        starts[j] = pos + 1
-        T[pos + 1:pos + 1 + len(a)] = a
-        pos += 1 + len(a)
-    T[pos] = ctx.sep
-    starts[-1] = len(T)
+    T, starts = pack_documents(buf, ctx.dtype)
     save_npy(d / SHARD_TOKENS, T)
     save_npy(d / SHARD_DOCS, starts)
     save_npy(d / SHARD_DOC_IDS, np.asarray(buf_ids, dtype=np.int64))
     _crash_point(f"tokenize:{name}")
-    shard = {"name": name, "num_tokens": int(lens.sum()), "array_len": int(len(T)),
+    shard = {"name": name, "num_tokens": len(T) - len(buf) - 1, "array_len": int(len(T)),
              "num_documents": len(buf), "doc_id_min": int(buf_ids[0]), "doc_id_max": int(buf_ids[-1])}
     ctx.stages.mark(f"tokenize-{i:05d}", [d / SHARD_TOKENS, d / SHARD_DOCS, d / SHARD_DOC_IDS],
                     shard=shard, doc_end=int(buf_ids[-1]) - ctx.doc_base + 1)
