@@ -1,11 +1,10 @@
 """Linear layers for a few rows on CPU: ``y = (W @ x^T)^T`` instead of ``x @ W^T``.
 
-Why: a tree verify feeds 2..64 tokens, and on CPU (float32) the BLAS path torch takes for ``x @ W^T`` with
-that few rows streams the weights much more slowly than its one-row matrix-vector path, so a verify of a
-handful of tokens cost 1.7x a plain decoding step. The same product computed as ``W @ x^T`` takes the fast
-path. Measured with SmolLM2-135M (2 threads, 2026-11-30; `bench/small_linear.py`): a forward over 1/2/4/8
-tokens took 54/91/95/90 ms with torch's linear and 54/63/65/82 ms with this. One row keeps torch's own
-path (already the fast one), and so do big inputs (a prefill), where ``x @ W^T`` is a well-fed GEMM.
+Why: a tree verify feeds a few tokens, and on CPU (float32) the BLAS path torch takes for ``x @ W^T`` with
+2..8 rows streams the weights much more slowly than its one-row matrix-vector path, so a verify of a
+handful of tokens cost 1.6-1.8x a plain decoding step. The same product computed as ``W @ x^T`` (with ``x``
+contiguous) takes a fast path. From 9 rows on torch's own path is as fast, and one row keeps it too (it is
+already the fast one). Figures: BENCHMARKS.md, `python -m specstore.bench.small_linear`.
 
 The arithmetic is the same dot products of the same rows; only the kernel (and so the rounding order, ~1e-5
 on the logits, as between any two kernels) differs. Greedy output stays identical to plain decoding; the
@@ -19,14 +18,16 @@ import types
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 64          # above this, torch's own GEMM is as fast (measured up to 64 rows)
+MAX_ROWS = 8           # from 9 rows on, torch's own GEMM is as fast (measured up to 64 rows)
 _MARK = "_specstore_small_linear"
 
 
 def _small_rows_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     if 2 <= rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32:
-        y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t()
+        # x made contiguous: the ``.t()`` output of the layer before would otherwise reach BLAS as a
+        # contiguous x^T, which takes the slow kernel again
+        y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).contiguous().t()).t()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
