@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 from .cli_common import EXIT_INTERRUPTED, EXIT_OK, CliParser, UsageError, run_cli
 from .logs import setup_logging
 
-# recent shared outputs (datastore/output_shards.py): compact past 256K online tokens into ~1 MB shards,
-# keep 64M compacted tokens (~256 shards of a few hundred MB in all)
+# recent shared outputs (datastore/output_shards.py): compact past 256K online tokens, merged into shards of
+# up to 4M tokens; keep 64M compacted tokens (~16 shards, a few hundred MB in all)
 OUTPUTS_COMPACT_TOKENS = 1 << 18
 OUTPUTS_MAX_COMPACTED_TOKENS = 1 << 26
 

@@ -202,12 +202,13 @@ class NgramStats:
         with self._lock:
             return self.outputs.oldest(max_tokens)
 
-    def install_output_shard(self, shard) -> int:
-        """Search ``shard`` from now on and drop the online outputs it holds (ordinals below its end, which
-        also covers every older shard's); returns how many were dropped."""
+    def install_output_shard(self, shard, replaces=None) -> int:
+        """Search ``shard`` from now on (instead of ``replaces``, a shard merged into it) and drop the online
+        outputs it holds (ordinals below its end, which also covers every older shard's); returns how many
+        were dropped."""
         with self._lock:
-            if all(o.path != shard.path for o in self.output_shards):
-                self.output_shards = tuple(sorted((*self.output_shards, shard), key=lambda o: o.first))
+            keep = [o for o in self.output_shards if o is not replaces and o.path != shard.path]
+            self.output_shards = tuple(sorted((*keep, shard), key=lambda o: o.first))
             return self.outputs.drop_before(max(o.end for o in self.output_shards))
 
     def retire_output_shards(self, max_tokens: int) -> list:

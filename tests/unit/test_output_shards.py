@@ -12,7 +12,7 @@ import numpy as np
 from specstore.datastore.index_format import SHARD_FILES
 from specstore.datastore.ngram_stats import NgramStats
 from specstore.datastore.output_shards import (OUTPUTS_DIR, OutputCompactor, OutputShard, open_output_shards,
-                                               write_output_shard)
+                                               shard_outputs, write_output_shard)
 from specstore.datastore.stats_log import StatsLog
 from specstore.datastore.suffix_shard import build_buckets, build_reverse_sa, pack_documents
 from specstore.protos import datastore_pb2 as pb
@@ -60,7 +60,7 @@ def test_compaction_keeps_every_tree_and_drops_exactly_the_compacted_outputs(tmp
     before = [_tree(s, c) for c in contexts]
     assert sum(1 for t in before if t[0]) > 20
     held = len(s.outputs)                     # tokens and one separator per output
-    comp = OutputCompactor(s, tmp_path, compact_tokens=400, max_tokens=1 << 20)
+    comp = OutputCompactor(s, tmp_path, compact_tokens=400, max_tokens=1 << 20, merge_tokens=0)
     while len(s.outputs) > 400:
         assert comp.compact_once()
     assert comp.compactions >= 2 and len(s.output_shards) == comp.compactions
@@ -127,7 +127,7 @@ def test_a_crash_between_the_shard_rename_and_the_snapshot_loses_and_duplicates_
 def test_retention_deletes_the_oldest_shards(tmp_path):
     s = NgramStats()
     s.apply([], [], 0.0, _outputs(5, 50))
-    comp = OutputCompactor(s, tmp_path, compact_tokens=150, max_tokens=400)
+    comp = OutputCompactor(s, tmp_path, compact_tokens=150, max_tokens=400, merge_tokens=0)   # no merging
     while len(s.outputs) > 150:
         comp.compact_once()
     kept = s.output_shards
@@ -136,3 +136,28 @@ def test_retention_deletes_the_oldest_shards(tmp_path):
     assert s.outputs.first_ordinal == kept[-1].end
     on_disk = [o.path.name for o in open_output_shards(tmp_path)]
     assert on_disk == [o.path.name for o in kept] and kept[0].first > 0
+
+
+def test_small_shards_are_merged_and_a_crash_mid_merge_keeps_the_merged_one(tmp_path):
+    outs = _outputs(6, 60)
+    s = NgramStats()
+    s.apply([], [], 0.0, outs)
+    ctxs = [o[i - 5:i] for o in outs[::7] for i in (5, len(o) - 1)]
+    before = [_tree(s, c) for c in ctxs]
+    comp = OutputCompactor(s, tmp_path, compact_tokens=100, max_tokens=1 << 20, merge_tokens=500)
+    while len(s.outputs) > 100:
+        comp.compact_once()
+    kept = s.output_shards
+    assert comp.compactions > len(kept) > 1                           # merged, up to merge_tokens each
+    assert all(o.tokens <= 500 for o in kept)
+    assert [o.path.name for o in open_output_shards(tmp_path)] == [o.path.name for o in kept]
+    held = [a.tolist() for o in kept for a in shard_outputs(o.shard)]
+    _, rest = s.outputs.oldest(1 << 30)
+    assert held + rest == outs                                        # every output once, in order
+    assert [_tree(s, c) for c in ctxs] == before
+    # a kill after a merged shard's rename, before the shard it replaces is deleted: both on disk
+    newest = kept[-1]
+    part = shard_outputs(newest.shard)[:2]
+    write_output_shard(tmp_path, newest.first, part)
+    assert len(open_output_shards(tmp_path)) == len(kept)            # the contained one is removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [o.path.name for o in kept]
