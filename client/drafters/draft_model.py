@@ -314,7 +314,7 @@ def open_draft_model(path, target, tokenizer=None):
         check_draft_compatible(target, tokenizer, path)
     p = next(target.parameters())
     draft = AutoModelForCausalLM.from_pretrained(str(path), dtype=p.dtype, local_files_only=True)
-    if int(draft.config.vocab_size) != int(target.config.vocab_size):
+    if tokenizer is None and int(draft.config.vocab_size) != int(target.config.vocab_size):   # else checked above
         raise DraftIncompatibleError(f"draft model {path}: vocabulary size {draft.config.vocab_size} differs from "
                                      f"the target's {target.config.vocab_size}")
     draft = draft.to(p.device).eval()
