@@ -1,6 +1,7 @@
 """``draft-model``: make draft models for speculative decoding.
 
     draft-model distill (--index DIR | --text PATH...) --out DIR [options]
+    draft-model answers --prompts PATH... --out FILE [options]
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ examples:
   draft-model distill --text notes/ data.jsonl --out drafts/mine --layers 2 --steps 200 --max-minutes 10
   spec-generate --prompt "..." --draft-model drafts/smollm2-draft
 
+Self-distillation (a draft trained on the target's own answers drafts them better):
+  draft-model answers --prompts ../shared/data/corpus/grade-school-math_train.jsonl --out answers.jsonl --max-minutes 11
+  draft-model distill --text answers.jsonl --init-from drafts/smollm2-draft --out drafts/smollm2-self --steps 180 --lr 0.0015
+
 A run writes a checkpoint every --checkpoint-every steps, on Ctrl-C and when --max-minutes ends; rerunning
 the same command resumes from it (automatically: a checkpoint of another recipe is refused). The finished
 folder is a plain Hugging Face model folder (plus distill.json with the recipe and the figures).
@@ -33,12 +38,13 @@ def _layers(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .draft_answers import PROMPT_KEYS
     from .draft_distill import (DEFAULT_BATCH, DEFAULT_CHECKPOINT_EVERY, DEFAULT_EVAL_WINDOWS, DEFAULT_HOLDOUT,
                                 DEFAULT_LAYERS, DEFAULT_LR, DEFAULT_SEQ_LEN, DEFAULT_STEPS, DEFAULT_TOP_K)
 
     p = CliParser(prog="draft-model", description="Make draft models for speculative decoding.",
                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    sub = p.add_subparsers(dest="cmd", metavar="{distill}")
+    sub = p.add_subparsers(dest="cmd", metavar="{distill,answers}")
     d = sub.add_parser(
         "distill", help="distill a small draft from the target", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -80,6 +86,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     d.add_argument("--json", action="store_true", help="print distill.json instead of a summary")
     d.add_argument("-v", "--verbose", action="store_true")
+
+    a = sub.add_parser(
+        "answers", help="the target's own greedy answers to instructions, for self-distillation",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Write the target's greedy answers to the prompts of JSON / JSON-lines files as JSON lines "
+                    '{"text": prompt + answer} (chat-formatted when the tokenizer has a template), the input of '
+                    "`draft-model distill --text`. Prompts are taken from the first of the fields "
+                    + ", ".join(PROMPT_KEYS) + " an object has (or --field). Appends batch by batch: rerunning "
+                    "the same command resumes after the prompts already answered. Never give it the prompts "
+                    "you will measure on.")
+    a.add_argument("--model", default=None, help=MODEL_HELP + "; the target whose answers are recorded")
+    a.add_argument("--prompts", nargs="+", required=True, metavar="PATH", help=".json / .jsonl files or folders of them")
+    a.add_argument("--field", default=None, help="the prompt field (default: the first known one an object has)")
+    a.add_argument("--out", "-o", required=True, metavar="FILE", help="JSON lines file to write (or resume)")
+    a.add_argument("--batch", type=int, default=16, metavar="N", help="prompts per batched generate (default %(default)s)")
+    a.add_argument("--max-new-tokens", type=int, default=160, metavar="N", help="answer length cap (default %(default)s)")
+    a.add_argument("--max-prompts", type=int, default=None, metavar="N", help="answer at most N prompts in all")
+    a.add_argument("--max-minutes", type=float, default=None, metavar="M", help="stop after M minutes (rerun to go on)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the prompt order (default 0)")
+    a.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
+    a.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    a.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
@@ -101,11 +130,40 @@ def _distill(args) -> int:
     return 0
 
 
+def _answers(args) -> int:
+    from ..datastore.cli_common import UsageError
+    from .draft_answers import PromptFileError, generate_answers, read_prompts
+    from .models import load_model
+
+    if args.batch < 1 or args.max_new_tokens < 1 or (args.max_prompts is not None and args.max_prompts < 1):
+        raise UsageError("--batch, --max-new-tokens and --max-prompts must be positive")
+    try:
+        prompts = read_prompts(args.prompts, args.field)
+    except PromptFileError as e:
+        raise UsageError(str(e)) from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, None if args.device == "auto" else args.device)
+    if args.max_prompts:
+        import random
+
+        random.Random(args.seed).shuffle(prompts)   # the same shuffle generate_answers makes: a stable subset
+        prompts = prompts[:args.max_prompts]
+    info = generate_answers(model, tokenizer, prompts, args.out, batch=args.batch, max_new_tokens=args.max_new_tokens,
+                            max_minutes=args.max_minutes, seed=args.seed, progress=not args.quiet)
+    print(json.dumps(info))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cmd is None:
-        parser.error("give a command: distill")
+        parser.error("give a command: distill or answers")
+    if args.cmd == "answers":
+        return run_main("draft-model", _answers, args, interrupt_hint="rerun the same command to go on")
     return run_main("draft-model", _distill, args,
                     interrupt_hint="rerun the same command to resume from the last checkpoint")
 
