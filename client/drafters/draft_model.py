@@ -79,6 +79,7 @@ class DraftModelDrafter(Drafter):
         self._acc, self._pred = 2.0, 4.0
         # what drafting has paid: decayed accepted drafts of ours per drafted step, seconds per drafted step
         self._gain_avg, self._secs_avg, self._stat_w = 1.0, 0.0, 0.0
+        self._nodes_avg, self._feed_avg = 1.0, 1.0     # our verified nodes and tokens caught up, per step
         self._skipped = 0
         self.stats = {"steps": 0, "drafted": 0, "skipped": 0, "forwards": 0, "fed_tokens": 0, "reused_rows": 0,
                       "seconds": 0.0}
@@ -123,8 +124,9 @@ class DraftModelDrafter(Drafter):
         self.stats["fed_tokens"] += len(ids)
         return toks, top.values
 
-    def _catch_up(self, tokens: np.ndarray) -> None:
-        """Bring the cache to ``tokens`` (all accepted tokens, the root last) and score the root's children."""
+    def _catch_up(self, tokens: np.ndarray) -> int:
+        """Bring the cache to ``tokens`` (all accepted tokens, the root last) and score the root's children;
+        returns how many tokens it fed."""
         if self.cache is None:
             self.cache = new_cache()
             self.seen = []
@@ -140,6 +142,7 @@ class DraftModelDrafter(Drafter):
         toks, probs = self._forward(tokens[keep:], last_only=True)
         self.seen = tokens.tolist()
         self._root_probs = (toks[0].cpu().numpy(), probs[0].cpu().numpy())
+        return L - keep
 
     def _uncommitted(self) -> None:
         """A grown tree that no observe() committed (the request stopped reading): drop its rows."""
@@ -157,8 +160,15 @@ class DraftModelDrafter(Drafter):
         if not self._draft_now:
             self.stats["skipped"] += 1
             return
-        self._catch_up(ctx.tokens)
+        fed = self._catch_up(ctx.tokens)
         self._secs = time.perf_counter() - t0
+        steady = max(1, int(round(self._feed_avg)))
+        if fed > steady and self.draft_profile is not None:
+            # after skipped steps the cache catches up on all of them at once, a cost that drafting every
+            # step would not pay: judge drafting by what a step of steady drafting costs
+            self._secs = min(self._secs, self.draft_profile.t(steady))
+        else:
+            self._feed_avg += (fed - self._feed_avg) * 0.1
         if self.hint_size > 0:
             ctx.draft_hint = (self._root_probs[0][: self.hint_size], self._root_probs[1][: self.hint_size])
 
@@ -261,6 +271,7 @@ class DraftModelDrafter(Drafter):
         w = self._stat_w = 0.95 * self._stat_w + 1.0
         self._gain_avg += (accepted_ours - self._gain_avg) / w
         self._secs_avg += (self._secs - self._secs_avg) / w
+        self._nodes_avg += (float(ours[1:].sum()) - self._nodes_avg) / w
 
     def _worth_drafting(self, budget: int) -> bool:
         """Does drafting pay, judging by what it has paid lately (with one exploring step in 16)?"""
@@ -268,7 +279,7 @@ class DraftModelDrafter(Drafter):
             return True
         t = self.verify_profile.t
         rate_plain = 1.0 / t(1)
-        n = min(budget, self.width * 2)
+        n = min(budget, max(1, int(round(self._nodes_avg))))    # the trees it has been getting verified
         rate = (1.0 + self._gain_avg) / (self._secs_avg + t(1 + n))
         if rate >= rate_plain:
             self._skipped = 0
