@@ -65,6 +65,79 @@ def backward_range(T, sa, buckets, rev, vocab):
 
 
 @njit(cache=True, nogil=True)
+def ranked_matches(T, sa, buckets, rev, vocab, sep, min_len, max_matches, out_len, out_pos):
+    """The ``max_matches`` best occurrences of a context's end (``rev``: the context reversed) that match at
+    least ``min_len`` tokens and have a next token: longer first, then later (newer) positions.
+
+    The ranges of match lengths 1..m are nested, so one walk records them all; the occurrences of exactly
+    length k are range k minus range k+1. Fills out_len / out_pos ([max_matches] int64: match length,
+    position of the last matched token) and returns how many it filled.
+    """
+    L = rev.shape[0]
+    los = np.empty(L + 1, np.int64)
+    his = np.empty(L + 1, np.int64)
+    m = 0
+    if L > 0 and 0 <= rev[0] < vocab and buckets[rev[0]] < buckets[rev[0] + 1]:
+        los[1] = buckets[rev[0]]
+        his[1] = buckets[rev[0] + 1]
+        m = 1
+        while m < L:
+            c = rev[m]
+            if c < 0 or c >= vocab:
+                break
+            a = los[m]
+            b = his[m]
+            while a < b:
+                mid = (a + b) >> 1
+                if np.int64(T[np.int64(sa[mid]) - m]) < c:
+                    a = mid + 1
+                else:
+                    b = mid
+            nlo = a
+            b = his[m]
+            while a < b:
+                mid = (a + b) >> 1
+                if np.int64(T[np.int64(sa[mid]) - m]) <= c:
+                    a = mid + 1
+                else:
+                    b = mid
+            if nlo >= a:
+                break
+            m += 1
+            los[m] = nlo
+            his[m] = a
+    got = 0
+    k = m
+    plo = los[m] if m > 0 else 0
+    phi = plo
+    while k >= min_len and got < max_matches:
+        lo = los[k]
+        hi = his[k]
+        cand = np.empty((plo - lo) + (hi - phi), np.int64)
+        n = 0
+        for r in range(lo, plo):
+            q = np.int64(sa[r])
+            if np.int64(T[q + 1]) != sep:
+                cand[n] = q
+                n += 1
+        for r in range(phi, hi):
+            q = np.int64(sa[r])
+            if np.int64(T[q + 1]) != sep:
+                cand[n] = q
+                n += 1
+        cand = np.sort(cand[:n])
+        take = min(n, max_matches - got)
+        for i in range(take):
+            out_len[got] = k
+            out_pos[got] = cand[n - 1 - i]
+            got += 1
+        plo = lo
+        phi = hi
+        k -= 1
+    return got
+
+
+@njit(cache=True, nogil=True)
 def count_and_cut(C, fdoc, fmem, budget, min_prob, hint_tok, hint_prob, hint_left, hint_veto):
     """Count continuation rows into a trie, estimate, prune and cut it (see ``index.build_tree``).
 

@@ -18,8 +18,8 @@ drop exactly those outputs from the online store (``NgramStats.install_output_sh
 oldest shards while they hold more than ``max_tokens`` tokens (the newest always stays: its end ordinal
 says which outputs are compacted). While the newest shard holds fewer than ``merge_tokens`` tokens (default
 16 x ``compact_tokens``), the new outputs are merged into it (one shard rebuilt with both, replacing it):
-every shard costs each lookup its own searches (`python -m specstore.bench.output_lookup`: ~160 us p50 for
-one shard, ~230 us for 16, ~430 us for 64), so shards stay few and large. Each shard is written atomically (``durable.atomic_dir``: temporary
+every shard costs each lookup its own search (`python -m specstore.bench.output_lookup`: ~30 us p50 for one
+shard, ~100 us for 16, ~300 us for 64), so shards stay few and large. Each shard is written atomically (``durable.atomic_dir``: temporary
 folder, fsynced files, rename, fsynced parent); a retired one is renamed aside before it is deleted.
 
 Crash safety (``open_output_shards`` at ``StatsLog.open``): half-written or half-deleted folders, and a shard
@@ -42,6 +42,7 @@ import numpy as np
 
 from .durable import atomic_dir, fsync_dir, save_npy
 from .index_format import SHARD_BUCKETS, SHARD_DOC_IDS, SHARD_DOCS, SHARD_RSA, SHARD_TOKENS
+from .kernels import ranked_matches
 from .output_store import KEY
 from .suffix_shard import Shard, build_buckets, build_reverse_sa, pack_documents, token_dtype_for
 
@@ -127,32 +128,17 @@ def retire_output_shard(path: Path) -> None:
 def shard_matches(sh: Shard, context: Sequence[int], max_matches: int, max_span: int) -> tuple[np.ndarray, np.ndarray]:
     """(lengths int64 [k], positions int64 [k]) of the ``max_matches`` best occurrences of the context's end
     (at least ``KEY`` tokens and a next token, as in the online store): longer first, then newer (a later
-    position); a position is the last matched token's, its continuation starts after it. The nested suffix-array ranges
-    of the match lengths m, m-1, ... KEY each add the occurrences of exactly that length."""
+    position); a position is the last matched token's, its continuation starts after it. One compiled walk
+    (datastore/kernels.py ranked_matches): the nested suffix-array ranges of the match lengths m, m-1, ... KEY
+    each add the occurrences of exactly that length."""
     ctx = np.asarray(context, np.int64).ravel()[-max_span:]
     none = np.zeros(0, np.int64)
     if len(ctx) < KEY:
         return none, none
-    rev = ctx[::-1].copy()
-    m, lo, hi = sh.match(rev)
-    lens, poss = [], []
-    k, plo, phi, got = m, lo, lo, 0
-    while k >= KEY and got < max_matches:
-        if k < m:
-            _, lo, hi = sh.match(rev[:k])
-        new = np.concatenate([sh.rsa[lo:plo], sh.rsa[phi:hi]]).astype(np.int64)
-        new = new[sh.tokens[new + 1] != sh.sep]   # an output's last token: nothing follows (nor in the online index)
-        need = max_matches - got
-        if len(new) > need:
-            new = np.partition(new, len(new) - need)[len(new) - need:]
-        new = np.sort(new)[::-1]
-        lens.append(np.full(len(new), k, np.int64))
-        poss.append(new)
-        got += len(new)
-        plo, phi, k = lo, hi, k - 1
-    if not got:
-        return none, none
-    return np.concatenate(lens), np.concatenate(poss)
+    rev = np.ascontiguousarray(ctx[::-1])
+    lens, poss = np.empty(max_matches, np.int64), np.empty(max_matches, np.int64)
+    n = ranked_matches(sh.tokens, sh.rsa, sh.buckets, rev, sh.vocab, sh.sep, KEY, max_matches, lens, poss)
+    return lens[:n], poss[:n]
 
 
 class OutputCompactor:

@@ -161,3 +161,29 @@ def test_small_shards_are_merged_and_a_crash_mid_merge_keeps_the_merged_one(tmp_
     write_output_shard(tmp_path, newest.first, part)
     assert len(open_output_shards(tmp_path)) == len(kept)            # the contained one is removed
     assert sorted(p.name for p in tmp_path.iterdir()) == [o.path.name for o in kept]
+
+
+def test_shard_matches_equal_a_brute_force_ranking(tmp_path):
+    from specstore.datastore.output_shards import shard_matches
+    from specstore.datastore.output_store import KEY
+
+    outs = _outputs(7, 80, vocab=6, length=(4, 25))           # a tiny vocabulary: many matches of every length
+    sh = OutputShard.load(write_output_shard(tmp_path, 0, outs)).shard
+    T = sh.tokens.astype(np.int64)
+    rng = random.Random(8)
+    for _ in range(60):
+        src = outs[rng.randrange(len(outs))]
+        ctx = src[:rng.randint(1, len(src))] if rng.random() < 0.7 else [rng.randrange(6) for _ in range(9)]
+        cap = rng.choice([1, 5, 16, 1000])
+        want = []
+        for q in range(1, len(T) - 1):
+            if T[q] == sh.sep or T[q + 1] == sh.sep:
+                continue
+            n = 0
+            while n < min(len(ctx), 16) and T[q - n] == ctx[-1 - n]:
+                n += 1
+            if n >= KEY:
+                want.append((n, q))
+        want.sort(key=lambda x: (-x[0], -x[1]))
+        lens, pos = shard_matches(sh, ctx, cap, 16)
+        assert list(zip(lens.tolist(), pos.tolist())) == want[:cap]
