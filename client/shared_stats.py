@@ -31,6 +31,7 @@ from .types import DecodeContext, Drafter, DraftTree, Source, StepResult
 log = logging.getLogger("specstore.shared_stats")
 
 ORDER = 3      # the service's n-gram order: a run carries ORDER - 1 tokens of context before its new tokens
+MAX_OUTPUT = 16_384   # tokens of one shared output (the service's limit; a longer one sends its end)
 
 
 class StatsPusher:
@@ -217,7 +218,7 @@ class StatsSharer(Drafter):
     def end_request(self) -> None:
         if self._rows or self._runs:
             self._flush()
-        out, self._output = self._output[-16_384:], []
+        out, self._output = self._output[-MAX_OUTPUT:], []
         if self.share_outputs and len(out) >= 2:
             self.pusher.push([], [], [out])
 

@@ -26,6 +26,9 @@ prefix (``{"datastore": "host:port", "timeout_ms": 5}``); the variables win over
                                   background thread) to the service's shared statistics, so that what this
                                   node generates drafts for every node (needs SPECSTORE_DATASTORE and a
                                   server with --stats-dir; up to 15 last tokens of a request are not sent)
+  SPECSTORE_SHARE_OUTPUTS=0       push each finished request's generated tokens to the service's recent shared
+                                  outputs (matched by every node's lookups; opt-in for the whole node: outputs
+                                  may be private; needs SPECSTORE_DATASTORE; at most the last 16,384 tokens)
   SPECSTORE_AUTH_TOKEN=T          bearer token for the datastore's session calls (and pushes)
   SPECSTORE_TLS_CA=PEM            TLS to the datastore, trusting this CA
   SPECSTORE_TLS_CERT=PEM, SPECSTORE_TLS_KEY=PEM   client certificate and key (mutual TLS: --tls-client-ca)
@@ -93,6 +96,7 @@ class ProposerOptions:
     top_k: int = 8
     stats_file: Optional[str] = None
     share_stats: bool = False
+    share_outputs: bool = False
 
     @classmethod
     def from_env(cls, env: Optional[dict] = None) -> "ProposerOptions":
@@ -129,6 +133,8 @@ class ProposerOptions:
             raise ValueError(f"SPECSTORE_DRAFTERS: unknown drafter(s) {sorted(bad)}; choose from context, datastore")
         if self.share_stats and not self.datastore:
             raise ValueError("SPECSTORE_SHARE_STATS needs SPECSTORE_DATASTORE (the statistics are the service's)")
+        if self.share_outputs and not self.datastore:
+            raise ValueError("SPECSTORE_SHARE_OUTPUTS needs SPECSTORE_DATASTORE (the shared outputs are the service's)")
         if "datastore" in names and not (self.datastore or self.index):
             raise ValueError("SPECSTORE_DRAFTERS names datastore, but neither SPECSTORE_DATASTORE nor SPECSTORE_INDEX is set")
 
@@ -161,6 +167,8 @@ class _Request:
     chain: Optional[DraftTree] = None   # the chain proposed at the last step ...
     chain_at: int = 0                   # ... after this many tokens
     pushed: int = -1                    # tokens already sent to the shared statistics (-1: not yet seen)
+    output: list = field(default_factory=list)   # generated tokens so far (SPECSTORE_SHARE_OUTPUTS) ...
+    output_at: int = -1                 # ... up to this token count (-1: not yet seen; the prompt is not kept)
     opening: Any = None                 # its session being opened (poll() says when it is there)
     reopened: int = 0                   # sessions opened again after the service lost one
 
@@ -203,7 +211,8 @@ class SpecstoreProposer:
         self._requests: dict[int, _Request] = {}   # row -> state
         self.pusher = None          # client/shared_stats.py StatsPusher (SPECSTORE_SHARE_STATS)
         self._runs: list = []       # accepted-token runs not yet handed to the pusher
-        if self.options.share_stats and self.backend is not None and self.backend.remote:
+        if (self.options.share_stats or self.options.share_outputs) and self.backend is not None \
+                and self.backend.remote:
             from .shared_stats import StatsPusher
 
             self.pusher = StatsPusher(self.backend.client)
@@ -296,6 +305,11 @@ class SpecstoreProposer:
 
     def _end(self, req: _Request) -> None:
         self.stats.requests_released += 1
+        if self.pusher is not None and len(req.output) >= 2:
+            from .shared_stats import MAX_OUTPUT
+
+            self.pusher.push([], [], [req.output[-MAX_OUTPUT:]])   # its thread sends it
+            req.output = []
         if req.opening is not None:   # closed by the client when it arrives
             req.opening.cancel()
             req.opening = None
@@ -380,8 +394,10 @@ class SpecstoreProposer:
                     self._requests[row] = req
                     self._requests_changed()
                 self._learn(req, tokens)
-                if self.pusher is not None:
+                if self.pusher is not None and self.options.share_stats:
                     self._collect_run(req, tokens)
+                if self.pusher is not None and self.options.share_outputs:
+                    self._collect_output(req, tokens)
                 req.seen, req.last = n, int(tokens[-1])
                 live.append((row, req, tokens))
             self.stats.steps += 1
@@ -457,6 +473,17 @@ class SpecstoreProposer:
         if len(self._runs) >= 8:
             self.pusher.push([], self._runs)
             self._runs = []
+
+    def _collect_output(self, req: _Request, tokens: np.ndarray) -> None:
+        """Keep the request's tokens generated since its last step (the last MAX_OUTPUT of them)."""
+        from .shared_stats import MAX_OUTPUT
+
+        n = len(tokens)
+        if req.output_at >= 0 and n > req.output_at:
+            req.output.extend(tokens[req.output_at:n].tolist())
+            if len(req.output) > 2 * MAX_OUTPUT:
+                del req.output[:-MAX_OUTPUT]
+        req.output_at = n
 
     def _datastore_trees(self, live: list) -> Optional[list[DraftTree]]:
         if self.backend is None:

@@ -331,3 +331,35 @@ def test_accepted_tokens_reach_the_shared_statistics(model, tmp_path):
         # only generated tokens count (a run's prompt tokens are context before new_from): each pair is a
         # bigram of an output
         assert order1 and all((key, nxt) in bigrams for key, row in order1.items() for nxt in row.weights)
+
+
+def test_finished_requests_reach_the_shared_outputs(model, tmp_path):
+    """SPECSTORE_SHARE_OUTPUTS: each request's generated tokens (not its prompt; the last engine step's tokens
+    are not seen) go to the service's recent outputs when the request ends, once; outputs stay plain."""
+    from specstore.client.datastore_client import DatastoreClient
+    from specstore.client.datastore_drafter import RemoteBackend
+    from specstore.datastore.ngram_stats import NgramStats
+    from specstore.datastore.servicer import ServiceConfig
+    from specstore.datastore.stats_log import StatsLog
+    from tests.datastore_fake_index import FakeIndex, write_fake_index
+    from tests.integration.datastore_support import ServerThread
+
+    prompts = _prompts(3, seed=7)
+    want = {i: plain_greedy(model, p, 30) for i, p in enumerate(prompts)}
+    idx = write_fake_index(tmp_path / "idx", [[1, 2, 3]], fingerprint="fp-test")
+    log = StatsLog(tmp_path / "stats", stats=NgramStats(half_life_s=1e12)).open()
+    with ServerThread(idx, ServiceConfig(auth_token="t"), opener=FakeIndex.open, stats=log) as srv:
+        backend = RemoteBackend(DatastoreClient(srv.address, timeout_s=1.0, auth_token="t"))
+        prop = SpecstoreProposer(_config(), ProposerOptions(drafters="context", datastore=srv.address,
+                                                            share_outputs=True), backend=backend)
+        assert _engine(model, prompts, 30, prop, batch=2) == want
+        prop.propose([], np.zeros(0, np.int32), np.zeros((0, MAX_LEN), np.int32))
+        prop.close()
+        assert prop.pusher.stats["failed"] == 0
+        _, shared = log.stats.outputs.oldest(1 << 30)
+        assert len(shared) == len(prompts) and not log.stats._rows      # outputs only, no statistics
+        for out in shared:                 # a stretch of one request's generated tokens, from its 2nd token on
+            assert any(len(out) >= 20 and w[1:1 + len(out)] == out for w in want.values())
+    log.close()
+    with pytest.raises(ValueError, match="SPECSTORE_SHARE_OUTPUTS needs SPECSTORE_DATASTORE"):
+        ProposerOptions(share_outputs=True, index="x").validate()
