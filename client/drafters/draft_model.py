@@ -80,6 +80,7 @@ class DraftModelDrafter(Drafter):
         # what drafting has paid: decayed accepted drafts of ours per drafted step, seconds per drafted step
         self._gain_avg, self._secs_avg, self._stat_w = 1.0, 0.0, 0.0
         self._nodes_avg, self._feed_avg = 1.0, 1.0     # our verified nodes and tokens caught up, per step
+        self._after_skip = False                       # the last step was skipped: the next catch-up is long
         self._skipped = 0
         self.stats = {"steps": 0, "drafted": 0, "skipped": 0, "forwards": 0, "fed_tokens": 0, "reused_rows": 0,
                       "seconds": 0.0}
@@ -159,16 +160,17 @@ class DraftModelDrafter(Drafter):
         self._draft_now = budget > 0 and self._worth_drafting(budget)
         if not self._draft_now:
             self.stats["skipped"] += 1
+            self._after_skip = True
             return
         fed = self._catch_up(ctx.tokens)
         self._secs = time.perf_counter() - t0
-        steady = max(1, int(round(self._feed_avg)))
-        if fed > steady and self.draft_profile is not None:
+        if self._after_skip and self.draft_profile is not None:
             # after skipped steps the cache catches up on all of them at once, a cost that drafting every
             # step would not pay: judge drafting by what a step of steady drafting costs
-            self._secs = min(self._secs, self.draft_profile.t(steady))
+            self._secs = min(self._secs, self.draft_profile.t(max(1, int(round(self._feed_avg)))))
         else:
             self._feed_avg += (fed - self._feed_avg) * 0.1
+        self._after_skip = False
         if self.hint_size > 0:
             ctx.draft_hint = (self._root_probs[0][: self.hint_size], self._root_probs[1][: self.hint_size])
 
