@@ -14,6 +14,29 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True)
+def _narrow(T, sa, lo, hi, k, c):
+    """The rows of ``sa[lo:hi]`` (which share their first k backward tokens) whose (k+1)-th backward token
+    ``T[sa[r] - k]`` is ``c``: it is sorted inside the range, so two binary searches give (new lo, new hi)."""
+    a = lo
+    b = hi
+    while a < b:
+        mid = (a + b) >> 1
+        if np.int64(T[np.int64(sa[mid]) - k]) < c:
+            a = mid + 1
+        else:
+            b = mid
+    nlo = a
+    b = hi
+    while a < b:
+        mid = (a + b) >> 1
+        if np.int64(T[np.int64(sa[mid]) - k]) <= c:
+            a = mid + 1
+        else:
+            b = mid
+    return nlo, a
+
+
+@njit(cache=True, nogil=True)
 def backward_range(T, sa, buckets, rev, vocab):
     """Longest prefix of ``rev`` (a context reversed, int64) found backward in one shard.
 
@@ -40,26 +63,11 @@ def backward_range(T, sa, buckets, rev, vocab):
         c = rev[k]
         if c < 0 or c >= vocab:
             break
-        a = lo
-        b = hi
-        while a < b:
-            mid = (a + b) >> 1
-            if np.int64(T[np.int64(sa[mid]) - k]) < c:
-                a = mid + 1
-            else:
-                b = mid
-        nlo = a
-        b = hi
-        while a < b:
-            mid = (a + b) >> 1
-            if np.int64(T[np.int64(sa[mid]) - k]) <= c:
-                a = mid + 1
-            else:
-                b = mid
-        if nlo >= a:
+        nlo, nhi = _narrow(T, sa, lo, hi, k, c)
+        if nlo >= nhi:
             break
         lo = nlo
-        hi = a
+        hi = nhi
         k += 1
     return k, lo, hi
 
@@ -85,27 +93,12 @@ def ranked_matches(T, sa, buckets, rev, vocab, sep, min_len, max_matches, out_le
             c = rev[m]
             if c < 0 or c >= vocab:
                 break
-            a = los[m]
-            b = his[m]
-            while a < b:
-                mid = (a + b) >> 1
-                if np.int64(T[np.int64(sa[mid]) - m]) < c:
-                    a = mid + 1
-                else:
-                    b = mid
-            nlo = a
-            b = his[m]
-            while a < b:
-                mid = (a + b) >> 1
-                if np.int64(T[np.int64(sa[mid]) - m]) <= c:
-                    a = mid + 1
-                else:
-                    b = mid
-            if nlo >= a:
+            nlo, nhi = _narrow(T, sa, los[m], his[m], m, c)
+            if nlo >= nhi:
                 break
             m += 1
             los[m] = nlo
-            his[m] = a
+            his[m] = nhi
     got = 0
     k = m
     plo = los[m] if m > 0 else 0
