@@ -6,6 +6,7 @@ argmax, with requests finishing and new ones taking over their rows.
 """
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -300,9 +301,9 @@ def test_a_request_moved_to_another_row_keeps_its_state():
     assert prop.stats.requests_started == 2 and prop.stats.requests_released == 1
 
 
-def test_accepted_tokens_reach_the_shared_statistics(model, tmp_path):
-    """SPECSTORE_SHARE_STATS: generated tokens (not prompts) go to a real service's statistics as n-gram runs;
-    outputs stay plain."""
+@contextlib.contextmanager
+def _sharing_proposer(tmp_path, **opts):
+    """(a proposer pushing to a real service on 127.0.0.1 with opts, the service's statistics log)."""
     from specstore.client.datastore_client import DatastoreClient
     from specstore.client.datastore_drafter import RemoteBackend
     from specstore.datastore.ngram_stats import NgramStats
@@ -311,14 +312,23 @@ def test_accepted_tokens_reach_the_shared_statistics(model, tmp_path):
     from tests.datastore_fake_index import FakeIndex, write_fake_index
     from tests.integration.datastore_support import ServerThread
 
-    prompts = _prompts(4, seed=5)
-    want = {i: plain_greedy(model, p, 40) for i, p in enumerate(prompts)}
     idx = write_fake_index(tmp_path / "idx", [[1, 2, 3]], fingerprint="fp-test")
     log = StatsLog(tmp_path / "stats", stats=NgramStats(half_life_s=1e12)).open()
-    with ServerThread(idx, ServiceConfig(auth_token="t"), opener=FakeIndex.open, stats=log) as srv:
-        backend = RemoteBackend(DatastoreClient(srv.address, timeout_s=1.0, auth_token="t"))
-        prop = SpecstoreProposer(_config(), ProposerOptions(drafters="context", datastore=srv.address,
-                                                            share_stats=True), backend=backend)
+    try:
+        with ServerThread(idx, ServiceConfig(auth_token="t"), opener=FakeIndex.open, stats=log) as srv:
+            backend = RemoteBackend(DatastoreClient(srv.address, timeout_s=1.0, auth_token="t"))
+            yield SpecstoreProposer(_config(), ProposerOptions(drafters="context", datastore=srv.address, **opts),
+                                    backend=backend), log
+    finally:
+        log.close()
+
+
+def test_accepted_tokens_reach_the_shared_statistics(model, tmp_path):
+    """SPECSTORE_SHARE_STATS: generated tokens (not prompts) go to a real service's statistics as n-gram runs;
+    outputs stay plain."""
+    prompts = _prompts(4, seed=5)
+    want = {i: plain_greedy(model, p, 40) for i, p in enumerate(prompts)}
+    with _sharing_proposer(tmp_path, share_stats=True) as (prop, log):
         assert _engine(model, prompts, 40, prop, batch=2) == want
         prop.propose([], np.zeros(0, np.int32), np.zeros((0, MAX_LEN), np.int32))
         prop.close()
@@ -336,22 +346,9 @@ def test_accepted_tokens_reach_the_shared_statistics(model, tmp_path):
 def test_finished_requests_reach_the_shared_outputs(model, tmp_path):
     """SPECSTORE_SHARE_OUTPUTS: each request's generated tokens (not its prompt; the last engine step's tokens
     are not seen) go to the service's recent outputs when the request ends, once; outputs stay plain."""
-    from specstore.client.datastore_client import DatastoreClient
-    from specstore.client.datastore_drafter import RemoteBackend
-    from specstore.datastore.ngram_stats import NgramStats
-    from specstore.datastore.servicer import ServiceConfig
-    from specstore.datastore.stats_log import StatsLog
-    from tests.datastore_fake_index import FakeIndex, write_fake_index
-    from tests.integration.datastore_support import ServerThread
-
     prompts = _prompts(3, seed=7)
     want = {i: plain_greedy(model, p, 30) for i, p in enumerate(prompts)}
-    idx = write_fake_index(tmp_path / "idx", [[1, 2, 3]], fingerprint="fp-test")
-    log = StatsLog(tmp_path / "stats", stats=NgramStats(half_life_s=1e12)).open()
-    with ServerThread(idx, ServiceConfig(auth_token="t"), opener=FakeIndex.open, stats=log) as srv:
-        backend = RemoteBackend(DatastoreClient(srv.address, timeout_s=1.0, auth_token="t"))
-        prop = SpecstoreProposer(_config(), ProposerOptions(drafters="context", datastore=srv.address,
-                                                            share_outputs=True), backend=backend)
+    with _sharing_proposer(tmp_path, share_outputs=True) as (prop, log):
         assert _engine(model, prompts, 30, prop, batch=2) == want
         prop.propose([], np.zeros(0, np.int32), np.zeros((0, MAX_LEN), np.int32))
         prop.close()
@@ -360,6 +357,5 @@ def test_finished_requests_reach_the_shared_outputs(model, tmp_path):
         assert len(shared) == len(prompts) and not log.stats._rows      # outputs only, no statistics
         for out in shared:                 # a stretch of one request's generated tokens, from its 2nd token on
             assert any(len(out) >= 20 and w[1:1 + len(out)] == out for w in want.values())
-    log.close()
     with pytest.raises(ValueError, match="SPECSTORE_SHARE_OUTPUTS needs SPECSTORE_DATASTORE"):
         ProposerOptions(share_outputs=True, index="x").validate()
