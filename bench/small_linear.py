@@ -41,15 +41,12 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     model, _ = load_model(a.model, device="cpu", dtype="float32")
     sizes = [int(s) for s in a.sizes.split(",")]
-    lins = [m for m in model.modules() if type(m) is torch.nn.Linear]
     x = torch.randint(100, 30000, (1, 6))       # within the few-rows path
     res = {"torch": {n: [] for n in sizes}, "few-rows": {n: [] for n in sizes}}
     logits = {}
     for _ in range(a.rounds):
         for mode in ("torch", "few-rows"):
-            for m in lins:
-                m.__dict__.pop("forward", None)
-            model.__dict__.pop(small_linear._MARK, None)
+            small_linear.uninstall(model)
             if mode == "few-rows":
                 small_linear.install(model)
             for n in sizes:

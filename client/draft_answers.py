@@ -88,13 +88,14 @@ def _answered(out: Path) -> int:
 
 def generate_answers(model, tokenizer, prompts: Sequence[str], out, *, batch: int = 16, max_new_tokens: int = 160,
                      max_prompt_tokens: int = 384, max_minutes: Optional[float] = None, seed: int = 0,
-                     progress: bool = True) -> dict:
+                     max_prompts: Optional[int] = None, progress: bool = True) -> dict:
     """Append the target's greedy answers to ``out`` (JSON lines); returns counts. See the module docstring."""
     import torch
 
     out = Path(out)
     order = list(prompts)
     random.Random(seed).shuffle(order)
+    order = order[:max_prompts]               # (None: all) the same subset for the same seed, on every rerun
     done = _answered(out)
     todo = order[done:]
     eos = tokenizer.eos_token_id

@@ -146,13 +146,9 @@ def _answers(args) -> int:
 
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, None if args.device == "auto" else args.device)
-    if args.max_prompts:
-        import random
-
-        random.Random(args.seed).shuffle(prompts)   # the same shuffle generate_answers makes: a stable subset
-        prompts = prompts[:args.max_prompts]
     info = generate_answers(model, tokenizer, prompts, args.out, batch=args.batch, max_new_tokens=args.max_new_tokens,
-                            max_minutes=args.max_minutes, seed=args.seed, progress=not args.quiet)
+                            max_minutes=args.max_minutes, seed=args.seed, max_prompts=args.max_prompts,
+                            progress=not args.quiet)
     print(json.dumps(info))
     return 0
 

@@ -53,5 +53,13 @@ def install(model: torch.nn.Module) -> bool:
     return True
 
 
+def uninstall(model: torch.nn.Module) -> None:
+    """Back to torch's own linear everywhere (a comparison, e.g. bench/small_linear.py)."""
+    for mod in model.modules():
+        if type(mod) is torch.nn.Linear:
+            mod.__dict__.pop("forward", None)
+    model.__dict__.pop(_MARK, None)
+
+
 def installed(model: torch.nn.Module) -> bool:
     return bool(getattr(model, _MARK, False))
