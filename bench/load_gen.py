@@ -60,6 +60,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..datastore.call_wait import CLOCK_METADATA, timeout_metadata
+
 TRANSPORTS = ("stream", "unary", "batch")
 # status codes as small ints in the per-call records (the rest of grpc.StatusCode by name at the end)
 OK, REFUSED = "OK", "RESOURCE_EXHAUSTED"
@@ -147,6 +149,8 @@ class _Decoder:
         self.seq = 0
         self.details: dict[str, str] = {}   # status code -> the first error details seen (for the report)
         self.opts = pb.RetrieveOptions(**spec.options) if spec.options else None
+        # unary calls state their timeout, as DatastoreClient's do, so the server can refuse queued calls
+        self.metadata = (timeout_metadata(spec.timeout_s),)
 
     def _request(self, cur: Cursor):
         r = self.pb.RetrieveRequest(context=cur.context(), budget=self.spec.budget, seq=self.seq)
@@ -161,15 +165,19 @@ class _Decoder:
         self.seq += 1
         try:
             if self.transport == "unary":
-                await self.stub.Retrieve(self._request(self.cursors[0]), timeout=self.spec.timeout_s)
+                await self.stub.Retrieve(self._request(self.cursors[0]), timeout=self.spec.timeout_s,
+                                         metadata=self.metadata)
             elif self.transport == "batch":
                 await self.stub.RetrieveBatch(self.pb.RetrieveBatchRequest(
-                    requests=[self._request(c) for c in self.cursors]), timeout=self.spec.timeout_s)
+                    requests=[self._request(c) for c in self.cursors]), timeout=self.spec.timeout_s,
+                    metadata=self.metadata)
             else:
                 if self.call is None:
-                    self.call = self.stub.RetrieveStream()
+                    self.call = self.stub.RetrieveStream(metadata=(CLOCK_METADATA,))
                 call = self.call        # close() may drop self.call meanwhile (the phase ended)
-                await call.write(self._request(self.cursors[0]))
+                req = self._request(self.cursors[0])
+                req.sent_us = time.monotonic_ns() // 1000
+                await call.write(req)
                 try:
                     resp = await asyncio.wait_for(call.read(), self.spec.timeout_s)
                 except asyncio.TimeoutError:

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import grpc
 import numpy as np
 
+from ..datastore.call_wait import CLOCK_METADATA, timeout_metadata
 from ..datastore.tls import channel_credentials
 from ..protos import datastore_pb2 as pb
 from ..protos import datastore_pb2_grpc as pb_grpc
@@ -182,6 +183,7 @@ class _RetrieveStream:
                 return None
             self._seq += 1
             req.seq = seq = self._seq
+            req.sent_us = time.monotonic_ns() // 1000   # lets the server see how long it waited
             self._waiting[seq] = box
         self._outbox.put(req)
         return _StreamLookup(self, seq, box, deadline)
@@ -323,6 +325,9 @@ class DatastoreClient:
         self.last_error: Optional[str] = None
         self.last_index_id: Optional[str] = None
         self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else None
+        self._lookup_metadata = self._md(self.timeout_s)
+        self._session_metadata = self._md(self.session_timeout_s)
+        self._stream_metadata = (*(self._metadata or ()), CLOCK_METADATA)
         opts = [("grpc.enable_retries", 0), ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000), *channel_options]
         address = channel_target(address)
@@ -380,8 +385,8 @@ class DatastoreClient:
     # ------------------------------------------------------------------ calls
     def info(self, timeout_s: Optional[float] = None, wait_for_ready: bool = False) -> Optional[ServerInfo]:
         try:
-            r = self._stub.Info(pb.InfoRequest(), timeout=timeout_s or self.session_timeout_s,
-                                metadata=self._metadata, wait_for_ready=wait_for_ready)
+            t = timeout_s or self.session_timeout_s
+            r = self._stub.Info(pb.InfoRequest(), timeout=t, metadata=self._md(t), wait_for_ready=wait_for_ready)
         except grpc.RpcError as e:
             self._failure(e)
             return None
@@ -407,7 +412,7 @@ class DatastoreClient:
             return None
         req = self._session_request(prompt_ids, prompt_text, top_k, memory, documents)
         try:
-            r = self._stub.OpenSession(req, timeout=self.session_timeout_s, metadata=self._metadata)
+            r = self._stub.OpenSession(req, timeout=self.session_timeout_s, metadata=self._session_metadata)
         except grpc.RpcError as e:
             self._failure(e)
             return None
@@ -422,7 +427,7 @@ class DatastoreClient:
             return PendingSession(self, None)
         req = self._session_request(prompt_ids, prompt_text, top_k, memory, documents)
         try:
-            fut = self._stub.OpenSession.future(req, timeout=self.session_timeout_s, metadata=self._metadata)
+            fut = self._stub.OpenSession.future(req, timeout=self.session_timeout_s, metadata=self._session_metadata)
         except Exception as e:  # noqa: BLE001 - e.g. a closed channel
             self._failure(e)
             return PendingSession(self, None)
@@ -435,7 +440,7 @@ class DatastoreClient:
             return None
         try:
             fut = self._stub.CloseSession.future(pb.CloseSessionRequest(session_id=session_id),
-                                                 timeout=self.session_timeout_s, metadata=self._metadata)
+                                                 timeout=self.session_timeout_s, metadata=self._session_metadata)
         except Exception as e:  # noqa: BLE001 - e.g. a closed channel
             self._failure(e)
             return None
@@ -456,7 +461,7 @@ class DatastoreClient:
             return False
         try:
             r = self._stub.CloseSession(pb.CloseSessionRequest(session_id=session_id),
-                                        timeout=self.session_timeout_s, metadata=self._metadata)
+                                        timeout=self.session_timeout_s, metadata=self._session_metadata)
         except grpc.RpcError as e:
             self._failure(e)
             return False
@@ -477,6 +482,11 @@ class DatastoreClient:
             req.hint_probs.extend(np.asarray(hp, dtype=np.float32).tolist())
         return root, req
 
+    def _md(self, timeout_s: float) -> tuple:
+        """A unary call's metadata: the token, and the timeout it is made with, which lets the server tell
+        how long the call waited in its queue (datastore/call_wait.py)."""
+        return (*(self._metadata or ()), timeout_metadata(timeout_s))
+
     def _send(self, req):
         """Start one lookup: on the RetrieveStream (opened or replaced as needed), else a unary future."""
         if self.stream:
@@ -488,13 +498,13 @@ class DatastoreClient:
                 if s is None or s.ended:
                     with self._lock:
                         if self._stream is s:
-                            self._stream = _RetrieveStream(self._stub, self._metadata)
+                            self._stream = _RetrieveStream(self._stub, self._stream_metadata)
                             self.stats["streams_opened"] += 1
                         s = self._stream
                 lookup = s.send(req, time.monotonic() + self.timeout_s)
                 if lookup is not None:
                     return lookup
-        return self._stub.Retrieve.future(req, timeout=self.timeout_s, metadata=self._metadata)
+        return self._stub.Retrieve.future(req, timeout=self.timeout_s, metadata=self._lookup_metadata)
 
     def _no_stream(self) -> None:
         """The server has no RetrieveStream (an older version): unary Retrieve from now on."""
@@ -560,7 +570,7 @@ class DatastoreClient:
             if self.stream:
                 return self._finish(self._send(req), root, session_id)
             # the plain unary call path is ~0.1 ms cheaper than a unary future
-            resp = self._stub.Retrieve(req, timeout=self.timeout_s, metadata=self._metadata)
+            resp = self._stub.Retrieve(req, timeout=self.timeout_s, metadata=self._lookup_metadata)
         except Exception as e:  # noqa: BLE001 - grpc.RpcError or a closed channel: no draft this step
             self._lost_session(session_id, e)
             self._failure(e)
@@ -581,8 +591,8 @@ class DatastoreClient:
         try:
             batch = pb.RetrieveBatchRequest(requests=[self._request(c, budget, s, None)[1]
                                                       for c, s in zip(contexts, sessions)])
-            resp = self._stub.RetrieveBatch(batch, timeout=self.timeout_s * max(1, len(contexts) ** 0.5),
-                                            metadata=self._metadata)
+            t = self.timeout_s * max(1, len(contexts) ** 0.5)
+            resp = self._stub.RetrieveBatch(batch, timeout=t, metadata=self._md(t))
         except Exception as e:  # noqa: BLE001
             for s in set(sessions):   # one unknown session refuses the whole batch: which one is not said
                 self._lost_session(s, e)
@@ -597,7 +607,7 @@ class DatastoreClient:
         the same batch_id); pushes do not count toward the lookups' circuit breaker."""
         if self.tokenizer_fingerprint and not batch.tokenizer_fingerprint:
             batch.tokenizer_fingerprint = self.tokenizer_fingerprint
-        r = self._stub.PushStats(batch, timeout=timeout_s, metadata=self._metadata)
+        r = self._stub.PushStats(batch, timeout=timeout_s, metadata=self._md(timeout_s))
         return r.applied, r.version
 
     def pull_stats(self, since_version: int = 0, max_rows: int = 0, timeout_s: float = 5.0):
@@ -605,7 +615,7 @@ class DatastoreClient:
         probs)], version to ask from next, more). Raises grpc.RpcError."""
         r = self._stub.PullStats(pb.PullStatsRequest(since_version=since_version, max_rows=max_rows,
                                                      tokenizer_fingerprint=self.tokenizer_fingerprint),
-                                 timeout=timeout_s, metadata=self._metadata)
+                                 timeout=timeout_s, metadata=self._md(timeout_s))
         return [(x.token, list(x.next_tokens), list(x.probs)) for x in r.rows], r.version, r.more
 
     def close(self) -> None:

@@ -15,7 +15,10 @@ Overload protection is a bounded in-flight counter: a request that arrives when 
 RPCs are already being handled gets RESOURCE_EXHAUSTED immediately (no queue is built in Python). A unary
 RPC counts from the start of its handler until gRPC has sent its answer (its done callback), a
 RetrieveStream message until gRPC has taken its answer: a handler that never awaits would otherwise leave
-the count at 1 and let every other call queue inside gRPC.
+the count at 1 and let every other call queue inside gRPC. Calls that wait in gRPC's own queue before any
+handler runs (the event loop itself saturated) are bounded by their wait: RESOURCE_EXHAUSTED past
+``max_queue_wait_s`` when the client stated its timeout (a RetrieveStream message: when it carries the
+client's clock), DEADLINE_EXCEEDED without work once the deadline has passed (datastore/call_wait.py).
 
 Every RPC goes through one of two wrappers, ``_unary`` and ``_stream`` (RetrieveStream: the same steps per
 message), which do what is common to all of them: the in-flight count and load shedding, the bearer-token
@@ -53,6 +56,7 @@ from ..protos import datastore_pb2 as pb
 from ..protos import datastore_pb2_grpc as pb_grpc
 
 from .auth import client_identity, has_bearer
+from .call_wait import ClockBaselines, queue_wait_s
 from .logs import RateLimitedLog
 from .memory import TokenMemory
 from .metrics import Metrics
@@ -99,6 +103,7 @@ class ServiceConfig:
     max_budget: int = 256
     max_batch: int = 64
     max_concurrency: int = 64
+    max_queue_wait_s: float = 0.25  # a call (stream message) that waited longer to be served is refused (call_wait.py)
     auth_token: Optional[str] = None
     auth_reads: bool = False
     session_ttl_s: float = 600.0
@@ -120,6 +125,8 @@ class ServiceConfig:
                      "inline_cells", "lookup_workers", "max_sessions_per_client"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not self.max_queue_wait_s > 0:
+            raise ValueError("max_queue_wait_s must be > 0")
         d = {**INDEX_DEFAULTS, **self.retrieve_defaults}
         for name, limit in OPTION_LIMITS.items():
             if not 1 <= d[name] <= limit:
@@ -198,6 +205,7 @@ def _unary(method: str, *, shed: bool = True, needs_index: bool = True, lookup: 
             try:
                 if shed:
                     self._check_load()
+                    self._check_wait(context)
                 authed = self._check_auth(method, context, with_auth)
                 if type(request) is Undecodable:
                     raise self._undecodable(method, request)
@@ -232,8 +240,10 @@ def _stream(method: str):
     When the stream opens: the bearer token (its metadata comes once) and, while draining, UNAVAILABLE.
     Per message, what ``_unary`` does per call (in-flight count and load shedding, undecodable bytes, index
     snapshot, the tests' ``debug_delay_s``, latency and status); an ``RpcError`` ends the stream with its
-    status. A message counts in flight until gRPC has taken its answer (the generator resumes then). The
-    per-message path of a cheap lookup holds no await besides reading the next request and handing over
+    status. A message that carries its client's clock (``sent_us``) and waited longer than
+    ``max_queue_wait_s`` (datastore/call_wait.py ``DelayBaseline``) ends the stream with RESOURCE_EXHAUSTED,
+    as a refusal past ``max_concurrency`` does. A message counts in flight until gRPC has taken its answer
+    (the generator resumes then). The per-message path of a cheap lookup holds no await besides reading the next request and handing over
     the answer (and the tests' delay): on this path a coroutine or a task per message would cost more than
     the lookup (see the module docstring).
     ``end_streams`` ends a stream that is waiting for its next request with status OK.
@@ -254,6 +264,7 @@ def _stream(method: str):
             m.streams.inc()
             latency, ok = m.latency_by_method[method], m.ok_by_method[method]
             requests = request_iterator.__aiter__()
+            waits = self._clock_baselines.for_stream(client_identity(context.peer()), context.invocation_metadata())
             try:
                 while not self._draining:
                     me.idle = True
@@ -270,6 +281,12 @@ def _stream(method: str):
                             self._check_load()
                             if type(request) is Undecodable:
                                 raise self._undecodable(method, request)
+                            if request.sent_us:
+                                waited = waits.wait_s(request.sent_us, time.monotonic_ns() // 1000)
+                                if waited > cfg.max_queue_wait_s:
+                                    raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                   f"server overloaded (the message waited {waited * 1000:.0f} "
+                                                   "ms to be served); retry later")
                             index = self._require_index()
                             if cfg.debug_delay_s:
                                 await asyncio.sleep(cfg.debug_delay_s)
@@ -322,6 +339,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         # read when scraped: a gauge updated per RPC would cost a lock round trip on every lookup
         self.metrics.in_flight.set_function(lambda: self._in_flight)
         self._streams: set[_OpenStream] = set()
+        self._clock_baselines = ClockBaselines()   # RetrieveStream clients' clocks: their messages' waits
         self._draining = False
         self._search_pool = ThreadPoolExecutor(max(1, self.config.search_workers), thread_name_prefix="doc-search")
         self._lookup_pool = ThreadPoolExecutor(self.config.lookup_workers, thread_name_prefix="lookup")
@@ -432,6 +450,20 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         if self._in_flight > self.config.max_concurrency:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"server overloaded ({self._in_flight - 1} requests in flight); retry later")
+
+    def _check_wait(self, context) -> None:
+        """DEADLINE_EXCEEDED for a call whose deadline passed while it waited (its caller has given up: the
+        lookup would be wasted); RESOURCE_EXHAUSTED for one that waited in gRPC's queue longer than
+        ``max_queue_wait_s`` (known when its client stated its timeout; datastore/call_wait.py)."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            return
+        if remaining <= 0:
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before it was served")
+        waited = queue_wait_s(remaining, context.invocation_metadata())
+        if waited is not None and waited > self.config.max_queue_wait_s:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"server overloaded (the call waited {waited * 1000:.0f} ms to be served); retry later")
 
     async def _fail(self, method: str, context, err: RpcError):
         self.metrics.error(method, err.code.name)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/datastore.proto\x12\x16specstore.datastore.v1\"\r\n\x0bInfoRequest\"\x9d\x02\n\x0cInfoResponse\x12\x10\n\x08index_id\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\x04\x12\x15\n\rnum_documents\x18\x05 \x01(\x04\x12\x15\n\rmanifest_json\x18\x06 \x01(\t\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x12\n\nmax_budget\x18\x08 \x01(\r\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x1b\n\x13\x64ocuments_available\x18\n \x01(\x08\x12\x15\n\rsession_ttl_s\x18\x0b \x01(\x01\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\"\x93\x01\n\x12OpenSessionRequest\x12\x13\n\x0bprompt_text\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x0e\n\x06memory\x18\x05 \x01(\x08\x12\x16\n\x0eskip_documents\x18\x06 \x01(\x08\"p\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x02 \x03(\x03\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\x12\x10\n\x08index_id\x18\x04 \x01(\t\x12\x0e\n\x06memory\x18\x05 \x01(\x08\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"k\n\x0fRetrieveOptions\x12\x10\n\x08max_span\x18\x01 \x01(\r\x12\x10\n\x08min_span\x18\x02 \x01(\r\x12\x13\n\x0bmax_matches\x18\x03 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\r\x12\x10\n\x08min_prob\x18\x05 \x01(\x02\"\xea\x01\n\x0fRetrieveRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x03(\x05\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06\x62udget\x18\x03 \x01(\r\x12\x13\n\x0bhint_tokens\x18\x04 \x03(\x05\x12\x12\n\nhint_probs\x18\x05 \x03(\x02\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\x12\x38\n\x07options\x18\x07 \x01(\x0b\x32\'.specstore.datastore.v1.RetrieveOptions\x12\x13\n\x0b\x63ontext_end\x18\x08 \x01(\x04\x12\x0b\n\x03seq\x18\t \x01(\x04\"\x85\x01\n\x10RetrieveResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\x12\x0f\n\x07sources\x18\x04 \x01(\x0c\x12\x10\n\x08index_id\x18\x05 \x01(\t\x12\x11\n\tmatch_len\x18\x06 \x01(\r\x12\x0b\n\x03seq\x18\x07 \x01(\x04\"Q\n\x14RetrieveBatchRequest\x12\x39\n\x08requests\x18\x01 \x03(\x0b\x32\'.specstore.datastore.v1.RetrieveRequest\"T\n\x15RetrieveBatchResponse\x12;\n\tresponses\x18\x01 \x03(\x0b\x32(.specstore.datastore.v1.RetrieveResponse\"<\n\x07TopkRow\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x13\n\x0bnext_tokens\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\",\n\x08TokenRun\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08new_from\x18\x02 \x01(\r\"\x18\n\x06Output\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"\xd3\x01\n\x10PushStatsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12-\n\x04rows\x18\x02 \x03(\x0b\x32\x1f.specstore.datastore.v1.TopkRow\x12.\n\x04runs\x18\x03 \x03(\x0b\x32 .specstore.datastore.v1.TokenRun\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12/\n\x07outputs\x18\x05 \x03(\x0b\x32\x1e.specstore.datastore.v1.Output\"5\n\x11PushStatsResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x04\"Z\n\x10PullStatsRequest\x12\x15\n\rsince_version\x18\x01 \x01(\x04\x12\x10\n\x08max_rows\x18\x02 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\"a\n\x11PullStatsResponse\x12-\n\x04rows\x18\x01 \x03(\x0b\x32\x1f.specstore.datastore.v1.TopkRow\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04more\x18\x03 \x01(\x08*\x9d\x01\n\x06Source\x12\x0f\n\x0bSOURCE_NONE\x10\x00\x12\x14\n\x10SOURCE_DATASTORE\x10\x01\x12\x14\n\x10SOURCE_DOCUMENTS\x10\x02\x12\x13\n\x0fSOURCE_RECYCLED\x10\x04\x12\x12\n\x0eSOURCE_CONTEXT\x10\x08\x12\x16\n\x12SOURCE_DRAFT_MODEL\x10\x10\x12\x15\n\x11SOURCE_EARLY_EXIT\x10 2\xab\x06\n\tDatastore\x12Q\n\x04Info\x12#.specstore.datastore.v1.InfoRequest\x1a$.specstore.datastore.v1.InfoResponse\x12\x66\n\x0bOpenSession\x12*.specstore.datastore.v1.OpenSessionRequest\x1a+.specstore.datastore.v1.OpenSessionResponse\x12i\n\x0c\x43loseSession\x12+.specstore.datastore.v1.CloseSessionRequest\x1a,.specstore.datastore.v1.CloseSessionResponse\x12]\n\x08Retrieve\x12\'.specstore.datastore.v1.RetrieveRequest\x1a(.specstore.datastore.v1.RetrieveResponse\x12l\n\rRetrieveBatch\x12,.specstore.datastore.v1.RetrieveBatchRequest\x1a-.specstore.datastore.v1.RetrieveBatchResponse\x12g\n\x0eRetrieveStream\x12\'.specstore.datastore.v1.RetrieveRequest\x1a(.specstore.datastore.v1.RetrieveResponse(\x01\x30\x01\x12`\n\tPushStats\x12(.specstore.datastore.v1.PushStatsRequest\x1a).specstore.datastore.v1.PushStatsResponse\x12`\n\tPullStats\x12(.specstore.datastore.v1.PullStatsRequest\x1a).specstore.datastore.v1.PullStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/datastore.proto\x12\x16specstore.datastore.v1\"\r\n\x0bInfoRequest\"\x9d\x02\n\x0cInfoResponse\x12\x10\n\x08index_id\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\x04\x12\x15\n\rnum_documents\x18\x05 \x01(\x04\x12\x15\n\rmanifest_json\x18\x06 \x01(\t\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x12\n\nmax_budget\x18\x08 \x01(\r\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x1b\n\x13\x64ocuments_available\x18\n \x01(\x08\x12\x15\n\rsession_ttl_s\x18\x0b \x01(\x01\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\"\x93\x01\n\x12OpenSessionRequest\x12\x13\n\x0bprompt_text\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x0e\n\x06memory\x18\x05 \x01(\x08\x12\x16\n\x0eskip_documents\x18\x06 \x01(\x08\"p\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x02 \x03(\x03\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\x12\x10\n\x08index_id\x18\x04 \x01(\t\x12\x0e\n\x06memory\x18\x05 \x01(\x08\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"k\n\x0fRetrieveOptions\x12\x10\n\x08max_span\x18\x01 \x01(\r\x12\x10\n\x08min_span\x18\x02 \x01(\r\x12\x13\n\x0bmax_matches\x18\x03 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\r\x12\x10\n\x08min_prob\x18\x05 \x01(\x02\"\xfb\x01\n\x0fRetrieveRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x03(\x05\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06\x62udget\x18\x03 \x01(\r\x12\x13\n\x0bhint_tokens\x18\x04 \x03(\x05\x12\x12\n\nhint_probs\x18\x05 \x03(\x02\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\x12\x38\n\x07options\x18\x07 \x01(\x0b\x32\'.specstore.datastore.v1.RetrieveOptions\x12\x13\n\x0b\x63ontext_end\x18\x08 \x01(\x04\x12\x0b\n\x03seq\x18\t \x01(\x04\x12\x0f\n\x07sent_us\x18\n \x01(\x04\"\x85\x01\n\x10RetrieveResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\x12\x0f\n\x07sources\x18\x04 \x01(\x0c\x12\x10\n\x08index_id\x18\x05 \x01(\t\x12\x11\n\tmatch_len\x18\x06 \x01(\r\x12\x0b\n\x03seq\x18\x07 \x01(\x04\"Q\n\x14RetrieveBatchRequest\x12\x39\n\x08requests\x18\x01 \x03(\x0b\x32\'.specstore.datastore.v1.RetrieveRequest\"T\n\x15RetrieveBatchResponse\x12;\n\tresponses\x18\x01 \x03(\x0b\x32(.specstore.datastore.v1.RetrieveResponse\"<\n\x07TopkRow\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x13\n\x0bnext_tokens\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\",\n\x08TokenRun\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08new_from\x18\x02 \x01(\r\"\x18\n\x06Output\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"\xd3\x01\n\x10PushStatsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12-\n\x04rows\x18\x02 \x03(\x0b\x32\x1f.specstore.datastore.v1.TopkRow\x12.\n\x04runs\x18\x03 \x03(\x0b\x32 .specstore.datastore.v1.TokenRun\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12/\n\x07outputs\x18\x05 \x03(\x0b\x32\x1e.specstore.datastore.v1.Output\"5\n\x11PushStatsResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x04\"Z\n\x10PullStatsRequest\x12\x15\n\rsince_version\x18\x01 \x01(\x04\x12\x10\n\x08max_rows\x18\x02 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\"a\n\x11PullStatsResponse\x12-\n\x04rows\x18\x01 \x03(\x0b\x32\x1f.specstore.datastore.v1.TopkRow\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04more\x18\x03 \x01(\x08*\x9d\x01\n\x06Source\x12\x0f\n\x0bSOURCE_NONE\x10\x00\x12\x14\n\x10SOURCE_DATASTORE\x10\x01\x12\x14\n\x10SOURCE_DOCUMENTS\x10\x02\x12\x13\n\x0fSOURCE_RECYCLED\x10\x04\x12\x12\n\x0eSOURCE_CONTEXT\x10\x08\x12\x16\n\x12SOURCE_DRAFT_MODEL\x10\x10\x12\x15\n\x11SOURCE_EARLY_EXIT\x10 2\xab\x06\n\tDatastore\x12Q\n\x04Info\x12#.specstore.datastore.v1.InfoRequest\x1a$.specstore.datastore.v1.InfoResponse\x12\x66\n\x0bOpenSession\x12*.specstore.datastore.v1.OpenSessionRequest\x1a+.specstore.datastore.v1.OpenSessionResponse\x12i\n\x0c\x43loseSession\x12+.specstore.datastore.v1.CloseSessionRequest\x1a,.specstore.datastore.v1.CloseSessionResponse\x12]\n\x08Retrieve\x12\'.specstore.datastore.v1.RetrieveRequest\x1a(.specstore.datastore.v1.RetrieveResponse\x12l\n\rRetrieveBatch\x12,.specstore.datastore.v1.RetrieveBatchRequest\x1a-.specstore.datastore.v1.RetrieveBatchResponse\x12g\n\x0eRetrieveStream\x12\'.specstore.datastore.v1.RetrieveRequest\x1a(.specstore.datastore.v1.RetrieveResponse(\x01\x30\x01\x12`\n\tPushStats\x12(.specstore.datastore.v1.PushStatsRequest\x1a).specstore.datastore.v1.PushStatsResponse\x12`\n\tPullStats\x12(.specstore.datastore.v1.PullStatsRequest\x1a).specstore.datastore.v1.PullStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specstore.protos.datastore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SOURCE']._serialized_start=1946
-  _globals['_SOURCE']._serialized_end=2103
+  _globals['_SOURCE']._serialized_start=1963
+  _globals['_SOURCE']._serialized_end=2120
   _globals['_INFOREQUEST']._serialized_start=50
   _globals['_INFOREQUEST']._serialized_end=63
   _globals['_INFORESPONSE']._serialized_start=66
@@ -48,27 +48,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRIEVEOPTIONS']._serialized_start=700
   _globals['_RETRIEVEOPTIONS']._serialized_end=807
   _globals['_RETRIEVEREQUEST']._serialized_start=810
-  _globals['_RETRIEVEREQUEST']._serialized_end=1044
-  _globals['_RETRIEVERESPONSE']._serialized_start=1047
-  _globals['_RETRIEVERESPONSE']._serialized_end=1180
-  _globals['_RETRIEVEBATCHREQUEST']._serialized_start=1182
-  _globals['_RETRIEVEBATCHREQUEST']._serialized_end=1263
-  _globals['_RETRIEVEBATCHRESPONSE']._serialized_start=1265
-  _globals['_RETRIEVEBATCHRESPONSE']._serialized_end=1349
-  _globals['_TOPKROW']._serialized_start=1351
-  _globals['_TOPKROW']._serialized_end=1411
-  _globals['_TOKENRUN']._serialized_start=1413
-  _globals['_TOKENRUN']._serialized_end=1457
-  _globals['_OUTPUT']._serialized_start=1459
-  _globals['_OUTPUT']._serialized_end=1483
-  _globals['_PUSHSTATSREQUEST']._serialized_start=1486
-  _globals['_PUSHSTATSREQUEST']._serialized_end=1697
-  _globals['_PUSHSTATSRESPONSE']._serialized_start=1699
-  _globals['_PUSHSTATSRESPONSE']._serialized_end=1752
-  _globals['_PULLSTATSREQUEST']._serialized_start=1754
-  _globals['_PULLSTATSREQUEST']._serialized_end=1844
-  _globals['_PULLSTATSRESPONSE']._serialized_start=1846
-  _globals['_PULLSTATSRESPONSE']._serialized_end=1943
-  _globals['_DATASTORE']._serialized_start=2106
-  _globals['_DATASTORE']._serialized_end=2917
+  _globals['_RETRIEVEREQUEST']._serialized_end=1061
+  _globals['_RETRIEVERESPONSE']._serialized_start=1064
+  _globals['_RETRIEVERESPONSE']._serialized_end=1197
+  _globals['_RETRIEVEBATCHREQUEST']._serialized_start=1199
+  _globals['_RETRIEVEBATCHREQUEST']._serialized_end=1280
+  _globals['_RETRIEVEBATCHRESPONSE']._serialized_start=1282
+  _globals['_RETRIEVEBATCHRESPONSE']._serialized_end=1366
+  _globals['_TOPKROW']._serialized_start=1368
+  _globals['_TOPKROW']._serialized_end=1428
+  _globals['_TOKENRUN']._serialized_start=1430
+  _globals['_TOKENRUN']._serialized_end=1474
+  _globals['_OUTPUT']._serialized_start=1476
+  _globals['_OUTPUT']._serialized_end=1500
+  _globals['_PUSHSTATSREQUEST']._serialized_start=1503
+  _globals['_PUSHSTATSREQUEST']._serialized_end=1714
+  _globals['_PUSHSTATSRESPONSE']._serialized_start=1716
+  _globals['_PUSHSTATSRESPONSE']._serialized_end=1769
+  _globals['_PULLSTATSREQUEST']._serialized_start=1771
+  _globals['_PULLSTATSREQUEST']._serialized_end=1861
+  _globals['_PULLSTATSRESPONSE']._serialized_start=1863
+  _globals['_PULLSTATSRESPONSE']._serialized_end=1960
+  _globals['_DATASTORE']._serialized_start=2123
+  _globals['_DATASTORE']._serialized_end=2934
 # @@protoc_insertion_point(module_scope)

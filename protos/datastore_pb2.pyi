@@ -113,7 +113,7 @@ class RetrieveOptions(_message.Message):
     def __init__(self, max_span: _Optional[int] = ..., min_span: _Optional[int] = ..., max_matches: _Optional[int] = ..., depth: _Optional[int] = ..., min_prob: _Optional[float] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("context", "session_id", "budget", "hint_tokens", "hint_probs", "tokenizer_fingerprint", "options", "context_end", "seq")
+    __slots__ = ("context", "session_id", "budget", "hint_tokens", "hint_probs", "tokenizer_fingerprint", "options", "context_end", "seq", "sent_us")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class RetrieveRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_END_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    SENT_US_FIELD_NUMBER: _ClassVar[int]
     context: _containers.RepeatedScalarFieldContainer[int]
     session_id: str
     budget: int
@@ -132,7 +133,8 @@ class RetrieveRequest(_message.Message):
     options: RetrieveOptions
     context_end: int
     seq: int
-    def __init__(self, context: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ..., budget: _Optional[int] = ..., hint_tokens: _Optional[_Iterable[int]] = ..., hint_probs: _Optional[_Iterable[float]] = ..., tokenizer_fingerprint: _Optional[str] = ..., options: _Optional[_Union[RetrieveOptions, _Mapping]] = ..., context_end: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
+    sent_us: int
+    def __init__(self, context: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ..., budget: _Optional[int] = ..., hint_tokens: _Optional[_Iterable[int]] = ..., hint_probs: _Optional[_Iterable[float]] = ..., tokenizer_fingerprint: _Optional[str] = ..., options: _Optional[_Union[RetrieveOptions, _Mapping]] = ..., context_end: _Optional[int] = ..., seq: _Optional[int] = ..., sent_us: _Optional[int] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("tokens", "parents", "probs", "sources", "index_id", "match_len", "seq")

@@ -189,6 +189,90 @@ def test_resource_exhausted_is_fast(index_path):
         assert all(len(f.result().tokens) > 0 for f in slow)
 
 
+def test_calls_queued_in_grpc_are_bounded_by_their_wait(index_path):
+    """While the server's event loop is busy, calls wait in gRPC's queue where no in-flight count sees them.
+    A call whose client stated its timeout and that waited longer than ``max_queue_wait_s`` is refused with
+    RESOURCE_EXHAUSTED; one whose deadline passed meanwhile is not looked up (gRPC cancels it, or the
+    wrapper drops it); a call without the stated timeout is served as before, and so is every call once the
+    loop is free again."""
+    from specstore.datastore.call_wait import timeout_metadata
+
+    cfg = ServiceConfig(max_queue_wait_s=0.25)
+    with ServerThread(index_path, cfg, opener=FakeIndex.open) as s, grpc.insecure_channel(s.address) as ch:
+        st = pb_grpc.DatastoreStub(ch)
+        req = pb.RetrieveRequest(context=[2, 3], budget=4)
+        assert st.Retrieve(req, timeout=5, metadata=(timeout_metadata(5),)).tokens   # connected, loop free
+        served = s.server.servicer.metrics.ok_by_method["Retrieve"]
+        before = served._value.get()
+
+        s.loop.call_soon_threadsafe(time.sleep, 0.8)   # the event loop saturated for 0.8 s
+        time.sleep(0.05)
+        stated = st.Retrieve.future(req, timeout=5, metadata=(timeout_metadata(5),))
+        unstated = st.Retrieve.future(req, timeout=5)
+        expiring = st.Retrieve.future(req, timeout=0.3, metadata=(timeout_metadata(0.3),))
+        with pytest.raises(grpc.RpcError) as ei:
+            stated.result()
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "waited" in ei.value.details()
+        assert unstated.result().tokens
+        with pytest.raises(grpc.RpcError) as ei:
+            expiring.result()
+        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.2)
+        assert served._value.get() == before + 1   # the unstated call only
+
+        assert st.Retrieve(req, timeout=5, metadata=(timeout_metadata(5),)).tokens   # the loop is free again
+
+
+def test_stream_messages_queued_are_bounded_by_their_wait(index_path):
+    """RetrieveStream messages that carry the client's clock: one that waited past ``max_queue_wait_s`` ends
+    its stream with RESOURCE_EXHAUSTED, and so does the first message of a new stream from the same client
+    clock (measured against that clock's baseline); a stream that names no clock measures from its own first
+    message; once the loop is free, the same clock's new stream is served."""
+    import queue as queue_mod
+
+    from specstore.datastore.call_wait import CLOCK_METADATA
+
+    def message():
+        return pb.RetrieveRequest(context=[2, 3], budget=4, sent_us=time.monotonic_ns() // 1000)
+
+    def open_stream(st, metadata):
+        q: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+        call = st.RetrieveStream(iter(q.get, None), metadata=metadata)
+        return q, call
+
+    def first_answer(call):
+        try:
+            return next(call).seq, None
+        except grpc.RpcError as e:
+            return None, e.code()
+
+    with ServerThread(index_path, ServiceConfig(max_queue_wait_s=0.25), opener=FakeIndex.open) as s, \
+            grpc.insecure_channel(s.address) as ch:
+        st = pb_grpc.DatastoreStub(ch)
+        q1, c1 = open_stream(st, (CLOCK_METADATA,))
+        q1.put(message())
+        assert next(c1).tokens                                   # the clock's baseline: a quick message
+        s.loop.call_soon_threadsafe(time.sleep, 0.8)
+        time.sleep(0.05)
+        q1.put(message())
+        q2, c2 = open_stream(st, (CLOCK_METADATA,))               # a new stream of the same client clock
+        q2.put(message())
+        q3, c3 = open_stream(st, ())                              # no clock named: its own baseline
+        q3.put(message())
+        with pytest.raises(grpc.RpcError) as ei:
+            next(c1)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "waited" in ei.value.details()
+        assert first_answer(c2)[1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert first_answer(c3)[1] is None
+        q4, c4 = open_stream(st, (CLOCK_METADATA,))
+        q4.put(message())
+        assert first_answer(c4)[1] is None                        # the loop is free again
+        for q in (q1, q2, q3, q4):
+            q.put(None)
+        c3.cancel()
+        c4.cancel()
+
+
 def test_health_and_reflection_and_metrics(server, index_path):
     with grpc.insecure_channel(server.address) as ch:
         h = health_pb2_grpc.HealthStub(ch)
