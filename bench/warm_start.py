@@ -12,7 +12,8 @@ index with ``--stats-dir``:
   cold  a service with empty statistics; node B starts with an empty recycling table.
 
 Both B nodes have the same drafters (datastore, context, recycling) and both push while they decode (each
-to its own service), so they differ only in what node A left behind. B's prompts run cold and warm
+to its own service), so they differ only in what node A left behind. With ``--share-outputs`` every node
+also pushes its finished generations (the service's recent outputs, matched next to the corpus). B's prompts run cold and warm
 interleaved, alternating which goes first. Reported per side: MAT (new tokens per target forward, i.e. per
 decode step), tokens/s, medians over prompts, and whether warm and cold outputs are identical (both are
 lossless, so they must be). The model is loaded once; the servers are separate processes.
@@ -49,7 +50,7 @@ class Node:
     pushes to the service it looks up in (``share_to="same"``), to another one (an address), or nowhere (None)."""
 
     def __init__(self, model, tok, address: str, max_budget: int, *, warm: bool = False,
-                 share_to: Optional[str] = "same"):
+                 share_to: Optional[str] = "same", share_outputs: bool = False):
         from ..client.budget import cached_cost_profile
         from ..client.datastore_client import DatastoreClient
         from ..client.datastore_drafter import make_datastore_drafter
@@ -65,7 +66,8 @@ class Node:
         if share_to is not None:
             if share_to != "same":
                 self._sink = DatastoreClient(share_to)
-            self.sharer = StatsSharer(self._sink or self.ds.backend.client, recycling=self.recycling)
+            self.sharer = StatsSharer(self._sink or self.ds.backend.client, recycling=self.recycling,
+                                      share_outputs=share_outputs)
             drafters.append(self.sharer)
         self.warm_rows = self.sharer.warm_start() if warm and self.sharer is not None else 0
         profile = cached_cost_profile(model, resolve_model(None).name)    # spec-generate's cached profile
@@ -98,6 +100,9 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-budget", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--share-outputs", action="store_true",
+                    help="every node also pushes its finished generations to the service's recent outputs, which "
+                         "its lookups match next to the corpus (shared outputs are opt-in in the product)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     import torch
@@ -113,14 +118,14 @@ def main(argv: Optional[list] = None) -> int:
         cold_srv = Server(a.index, tmp / "stats-cold", tmp / "cold.log", args=[])
         try:
             warm_srv.wait_ready(); cold_srv.wait_ready()
-            node_a = Node(model, tok, warm_srv.address, a.max_budget)
+            node_a = Node(model, tok, warm_srv.address, a.max_budget, share_outputs=a.share_outputs)
             a_runs = []
             for i, p in enumerate(prompts_a):
                 a_runs.append(node_a.run(p, a.max_new_tokens))
                 print(f"A {i + 1}/{len(prompts_a)} {p.category}: MAT {a_runs[-1]['mat']:.2f}", file=sys.stderr)
             node_a.close()
-            cold = Node(model, tok, cold_srv.address, a.max_budget)
-            warm = Node(model, tok, warm_srv.address, a.max_budget, warm=True)
+            cold = Node(model, tok, cold_srv.address, a.max_budget, share_outputs=a.share_outputs)
+            warm = Node(model, tok, warm_srv.address, a.max_budget, warm=True, share_outputs=a.share_outputs)
             rows = []
             for i, p in enumerate(prompts_b):
                 order = [("cold", cold), ("warm", warm)][:: 1 if i % 2 == 0 else -1]
@@ -144,6 +149,7 @@ def main(argv: Optional[list] = None) -> int:
                 "median_tokens_per_second": round(statistics.median(r[f"{side}_tokens_per_second"] for r in rows), 2)}
 
     summary = {"prompts_a": len(prompts_a), "prompts_b": len(prompts_b), "max_new_tokens": a.max_new_tokens,
+               "share_outputs": a.share_outputs,
                "warm_rows_loaded": warm_rows, "a_median_mat": round(statistics.median(r["mat"] for r in a_runs), 3),
                "cold": agg("cold"), "warm": agg("warm"),
                "identical": sum(r["identical"] for r in rows)}
