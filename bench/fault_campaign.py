@@ -39,7 +39,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .fault_proxy import FaultProxy
-from .stall_probe import start_server
+from .serve_process import ServeProcess
 
 VOCAB = 96
 FINGERPRINT = "fault-campaign-tokens"
@@ -102,8 +102,8 @@ class Fleet:
         self.indexes = indexes
         self.serve_args = list(serve_args)
         self.serving = "a"
-        self.proc, addr = start_server(str(indexes["a"]), self.serve_args)
-        self.proxy = FaultProxy(addr)
+        self.server = self._start("a")
+        self.proxy = FaultProxy(self.server.address)
         self.stopped = False
         self.restarts = 0
 
@@ -111,17 +111,22 @@ class Fleet:
     def address(self) -> str:
         return self.proxy.address
 
+    @property
+    def proc(self):
+        return self.server.proc
+
+    def _start(self, name: str) -> ServeProcess:
+        return ServeProcess(self.indexes[name], "--log-level", "warning", *self.serve_args)
+
     def _restart(self, name: str) -> None:
         self._kill()
-        self.proc, addr = start_server(str(self.indexes[name]), self.serve_args)
-        self.proxy.upstream = addr
+        self.server = self._start(name)
+        self.proxy.upstream = self.server.address
         self.serving = name
         self.restarts += 1
 
     def _kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+        self.server.kill()
         self.stopped = False
 
     def inject(self, kind: str, deadline_s: float, rng: random.Random, delay_s: Optional[float] = None) -> dict:

@@ -47,10 +47,7 @@ import multiprocessing as mp
 import os
 import random
 import shlex
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -61,6 +58,7 @@ from typing import Optional
 import numpy as np
 
 from ..datastore.call_wait import CLOCK_METADATA, timeout_metadata
+from .serve_process import ServeProcess
 
 TRANSPORTS = ("stream", "unary", "batch")
 # status codes as small ints in the per-call records (the rest of grpc.StatusCode by name at the end)
@@ -247,7 +245,6 @@ async def _run(spec: PhaseSpec) -> dict:
     rec = _Records()
     loop = asyncio.get_running_loop()
     t0 = spec.start_at
-    end = t0 + spec.seconds
     decoders: list[_Decoder] = []
     outstanding: set = set()
     unanswered = 0
@@ -377,37 +374,6 @@ class Sampler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5)
-
-
-def start_server(index: str, extra: list[str], log_path: Optional[Path] = None) -> tuple[subprocess.Popen, str]:
-    """A ``datastore-serve`` process on 127.0.0.1 (any free port), once its health check says SERVING."""
-    from ..datastore.healthcheck import check
-
-    port_file = Path(tempfile.mkdtemp(prefix="load-gen-")) / "port"
-    err = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, "-m", "specstore.datastore.cli", "--index", index, "--host", "127.0.0.1",
-                             "--port", "0", "--port-file", str(port_file), "--no-faiss", "--log-level", "warning",
-                             *extra], stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if port_file.exists() and port_file.read_text().strip():
-            address = f"127.0.0.1:{port_file.read_text().strip()}"
-            if check(address, timeout=1.0):
-                return proc, address
-        if proc.poll() is not None:
-            raise RuntimeError(f"datastore-serve exited with {proc.returncode}")
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("datastore-serve did not become healthy")
-
-
-def stop_server(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
 
 
 # ------------------------------------------------------------------------------------------ summaries
@@ -571,12 +537,12 @@ def main(argv=None) -> int:
     if not mix or set(mix) - set(TRANSPORTS) or sum(mix.values()) <= 0:
         raise SystemExit(f"--mix: weights of {', '.join(TRANSPORTS)} (got {a.mix!r})")
     windows = token_windows(a.index, seed=a.seed)
-    proc = None
+    server = None
     if a.target:
         address, pid = a.target, a.server_pid
     else:
-        proc, address = start_server(a.index, shlex.split(a.serve_args))
-        pid = proc.pid
+        server = ServeProcess(a.index, "--no-faiss", "--log-level", "warning", *shlex.split(a.serve_args))
+        address, pid = server.address, server.proc.pid
     sampler = Sampler(pid)
     base = PhaseSpec(address=address, windows=windows, seconds=0, start_at=0, mix=mix, batch=a.batch,
                      budget=a.budget, tail=a.tail, options=_parse_kv(a.options, float), timeout_s=a.timeout,
@@ -584,7 +550,7 @@ def main(argv=None) -> int:
     base.options = {k: (v if k == "min_prob" else int(v)) for k, v in base.options.items()}
     gen = Generator(base, a.procs, sampler)
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "address": address,
-                 "serve_args": a.serve_args if proc else None, "mix": mix, "batch": a.batch, "options": base.options,
+                 "serve_args": a.serve_args if server else None, "mix": mix, "batch": a.batch, "options": base.options,
                  "procs": a.procs, "cpus": os.cpu_count()}
     try:
         if a.capacity:
@@ -615,8 +581,8 @@ def main(argv=None) -> int:
     finally:
         gen.close()
         sampler.stop()
-        if proc is not None:
-            stop_server(proc)
+        if server is not None:
+            server.stop()
     print(json.dumps(res, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

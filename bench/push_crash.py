@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,7 @@ from typing import Optional
 from ..datastore.ngram_stats import NgramStats
 from ..datastore.stats_log import StatsLog
 from ..protos import datastore_pb2 as pb
+from .serve_process import ServeProcess
 
 TOKEN = "push-crash-token"
 NEXT_IDS = list(range(100, 112))      # every next token (and run token) comes from these 12 ids
@@ -81,62 +80,21 @@ def reference(batches) -> NgramStats:
     return s
 
 
-class Server:
-    """``datastore-serve`` as a child process on 127.0.0.1 and a free port, keeping its shared statistics in
-    ``stats_dir`` (None: none); ``args`` replace this campaign's settings (decay off, frequent snapshots, a token)."""
+class Server(ServeProcess):
+    """``datastore-serve`` on 127.0.0.1 and a free port, keeping its shared statistics in ``stats_dir`` (None:
+    none), its log appended to ``log_path``; ``args`` replace this campaign's settings (decay off, frequent
+    snapshots, a token). Returns once the port is bound: ``wait_ready()`` times the load."""
 
     def __init__(self, index: Path, stats_dir: Optional[Path], log_path: Path, args: Optional[list] = None):
-        port_file = log_path.with_suffix(".port")
-        port_file.unlink(missing_ok=True)
-        self._log = open(log_path, "a")
-        self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "specstore.datastore.cli", "--index", str(index), "--host", "127.0.0.1",
-             "--port", "0", "--port-file", str(port_file), "--no-faiss",
-             *(["--stats-dir", str(stats_dir)] if stats_dir is not None else []), "--log-level", "warning",
-             *(args if args is not None else ["--stats-half-life", "1e15", "--stats-snapshot-every", "50",
-                                              "--auth-token", TOKEN])],
-            stdout=subprocess.DEVNULL, stderr=self._log,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-        deadline = time.monotonic() + 120
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"datastore-serve did not start (see {log_path})")
-            time.sleep(0.01)
-        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
+        super().__init__(
+            index, "--no-faiss", *(["--stats-dir", str(stats_dir)] if stats_dir is not None else []),
+            "--log-level", "warning",
+            *(args if args is not None else ["--stats-half-life", "1e15", "--stats-snapshot-every", "50",
+                                             "--auth-token", TOKEN]),
+            log_path=log_path, append_log=True, ready=False, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 
-    def wait_ready(self, timeout_s: float = 120) -> float:
-        """Seconds from the process start until Info answers (the index and the statistics are loaded)."""
-        from ..client.datastore_client import DatastoreClient
-
-        c = DatastoreClient(self.address)     # Info is a read: no token needed
-        try:
-            end = time.monotonic() + timeout_s
-            while c.info(timeout_s=2.0) is None:
-                if time.monotonic() > end or self.proc.poll() is not None:
-                    raise RuntimeError(f"server at {self.address} never answered: {c.last_error}")
-                time.sleep(0.02)
-        finally:
-            c.close()
-        return time.monotonic() - self.t0
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self._log.close()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+    def stop(self, grace_s: float = 60.0) -> int:
+        return super().stop(grace_s)
 
 
 def push_until_killed(address: str, pushers: int, rng: random.Random, run: int, stop: threading.Event):

@@ -26,9 +26,7 @@ import json
 import random
 import re
 import shutil
-import signal
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ import numpy as np
 from ..datastore.auth import bearer_matches
 from ..protos import datastore_pb2 as pb
 from ..protos import datastore_pb2_grpc as pb_grpc
+from .serve_process import ServeProcess
 
 TOKEN = "probe-Tk-7f3e9a01c4"
 CTX = [41_307, 58_219, 73_041, 86_593, 97_155]
@@ -58,27 +57,9 @@ def build_index(folder: Path) -> Path:
     return out
 
 
-def start(index: Path, log_path: Path, cap: int) -> tuple[subprocess.Popen, str]:
-    port_file = log_path.with_suffix(".port")
-    proc = subprocess.Popen([sys.executable, "-m", "specstore.datastore.cli", "--index", str(index), "--host",
-                             "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--auth-token", TOKEN,
-                             "--auth-reads", "--log-level", "debug", "--no-faiss", "--max-sessions-per-client",
-                             str(cap)], stderr=open(log_path, "w"), stdout=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if port_file.exists() and port_file.read_text().strip():
-            address = f"127.0.0.1:{port_file.read_text().strip()}"
-            with grpc.insecure_channel(address) as ch:   # the port is written before the index is loaded
-                if _code(lambda: pb_grpc.DatastoreStub(ch).Info(
-                        pb.InfoRequest(), timeout=10, metadata=(("authorization", f"Bearer {TOKEN}"),))) \
-                        == grpc.StatusCode.OK:
-                    return proc, address
-        if proc.poll() is not None:
-            raise RuntimeError(f"datastore-serve exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError("datastore-serve did not start")
+def start(index: Path, log_path: Path, cap: int) -> ServeProcess:
+    return ServeProcess(index, "--auth-token", TOKEN, "--auth-reads", "--log-level", "debug", "--no-faiss",
+                        "--max-sessions-per-client", str(cap), log_path=log_path)
 
 
 def _code(fn):
@@ -164,7 +145,8 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="security-probe-"))
     t0 = time.time()
     index = build_index(work)
-    proc, address = start(index, work / "serve.log", a.cap)
+    server = start(index, work / "serve.log", a.cap)
+    proc, address = server.proc, server.address
     auth = (("authorization", f"Bearer {TOKEN}"),)
     methods = [(f"/{SERVICE.full_name}/{m.name}", m.client_streaming, m.server_streaming) for m in SERVICE.methods]
     out: dict = {"address": address}
@@ -228,8 +210,7 @@ def main(argv=None) -> int:
                                   "refused_with": c.name, "held": a.sessions + opened}
             out["server_alive"] = proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        server.stop(60)
     # 5. the compare's time
     out["compare_timing"] = compare_timing(a.timing_calls)
     log = (work / "serve.log").read_text()

@@ -15,46 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 
 from ..protos import datastore_pb2 as pb
 from ..protos import datastore_pb2_grpc as pb_grpc
+from .serve_process import ServeProcess
 
 
 def _channel(address: str) -> grpc.Channel:
     # its own TCP connection (without it the channels of one process share one)
     return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-
-
-def start_server(index: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port_file = Path(tempfile.mkdtemp(prefix="stall-probe-")) / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "specstore.datastore.cli", "--index", index, "--host", "127.0.0.1",
-                             "--port", "0", "--port-file", str(port_file), "--log-level", "warning", *extra],
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if port_file.exists() and port_file.read_text().strip():
-            address = f"127.0.0.1:{port_file.read_text().strip()}"
-            with _channel(address) as ch:
-                try:
-                    pb_grpc.DatastoreStub(ch).Info(pb.InfoRequest(), timeout=30, wait_for_ready=True)
-                    return proc, address
-                except grpc.RpcError:
-                    pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"datastore-serve exited with {proc.returncode}")
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("datastore-serve did not start")
 
 
 def main(argv=None) -> int:
@@ -79,7 +54,8 @@ def main(argv=None) -> int:
         options=pb.RetrieveOptions(max_span=1024, min_span=1, max_matches=a.matches, depth=a.depth,
                                    min_prob=1e-30)) for _ in range(64)])
     small = pb.RetrieveRequest(context=doc[-64:].tolist(), budget=32)
-    proc, address = start_server(a.index, shlex.split(a.serve_args))
+    server = ServeProcess(a.index, "--log-level", "warning", *shlex.split(a.serve_args))
+    address = server.address
     stop = threading.Event()
     heavy_codes: dict[str, int] = {}
     heavy_s: list[float] = []
@@ -121,11 +97,7 @@ def main(argv=None) -> int:
             for t in threads:
                 t.join(180)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
     ms = np.asarray(lat) * 1e3
     out = {
         "small_lookups": len(lat), "small_errors": small_errors,

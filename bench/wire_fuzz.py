@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,6 +48,7 @@ import numpy as np
 
 from ..datastore.servicer import WRITE_METHODS
 from ..protos import datastore_pb2 as pb
+from .serve_process import ServeProcess
 
 SERVICE = "/specstore.datastore.v1.Datastore/"
 UNARY = ("Info", "OpenSession", "CloseSession", "Retrieve", "RetrieveBatch")
@@ -391,59 +389,15 @@ def expected(case: Case, auth_reads: bool) -> frozenset:
 
 
 # ------------------------------------------------------------------------------------------ servers
-class Server:
+class Server(ServeProcess):
     """A real ``datastore-serve`` process on 127.0.0.1:0 with the token (from a file), its log kept."""
 
     def __init__(self, index: Path, work: Path, name: str, auth_reads: bool):
         self.name, self.auth_reads = name, auth_reads
         token_file = work / "token"
         token_file.write_text(TOKEN)
-        port_file = work / f"{name}.port"
-        port_file.unlink(missing_ok=True)
-        self.log_path = work / f"{name}.log"
-        self._log = open(self.log_path, "w")
-        args = [sys.executable, "-m", "specstore.datastore.cli", "--index", str(index), "--host", "127.0.0.1",
-                "--port", "0", "--port-file", str(port_file), "--auth-token-file", str(token_file), "--no-faiss"]
-        self.proc = subprocess.Popen(args + (["--auth-reads"] if auth_reads else []), stdout=subprocess.DEVNULL,
-                                     stderr=self._log)
-        deadline = time.time() + 120
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"datastore-serve did not start: {self.log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
-        with grpc.insecure_channel(self.address) as ch:
-            while True:     # UNAVAILABLE until the index is loaded
-                try:
-                    ch.unary_unary(SERVICE + "Info")(b"", timeout=60, wait_for_ready=True, metadata=_md("right"))
-                    break
-                except grpc.RpcError as e:
-                    if e.code() != grpc.StatusCode.UNAVAILABLE or time.time() > deadline:
-                        self.stop()
-                        raise
-                    time.sleep(0.05)
-
-    def rss_bytes(self) -> Optional[int]:
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
-
-    def stop(self) -> Optional[int]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        super().__init__(index, "--auth-token-file", str(token_file), "--no-faiss",
+                         *(["--auth-reads"] if auth_reads else []), log_path=work / f"{name}.log")
 
 
 def _md(auth: str):

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
+from specstore.bench.serve_process import ServeProcess  # noqa: F401 - the tests' real server process
 from specstore.datastore.server import DatastoreServer, ServerOptions
 from specstore.datastore.servicer import ServiceConfig
 
@@ -63,68 +64,6 @@ def reloading_server(tmp_path: Path, docs, fingerprint: str) -> tuple[ServerThre
 
     opts = ServerOptions(reload=True, reload_interval_s=0.1, retire_after_s=0.5)
     return ServerThread(link, ServiceConfig(), opts, opener=FakeIndex.open), publish_b
-
-
-class ServeProcess:
-    """``datastore-serve`` (the real CLI, ``python -m specstore.datastore.cli``) on 127.0.0.1:0 as a child
-    process, its stderr (the JSON log) kept in ``log_path``; stopped with SIGTERM (SIGKILL past 30 s)."""
-
-    def __init__(self, index_path, *args: str, log_path: Path, env: Optional[dict] = None):
-        import os
-        import subprocess
-        import sys
-        import time
-
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        root = Path(__file__).resolve().parents[2]
-        port_file = log_path.with_suffix(".port")
-        port_file.unlink(missing_ok=True)   # a stale one would name a dead server's port
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "specstore.datastore.cli", "--index", str(index_path), "--host", "127.0.0.1",
-             "--port", "0", "--port-file", str(port_file), *args],
-            cwd=root, stdout=subprocess.DEVNULL, stderr=self._log, env={**os.environ, **(env or {})})
-        deadline = time.time() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"datastore-serve did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
-        with grpc.insecure_channel(self.address) as ch:
-            h = health_pb2_grpc.HealthStub(ch)
-            while h.Check(health_pb2.HealthCheckRequest(), timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
-                if time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError("datastore-serve never reported SERVING")
-                time.sleep(0.05)
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
-
-    def stop(self) -> int:
-        import signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 def make_certificates(folder: Path, ca_name: str, *leaves: str) -> dict:
