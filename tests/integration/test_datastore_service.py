@@ -223,56 +223,6 @@ def test_calls_queued_in_grpc_are_bounded_by_their_wait(index_path):
         assert st.Retrieve(req, timeout=5, metadata=(timeout_metadata(5),)).tokens   # the loop is free again
 
 
-def test_stream_messages_queued_are_bounded_by_their_wait(index_path):
-    """RetrieveStream messages that carry the client's clock: one that waited past ``max_queue_wait_s`` ends
-    its stream with RESOURCE_EXHAUSTED, and so does the first message of a new stream from the same client
-    clock (measured against that clock's baseline); a stream that names no clock measures from its own first
-    message; once the loop is free, the same clock's new stream is served."""
-    import queue as queue_mod
-
-    from specstore.datastore.call_wait import CLOCK_METADATA
-
-    def message():
-        return pb.RetrieveRequest(context=[2, 3], budget=4, sent_us=time.monotonic_ns() // 1000)
-
-    def open_stream(st, metadata):
-        q: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
-        call = st.RetrieveStream(iter(q.get, None), metadata=metadata)
-        return q, call
-
-    def first_answer(call):
-        try:
-            return next(call).seq, None
-        except grpc.RpcError as e:
-            return None, e.code()
-
-    with ServerThread(index_path, ServiceConfig(max_queue_wait_s=0.25), opener=FakeIndex.open) as s, \
-            grpc.insecure_channel(s.address) as ch:
-        st = pb_grpc.DatastoreStub(ch)
-        q1, c1 = open_stream(st, (CLOCK_METADATA,))
-        q1.put(message())
-        assert next(c1).tokens                                   # the clock's baseline: a quick message
-        s.loop.call_soon_threadsafe(time.sleep, 0.8)
-        time.sleep(0.05)
-        q1.put(message())
-        q2, c2 = open_stream(st, (CLOCK_METADATA,))               # a new stream of the same client clock
-        q2.put(message())
-        q3, c3 = open_stream(st, ())                              # no clock named: its own baseline
-        q3.put(message())
-        with pytest.raises(grpc.RpcError) as ei:
-            next(c1)
-        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "waited" in ei.value.details()
-        assert first_answer(c2)[1] == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert first_answer(c3)[1] is None
-        q4, c4 = open_stream(st, (CLOCK_METADATA,))
-        q4.put(message())
-        assert first_answer(c4)[1] is None                        # the loop is free again
-        for q in (q1, q2, q3, q4):
-            q.put(None)
-        c3.cancel()
-        c4.cancel()
-
-
 def test_health_and_reflection_and_metrics(server, index_path):
     with grpc.insecure_channel(server.address) as ch:
         h = health_pb2_grpc.HealthStub(ch)

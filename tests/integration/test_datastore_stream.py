@@ -60,6 +60,45 @@ def without_seq(resp) -> bytes:
     return r.SerializeToString(deterministic=True)
 
 
+def test_stream_messages_queued_are_bounded_by_their_wait(index_path):
+    """RetrieveStream messages that carry the client's clock: one that waited past ``max_queue_wait_s`` ends
+    its stream with RESOURCE_EXHAUSTED, and so does the first message of a new stream from the same client
+    clock (measured against that clock's baseline); a stream that names no clock measures from its own first
+    message; once the loop is free, the same clock's new stream is served. (The unary calls' side:
+    test_datastore_service.py.)"""
+    from specstore.datastore.call_wait import CLOCK_METADATA
+
+    def message():
+        return pb.RetrieveRequest(context=[2, 3], budget=4, sent_us=time.monotonic_ns() // 1000)
+
+    def code_of_next(stream):
+        try:
+            next(stream.call)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            return e.code()
+
+    with ServerThread(index_path, ServiceConfig(max_queue_wait_s=0.25), opener=FakeIndex.open) as srv, \
+            grpc.insecure_channel(srv.address) as ch:
+        st = pb_grpc.DatastoreStub(ch)
+        first = RawStream(st, (CLOCK_METADATA,))
+        assert first.ask(message()).tokens                       # the clock's baseline: a quick message
+        srv.loop.call_soon_threadsafe(time.sleep, 0.8)           # the event loop saturated for 0.8 s
+        time.sleep(0.05)
+        same_clock, no_clock = RawStream(st, (CLOCK_METADATA,)), RawStream(st)
+        for s in (first, same_clock, no_clock):
+            s.q.put(message())
+        with pytest.raises(grpc.RpcError) as ei:
+            next(first.call)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "waited" in ei.value.details()
+        assert code_of_next(same_clock) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert code_of_next(no_clock) == grpc.StatusCode.OK
+        again = RawStream(st, (CLOCK_METADATA,))
+        assert again.ask(message()).tokens                       # the loop is free again
+        for s in (first, same_clock, no_clock, again):
+            s.close()
+
+
 def test_stream_answers_like_retrieve(server):
     with grpc.insecure_channel(server.address) as ch:
         st = pb_grpc.DatastoreStub(ch)
