@@ -11,8 +11,9 @@ costs far less than the lookup, so the loop drains the backlog instead of servin
 whose deadline has already passed is dropped for every client: its caller has given up.
 
 RetrieveStream messages have no deadline each: a message carries its client's clock (``sent_us``), and
-the server measures its wait against the least delay seen from that clock (``DelayBaseline``), shared by
-every stream of one client process when the client names its clock (``ClockBaselines``).
+the server measures its wait against the least delay seen from that clock in the last two minutes
+(``DelayBaseline``), shared by every stream of one client process when the client names its clock
+(``ClockBaselines``).
 """
 from __future__ import annotations
 
@@ -55,16 +56,23 @@ def queue_wait_s(remaining_s: Optional[float], metadata: Optional[Iterable[tuple
 class DelayBaseline:
     """The least one-way delay (the server's clock minus the client's ``sent_us``) seen from one client clock
     over the last ``BUCKETS`` x ``BUCKET_S`` seconds; a message's wait is its delay less that least delay, so
-    that the clocks' offset and the network's transit cancel out. The window (LEDBAT keeps a base-delay
-    history the same way) lets the baseline follow two machines' clocks drifting apart (50 ppm is 30 ms in
-    ten minutes). The first message of a clock defines the baseline, so its own wait is not seen."""
+    that the clocks' offset and the network's transit cancel out. The first message of a clock defines the
+    baseline, so its own wait is not seen.
 
-    BUCKET_S = 60
-    BUCKETS = 10
+    The window (LEDBAT keeps a base-delay history the same way) lets the baseline follow the two machines'
+    clocks drifting apart (50 ppm is 6 ms in two minutes) and forget a standing queue. A clock that steps
+    (a suspended or paused machine: CLOCK_MONOTONIC stops there) would make every later message look late
+    until the window has passed; a step of more than ``STEP_S`` (longer than any wait gRPC lets a call
+    have) restarts the baseline at once, and a smaller one costs at most the window of refused messages
+    (the client drafts locally meanwhile)."""
+
+    BUCKET_S = 10
+    BUCKETS = 12
+    STEP_S = 30.0
     __slots__ = ("_buckets",)
 
     def __init__(self) -> None:
-        self._buckets: list[list[int]] = []   # [minute index, least delay in it (us)], oldest first
+        self._buckets: list[list[int]] = []   # [bucket index, least delay in it (us)], oldest first
 
     def wait_s(self, sent_us: int, now_us: int) -> float:
         delay = now_us - sent_us
@@ -77,7 +85,11 @@ class DelayBaseline:
             buckets.append([bucket, delay])
             while buckets[0][0] <= bucket - self.BUCKETS:
                 buckets.pop(0)
-        return (delay - min(b[1] for b in buckets)) / 1e6
+        wait = (delay - min(b[1] for b in buckets)) / 1e6
+        if wait > self.STEP_S:
+            self._buckets = [[bucket, delay]]
+            return 0.0
+        return wait
 
 
 class ClockBaselines:

@@ -38,15 +38,27 @@ def test_delay_baseline_measures_from_the_least_delay():
     assert b.wait_s(5_000, offset + 5_500) == pytest.approx(0.0003)
 
 
-def test_delay_baseline_forgets_old_minutes():
-    """Clocks drift apart: the baseline is the least delay of the last BUCKETS minutes only."""
+def test_delay_baseline_forgets_old_buckets():
+    """Clocks drift apart: the baseline is the least delay of the last BUCKETS buckets only."""
     b = DelayBaseline()
-    minute = DelayBaseline.BUCKET_S * 1_000_000
-    b.wait_s(0, 100)                                            # least delay 100 us in minute 0
-    t = (DelayBaseline.BUCKETS - 1) * minute                    # nine minutes later the clocks are 5 ms apart
-    assert b.wait_s(t, t + 5_100) == pytest.approx(0.005)       # minute 0 still in the window
-    t += minute
-    assert b.wait_s(t, t + 5_100) == 0.0                        # minute 0 dropped: 5.1 ms is the new least
+    bucket = DelayBaseline.BUCKET_S * 1_000_000
+    b.wait_s(0, 100)                                            # least delay 100 us in bucket 0
+    t = (DelayBaseline.BUCKETS - 1) * bucket                    # later, the clocks are 5 ms further apart
+    assert b.wait_s(t, t + 5_100) == pytest.approx(0.005)       # bucket 0 still in the window
+    t += bucket
+    assert b.wait_s(t, t + 5_100) == 0.0                        # bucket 0 dropped: 5.1 ms is the new least
+
+
+def test_delay_baseline_restarts_after_a_clock_step():
+    """A client machine suspended for a minute: its clock stopped, so every delay is a minute longer. That
+    is no queue (gRPC lets no call wait that long): the baseline starts again instead of refusing for the
+    whole window."""
+    b = DelayBaseline()
+    b.wait_s(0, 100)
+    step = 60_000_000
+    assert b.wait_s(1_000, 1_100 + step) == 0.0
+    assert b.wait_s(2_000, 2_100 + step) == 0.0
+    assert b.wait_s(3_000, 303_100 + step) == pytest.approx(0.3)   # and measures from the new baseline
 
 
 def test_clock_baselines_are_per_client_and_clock():
