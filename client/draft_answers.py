@@ -5,8 +5,14 @@ own answers. Greedy answers of the target to instructions (from any JSON / JSON-
 question sets, not the prompts a benchmark measures) are written as JSON lines ``{"text": prompt + answer}``
 (chat-formatted with the tokenizer's template when it has one), which ``draft-model distill --text`` reads.
 
+Passages (``read_passages``: paragraphs of .txt / .md files) become prompts of other task types
+(``passage_prompts``: summarise a passage, state its main point or its key facts, answer what it is about), so
+that the draft also learns how the target answers about a text it is given, as in summarisation and
+retrieval-augmented prompts; instruction files alone teach it chat answers only.
+
 Resumable: answers are appended batch by batch and flushed; a rerun with the same arguments skips the prompts
-already answered (the prompt order is a fixed shuffle of ``seed``).
+already answered (the prompt order is a fixed shuffle of ``seed``). A prompt longer than ``max_prompt_tokens``
+is cut to it before the chat template is applied, so that the template's assistant turn is never cut off.
 """
 from __future__ import annotations
 
@@ -67,6 +73,59 @@ def read_prompts(paths: Sequence, field: Optional[str] = None) -> list[str]:
     return out
 
 
+# task templates for passages: the instruction first, so that nothing but the passage's end is ever cut
+PASSAGE_TASKS = (
+    "Summarize the following text in a few sentences.\n\n{p}",
+    "Write a one-paragraph summary of this passage:\n\n{p}",
+    "Read the text below and explain its main point.\n\n{p}",
+    "List the key facts stated in the following passage.\n\n{p}",
+    "Here is a document. What is it about? Answer briefly.\n\n{p}",
+)
+
+
+def read_passages(paths: Sequence, min_chars: int = 300, max_chars: int = 1500) -> list[str]:
+    """Passages of .txt / .md files (or folders of them): consecutive paragraphs (blank-line separated)
+    joined up to ``max_chars``; shorter than ``min_chars``: dropped."""
+    files = []
+    for inp in paths:
+        p = Path(inp).expanduser()
+        if not p.exists():
+            raise PromptFileError(f"--passages {inp}: no such file or folder")
+        files += [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".md"))
+    out: list[str] = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise PromptFileError(f"{f}: not readable as UTF-8 text ({e})") from None
+        cur = ""
+        for para in (x.strip() for x in text.replace("\r\n", "\n").split("\n\n")):
+            if not para:
+                continue
+            if cur and len(cur) + 2 + len(para) > max_chars:
+                out.append(cur)
+                cur = ""
+            cur = (cur + "\n\n" + para) if cur else para[:max_chars]
+        if cur:
+            out.append(cur)
+    out = [x for x in out if len(x) >= min_chars]
+    if not out:
+        raise PromptFileError(f"no passages of at least {min_chars} characters in {', '.join(map(str, paths))}")
+    return out
+
+
+def passage_prompts(passages: Sequence[str], seed: int = 0) -> list[str]:
+    """One prompt per passage, its task drawn from ``PASSAGE_TASKS`` (a fixed draw for ``seed``)."""
+    rng = random.Random(seed)
+    return [rng.choice(PASSAGE_TASKS).format(p=p) for p in passages]
+
+
+def _cut(tokenizer, prompt: str, max_tokens: int) -> str:
+    """``prompt`` cut to its first ``max_tokens`` tokens."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return prompt if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
 def _formatted(tokenizer, prompt: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -114,9 +173,9 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], out, *, batch: in
             for i in range(0, len(todo), batch):
                 if max_minutes is not None and time.monotonic() - t0 > max_minutes * 60:
                     break
-                texts = [_formatted(tokenizer, p) for p in todo[i:i + batch]]
-                enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                max_length=max_prompt_tokens, add_special_tokens=False).to(dev)
+                # the prompt is cut, not the formatted text: the template's assistant turn must stay whole
+                texts = [_formatted(tokenizer, _cut(tokenizer, p, max_prompt_tokens)) for p in todo[i:i + batch]]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
                 with torch.inference_mode():
                     g = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                        eos_token_id=eos)

@@ -1,7 +1,7 @@
 """``draft-model``: make draft models for speculative decoding.
 
     draft-model distill (--index DIR | --text PATH...) --out DIR [options]
-    draft-model answers --prompts PATH... --out FILE [options]
+    draft-model answers (--prompts PATH... | --passages PATH...) --out FILE [options]
 """
 from __future__ import annotations
 
@@ -94,10 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                     '{"text": prompt + answer} (chat-formatted when the tokenizer has a template), the input of '
                     "`draft-model distill --text`. Prompts are taken from the first of the fields "
                     + ", ".join(PROMPT_KEYS) + " an object has (or --field). Appends batch by batch: rerunning "
-                    "the same command resumes after the prompts already answered. Never give it the prompts "
-                    "you will measure on.")
+                    "the same command resumes after the prompts already answered. --passages turns text files "
+                    "into prompts about their passages. Never give it the prompts you will measure on.")
     a.add_argument("--model", default=None, help=MODEL_HELP + "; the target whose answers are recorded")
-    a.add_argument("--prompts", nargs="+", required=True, metavar="PATH", help=".json / .jsonl files or folders of them")
+    a.add_argument("--prompts", nargs="+", default=[], metavar="PATH", help=".json / .jsonl files or folders of them")
+    a.add_argument("--passages", nargs="+", default=[], metavar="PATH",
+                   help=".txt / .md files or folders of them: each passage (paragraphs up to 1,500 characters) "
+                        "becomes a prompt to summarise it, state its main point or key facts, or say what it is "
+                        "about, so that the draft also learns answers about a given text")
     a.add_argument("--field", default=None, help="the prompt field (default: the first known one an object has)")
     a.add_argument("--out", "-o", required=True, metavar="FILE", help="JSON lines file to write (or resume)")
     a.add_argument("--batch", type=int, default=16, metavar="N", help="prompts per batched generate (default %(default)s)")
@@ -132,13 +136,17 @@ def _distill(args) -> int:
 
 def _answers(args) -> int:
     from ..datastore.cli_common import UsageError
-    from .draft_answers import PromptFileError, generate_answers, read_prompts
+    from .draft_answers import PromptFileError, generate_answers, passage_prompts, read_passages, read_prompts
     from .models import load_model
 
     if args.batch < 1 or args.max_new_tokens < 1 or (args.max_prompts is not None and args.max_prompts < 1):
         raise UsageError("--batch, --max-new-tokens and --max-prompts must be positive")
+    if not args.prompts and not args.passages:
+        raise UsageError("give --prompts FILE..., --passages FILE..., or both")
     try:
-        prompts = read_prompts(args.prompts, args.field)
+        prompts = read_prompts(args.prompts, args.field) if args.prompts else []
+        if args.passages:
+            prompts += passage_prompts(read_passages(args.passages), seed=args.seed)
     except PromptFileError as e:
         raise UsageError(str(e)) from None
     if args.threads:

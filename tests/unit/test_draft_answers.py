@@ -100,3 +100,44 @@ def test_bad_input_is_one_line_exit_2(extra, message, target_dir, prompts_file, 
     assert main(args + extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_passages_become_task_prompts(tmp_path):
+    from specstore.client.draft_answers import PASSAGE_TASKS, passage_prompts, read_passages
+
+    para = "word " * 80                                      # 400 characters
+    (tmp_path / "a.md").write_text(f"# Title\n\n{para}\n\n{para}\n\n{para}\n\n{para}\n")
+    (tmp_path / "b.txt").write_text("too short\n\nalso short\n")
+    ps = read_passages([tmp_path])
+    assert len(ps) == 2 and all(300 <= len(p) <= 1500 for p in ps)   # paragraphs joined up to 1,500 chars
+    prompts = passage_prompts(ps, seed=1)
+    assert prompts == passage_prompts(ps, seed=1)                      # a fixed draw per seed
+    assert all(any(p == t.format(p=x) for t in PASSAGE_TASKS) for p, x in zip(prompts, ps))
+    with pytest.raises(PromptFileError, match="no passages"):
+        read_passages([tmp_path / "b.txt"])
+
+
+def test_a_long_prompt_is_cut_before_the_template(target, tmp_path):
+    """The prompt is cut to max_prompt_tokens before formatting, so the end of the formatted text (the
+    template's assistant turn, when there is one) is always there and the answer follows the whole cut prompt."""
+    from specstore.client.draft_answers import _cut
+
+    model, tok = target
+    long = " ".join(sentences(40, seed=5))
+    out = tmp_path / "a.jsonl"
+    generate_answers(model, tok, [long], out, batch=1, max_new_tokens=4, max_prompt_tokens=16, progress=False)
+    text = json.loads(out.read_text())["text"]
+    cut = _cut(tok, long, 16)
+    assert len(tok(cut, add_special_tokens=False)["input_ids"]) <= 16 < len(tok(long)["input_ids"])
+    with torch.inference_mode():
+        assert text == cut + _greedy(model, tok, cut, 4)
+
+
+def test_cli_passages(target_dir, tmp_path, capsys):
+    (tmp_path / "doc.md").write_text(("alpha beta gamma " * 30 + "\n\n") * 3)
+    out = tmp_path / "answers.jsonl"
+    assert main(["answers", "--model", str(target_dir), "--passages", str(tmp_path / "doc.md"), "--out", str(out),
+                 "--max-new-tokens", "4", "--quiet", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["answered_now"] == 2   # 2 passages
+    assert main(["answers", "--model", str(target_dir), "--out", str(out), "--quiet"]) == 2
+    assert "--passages" in capsys.readouterr().err
