@@ -111,6 +111,20 @@ class EmbeddedBackend:
     def tokenizer_fingerprint(self) -> str:
         return str(self.index.tokenizer_fingerprint)
 
+    def warm(self) -> None:
+        """One lookup of a context taken from the index itself, so that its compiled kernels (numba: seconds
+        when the on-disk cache is cold) are built now and not inside the first decode step, where the time
+        would read as that step's cost (the vLLM proposer learns its step cost from such times)."""
+        try:
+            tokens = np.asarray(self.index.shards[0].tokens[1:17], dtype=np.int32)
+            if len(tokens) >= 2:
+                kw = dict(self.retrieve_opts)
+                if self.memory_tokens:
+                    kw["memory"] = tokens
+                self.index.retrieve(tokens, 8, **kw)
+        except Exception as e:  # noqa: BLE001 - warming is an optimisation: a failure shows at the first lookup
+            log.debug("embedded index warm-up failed: %s: %s", type(e).__name__, e)
+
     def retrieve(self, context, budget: int, session_id: Optional[str] = None,
                  hint: Optional[tuple] = None) -> DraftTree:
         """``context``: the request's whole token sequence (its tail is looked up, all of it is memory);
@@ -287,8 +301,9 @@ class DatastoreDrafter(Drafter):
             from ..datastore.index import DatastoreIndex  # torch-free; FAISS is the datastore side's business
 
             index = DatastoreIndex.open(index_path, load_faiss=documents)
-        return cls(EmbeddedBackend(index, context_tail=context_tail, retrieve_opts=retrieve_opts, memory=memory),
-                   documents=documents, memory=memory, top_k=top_k)
+        backend = EmbeddedBackend(index, context_tail=context_tail, retrieve_opts=retrieve_opts, memory=memory)
+        backend.warm()
+        return cls(backend, documents=documents, memory=memory, top_k=top_k)
 
     # ------------------------------------------------------------------ Drafter hooks
     @property

@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 VLLM_VERSION = "0.32.0"   # the release whose custom_class call this adapter is written and tested against
 _KEY_TOKENS = 32          # a request's identity: its row and a hash of this many first tokens
 _FUSE_BUDGET = 64         # nodes kept of the fused tree before the chain is chosen
+_SLOW_PROPOSE_S = 0.25    # a propose() this slow is not observed as an engine step (see propose)
 _EXPLORE = 8              # one in this many steps that would be declined for the overhead drafts anyway
 
 
@@ -453,7 +454,13 @@ class SpecstoreProposer:
                 self._end(req)
             if lost:
                 self._requests_changed()
-        self.stats.extra["last_propose_s"] = time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.stats.extra["last_propose_s"] = took
+        if took > _SLOW_PROPOSE_S:
+            # a stall of our own (a kernel compiling, a lost connection) is no engine step: learning the step
+            # cost from it would make speculation look cheap for hundreds of steps
+            self._last_step = None
+            self.stats.extra["slow_proposes"] = self.stats.extra.get("slow_proposes", 0) + 1
         return out
 
     def _collect_run(self, req: _Request, tokens: np.ndarray) -> None:

@@ -98,3 +98,24 @@ def test_flat_profile_prefers_full_tree_and_steep_profile_plain():
     assert c.choose(t)[0].num_drafts >= 2
     steep = BudgetController(CostProfile([1, 2, 64], [1.0, 10.0, 20.0]), max_budget=8, thompson=False)
     assert steep.choose(t)[0].num_drafts == 0
+
+
+def test_an_embedded_index_is_warmed_when_it_is_opened():
+    """DatastoreDrafter.embedded runs one lookup of the index's own tokens at once (its compiled kernels are
+    built then, not in the first decode step); a failing warm-up costs nothing."""
+    from types import SimpleNamespace
+
+    from specstore.client.datastore_drafter import DatastoreDrafter
+
+    calls = []
+
+    class Index:
+        tokenizer_fingerprint = "fp"
+        shards = [SimpleNamespace(tokens=np.arange(100, dtype=np.int32))]
+
+        def retrieve(self, ctx, budget, **kw):
+            calls.append((ctx.tolist(), budget, sorted(kw)))
+            raise RuntimeError("no real index here")
+
+    DatastoreDrafter.embedded("unused", index=Index(), documents=False)
+    assert calls == [(list(range(1, 17)), 8, ["memory"])]

@@ -224,6 +224,42 @@ def test_step_cost_is_learned_from_step_times_and_idle_gaps_are_ignored():
     assert m.overhead(8) == pytest.approx(8 * s / (a + 8 * b), rel=1e-6)     # the whole batch pays it once
 
 
+def test_a_slow_propose_is_not_learned_as_a_step(model):
+    """A propose() that stalls (here its datastore lookup, as a kernel compiling on a cold cache does) is no
+    engine step: the step after it is not observed, so the learned step cost is not inflated by the stall."""
+    import time as _time
+
+    prompts = _prompts(2, seed=5)
+    refs = {p[0]: p + plain_greedy(model, p, 12) for p in prompts}
+    want = {i: plain_greedy(model, p, 12) for i, p in enumerate(prompts)}
+
+    class FirstCallStalls(ReferenceBackend):
+        def retrieve_many(self, contexts, budget, session_ids):
+            if self.calls == 0:
+                _time.sleep(0.3)
+            return super().retrieve_many(contexts, budget, session_ids)
+
+    class Recorder:
+        def __init__(self):
+            self.seconds = []
+
+        def observe(self, tokens, seconds, speculated=False):
+            self.seconds.append(seconds)
+
+        def token_cost(self, rows):
+            return 0.01
+
+        def overhead(self, rows):
+            return 0.0
+
+    prop = SpecstoreProposer(_config(), ProposerOptions(datastore="x:1"), backend=FirstCallStalls(refs))
+    prop.step_cost = Recorder()
+    assert _engine(model, prompts, 12, prop, batch=2) == want
+    assert prop.stats.extra["slow_proposes"] == 1
+    assert len(prop.step_cost.seconds) == prop.stats.steps - 2    # neither the first step nor the stalled one
+    assert max(prop.step_cost.seconds) < 0.25
+
+
 def test_step_cost_stays_near_its_prior_without_spread():
     """Steps that all verify the same number of tokens cannot tell a from b: the prior holds, no swing."""
     from specstore.client.budget import StepCostModel
