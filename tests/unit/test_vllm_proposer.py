@@ -201,6 +201,23 @@ def test_options_from_environment(tmp_path):
         ProposerOptions.from_env({"SPECSTORE_DRAFTERS": "datastore"})
 
 
+class FixedStepCost:
+    """A stand-in for the proposer's StepCostModel: fixed costs; records the step times it is shown."""
+
+    def __init__(self, token_cost: float = 0.01, overhead: float = 0.0):
+        self.seconds: list = []
+        self._token_cost, self._overhead = token_cost, overhead
+
+    def observe(self, tokens, seconds, speculated=False):
+        self.seconds.append(seconds)
+
+    def token_cost(self, rows):
+        return self._token_cost
+
+    def overhead(self, rows):
+        return self._overhead
+
+
 def test_step_cost_is_learned_from_step_times_and_idle_gaps_are_ignored():
     from specstore.client.budget import StepCostModel
 
@@ -239,21 +256,8 @@ def test_a_slow_propose_is_not_learned_as_a_step(model):
                 _time.sleep(0.3)
             return super().retrieve_many(contexts, budget, session_ids)
 
-    class Recorder:
-        def __init__(self):
-            self.seconds = []
-
-        def observe(self, tokens, seconds, speculated=False):
-            self.seconds.append(seconds)
-
-        def token_cost(self, rows):
-            return 0.01
-
-        def overhead(self, rows):
-            return 0.0
-
     prop = SpecstoreProposer(_config(), ProposerOptions(datastore="x:1"), backend=FirstCallStalls(refs))
-    prop.step_cost = Recorder()
+    prop.step_cost = FixedStepCost()
     assert _engine(model, prompts, 12, prop, batch=2) == want
     assert prop.stats.extra["slow_proposes"] == 1
     assert len(prop.step_cost.seconds) == prop.stats.steps - 2    # neither the first step nor the stalled one
@@ -279,26 +283,15 @@ def test_a_step_that_cannot_pay_the_speculation_overhead_drafts_nothing(model):
     refs = {p[0]: p + plain_greedy(model, p, 16) for p in prompts}
     want = {i: plain_greedy(model, p, 16) for i, p in enumerate(prompts)}
 
-    class Dear:
-        def observe(self, *a):
-            pass
-
-        def token_cost(self, rows):
-            return 0.01
-
-        def overhead(self, rows):
-            return 1e6
-
     prop = SpecstoreProposer(_config(), ProposerOptions(datastore="x:1"), backend=ReferenceBackend(refs))
-    prop.step_cost = Dear()
+    prop.step_cost = FixedStepCost(overhead=1e6)
     assert _engine(model, prompts, 16, prop, batch=2) == want
     declined = prop.stats.extra["declined_steps"]
     explored = prop._would_decline - declined
     assert declined > 0 and explored == prop._would_decline // 8
     assert prop.stats.proposed_tokens <= explored * prop.k
-    Dear.overhead = lambda self, rows: 0.0
     prop = SpecstoreProposer(_config(), ProposerOptions(datastore="x:1"), backend=ReferenceBackend(refs))
-    prop.step_cost = Dear()
+    prop.step_cost = FixedStepCost(overhead=0.0)
     assert _engine(model, prompts, 16, prop, batch=2) == want
     assert prop.stats.proposed_tokens > 0
 
