@@ -46,14 +46,20 @@ def _prompt_of(obj, field: Optional[str]) -> Optional[str]:
     return None
 
 
-def read_prompts(paths: Sequence, field: Optional[str] = None) -> list[str]:
-    """Prompts from .json (a list of objects or strings) and .jsonl files, or folders of them."""
-    files = []
+def _files(paths: Sequence, suffixes: tuple, flag: str) -> list[Path]:
+    """The files named, and those with ``suffixes`` inside the folders named (sorted)."""
+    files: list[Path] = []
     for inp in paths:
         p = Path(inp).expanduser()
         if not p.exists():
-            raise PromptFileError(f"--prompts {inp}: no such file or folder")
-        files += [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.suffix in (".json", ".jsonl"))
+            raise PromptFileError(f"{flag} {inp}: no such file or folder")
+        files += [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.suffix in suffixes)
+    return files
+
+
+def read_prompts(paths: Sequence, field: Optional[str] = None) -> list[str]:
+    """Prompts from .json (a list of objects or strings) and .jsonl files, or folders of them."""
+    files = _files(paths, (".json", ".jsonl"), "--prompts")
     if not files:
         raise PromptFileError(f"no .json or .jsonl files in {', '.join(map(str, paths))}")
     out = []
@@ -86,12 +92,7 @@ PASSAGE_TASKS = (
 def read_passages(paths: Sequence, min_chars: int = 300, max_chars: int = 1500) -> list[str]:
     """Passages of .txt / .md files (or folders of them): consecutive paragraphs (blank-line separated)
     joined up to ``max_chars``; shorter than ``min_chars``: dropped."""
-    files = []
-    for inp in paths:
-        p = Path(inp).expanduser()
-        if not p.exists():
-            raise PromptFileError(f"--passages {inp}: no such file or folder")
-        files += [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".md"))
+    files = _files(paths, (".txt", ".md"), "--passages")
     out: list[str] = []
     for f in files:
         try:
