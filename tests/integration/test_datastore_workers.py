@@ -84,8 +84,10 @@ class Served:
             assert self.proc.poll() is None, self.log.read_text()
             assert time.time() < deadline, self.log.read_text()
             time.sleep(0.05)
-        ready = events(self.log, "workers ready")
-        assert ready, self.log.read_text()          # the port file is written after this line
+        # the supervisor writes the port file, then logs "workers ready": the line may lag the file a little
+        while not (ready := events(self.log, "workers ready")):
+            assert self.proc.poll() is None and time.time() < deadline, self.log.read_text()
+            time.sleep(0.02)
         self.pids = ready[0]["pids"]
         return f"127.0.0.1:{self.port_file.read_text().strip()}"
 
