@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-concurrency", type=int, default=C.max_concurrency,
                    help="RPCs handled at once; beyond it RESOURCE_EXHAUSTED (default 64)")
     g.add_argument("--max-queue-wait", type=float, default=C.max_queue_wait_s,
-                   help="seconds a unary call may wait in gRPC's queue before it is served; a call that waited "
-                        "longer gets RESOURCE_EXHAUSTED (known when the client sends its timeout as "
-                        "'specstore-timeout-ms' metadata, as this project's clients do; default %(default)s)")
+                   help="seconds a call (a RetrieveStream message) may wait in gRPC's queue before it is served; "
+                        "one that waited longer gets RESOURCE_EXHAUSTED. Known when the client sends its timeout "
+                        "as 'specstore-timeout-ms' metadata (unary calls) or its clock in each stream message "
+                        "(sent_us), as this project's clients do (default %(default)s)")
     g.add_argument("--max-lookup-cells", type=int, default=C.max_lookup_cells,
                    help="max max_matches x depth of one lookup, its work (default %(default)s)")
     g.add_argument("--max-hint", type=int, default=C.max_hint,
@@ -165,7 +166,8 @@ def _config_from_args(a):
                 if getattr(a, k) is not None}
     config = ServiceConfig(
         max_context=a.max_context, max_budget=a.max_budget, max_batch=a.max_batch,
-        max_concurrency=a.max_concurrency, max_queue_wait_s=a.max_queue_wait, auth_token=token, auth_reads=a.auth_reads,
+        max_concurrency=a.max_concurrency, max_queue_wait_s=a.max_queue_wait, auth_token=token,
+        auth_reads=a.auth_reads,
         session_ttl_s=a.session_ttl, max_sessions=a.max_sessions, max_sessions_per_client=a.max_sessions_per_client,
         default_top_k=a.top_k,
         retrieve_defaults=defaults, max_lookup_cells=a.max_lookup_cells, max_hint=a.max_hint,

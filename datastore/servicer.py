@@ -243,9 +243,9 @@ def _stream(method: str):
     status. A message that carries its client's clock (``sent_us``) and waited longer than
     ``max_queue_wait_s`` (datastore/call_wait.py ``DelayBaseline``) ends the stream with RESOURCE_EXHAUSTED,
     as a refusal past ``max_concurrency`` does. A message counts in flight until gRPC has taken its answer
-    (the generator resumes then). The per-message path of a cheap lookup holds no await besides reading the next request and handing over
-    the answer (and the tests' delay): on this path a coroutine or a task per message would cost more than
-    the lookup (see the module docstring).
+    (the generator resumes then). The per-message path of a cheap lookup holds no await besides reading the
+    next request and handing over the answer (and the tests' delay): on this path a coroutine or a task per
+    message would cost more than the lookup (see the module docstring).
     ``end_streams`` ends a stream that is waiting for its next request with status OK.
     """
     def wrap(handler):
@@ -264,7 +264,8 @@ def _stream(method: str):
             m.streams.inc()
             latency, ok = m.latency_by_method[method], m.ok_by_method[method]
             requests = request_iterator.__aiter__()
-            waits = self._clock_baselines.for_stream(client_identity(context.peer()), context.invocation_metadata())
+            waits = self._clock_baselines.for_stream(client_identity(context.peer()),
+                                                     context.invocation_metadata())
             try:
                 while not self._draining:
                     me.idle = True
@@ -282,11 +283,8 @@ def _stream(method: str):
                             if type(request) is Undecodable:
                                 raise self._undecodable(method, request)
                             if request.sent_us:
-                                waited = waits.wait_s(request.sent_us, time.monotonic_ns() // 1000)
-                                if waited > cfg.max_queue_wait_s:
-                                    raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                                   f"server overloaded (the message waited {waited * 1000:.0f} "
-                                                   "ms to be served); retry later")
+                                self._refuse_if_waited(waits.wait_s(request.sent_us, time.monotonic_ns() // 1000),
+                                                       "message")
                             index = self._require_index()
                             if cfg.debug_delay_s:
                                 await asyncio.sleep(cfg.debug_delay_s)
@@ -460,10 +458,14 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             return
         if remaining <= 0:
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before it was served")
-        waited = queue_wait_s(remaining, context.invocation_metadata())
+        self._refuse_if_waited(queue_wait_s(remaining, context.invocation_metadata()), "call")
+
+    def _refuse_if_waited(self, waited: Optional[float], what: str) -> None:
+        """RESOURCE_EXHAUSTED when a call (``what``: "call", or a stream's "message") waited longer than
+        ``max_queue_wait_s`` to be served; ``waited`` None: unknown."""
         if waited is not None and waited > self.config.max_queue_wait_s:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"server overloaded (the call waited {waited * 1000:.0f} ms to be served); retry later")
+                           f"server overloaded (the {what} waited {waited * 1000:.0f} ms to be served); retry later")
 
     async def _fail(self, method: str, context, err: RpcError):
         self.metrics.error(method, err.code.name)
