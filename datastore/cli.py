@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "do not stall the event loop (default %(default)s)")
     g.add_argument("--inline-cells", type=int, default=C.inline_cells,
                    help="lookups of at most this many cells (a batch: in sum) run on the event loop, larger ones "
-                        "in the lookup threads (default %(default)s)")
+                        "in the lookup threads; for a second after a call is seen waiting over a quarter of "
+                        "--max-queue-wait, at most 512 (default %(default)s)")
     g.add_argument("--session-ttl", type=float, default=C.session_ttl_s,
                    help=f"idle session lifetime in seconds (default {C.session_ttl_s:g})")
     g.add_argument("--max-sessions", type=int, default=C.max_sessions,

@@ -38,6 +38,9 @@ class Metrics:
         self.stats_pushes = Counter("datastore_stats_pushes", "PushStats batches: applied, or a duplicate (a retry)",
                                     ["outcome"], registry=r)
         self.stats_rows = Gauge("datastore_stats_rows", "Rows of the shared statistics", registry=r)
+        self.loop_behind = Counter("datastore_loop_behind", "Calls and stream messages that waited over a quarter "
+                                   "of --max-queue-wait before being served (each keeps wide lookups off the "
+                                   "event loop for a second)", registry=r)
         self.reloads = Counter("datastore_reloads", "Index reloads by outcome", ["outcome"], registry=r)
         self.index_info = Info("datastore_index", "The index being served", registry=r)
         self.latency_by_method = {m: self.latency.labels(m) for m in _METHODS}

@@ -19,6 +19,11 @@ the count at 1 and let every other call queue inside gRPC. Calls that wait in gR
 handler runs (the event loop itself saturated) are bounded by their wait: RESOURCE_EXHAUSTED past
 ``max_queue_wait_s`` when the client stated its timeout (a RetrieveStream message: when it carries the
 client's clock), DEADLINE_EXCEEDED without work once the deadline has passed (datastore/call_wait.py).
+Refusing a queued call still takes one loop turn, and gRPC hands the loop one call per method per turn: if
+turns are long (lookups inline), refusals queue too. So once a call or message is seen to have waited more
+than a quarter of ``max_queue_wait_s``, the loop counts as behind for the next second, and only lookups of
+at most ``BEHIND_INLINE_CELLS`` (a default lookup) run on it; wider ones go to the lookup pool, where the
+in-flight bound refuses the excess at once.
 
 Every RPC goes through one of two wrappers, ``_unary`` and ``_stream`` (RetrieveStream: the same steps per
 message), which do what is common to all of them: the in-flight count and load shedding, the bearer-token
@@ -89,6 +94,8 @@ INDEX_DEFAULTS = {"max_span": 16, "min_span": 2, "max_matches": 64, "depth": 8, 
 MEMORY_MATCHES = 16        # DatastoreIndex.retrieve's memory_matches: more rows of a memory session
 MAX_ID_CHARS = 128         # session ids and tokenizer fingerprints longer than this are refused
 ECHO_CHARS = 64            # an id in error details is cut to this
+BEHIND_INLINE_CELLS = 512  # while the loop is behind, only lookups up to this (a default lookup) run on it
+BEHIND_FOR_S = 1.0         # how long a long wait marks the loop as behind
 
 
 def _clip(s: str, n: int = ECHO_CHARS) -> str:
@@ -338,6 +345,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         self.metrics.in_flight.set_function(lambda: self._in_flight)
         self._streams: set[_OpenStream] = set()
         self._clock_baselines = ClockBaselines()   # RetrieveStream clients' clocks: their messages' waits
+        self._behind_until = 0.0             # time.monotonic() until which the loop counts as behind
         self._draining = False
         self._search_pool = ThreadPoolExecutor(max(1, self.config.search_workers), thread_name_prefix="doc-search")
         self._lookup_pool = ThreadPoolExecutor(self.config.lookup_workers, thread_name_prefix="lookup")
@@ -462,8 +470,14 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
 
     def _refuse_if_waited(self, waited: Optional[float], what: str) -> None:
         """RESOURCE_EXHAUSTED when a call (``what``: "call", or a stream's "message") waited longer than
-        ``max_queue_wait_s`` to be served; ``waited`` None: unknown."""
-        if waited is not None and waited > self.config.max_queue_wait_s:
+        ``max_queue_wait_s`` to be served; ``waited`` None: unknown. A wait over a quarter of the bound marks
+        the loop as behind (``_inline_limit``)."""
+        if waited is None:
+            return
+        if waited > 0.25 * self.config.max_queue_wait_s:
+            self._behind_until = time.monotonic() + BEHIND_FOR_S
+            self.metrics.loop_behind.inc()
+        if waited > self.config.max_queue_wait_s:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"server overloaded (the {what} waited {waited * 1000:.0f} ms to be served); retry later")
 
@@ -576,7 +590,7 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
         """``build(answers)`` of the lookups' answers (RetrieveResponses): computed here when the lookups
         are cheap together (<= ``inline_cells``), else a future of it computed in the lookup pool (the
         memory arrays are copied first: the loop thread may append to a session's memory meanwhile)."""
-        if sum(lk.cells for lk in lookups) <= self.config.inline_cells:
+        if sum(lk.cells for lk in lookups) <= self._inline_limit():
             return build([self._answer(index, lk) for lk in lookups])
         for lk in lookups:
             if "memory" in lk.kwargs:
@@ -586,6 +600,14 @@ class DatastoreServicer(pb_grpc.DatastoreServicer):
             return build([self._answer(index, lk) for lk in lookups])
 
         return asyncio.get_running_loop().run_in_executor(self._lookup_pool, work)
+
+    def _inline_limit(self) -> int:
+        """Cells a call's lookups may sum to and still run on the loop: ``inline_cells``, or at most
+        ``BEHIND_INLINE_CELLS`` while the loop is behind (long turns would queue even the refusals)."""
+        limit = self.config.inline_cells
+        if limit > BEHIND_INLINE_CELLS and time.monotonic() < self._behind_until:
+            return BEHIND_INLINE_CELLS
+        return limit
 
     def _answer(self, index, lk: _Lookup) -> pb.RetrieveResponse:
         """The lookup itself and its response (on the loop thread or in the lookup pool)."""
