@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 INDEX=$1; OUT=$2; N=${3:-2}; ROUNDS=${4:-1}
 mkdir -p "$OUT/stats"
+rm -f "$OUT/port"   # a later round's run into the same OUT must not read the last run's (dead) server's port
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 Q=${QUESTIONS:-../shared/data/bench/spec-bench_question.jsonl}
 PY=.venv-vllm/bin/python

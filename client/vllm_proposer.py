@@ -33,7 +33,9 @@ prefix (``{"datastore": "host:port", "timeout_ms": 5}``); the variables win over
   SPECSTORE_TLS_CA=PEM            TLS to the datastore, trusting this CA
   SPECSTORE_TLS_CERT=PEM, SPECSTORE_TLS_KEY=PEM   client certificate and key (mutual TLS: --tls-client-ca)
   SPECSTORE_STATS_FILE=PATH       keep the proposer's counters there (JSON, rewritten when a request starts
-                                  or ends): requests started/released, live and most live, drafts, errors
+                                  or ends): requests started/released, live and most live, drafts, errors,
+                                  and the datastore client's counts (``extra.datastore``: lookups, failures,
+                                  calls skipped while its breaker was open)
 
 Per engine step ``propose`` sees batch rows, not request ids. A request is followed by the key (row, hash
 of its first tokens) and by what the row held at its last step (token count and last token): a row that
@@ -511,6 +513,9 @@ class SpecstoreProposer:
         self.stats.max_live_requests = max(self.stats.max_live_requests, self.stats.live_requests)
         if not self.options.stats_file:
             return
+        counters = getattr(self.backend, "stats", None)
+        if counters:   # the datastore client's own counts: a dead or refusing service shows here, not in errors
+            self.stats.extra["datastore"] = dict(counters)
         try:
             from ..datastore.durable import write_json
 

@@ -20,3 +20,16 @@ def test_summary_rows(tmp_path):
     assert lines[2] == "| plain | 1 | 11.0 | 10.0 / 12.0 | - | 1.00x | 4/4 |"
     # median 14.0 over plain's 11.0; one output of round 1 differs from plain's
     assert lines[3] == "| ctx | 1 | 14.0 | 15.0 / 13.0 | 2.25 | 1.27x | 3/4 |"
+
+
+def test_summary_names_runs_whose_datastore_failed(tmp_path):
+    _report(tmp_path / "plain_b1_r1.json", 10.0, [[1, 2]])
+    _report(tmp_path / "remote_b1_r1.json", 12.0, [[1, 2]], 2.0)
+    (tmp_path / "stats").mkdir()
+    (tmp_path / "stats" / "remote_b1_r1.json").write_text(json.dumps(
+        {"extra": {"datastore": {"requests": 90, "failures": 5, "skipped_breaker_open": 80}}}))
+    (tmp_path / "stats" / "remote_b1_r2.json").write_text(json.dumps({"extra": {"datastore": {"requests": 90}}}))
+    assert summarize(tmp_path).splitlines()[-1] == \
+        "**Datastore lookups failed in:** remote_b1_r1 (85 of 90 lookups failed or skipped)"
+    (tmp_path / "stats" / "remote_b1_r1.json").write_text(json.dumps({"extra": {}}))
+    assert "failed" not in summarize(tmp_path)

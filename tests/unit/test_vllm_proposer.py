@@ -388,3 +388,27 @@ def test_finished_requests_reach_the_shared_outputs(model, tmp_path):
             assert any(len(out) >= 20 and w[1:1 + len(out)] == out for w in want.values())
     with pytest.raises(ValueError, match="SPECSTORE_SHARE_OUTPUTS needs SPECSTORE_DATASTORE"):
         ProposerOptions(share_outputs=True, index="x").validate()
+
+
+def test_the_stats_file_shows_an_unreachable_datastore(model, tmp_path):
+    """A real DatastoreClient swallows a dead service's errors (drafts from the other sources go on), so the
+    proposer's own ``errors`` stays 0: its stats file carries the client's counts, which show the failures."""
+    import json
+
+    from specstore.client.datastore_client import DatastoreClient
+    from specstore.client.datastore_drafter import RemoteBackend
+
+    stats = tmp_path / "stats.json"
+    client = DatastoreClient("127.0.0.1:1", timeout_s=0.05, stream=False)
+    prompts = _prompts(2, seed=3)
+    want = {i: plain_greedy(model, p, 12) for i, p in enumerate(prompts)}
+    prop = SpecstoreProposer(_config(), ProposerOptions(datastore="127.0.0.1:1", memory=False, documents=False,
+                                                        stats_file=str(stats)), backend=RemoteBackend(client))
+    try:
+        assert _engine(model, prompts, 12, prop, batch=1) == want
+    finally:
+        client.close()
+    written = json.loads(stats.read_text())
+    assert written["errors"] == 0
+    ds = written["extra"]["datastore"]
+    assert ds["failures"] >= 1 and ds["requests"] > ds["failures"]   # the breaker skips calls after failures
