@@ -65,7 +65,7 @@ def load_prompts(args) -> tuple[list[str], str]:
 def summarize(folder: Path) -> str:
     """A Markdown table over the reports in ``folder`` (``CFG_bB_rR.json``): tokens/s (median over rounds, and
     each round's in round order), mean accepted length, outputs identical to ``plain`` at the same batch size;
-    then the runs whose proposer stats (``stats/*.json``) show datastore lookups that failed."""
+    then the runs whose proposer stats (``stats/*.json``) show more than 1% of datastore lookups failed."""
     import statistics
 
     reports: dict[tuple[str, int], list[dict]] = {}
@@ -89,11 +89,11 @@ def summarize(folder: Path) -> str:
             mal_text = f"{statistics.median(mal):.2f}" if mal else "-"
             rounds = " / ".join(f"{r['tokens_per_second']:.1f}" for r in rs)
             lines.append(f"| {cfg} | {b} | {tps:.1f} | {rounds} | {mal_text} | {tps / base:.2f}x | {same}/{total} |")
-    failed = []   # runs whose datastore did not answer: their figures are not the configuration's
+    failed = []   # runs whose datastore mostly did not answer: their figures are not the configuration's
     for f in sorted((folder / "stats").glob("*.json")):
         ds = json.loads(f.read_text()).get("extra", {}).get("datastore") or {}
         bad = ds.get("failures", 0) + ds.get("skipped_breaker_open", 0)
-        if bad:
+        if bad > 0.01 * ds.get("requests", 0):   # a missed deadline now and then is the design working
             failed.append(f"{f.stem} ({bad} of {ds.get('requests', 0)} lookups failed or skipped)")
     if failed:
         lines += ["", "**Datastore lookups failed in:** " + ", ".join(failed)]
