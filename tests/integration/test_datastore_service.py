@@ -223,13 +223,15 @@ def test_calls_queued_in_grpc_are_bounded_by_their_wait(index_path):
         assert st.Retrieve(req, timeout=5, metadata=(timeout_metadata(5),)).tokens   # the loop is free again
 
 
-def test_a_loop_that_fell_behind_runs_wide_lookups_in_the_pool(index_path):
+def test_a_loop_that_fell_behind_runs_wide_lookups_in_the_pool(index_path, monkeypatch):
     """Refusing a queued call takes a loop turn too, so while calls are seen waiting long, lookups wider than a
-    default one leave the loop (else refusals queue behind them): for a second after a long wait a 4,096-cell
-    lookup runs in the lookup pool, a default 512-cell one still on the loop; before and after, both inline."""
+    default one leave the loop (else refusals queue behind them): for ``BEHIND_FOR_S`` after a long wait a
+    4,096-cell lookup runs in the lookup pool, a default 512-cell one still on the loop; before and after, both
+    inline."""
+    from specstore.datastore import servicer as servicer_module
     from specstore.datastore.call_wait import timeout_metadata
-    from specstore.datastore.servicer import BEHIND_FOR_S
 
+    monkeypatch.setattr(servicer_module, "BEHIND_FOR_S", 3.0)   # room for two calls on a loaded machine
     cfg = ServiceConfig(max_queue_wait_s=0.25, inline_cells=1 << 20)
     with ServerThread(index_path, cfg, opener=FakeIndex.open) as s, grpc.insecure_channel(s.address) as ch:
         st = pb_grpc.DatastoreStub(ch)
@@ -238,7 +240,7 @@ def test_a_loop_that_fell_behind_runs_wide_lookups_in_the_pool(index_path):
         real = index.retrieve
 
         def retrieve(*a, **kw):
-            threads.append((kw.get("max_matches", 64), threading.current_thread() is s.thread))
+            threads.append(threading.current_thread() is s.thread)
             return real(*a, **kw)
 
         index.retrieve = retrieve
@@ -250,16 +252,24 @@ def test_a_loop_that_fell_behind_runs_wide_lookups_in_the_pool(index_path):
         def on_loop():
             threads.clear()
             assert st.Retrieve(wide, timeout=5, metadata=md).tokens and st.Retrieve(narrow, timeout=5, metadata=md).tokens
-            return [t[1] for t in threads]
+            return list(threads)
 
         assert on_loop() == [True, True]
-        s.loop.call_soon_threadsafe(time.sleep, 0.15)   # a call waits 0.1-0.15 s: over a quarter of the bound
-        time.sleep(0.03)
-        assert st.Retrieve(narrow, timeout=5, metadata=md).tokens   # served (under the bound), and seen waiting
+        assert behind._value.get() == 0
+        blocked = threading.Event()
+        s.loop.call_soon_threadsafe(blocked.wait, 5)   # the event loop held until the call has waited
+        queued = st.Retrieve.future(narrow, timeout=5, metadata=md)
+        time.sleep(0.15)                                # over a quarter of the bound
+        blocked.set()
+        try:
+            queued.result()                             # served, or refused if the machine stalled past the bound
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert behind._value.get() >= 1
         assert on_loop() == [False, True]
-        time.sleep(BEHIND_FOR_S + 0.1)
+        time.sleep(3.1)
         assert on_loop() == [True, True]
+
 
 def test_health_and_reflection_and_metrics(server, index_path):
     with grpc.insecure_channel(server.address) as ch:
