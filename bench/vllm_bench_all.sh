@@ -12,15 +12,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 INDEX=$1; OUT=$2; N=${3:-2}; ROUNDS=${4:-1}
 mkdir -p "$OUT/stats"
-rm -f "$OUT/port"   # a later round's run into the same OUT must not read the last run's (dead) server's port
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 Q=${QUESTIONS:-../shared/data/bench/spec-bench_question.jsonl}
 PY=.venv-vllm/bin/python
-.venv/bin/datastore-serve --index "$INDEX" --host 127.0.0.1 --port 0 --port-file "$OUT/port" --no-faiss \
-  --log-level WARNING 2>"$OUT/datastore.log" &
-DS=$!; trap 'kill $DS 2>/dev/null || true' EXIT
-for _ in $(seq 100); do [ -s "$OUT/port" ] && break; sleep 0.3; done
-ADDR=127.0.0.1:$(cat "$OUT/port")
+SERVERS=()
+trap 'for p in "${SERVERS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+# serve NAME [FLAGS...]: datastore-serve over INDEX on 127.0.0.1 (log OUT/NAME.log); sets SERVE_PID, SERVE_ADDR.
+# Its port file is removed first: a later run into the same OUT must not read a previous, dead server's port.
+serve() {
+  local name=$1; shift
+  rm -f "$OUT/$name.port"
+  .venv/bin/datastore-serve --index "$INDEX" --host 127.0.0.1 --port 0 --port-file "$OUT/$name.port" --no-faiss \
+    --log-level WARNING "$@" 2>>"$OUT/$name.log" &
+  SERVE_PID=$!; SERVERS+=("$SERVE_PID")
+  for _ in $(seq 100); do [ -s "$OUT/$name.port" ] && break; sleep 0.3; done
+  SERVE_ADDR=127.0.0.1:$(cat "$OUT/$name.port")
+}
+serve datastore
+ADDR=$SERVE_ADDR
 FIRST=${FIRST_ROUND:-1}
 for r in $(seq "$FIRST" $((FIRST + ROUNDS - 1))); do
   for b in ${BATCHES:-1 8}; do
@@ -33,12 +42,9 @@ for r in $(seq "$FIRST" $((FIRST + ROUNDS - 1))); do
         index) args=(--method specstore --index "$INDEX");;
         remote) args=(--method specstore --datastore "$ADDR");;
         shared)
-          rm -rf "$OUT/shared-stats" "$OUT/shared.port"
-          .venv/bin/datastore-serve --index "$INDEX" --host 127.0.0.1 --port 0 --port-file "$OUT/shared.port" --no-faiss \
-            --stats-dir "$OUT/shared-stats" --log-level WARNING 2>>"$OUT/shared-datastore.log" &
-          SH=$!
-          for _ in $(seq 100); do [ -s "$OUT/shared.port" ] && break; sleep 0.3; done
-          args=(--method specstore --datastore "127.0.0.1:$(cat "$OUT/shared.port")")
+          rm -rf "$OUT/shared-stats"
+          serve shared --stats-dir "$OUT/shared-stats"; SH=$SERVE_PID
+          args=(--method specstore --datastore "$SERVE_ADDR")
           env=(SPECSTORE_SHARE_STATS=1 SPECSTORE_SHARE_OUTPUTS=1);;
       esac
       env "${env[@]}" SPECSTORE_STATS_FILE="$OUT/stats/${cfg}_b${b}_r${r}.json" \
