@@ -59,8 +59,11 @@ class SimulatedClock:
 
 
 def replay(proposer: SpecstoreProposer, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
-           batch: int = 1, clock: Optional[SimulatedClock] = None) -> dict:
+           batch: int = 1, clock: Optional[SimulatedClock] = None, cohorts: bool = False) -> dict:
     """Greedy engine over ``prompts`` whose target continuation is ``outputs`` (one per prompt).
+
+    ``cohorts``: requests are admitted ``batch`` at a time once every row is free (one ``generate`` call of
+    ``batch`` prompts after another, as ``vllm_bench --batch``), instead of as soon as a row is free.
 
     Returns {"steps", "tokens", "drafts", "accepted", "row_steps", "seconds"}: engine steps, output tokens
     produced, draft tokens proposed and accepted, request-steps (a request decoding in a step), and with
@@ -71,12 +74,12 @@ def replay(proposer: SpecstoreProposer, prompts: Sequence[Sequence[int]], output
     if clock is not None:
         vllm_proposer.time = clock
     try:
-        return _replay(proposer, prompts, outputs, batch, clock)
+        return _replay(proposer, prompts, outputs, batch, clock, cohorts)
     finally:
         vllm_proposer.time = saved
 
 
-def _replay(proposer, prompts, outputs, batch, clock) -> dict:
+def _replay(proposer, prompts, outputs, batch, clock, cohorts) -> dict:
     width = max(len(p) + len(o) for p, o in zip(prompts, outputs)) + proposer.k + 2
     rows = np.zeros((batch, width), dtype=np.int32)
     ntok = np.zeros(batch, dtype=np.int32)
@@ -86,8 +89,9 @@ def _replay(proposer, prompts, outputs, batch, clock) -> dict:
     made = [0] * len(prompts)
     totals = dict(steps=0, tokens=0, drafts=0, accepted=0, row_steps=0, seconds=0.0)
     while waiting or any(o >= 0 for o in owner):
+        admit = not cohorts or all(o < 0 for o in owner)
         for r in range(batch):
-            if owner[r] < 0 and waiting:
+            if admit and owner[r] < 0 and waiting:
                 i = waiting.pop(0)
                 p, o = prompts[i], outputs[i]
                 rows[r, :len(p)] = p
@@ -223,6 +227,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="HF folder (default: the converted SmolLM2-135M-Instruct)")
     ap.add_argument("--config", action="append", default=[], help="ctx | index=DIR | remote=HOST:PORT [,opt=v]")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--cohorts", action="store_true",
+                    help="admit --batch requests at a time once all rows are free (vllm_bench's batches), "
+                         "not as soon as a row is free (a continuous stream)")
     ap.add_argument("-k", "--num-speculative-tokens", type=int, default=8)
     ap.add_argument("--token-cost", type=float, default=0.05,
                     help="verify cost of one draft token relative to a plain step (the proposer's prior)")
@@ -262,14 +269,14 @@ def main(argv=None) -> int:
     plain_seconds = None
     if step_model:
         plain_seconds = replay(PlainProposer(args.num_speculative_tokens), prompts, outputs, args.batch,
-                               SimulatedClock(*step_model, noise=args.noise))["seconds"]
+                               SimulatedClock(*step_model, noise=args.noise), args.cohorts)["seconds"]
     for spec in args.config or ["ctx"]:
         t0 = time.perf_counter()
         name, prop = make_proposer(spec, args.num_speculative_tokens, args.token_cost, model,
                                    learn_cost=step_model is not None)
         clock = SimulatedClock(*step_model, noise=args.noise) if step_model else None
         try:
-            t = replay(prop, prompts, outputs, args.batch, clock)
+            t = replay(prop, prompts, outputs, args.batch, clock, args.cohorts)
         finally:
             prop.close()
         row = summary(name, t, costs, plain_seconds)

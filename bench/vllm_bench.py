@@ -6,7 +6,7 @@ so that no cache or compiled state carries over between methods:
     .venv-vllm/bin/python -m specstore.bench.vllm_bench --method plain --json-out plain.json
     .venv-vllm/bin/python -m specstore.bench.vllm_bench --method specstore --index DIR --json-out ours.json
     .venv-vllm/bin/python -m specstore.bench.vllm_bench --method specstore --datastore 127.0.0.1:50051 ...
-    .venv-vllm/bin/python -m specstore.bench.vllm_bench --method ngram | suffix ...
+    .venv-vllm/bin/python -m specstore.bench.vllm_bench --method ngram | suffix | null ...
 
 ``--batch 1`` sends the prompts one at a time (each ``generate`` call holds one request); ``--batch 8``
 sends them eight at a time. A warm-up prompt outside the measured set runs first (unmeasured). Prints one
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 PROPOSER = "specstore.client.vllm_proposer.SpecstoreProposer"
+NULL_PROPOSER = "specstore.bench.vllm_bench.NullProposer"
 WARMUP_PROMPT = "List three colours of the rainbow."
 
 
@@ -37,7 +38,24 @@ def speculative_config(args) -> dict | None:
         return {"method": "suffix", "num_speculative_tokens": k}
     if args.method == "specstore":
         return {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": k}
+    if args.method == "null":
+        return {"method": "custom_class", "model": NULL_PROPOSER, "num_speculative_tokens": k}
     raise ValueError(f"unknown method {args.method}")
+
+
+class NullProposer:
+    """A ``custom_class`` proposer that never drafts (method ``null``): the engine in speculative mode with
+    nothing to verify, so that plain against null shows what vLLM's speculation machinery costs by itself,
+    a cost no proposer can decline."""
+
+    def __init__(self, vllm_config, *_, **__):
+        pass
+
+    def load_model(self, *args, **kwargs) -> None:
+        pass
+
+    def propose(self, sampled_token_ids, *_, **__) -> list[list[int]]:
+        return [[] for _ in sampled_token_ids]
 
 
 def _spec_counters(llm) -> dict:
@@ -107,7 +125,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--model", default=None, help="HF folder (default: the converted SmolLM2-135M-Instruct)")
-    ap.add_argument("--method", choices=("plain", "ngram", "suffix", "specstore"), default="plain")
+    ap.add_argument("--method", choices=("plain", "ngram", "suffix", "specstore", "null"), default="plain",
+                    help="null: speculative mode with a proposer that never drafts (vLLM's own overhead)")
     ap.add_argument("--num-speculative-tokens", type=int, default=8)
     ap.add_argument("--index", help="specstore: embedded index (sets SPECSTORE_INDEX)")
     ap.add_argument("--datastore", help="specstore: datastore HOST:PORT (sets SPECSTORE_DATASTORE)")

@@ -2,7 +2,7 @@
 # Every vLLM method at batch 1 and 8, each in its own engine process, over the same Spec-Bench prompts
 # (BENCHMARKS.md §5); our proposer's counters and learned step cost go to OUT_DIR/stats/.
 # Usage: bash bench/vllm_bench_all.sh INDEX_DIR OUT_DIR [N_PER_CATEGORY] [ROUNDS]
-# Environment: CONFIGS (default "plain ngram ctx index remote"; also "shared"; "suffix" needs arctic-inference in the Python
+# Environment: CONFIGS (default "plain ngram ctx index remote"; also "shared", "null" (speculative mode, no drafts); "suffix" needs arctic-inference in the Python
 # named by SUFFIX_PY), BATCHES (default "1 8"), FIRST_ROUND (default 1: numbers the reports of a later run).
 # The remote configuration starts datastore-serve on 127.0.0.1 over the same index (same 2 cores). The shared
 # configuration gets its own fresh datastore-serve with --stats-dir per run (nothing learned carries over
@@ -36,7 +36,7 @@ for r in $(seq "$FIRST" $((FIRST + ROUNDS - 1))); do
     for cfg in ${CONFIGS:-plain ngram ctx index remote}; do
       run=$PY; env=(); SH=
       case $cfg in
-        plain|ngram) args=(--method "$cfg");;
+        plain|ngram|null) args=(--method "$cfg");;
         suffix) args=(--method suffix); run=${SUFFIX_PY:?SUFFIX_PY: a Python with vLLM and arctic-inference};;
         ctx) args=(--method specstore);;
         index) args=(--method specstore --index "$INDEX");;

@@ -42,3 +42,14 @@ def test_the_simulated_clock_charges_drafts_and_the_plain_engine_none():
     spec = replay(prop, prompts, outputs, 2, SimulatedClock(0.05, 0.001, 0.002, noise=0.0))
     assert spec["tokens"] == plain["tokens"] and spec["drafts"] > 0
     assert spec["seconds"] < plain["seconds"]           # cheap drafts of a repeating text pay
+
+
+def test_cohorts_admit_a_batch_only_once_every_row_is_free():
+    # outputs of 20, 5 and 3 tokens, two rows: a stream admits the third request when the 5-token one ends
+    # (step 4), so the engine runs 19 steps; cohorts wait for the 20-token one: 19 + 2 steps
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    outputs = [list(range(20, 40)), list(range(40, 45)), list(range(50, 53))]
+    stream = replay(PlainProposer(8), prompts, outputs, 2)
+    cohorts = replay(PlainProposer(8), prompts, outputs, 2, cohorts=True)
+    assert stream["tokens"] == cohorts["tokens"] == 28
+    assert stream["steps"] == 19 and cohorts["steps"] == 19 + 2

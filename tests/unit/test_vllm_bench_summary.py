@@ -34,3 +34,17 @@ def test_summary_names_runs_whose_datastore_failed(tmp_path):
         "**Datastore lookups failed in:** remote_b1_r1 (85 of 90 lookups failed or skipped)"
     (tmp_path / "stats" / "remote_b1_r1.json").write_text(json.dumps({"extra": {}}))
     assert "failed" not in summarize(tmp_path)
+
+
+def test_the_null_method_runs_speculative_mode_with_no_drafts():
+    from types import SimpleNamespace
+
+    from specstore.bench.vllm_bench import NULL_PROPOSER, NullProposer, speculative_config
+
+    cfg = speculative_config(SimpleNamespace(method="null", num_speculative_tokens=8))
+    assert cfg == {"method": "custom_class", "model": NULL_PROPOSER, "num_speculative_tokens": 8}
+    module, _, name = NULL_PROPOSER.rpartition(".")
+    import importlib
+
+    assert getattr(importlib.import_module(module), name) is NullProposer   # importable in vLLM's worker
+    assert NullProposer(None).propose([[5], [], [7]], None, None) == [[], [], []]
