@@ -12,7 +12,8 @@ so that no cache or compiled state carries over between methods:
 sends them eight at a time. A warm-up prompt outside the measured set runs first (unmeasured). Prints one
 ``done I`` line per finished prompt at batch 1 (tests use it to act mid-run) and writes a JSON report:
 per-prompt token ids and seconds, tokens/s over the measured calls, vLLM's spec-decode counters.
-``bench/vllm_bench_all.sh`` runs every method at batch 1 and 8; ``--summarize DIR`` tabulates its reports.
+``bench/vllm_bench_all.sh`` runs every method at batch 1 and 8; ``--summarize DIR`` tabulates its reports;
+``--phases DIR`` splits each batch-1 run into prompt and decode time (ms per output token: what drafting changes).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 PROPOSER = "specstore.client.vllm_proposer.SpecstoreProposer"
 NULL_PROPOSER = "specstore.bench.vllm_bench.NullProposer"
@@ -118,9 +120,60 @@ def summarize(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def phases(folder: Path, prompt_lens: Optional[list[int]] = None) -> str:
+    """Prompt against decode time, per batch-1 configuration of ``folder``: each report's per-prompt seconds
+    fitted as ``c0 + p * prompt tokens + d * output tokens`` (least squares over its prompts). ``d`` (ms per
+    output token) is the decode speed that drafting changes; ``p`` (ms per prompt token) is mostly the
+    prefill, which every method pays alike, so the part of the run it takes caps any ratio of tokens/s.
+    Prompt lengths come from the runs (``prompt_tokens``) or ``prompt_lens`` (by index)."""
+    import statistics
+
+    import numpy as np
+
+    rows: dict[str, list[tuple[float, float, float, float]]] = {}
+    for f in sorted(folder.glob("*_b1_r*.json")):
+        cfg = f.stem.rsplit("_", 2)[0]
+        runs = sorted(json.loads(f.read_text())["runs"], key=lambda r: r["index"])
+        lens = [r.get("prompt_tokens") or (prompt_lens[r["index"]] if prompt_lens else 0) for r in runs]
+        if not all(lens) or len(runs) < 4:
+            continue
+        x = np.array([[1.0, n, len(r["token_ids"])] for n, r in zip(lens, runs)])
+        secs = np.array([r["seconds"] for r in runs])
+        c0, cp, cd = np.linalg.lstsq(x, secs, rcond=None)[0]
+        rows.setdefault(cfg, []).append((cp * 1e3, cd * 1e3, float((c0 + cp * x[:, 1]).sum()), float(secs.sum())))
+    lines = ["| configuration (batch 1) | decode ms per output token | vs plain | prompt ms per prompt token | "
+             "prompt part of the run (s) | run (s) |", "|---|---:|---:|---:|---:|---:|"]
+    med = {cfg: [statistics.median(v[i] for v in vs) for i in range(4)] for cfg, vs in rows.items()}
+    base = med.get("plain", [None, None])[1]
+    for cfg in sorted(med, key=lambda c: (c != "plain", c)):
+        cp, cd, pre, tot = med[cfg]
+        ratio = f"{base / cd:.2f}x" if base else "-"
+        lines.append(f"| {cfg} | {cd:.1f} | {ratio} | {cp:.2f} | {pre:.1f} | {tot:.1f} |")
+    return "\n".join(lines)
+
+
+def _spec_bench_prompt_lens(folder: Path) -> Optional[list[int]]:
+    """The chat-templated lengths of the Spec-Bench prompts a report of ``folder`` ran (reports written
+    before they kept ``prompt_tokens``)."""
+    from ..datastore.model_files import load_tokenizer, resolve_model
+    from .proposer_replay import _chat_ids
+
+    report = next((json.loads(f.read_text()) for f in sorted(folder.glob("plain_b1_r*.json"))), None)
+    if report is None or not report.get("n_per_category"):
+        return None
+    qs, _ = load_prompts(argparse.Namespace(prompts_file=os.environ.get(
+        "QUESTIONS", "../shared/data/bench/spec-bench_question.jsonl"), categories=report.get("categories"),
+        n_per_category=report["n_per_category"], prompt=[]))
+    return [len(p) for p in _chat_ids(load_tokenizer(str(resolve_model(None).cache_dir / "hf")), qs)]
+
+
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--summarize":
         print(summarize(Path(sys.argv[2])))
+        return 0
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--phases":
+        folder = Path(sys.argv[2])
+        print(phases(folder, _spec_bench_prompt_lens(folder)))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -176,7 +229,8 @@ def main(argv=None) -> int:
         for j, o in enumerate(outs):
             ids = list(o.outputs[0].token_ids)
             total_tokens += len(ids)
-            runs.append({"index": start + j, "token_ids": ids, "text": o.outputs[0].text, "seconds": dt})
+            runs.append({"index": start + j, "token_ids": ids, "text": o.outputs[0].text, "seconds": dt,
+                         "prompt_tokens": len(o.prompt_token_ids or [])})
             print(f"done {start + j}", flush=True)
     after = _spec_counters(llm)
     spec = {k: after.get(k, 0) - before.get(k, 0) for k in after if k != "error"}

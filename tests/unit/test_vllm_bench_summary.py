@@ -48,3 +48,23 @@ def test_the_null_method_runs_speculative_mode_with_no_drafts():
 
     assert getattr(importlib.import_module(module), name) is NullProposer   # importable in vLLM's worker
     assert NullProposer(None).propose([[5], [], [7]], None, None) == [[], [], []]
+
+
+def test_phases_split_prompt_from_decode_time(tmp_path):
+    from specstore.bench.vllm_bench import phases
+
+    prompts, outs = [40, 800, 60, 700, 90, 500], [128, 100, 30, 128, 64, 12]
+    for cfg, decode_s in (("plain", 0.045), ("ours", 0.030)):
+        runs = [{"index": i, "token_ids": [1] * o, "seconds": 0.1 + 0.004 * p + decode_s * o, "prompt_tokens": p}
+                for i, (p, o) in enumerate(zip(prompts, outs))]
+        (tmp_path / f"{cfg}_b1_r1.json").write_text(json.dumps({"runs": runs}))
+    lines = phases(tmp_path).splitlines()
+    assert lines[2].startswith("| plain | 45.0 | 1.00x | 4.00 | ")
+    assert lines[3].startswith("| ours | 30.0 | 1.50x | 4.00 | ")
+    # lengths from the caller when the reports do not keep them
+    for f in tmp_path.glob("*.json"):
+        d = json.loads(f.read_text())
+        for r in d["runs"]:
+            del r["prompt_tokens"]
+        f.write_text(json.dumps(d))
+    assert phases(tmp_path, prompts).splitlines()[3].startswith("| ours | 30.0 | 1.50x | 4.00 | ")
