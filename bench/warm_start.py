@@ -1,7 +1,7 @@
 """Warm start through the shared statistics (issue 11's benchmark): does what node A learned speed up node B?
 
     .venv/bin/python -m specstore.bench.warm_start --index IDX [--n-per-half 2] [--max-new-tokens 128]
-        [--threads 2] [--json OUT]
+        [--threads 2] [--verify-profile GPU_PROFILE.json --max-budget 48] [--json OUT]
 
 Spec-Bench prompts are split per category: node A decodes the first ``--n-a`` of each category, node B
 the next ``--n-per-half`` (a related but different workload). Two real ``datastore-serve`` processes serve the same
@@ -45,12 +45,27 @@ def split_prompts(questions, n: int, n_a: Optional[int] = None) -> tuple[list, l
     return a, b
 
 
+def load_verify_profile(path: Path):
+    """A CostProfile from its own JSON (``sizes``, ``seconds``) or from a ``bench/gpu_profile.py`` report
+    (``t_n_ms``: tree size -> milliseconds)."""
+    from ..client.budget import CostProfile
+
+    d = json.loads(Path(path).read_text())
+    if "t_n_ms" in d:
+        sizes = sorted(int(n) for n in d["t_n_ms"])
+        return CostProfile(sizes, [d["t_n_ms"][str(n)] / 1000.0 for n in sizes],
+                           {"from": str(path), "device": d.get("device")})
+    if "sizes" in d:
+        return CostProfile.from_json(d)
+    raise ValueError(f"{path}: neither a CostProfile (sizes, seconds) nor a gpu_profile report (t_n_ms)")
+
+
 class Node:
     """One decoder (the model shared) with datastore, context and recycling drafters, and a StatsSharer that
     pushes to the service it looks up in (``share_to="same"``), to another one (an address), or nowhere (None)."""
 
     def __init__(self, model, tok, address: str, max_budget: int, *, warm: bool = False,
-                 share_to: Optional[str] = "same", share_outputs: bool = False):
+                 share_to: Optional[str] = "same", share_outputs: bool = False, profile=None):
         from ..client.budget import cached_cost_profile
         from ..client.datastore_client import DatastoreClient
         from ..client.datastore_drafter import make_datastore_drafter
@@ -70,7 +85,8 @@ class Node:
                                       share_outputs=share_outputs)
             drafters.append(self.sharer)
         self.warm_rows = self.sharer.warm_start() if warm and self.sharer is not None else 0
-        profile = cached_cost_profile(model, resolve_model(None).name)    # spec-generate's cached profile
+        if profile is None:
+            profile = cached_cost_profile(model, resolve_model(None).name)    # spec-generate's cached profile
         self.dec = SpeculativeDecoder(model, tok, drafters, profile=profile, max_budget=max_budget)
 
     def run(self, prompt, max_new_tokens: int) -> dict:
@@ -103,6 +119,10 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--share-outputs", action="store_true",
                     help="every node also pushes its finished generations to the service's recent outputs, which "
                          "its lookups match next to the corpus (shared outputs are opt-in in the product)")
+    ap.add_argument("--verify-profile", type=Path, default=None,
+                    help="size trees by this verify-cost profile instead of this machine's: a CostProfile JSON, or "
+                         "a bench/gpu_profile.py report (e.g. bench/results/gpu_profile_smollm2-135m.json, an H100: "
+                         "MAT as trees sized for a GPU would get; tokens/s are still this machine's)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     import torch
@@ -112,20 +132,22 @@ def main(argv: Optional[list] = None) -> int:
     torch.set_num_threads(a.threads)
     prompts_a, prompts_b = split_prompts(load_questions(a.questions), a.n_per_half, a.n_a)
     model, tok = load_model()
+    profile = load_verify_profile(a.verify_profile) if a.verify_profile else None
     with tempfile.TemporaryDirectory(prefix="warm-start-") as tmp:
         tmp = Path(tmp)
         warm_srv = Server(a.index, tmp / "stats-warm", tmp / "warm.log", args=[])
         cold_srv = Server(a.index, tmp / "stats-cold", tmp / "cold.log", args=[])
         try:
             warm_srv.wait_ready(); cold_srv.wait_ready()
-            node_a = Node(model, tok, warm_srv.address, a.max_budget, share_outputs=a.share_outputs)
+            node_a = Node(model, tok, warm_srv.address, a.max_budget, share_outputs=a.share_outputs, profile=profile)
             a_runs = []
             for i, p in enumerate(prompts_a):
                 a_runs.append(node_a.run(p, a.max_new_tokens))
                 print(f"A {i + 1}/{len(prompts_a)} {p.category}: MAT {a_runs[-1]['mat']:.2f}", file=sys.stderr)
             node_a.close()
-            cold = Node(model, tok, cold_srv.address, a.max_budget, share_outputs=a.share_outputs)
-            warm = Node(model, tok, warm_srv.address, a.max_budget, warm=True, share_outputs=a.share_outputs)
+            cold = Node(model, tok, cold_srv.address, a.max_budget, share_outputs=a.share_outputs, profile=profile)
+            warm = Node(model, tok, warm_srv.address, a.max_budget, warm=True, share_outputs=a.share_outputs,
+                        profile=profile)
             rows = []
             for i, p in enumerate(prompts_b):
                 order = [("cold", cold), ("warm", warm)][:: 1 if i % 2 == 0 else -1]
@@ -149,7 +171,8 @@ def main(argv: Optional[list] = None) -> int:
                 "median_tokens_per_second": round(statistics.median(r[f"{side}_tokens_per_second"] for r in rows), 2)}
 
     summary = {"prompts_a": len(prompts_a), "prompts_b": len(prompts_b), "max_new_tokens": a.max_new_tokens,
-               "share_outputs": a.share_outputs,
+               "share_outputs": a.share_outputs, "max_budget": a.max_budget,
+               "verify_profile": str(a.verify_profile) if a.verify_profile else None,
                "warm_rows_loaded": warm_rows, "a_median_mat": round(statistics.median(r["mat"] for r in a_runs), 3),
                "cold": agg("cold"), "warm": agg("warm"),
                "identical": sum(r["identical"] for r in rows)}
