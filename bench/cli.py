@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --draft-model: skip transformers' assisted decoding with the same draft")
     g.add_argument("--max-budget", type=int, default=None, help=MAX_BUDGET_HELP)
     g.add_argument("--refresh-profile", action="store_true", help="re-measure the verify cost profile t(n) first")
+    g.add_argument("--verify-profile", type=Path, default=None, metavar="FILE",
+                   help="size trees by this verify-cost profile instead of this machine's measured one: a cost "
+                        "profile JSON or a bench/gpu_profile.py report (bench/results/gpu_profile_smollm2-135m.json "
+                        "is an H100's). MAT then shows what trees sized for that machine get here; the speeds are "
+                        "still this machine's, with trees too big for it")
     g.add_argument("--datastore", metavar="HOST:PORT", default=None,
                    help="a datastore-serve service; adds the configuration context,recycling,datastore")
     g.add_argument("--index", type=Path, default=None,
@@ -174,7 +179,7 @@ def _drafter_factory(model, tokenizer, args):
 def run(args) -> int:
     import torch
 
-    from ..client.budget import cached_cost_profile
+    from ..client.budget import CostProfile, cached_cost_profile
     from ..client.models import load_model
     from ..datastore.model_files import resolve_model
 
@@ -201,7 +206,10 @@ def run(args) -> int:
     print("spec-bench: loading the model ...", file=sys.stderr, flush=True)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     model_name = resolve_model(args.model).name
-    profile = cached_cost_profile(model, model_name, refresh=args.refresh_profile)
+    if args.verify_profile is not None:
+        profile = CostProfile.load(args.verify_profile)
+    else:
+        profile = cached_cost_profile(model, model_name, refresh=args.refresh_profile)
     max_budget = choose_max_budget(args.max_budget, model, profile)
     args.verify_profile = profile
     assistant = None

@@ -45,21 +45,6 @@ def split_prompts(questions, n: int, n_a: Optional[int] = None) -> tuple[list, l
     return a, b
 
 
-def load_verify_profile(path: Path):
-    """A CostProfile from its own JSON (``sizes``, ``seconds``) or from a ``bench/gpu_profile.py`` report
-    (``t_n_ms``: tree size -> milliseconds)."""
-    from ..client.budget import CostProfile
-
-    d = json.loads(Path(path).read_text())
-    if "t_n_ms" in d:
-        sizes = sorted(int(n) for n in d["t_n_ms"])
-        return CostProfile(sizes, [d["t_n_ms"][str(n)] / 1000.0 for n in sizes],
-                           {"from": str(path), "device": d.get("device")})
-    if "sizes" in d:
-        return CostProfile.from_json(d)
-    raise ValueError(f"{path}: neither a CostProfile (sizes, seconds) nor a gpu_profile report (t_n_ms)")
-
-
 class Node:
     """One decoder (the model shared) with datastore, context and recycling drafters, and a StatsSharer that
     pushes to the service it looks up in (``share_to="same"``), to another one (an address), or nowhere (None)."""
@@ -132,7 +117,9 @@ def main(argv: Optional[list] = None) -> int:
     torch.set_num_threads(a.threads)
     prompts_a, prompts_b = split_prompts(load_questions(a.questions), a.n_per_half, a.n_a)
     model, tok = load_model()
-    profile = load_verify_profile(a.verify_profile) if a.verify_profile else None
+    from ..client.budget import CostProfile
+
+    profile = CostProfile.load(a.verify_profile) if a.verify_profile else None
     with tempfile.TemporaryDirectory(prefix="warm-start-") as tmp:
         tmp = Path(tmp)
         warm_srv = Server(a.index, tmp / "stats-warm", tmp / "warm.log", args=[])

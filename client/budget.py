@@ -65,6 +65,21 @@ class CostProfile:
         return cls([int(s) for s in d["sizes"]], [float(s) for s in d["seconds"]], d.get("meta", {}))
 
     @classmethod
+    def load(cls, path) -> "CostProfile":
+        """From a file: this class's JSON (``sizes``, ``seconds``) or a ``bench/gpu_profile.py`` report
+        (``t_n_ms``: tree size -> milliseconds), e.g. to size trees as another machine would."""
+        import json
+        from pathlib import Path
+
+        d = json.loads(Path(path).read_text())
+        if "t_n_ms" in d:
+            sizes = sorted(int(n) for n in d["t_n_ms"])
+            return cls(sizes, [d["t_n_ms"][str(n)] / 1000.0 for n in sizes], {"from": str(path), "device": d.get("device")})
+        if "sizes" in d and "seconds" in d:
+            return cls.from_json(d)
+        raise ValueError(f"{path}: neither a cost profile (sizes, seconds) nor a gpu_profile report (t_n_ms)")
+
+    @classmethod
     def flat(cls, max_n: int = 64) -> "CostProfile":
         """A GPU-like profile (t(n) flat); useful for tests that want speculation every step."""
         return cls([1, max_n], [1.0, 1.0], {"kind": "flat"})

@@ -128,6 +128,27 @@ def test_cli_end_to_end(model, tmp_path, monkeypatch, capsys):
     assert "speedup" in err
 
 
+def test_cli_sizes_trees_by_a_given_verify_profile(model, tmp_path, monkeypatch):
+    import specstore.client.budget
+    import specstore.client.models
+    import specstore.datastore.model_files
+    from specstore.client.budget import CostProfile
+
+    monkeypatch.setattr(specstore.client.models, "load_model", lambda *a, **k: (model, FakeTokenizer()))
+    monkeypatch.setattr(specstore.client.budget, "cached_cost_profile", lambda *a, **k: CostProfile.flat(33))
+    monkeypatch.setattr(specstore.datastore.model_files, "resolve_model", lambda spec: type("F", (), {"name": "tiny"})())
+    prof = tmp_path / "gpu.json"     # a bench/gpu_profile.py report: tree size -> ms
+    prof.write_text(json.dumps({"device": "some GPU", "t_n_ms": {"1": 20.0, "4": 20.0, "9": 21.0}}))
+    q = write_questions(tmp_path / "q.jsonl", per_sub=1, per_cat=2)
+    argv = ["--questions", str(q), "--categories", "qa", "--n-per-category", "1", "--max-new-tokens", "6",
+            "--configs", "context", "--quiet", "--no-pld", "--verify-profile", str(prof),
+            "--json-out", str(tmp_path / "r.json")]
+    assert bench_cli.main(argv) == 0
+    meta = json.loads((tmp_path / "r.json").read_text())["meta"]
+    assert meta["cost_profile"]["sizes"] == [1, 4, 9] and meta["cost_profile"]["seconds"][-1] == 0.021
+    assert meta["max_budget"] == 8      # the given profile's largest tree, not the machine's (33)
+
+
 def test_cli_errors(tmp_path, capsys):
     assert bench_cli.main(["--questions", str(tmp_path / "none.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err

@@ -26,8 +26,9 @@ def test_a_and_b_are_disjoint_and_cover_every_category():
 
 
 def test_a_gpu_profile_report_sizes_trees_as_on_that_gpu(tmp_path):
-    from specstore.bench.warm_start import load_verify_profile
     from specstore.client.budget import CostProfile
+
+    load_verify_profile = CostProfile.load
 
     p = load_verify_profile(Path(__file__).parents[2] / "bench/results/gpu_profile_smollm2-135m.json")  # an H100
     assert p.sizes[0] == 1 and p.t(48) == pytest.approx(0.026513) and p.t(64) > p.t(48)
