@@ -25,8 +25,11 @@ MAX_BUDGET_HELP = (f"largest number of draft nodes per step (default: from the c
 def run_main(prog: str, run: Callable[[object], int], args, interrupt_hint: Optional[str] = None) -> int:
     """Run ``run(args)`` under the exit convention (cli_common.run_cli) with quiet logging.
 
-    A missing optional dependency (ImportError) counts as bad input: its message says what to install.
+    A missing optional dependency (ImportError) counts as bad input: its message says what to install; so does
+    a ``--datastore`` that cannot be reached at start (its message names the address).
     """
+    from .datastore_drafter import DatastoreUnavailableError
+
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,7 +38,8 @@ def run_main(prog: str, run: Callable[[object], int], args, interrupt_hint: Opti
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    return run_cli(prog, lambda: run(args), input_errors=(ImportError,), interrupt_hint=interrupt_hint)
+    return run_cli(prog, lambda: run(args), input_errors=(ImportError, DatastoreUnavailableError),
+                   interrupt_hint=interrupt_hint)
 
 
 def validate_common(args) -> None:

@@ -57,6 +57,7 @@ def test_version(name, tmp_path):
 @pytest.mark.parametrize("name,argv", [
     ("spec-generate", []),                                      # --prompt or --prompts-file is required
     ("spec-generate", ["--prompt", "hi", "--max-new-tokens", "many"]),
+    ("spec-generate", ["--prompt", "hi", "--max-new-tokens", "2", "--datastore", "127.0.0.1:1"]),  # nothing there
     ("spec-bench", ["--n-per-category", "x"]),
     ("index-build", []),                                        # no command
     ("index-build", ["build", "--out", "x"]),                   # no INPUT
