@@ -142,7 +142,7 @@ def test_cli_sizes_trees_by_a_given_verify_profile(model, tmp_path, monkeypatch)
     q = write_questions(tmp_path / "q.jsonl", per_sub=1, per_cat=2)
     argv = ["--questions", str(q), "--categories", "qa", "--n-per-category", "1", "--max-new-tokens", "6",
             "--configs", "context", "--quiet", "--no-pld", "--verify-profile", str(prof),
-            "--json-out", str(tmp_path / "r.json")]
+            "--report", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png"), "--json-out", str(tmp_path / "r.json")]
     assert bench_cli.main(argv) == 0
     meta = json.loads((tmp_path / "r.json").read_text())["meta"]
     assert meta["cost_profile"]["sizes"] == [1, 4, 9] and meta["cost_profile"]["seconds"][-1] == 0.021
