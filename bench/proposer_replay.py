@@ -187,6 +187,16 @@ def make_proposer(spec: str, k: int, token_cost: float, tokenizer_dir: Optional[
     return spec, prop
 
 
+def report_prompts(report: dict, tokenizer, prompts_file, n_per_category: Optional[int] = None) -> list[list[int]]:
+    """The chat-templated prompt ids a ``vllm_bench`` report ran: its Spec-Bench selection (categories and
+    prompts per category, unless ``n_per_category`` is given) rebuilt from ``prompts_file``."""
+    from .spec_bench import load_questions, parse_categories, select_prompts
+
+    qs, _ = select_prompts(load_questions(prompts_file), parse_categories(report.get("categories")),
+                           n_per_category or report["n_per_category"])
+    return _chat_ids(tokenizer, [q.text for q in qs])
+
+
 def _chat_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     out = []
     for t in texts:
@@ -257,9 +267,7 @@ def main(argv=None) -> int:
     if "outputs" in ref:
         prompts, outputs = ref["prompts"], ref["outputs"]
     else:   # a vllm_bench report
-        n = args.n_per_category or ref["n_per_category"]
-        qs, _ = select_prompts(load_questions(args.prompts_file), _categories(), n)
-        prompts = _chat_ids(tok, [q.text for q in qs])
+        prompts = report_prompts(ref, tok, args.prompts_file, args.n_per_category)
         runs = sorted(ref["runs"], key=lambda r: r["index"])
         outputs = [r["token_ids"] for r in runs]
     keep = [i for i, o in enumerate(outputs) if o]

@@ -156,15 +156,14 @@ def _spec_bench_prompt_lens(folder: Path) -> Optional[list[int]]:
     """The chat-templated lengths of the Spec-Bench prompts a report of ``folder`` ran (reports written
     before they kept ``prompt_tokens``)."""
     from ..datastore.model_files import load_tokenizer, resolve_model
-    from .proposer_replay import _chat_ids
+    from .proposer_replay import report_prompts
+    from .spec_bench import DEFAULT_QUESTIONS
 
     report = next((json.loads(f.read_text()) for f in sorted(folder.glob("plain_b1_r*.json"))), None)
     if report is None or not report.get("n_per_category"):
         return None
-    qs, _ = load_prompts(argparse.Namespace(prompts_file=os.environ.get(
-        "QUESTIONS", "../shared/data/bench/spec-bench_question.jsonl"), categories=report.get("categories"),
-        n_per_category=report["n_per_category"], prompt=[]))
-    return [len(p) for p in _chat_ids(load_tokenizer(str(resolve_model(None).cache_dir / "hf")), qs)]
+    tok = load_tokenizer(str(resolve_model(None).cache_dir / "hf"))
+    return [len(p) for p in report_prompts(report, tok, os.environ.get("QUESTIONS", DEFAULT_QUESTIONS))]
 
 
 def main(argv=None) -> int:
