@@ -267,7 +267,7 @@ def test_a_loop_that_fell_behind_runs_wide_lookups_in_the_pool(index_path, monke
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert behind._value.get() >= 1
         assert on_loop() == [False, True]
-        time.sleep(3.1)
+        time.sleep(servicer_module.BEHIND_FOR_S + 0.1)
         assert on_loop() == [True, True]
 
 
