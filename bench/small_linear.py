@@ -1,11 +1,13 @@
-"""Forward time of the target over n new tokens (on a warm 200-token cache) with torch's linear and with
-client/small_linear.py's few-rows path, interleaved, medians; and the largest logit difference between them.
+"""Forward time of the target over n new tokens (on a warm 200-token cache) with torch's linear, with
+client/small_linear.py's ``W @ x^T`` path alone (``mm``) and with its compiled kernel for 1..3 rows as well
+(``kernel``, the default), interleaved, medians; and the largest logit difference from torch's.
 
     python -m specstore.bench.small_linear [--model PATH] [--sizes 1,2,4,8,16,32,64,128] [--reps 9]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -37,31 +39,39 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="model folder or GGUF (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--sizes", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--reps", type=int, default=9)
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (torch, few-rows)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (torch, mm, kernel)")
+    ap.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     model, _ = load_model(a.model, device="cpu", dtype="float32")
     sizes = [int(s) for s in a.sizes.split(",")]
-    x = torch.randint(100, 30000, (1, 6))       # within the few-rows path
-    res = {"torch": {n: [] for n in sizes}, "few-rows": {n: [] for n in sizes}}
-    logits = {}
+    modes = {"torch": None, "mm": "mm", "kernel": "1"}     # SPECSTORE_SMALL_LINEAR for each
+    res = {m: {n: [] for n in sizes} for m in modes}
+    logits = {m: {} for m in modes}
     for _ in range(a.rounds):
-        for mode in ("torch", "few-rows"):
+        for mode, env in modes.items():
             small_linear.uninstall(model)
-            if mode == "few-rows":
+            if env is not None:
+                os.environ["SPECSTORE_SMALL_LINEAR"] = env
                 small_linear.install(model)
             for n in sizes:
                 res[mode][n].append(forward_ms(model, n, a.reps))
             with torch.inference_mode():
-                logits[mode] = model(x).logits
+                for n in (1, 2, 4, 6):      # every path: the kernel, W @ x^T, and their edges
+                    logits[mode][n] = model(torch.randint(100, 30000, (1, n), generator=torch.Generator().manual_seed(n))).logits
+    os.environ.pop("SPECSTORE_SMALL_LINEAR", None)
     print(f"threads {torch.get_num_threads()}; forward ms over n new tokens (median of {a.reps}, best of "
           f"{a.rounds} interleaved rounds)")
-    print("n      " + " ".join(f"{n:>7}" for n in sizes))
+    print("n       " + " ".join(f"{n:>7}" for n in sizes))
     for mode in res:
         print(f"{mode:<8}" + " ".join(f"{min(res[mode][n]):7.1f}" for n in sizes))
-    print("ratio  " + " ".join(f"{min(res['few-rows'][n]) / min(res['torch'][n]):7.2f}" for n in sizes))
-    d = (logits["torch"] - logits["few-rows"]).abs().max().item()
-    same = (logits["torch"].argmax(-1) == logits["few-rows"].argmax(-1)).float().mean().item()
-    print(f"max |logit difference| {d:.2e}; argmax agreement {same:.3f}")
+    for mode in ("mm", "kernel"):
+        print(f"{mode + '/t':<8}" + " ".join(f"{min(res[mode][n]) / min(res['torch'][n]):7.2f}" for n in sizes))
+        d = max((logits["torch"][n] - logits[mode][n]).abs().max().item() for n in logits[mode])
+        same = min((logits["torch"][n].argmax(-1) == logits[mode][n].argmax(-1)).float().mean().item()
+                   for n in logits[mode])
+        print(f"  {mode}: max |logit difference| from torch {d:.2e}; argmax agreement {same:.3f}")
 
 
 if __name__ == "__main__":

@@ -136,8 +136,9 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
 
     p = next(model.parameters())
     key = f"{model_name}-{p.device.type}-{str(p.dtype).replace('torch.', '')}-t{torch.get_num_threads()}"
-    if small_linear.installed(model):
-        key += "-smalllinear"               # another kernel, another curve (client/small_linear.py)
+    kind = small_linear.installed(model)
+    if kind:                                # another kernel, another curve (client/small_linear.py)
+        key += "-smalllinear" + ("-kernel" if kind == "kernel" else "")
     if p.device.type == "cuda":
         key += "-" + torch.cuda.get_device_name(p.device).replace(" ", "_")
     path = (cache_dir or cache_root() / "profiles") / f"{key}.json"

@@ -1,5 +1,7 @@
-"""client/small_linear.py: the few-rows linear path gives torch's linear's values (up to rounding), leaves one
-row and big inputs on torch's own path bit for bit, and is installed only on CPU float32 models."""
+"""client/small_linear.py: the few-rows linear paths (the compiled kernel for 1..3 rows, W @ x^T for 4..8) give
+torch's linear's values (up to rounding), leave big inputs on torch's own path bit for bit, give the same
+values whatever the thread count, leave training to autograd's paths, and are installed only on CPU float32
+models."""
 from __future__ import annotations
 
 import json
@@ -35,10 +37,50 @@ def test_same_values_as_torch_linear(n):
     ref = _plain_logits(model, ids)
     with torch.inference_mode():
         got = model(ids).logits
-    if n == 1 or n > small_linear.MAX_ROWS:
+    if n > small_linear.MAX_ROWS:
         assert torch.equal(got, ref)                   # torch's own path, bit for bit
     else:
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_mm_mode_leaves_one_row_to_torch(monkeypatch):
+    monkeypatch.setenv("SPECSTORE_SMALL_LINEAR", "mm")
+    model = tiny_llama(vocab=96, layers=2).cpu()
+    assert small_linear.install(model) and small_linear.installed(model) == "mm"
+    ids = torch.tensor([[5]])
+    ref = _plain_logits(model, ids)
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, ref)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_kernel_values_do_not_depend_on_threads(rows):
+    import numba
+
+    lin = torch.nn.Linear(200, 75, bias=False)     # 75 outputs: blocks of 16 and a ragged last one
+    holder = torch.nn.Sequential(lin)
+    assert small_linear.install(holder) and small_linear.installed(holder) == "kernel"
+    x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(rows))
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                outs.append(lin(x))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    torch.testing.assert_close(outs[0], x @ lin.weight.detach().t(), rtol=1e-5, atol=1e-5)
+
+
+def test_training_keeps_autograd_paths():
+    lin = torch.nn.Linear(16, 4)
+    assert small_linear.install(torch.nn.Sequential(lin))
+    x = torch.randn(1, 16, requires_grad=True)
+    lin(x).sum().backward()                        # the kernel would have cut the graph here
+    assert lin.weight.grad is not None and x.grad is not None
+    torch.testing.assert_close(lin.weight.grad, x.detach().expand(4, 16))
 
 
 def test_bias_and_batch_shapes():
@@ -67,4 +109,4 @@ def test_verifier_installs_it_and_the_cost_profile_says_so(tmp_path):
     assert small_linear.installed(model)
     prof = cached_cost_profile(model, "tiny", cache_dir=tmp_path, measure=lambda sizes: CostProfile([1, 2], [1.0, 1.0]))
     (path,) = tmp_path.glob("*.json")
-    assert "-smalllinear" in path.name and json.loads(path.read_text())["sizes"] == prof.sizes
+    assert "-smalllinear-kernel" in path.name and json.loads(path.read_text())["sizes"] == prof.sizes
