@@ -132,13 +132,15 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
 
     from ..datastore.durable import write_text
     from ..datastore.model_files import cache_root
-    from . import small_linear
+    from . import gqa_attention, small_linear
 
     p = next(model.parameters())
     key = f"{model_name}-{p.device.type}-{str(p.dtype).replace('torch.', '')}-t{torch.get_num_threads()}"
     kind = small_linear.installed(model)
     if kind:                                # another kernel, another curve (client/small_linear.py)
         key += "-smalllinear" + ("-kernel" if kind == "kernel" else "")
+    if getattr(model.config, "_attn_implementation", None) == gqa_attention.NAME:
+        key += "-gqa"                       # masked attention without copying the cache (client/gqa_attention.py)
     if p.device.type == "cuda":
         key += "-" + torch.cuda.get_device_name(p.device).replace(" ", "_")
     path = (cache_dir or cache_root() / "profiles") / f"{key}.json"

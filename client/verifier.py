@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import small_linear
+from . import gqa_attention, small_linear
 from .kv_cache import attention_backends, cache_keyword, keep_positions, new_cache
 from .tree_attention import build_tree_attention
 from .types import DraftTree
@@ -27,6 +27,7 @@ class Verifier:
     def __init__(self, model, topk: int = 8):
         self.model = model
         small_linear.install(model)     # a verify feeds a few rows per layer: client/small_linear.py
+        gqa_attention.install(model)    # ... with a tree mask: client/gqa_attention.py
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.config.vocab_size)

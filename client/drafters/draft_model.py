@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .. import small_linear
+from .. import gqa_attention, small_linear
 from ..budget import CostProfile
 from ..kv_cache import attention_backends, cache_keyword, cache_length, keep_positions, new_cache
 from ..opt_tree import OptTree
@@ -332,4 +332,5 @@ def open_draft_model(path, target, tokenizer=None):
                                      f"the target's {target.config.vocab_size}")
     draft = draft.to(p.device).eval()
     small_linear.install(draft)       # it drafts a layer of a few rows per forward: client/small_linear.py
+    gqa_attention.install(draft)      # ... with a tree mask: client/gqa_attention.py
     return draft

@@ -109,4 +109,28 @@ def test_verifier_installs_it_and_the_cost_profile_says_so(tmp_path):
     assert small_linear.installed(model)
     prof = cached_cost_profile(model, "tiny", cache_dir=tmp_path, measure=lambda sizes: CostProfile([1, 2], [1.0, 1.0]))
     (path,) = tmp_path.glob("*.json")
-    assert "-smalllinear-kernel" in path.name and json.loads(path.read_text())["sizes"] == prof.sizes
+    assert "-smalllinear-kernel-gqa" in path.name and json.loads(path.read_text())["sizes"] == prof.sizes
+
+
+def test_gqa_attention_takes_masked_steps_without_copying_the_cache(monkeypatch):
+    """client/gqa_attention.py: a masked forward (a tree verify) gives the same logits, bit for bit, through
+    torch's grouped attention; the verifier installs it on CPU models and the cost profile says so."""
+    from specstore.client import gqa_attention
+
+    model = tiny_llama(vocab=96, layers=2).cpu()
+    assert model.config.num_attention_heads > model.config.num_key_value_heads
+    n = 7
+    ids = torch.randint(3, 96, (1, n), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 1, n, n).masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    with torch.inference_mode():
+        ref = model(ids, attention_mask=mask).logits
+    assert gqa_attention.install(model) and model.config._attn_implementation == gqa_attention.NAME
+    grouped = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: grouped.append(k.get("enable_gqa", False)) or sdpa(*a, **k))
+    with torch.inference_mode():
+        got = model(ids, attention_mask=mask).logits
+    assert torch.equal(got, ref) and grouped == [True, True]     # one grouped call per layer
+    monkeypatch.setenv("SPECSTORE_GQA_ATTENTION", "0")
+    assert not gqa_attention.install(tiny_llama(vocab=96, layers=2).cpu())
