@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
