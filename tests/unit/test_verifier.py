@@ -61,3 +61,39 @@ def test_tree_logits_and_compaction_equal_recomputation(model, seed, n, plen):
     v.commit([0])
     with pytest.raises(RuntimeError):
         v.commit([0])
+
+
+def test_cache_appends_in_place_and_grows_past_its_buffer():
+    """kv_cache.BufferedLayer (the verifier's and the draft model's cache): steps append into the same buffer (no copy of the cache per step), a tree
+    commit keeps the buffer, growth past the first capacity reallocates once, and the logits stay those of a
+    fresh forward over the accepted sequence; with autograd recording, torch.cat's path is kept."""
+    from specstore.client import kv_cache
+
+    model = tiny_llama(attn="sdpa")
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(3, 96, 200).tolist()
+    v = Verifier(model)
+    v.prefill(np.array(prompt))
+    layer = v.cache.layers[0]
+    assert type(layer).__name__ == "BufferedLayer"
+    cached, root = prompt[:-1], prompt[-1]    # the cache holds every accepted token but the root
+    buffers, first = set(), layer._bk.shape[2]
+    while len(cached) < first + 10:
+        tokens = [root] + rng.integers(3, 96, 3).tolist()
+        tree = DraftTree(np.array(tokens, np.int32), np.array([-1, 0, 0, 2], np.int32), np.ones(4, np.float32),
+                         np.zeros(4, np.uint8))
+        v.verify(tree)
+        v.commit([0, 2, 3])                   # not a prefix run: the in-place gather
+        cached += [tokens[0], tokens[2], tokens[3]]
+        root = int(rng.integers(3, 96))
+        assert layer.keys.data_ptr() == layer._bk.data_ptr() and v.past_len == len(cached)
+        buffers.add(layer._bk.data_ptr())
+    assert len(buffers) == 2                  # the first buffer, then one reallocation
+    out = v.verify(DraftTree.empty(root))
+    torch.testing.assert_close(out[0], full_logits(model, cached + [root])[-1], atol=2e-4, rtol=1e-4)
+    v.commit([0])
+
+    cache = kv_cache.new_cache()
+    x = torch.randn(1, 2, 3, 4, requires_grad=True)
+    keys, _ = cache.update(x, x, 0)           # grad enabled: DynamicLayer's own cat, graph kept
+    assert keys.requires_grad and cache.layers[0]._bk is None
