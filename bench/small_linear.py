@@ -59,7 +59,8 @@ def main(argv=None) -> None:
                 res[mode][n].append(forward_ms(model, n, a.reps))
             with torch.inference_mode():
                 for n in (1, 2, 4, 6):      # every path: the kernel, W @ x^T, and their edges
-                    logits[mode][n] = model(torch.randint(100, 30000, (1, n), generator=torch.Generator().manual_seed(n))).logits
+                    ids = torch.randint(100, 30000, (1, n), generator=torch.Generator().manual_seed(n))
+                    logits[mode][n] = model(ids).logits
     os.environ.pop("SPECSTORE_SMALL_LINEAR", None)
     print(f"threads {torch.get_num_threads()}; forward ms over n new tokens (median of {a.reps}, best of "
           f"{a.rounds} interleaved rounds)")

@@ -8,7 +8,7 @@ from numba import njit, prange
 BLOCK = 16     # output rows per task: small enough that 2 threads stay balanced on a 192-row layer
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: other Python threads (lookups) run meanwhile
 def rows_matmul(w, x, out):
     """out[t, o] = w[o] . x[t]. w [O, I], x [n, I], out [n, O]: float32, C-contiguous.
 

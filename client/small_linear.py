@@ -9,7 +9,8 @@ those shapes stream the weights far below the memory bandwidth:
   verify of 2-4 tokens cost 1.6-1.8x a plain step.
 client/row_kernel.py's ``rows_matmul`` (numba, parallel over output rows) reads each weight row once and
 computes its dot products with every input row while it is in cache; from 4 rows on ``W @ x^T`` (with
-``x`` contiguous) is as fast, and from 9 rows torch's own path is (measured up to 64 rows). Figures: BENCHMARKS.md §8, `python -m specstore.bench.small_linear`.
+``x`` contiguous) is as fast, and from 9 rows torch's own path is (measured up to 64 rows). Figures:
+BENCHMARKS.md §8, `python -m specstore.bench.small_linear`.
 
 The arithmetic is the same dot products of the same rows; only the summation order (and so the rounding,
 ~1e-6 relative, as between any two kernels) differs, and it is fixed: the same input gives the same output

@@ -121,7 +121,8 @@ def test_gqa_attention_takes_masked_steps_without_copying_the_cache(monkeypatch)
     assert model.config.num_attention_heads > model.config.num_key_value_heads
     n = 7
     ids = torch.randint(3, 96, (1, n), generator=torch.Generator().manual_seed(3))
-    mask = torch.zeros(1, 1, n, n).masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    causal = torch.ones(n, n, dtype=torch.bool).triu(1)
+    mask = torch.zeros(1, 1, n, n).masked_fill_(causal, torch.finfo(torch.float32).min)
     with torch.inference_mode():
         ref = model(ids, attention_mask=mask).logits
     assert gqa_attention.install(model) and model.config._attn_implementation == gqa_attention.NAME

@@ -64,9 +64,10 @@ def test_tree_logits_and_compaction_equal_recomputation(model, seed, n, plen):
 
 
 def test_cache_appends_in_place_and_grows_past_its_buffer():
-    """kv_cache.BufferedLayer (the verifier's and the draft model's cache): steps append into the same buffer (no copy of the cache per step), a tree
-    commit keeps the buffer, growth past the first capacity reallocates once, and the logits stay those of a
-    fresh forward over the accepted sequence; with autograd recording, torch.cat's path is kept."""
+    """kv_cache.BufferedLayer (the verifier's and the draft model's cache): steps append into the same buffer
+    (no copy of the cache per step), a tree commit keeps the buffer, growth past the first capacity reallocates
+    once, and the logits stay those of a fresh forward over the accepted sequence; with autograd recording,
+    torch.cat's path is kept."""
     from specstore.client import kv_cache
 
     model = tiny_llama(attn="sdpa")
