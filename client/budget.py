@@ -139,7 +139,7 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
     kind = small_linear.installed(model)
     if kind:                                # another kernel, another curve (client/small_linear.py)
         key += "-smalllinear" + ("-kernel" if kind == "kernel" else "")
-    if getattr(model.config, "_attn_implementation", None) == gqa_attention.NAME:
+    if gqa_attention.installed(model):
         key += "-gqa"                       # masked attention without copying the cache (client/gqa_attention.py)
     if p.device.type == "cuda":
         key += "-" + torch.cuda.get_device_name(p.device).replace(" ", "_")

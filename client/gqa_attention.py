@@ -14,9 +14,10 @@ off.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch.nn.functional as F
+
+from .small_linear import switched_off
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,17 @@ def _register() -> None:
         _registered = True
 
 
+def installed(model) -> bool:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
+
+
 def install(model) -> bool:
     """Switch a CPU model with ``sdpa`` attention to ``specstore_sdpa`` (idempotent). Returns whether it uses it."""
-    cfg = getattr(model, "config", None)
-    impl = getattr(cfg, "_attn_implementation", None)
-    if impl == NAME:
+    if installed(model):
         return True
     p = next(model.parameters(), None)
-    if impl != "sdpa" or p is None or p.device.type != "cpu" \
-            or os.environ.get("SPECSTORE_GQA_ATTENTION", "1").strip().lower() in ("0", "false", "no", "off"):
+    if model.config._attn_implementation != "sdpa" or p is None or p.device.type != "cpu" \
+            or switched_off("SPECSTORE_GQA_ATTENTION"):
         return False
     try:
         _register()
@@ -68,4 +71,4 @@ def install(model) -> bool:
     except Exception as e:  # noqa: BLE001 - an older or newer transformers: keep its own sdpa
         log.debug("keeping sdpa attention: %s", e)
         return False
-    return getattr(model.config, "_attn_implementation", None) == NAME
+    return installed(model)

@@ -35,9 +35,15 @@ _kernel = None         # row_kernel.rows_matmul once imported (None: not yet; Fa
 _threads = threading.local()   # numba's thread count is per calling thread: the last one set there
 
 
+def switched_off(variable: str) -> bool:
+    """Whether the environment variable says off (0, false, no, off); unset means on."""
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def _mode() -> str:
-    v = os.environ.get("SPECSTORE_SMALL_LINEAR", "1").strip().lower()
-    return "off" if v in ("0", "false", "no", "off") else "mm" if v == "mm" else "on"
+    if switched_off("SPECSTORE_SMALL_LINEAR"):
+        return "off"
+    return "mm" if os.environ.get("SPECSTORE_SMALL_LINEAR", "").strip().lower() == "mm" else "on"
 
 
 def _load_kernel():
