@@ -1,13 +1,12 @@
-"""Forward time of the target over n new tokens (on a warm 200-token cache) with torch's linear, with
-client/small_linear.py's ``W @ x^T`` path alone (``mm``) and with its compiled kernel for 1..3 rows as well
-(``kernel``, the default), interleaved, medians; and the largest logit difference from torch's.
+"""Forward time of the target over n new tokens (on a warm 200-token cache) with torch's linear and with
+client/small_linear.py's compiled kernel for 1..16 rows (``kernel``, the default), interleaved, medians; and
+the largest logit difference from torch's.
 
     python -m specstore.bench.small_linear [--model PATH] [--sizes 1,2,4,8,16,32,64,128] [--reps 9]
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -39,35 +38,33 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="model folder or GGUF (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--sizes", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--reps", type=int, default=9)
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (torch, mm, kernel)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (torch, kernel)")
     ap.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     model, _ = load_model(a.model, device="cpu", dtype="float32")
     sizes = [int(s) for s in a.sizes.split(",")]
-    modes = {"torch": None, "mm": "mm", "kernel": "1"}     # SPECSTORE_SMALL_LINEAR for each
+    modes = ("torch", "kernel")
     res = {m: {n: [] for n in sizes} for m in modes}
     logits = {m: {} for m in modes}
     for _ in range(a.rounds):
-        for mode, env in modes.items():
+        for mode in modes:
             small_linear.uninstall(model)
-            if env is not None:
-                os.environ["SPECSTORE_SMALL_LINEAR"] = env
+            if mode == "kernel":
                 small_linear.install(model)
             for n in sizes:
                 res[mode][n].append(forward_ms(model, n, a.reps))
             with torch.inference_mode():
-                for n in (1, 2, 4, 6):      # every path: the kernel, W @ x^T, and their edges
+                for n in (1, 3, 4, 6, 16):  # the kernel's register blocks, the rows left over, its edge
                     ids = torch.randint(100, 30000, (1, n), generator=torch.Generator().manual_seed(n))
                     logits[mode][n] = model(ids).logits
-    os.environ.pop("SPECSTORE_SMALL_LINEAR", None)
     print(f"threads {torch.get_num_threads()}; forward ms over n new tokens (median of {a.reps}, best of "
           f"{a.rounds} interleaved rounds)")
     print("n       " + " ".join(f"{n:>7}" for n in sizes))
     for mode in res:
         print(f"{mode:<8}" + " ".join(f"{min(res[mode][n]):7.1f}" for n in sizes))
-    for mode in ("mm", "kernel"):
+    for mode in ("kernel",):
         print(f"{mode + '/t':<8}" + " ".join(f"{min(res[mode][n]) / min(res['torch'][n]):7.2f}" for n in sizes))
         d = max((logits["torch"][n] - logits[mode][n]).abs().max().item() for n in logits[mode])
         same = min((logits["torch"][n].argmax(-1) == logits[mode][n].argmax(-1)).float().mean().item()

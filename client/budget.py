@@ -87,9 +87,14 @@ class CostProfile:
 
 def measure_cost_profile(model, sizes: Sequence[int] = DEFAULT_SIZES, past_len: int = 256, reps: int = 7,
                          vocab_low: int = 100) -> CostProfile:
-    """Time one verify forward for each tree size (random chain-free star trees on a warm cache)."""
+    """Time one verify forward for each tree size (random chain-free star trees on a warm cache).
+
+    Where client/small_linear.py's kernel is installed, sizes it covers are timed with it and with torch's
+    linear, interleaved, and each keeps the faster (``meta["kernel_rows"]``: the row counts left on the
+    kernel, sizes between two timed ones following the smaller; ``cached_cost_profile`` applies it again)."""
     import torch
 
+    from . import small_linear
     from .verifier import Verifier
 
     v = Verifier(model)
@@ -100,25 +105,40 @@ def measure_cost_profile(model, sizes: Sequence[int] = DEFAULT_SIZES, past_len: 
     past = rng.integers(vocab_low, hi, size=past_len + 1)
     seconds = []
     sync = torch.cuda.synchronize if v.device.type == "cuda" else (lambda: None)
+    rows = small_linear.kernel_rows(model)
+    on_kernel = {}                               # timed size -> whether the kernel was faster
     v.prefill(past)
     for n in sizes:
-        times = []
+        paths = (True, False) if rows is not None and n <= small_linear.MAX_ROWS else (None,)
+        times: dict = {p: [] for p in paths}
         for r in range(reps + 1):
             tree = DraftTree(np.concatenate([[past[-1]], rng.integers(vocab_low, draft_hi, n - 1)]).astype(np.int32),
                              np.concatenate([[-1], rng.integers(0, np.arange(1, n).clip(1), n - 1)
                                              if n > 1 else []]).astype(np.int32),
                              np.ones(n, np.float32), np.zeros(n, np.uint8))
-            sync()
-            t0 = time.perf_counter()
-            v.verify(tree)
-            sync()
-            times.append(time.perf_counter() - t0)
-            v.commit([0])  # drop the tree again: the cache grows by one root per timing
-        seconds.append(float(np.median(times[1:])))
+            for path in paths:
+                if path is not None:
+                    (rows.add if path else rows.discard)(n)
+                sync()
+                t0 = time.perf_counter()
+                v.verify(tree)
+                sync()
+                times[path].append(time.perf_counter() - t0)
+                v.commit([0])  # drop the tree again: the cache grows by one root per timing
+        med = {p: float(np.median(t[1:])) for p, t in times.items()}
+        if rows is not None and n <= small_linear.MAX_ROWS:
+            on_kernel[n] = med[True] <= med[False]
+        seconds.append(min(med.values()))
     # a bigger tree never costs less: clip upward outliers (a noisy neighbour during one size's timing)
     seconds = [min(seconds[i:]) for i in range(len(seconds))]
     meta = {"device": str(v.device), "dtype": str(v.dtype), "threads": torch.get_num_threads(),
             "past_len": past_len, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if rows is not None:
+        timed = sorted(on_kernel)
+        keep = [n for n in range(1, small_linear.MAX_ROWS + 1)
+                if on_kernel[max([t for t in timed if t <= n], default=timed[0])]] if timed else sorted(rows)
+        small_linear.kernel_rows(model, keep)
+        meta["kernel_rows"] = keep
     return CostProfile(list(map(int, sizes)), seconds, meta)
 
 
@@ -134,11 +154,13 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
     from ..datastore.model_files import cache_root
     from . import gqa_attention, small_linear
 
+    if measure is None:     # what measure_cost_profile's Verifier installs, before the key names it
+        small_linear.install(model)
+        gqa_attention.install(model)
     p = next(model.parameters())
     key = f"{model_name}-{p.device.type}-{str(p.dtype).replace('torch.', '')}-t{torch.get_num_threads()}"
-    kind = small_linear.installed(model)
-    if kind:                                # another kernel, another curve (client/small_linear.py)
-        key += "-smalllinear" + ("-kernel" if kind == "kernel" else "")
+    if small_linear.installed(model):       # another kernel, another curve (client/small_linear.py)
+        key += f"-smalllinear{small_linear.MAX_ROWS}"
     if gqa_attention.installed(model):
         key += "-gqa"                       # masked attention without copying the cache (client/gqa_attention.py)
     if p.device.type == "cuda":
@@ -146,7 +168,10 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
     path = (cache_dir or cache_root() / "profiles") / f"{key}.json"
     if path.exists() and not refresh:
         try:
-            return CostProfile.from_json(json.loads(path.read_text()))
+            prof = CostProfile.from_json(json.loads(path.read_text()))
+            if "kernel_rows" in prof.meta:     # the paths its times were measured on
+                small_linear.kernel_rows(model, prof.meta["kernel_rows"])
+            return prof
         except (ValueError, KeyError):
             log.warning("ignoring unreadable cost profile %s", path)
     log.info("measuring the verify cost profile t(n) for %s (once)", key)

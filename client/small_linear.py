@@ -1,35 +1,35 @@
-"""Linear layers for a few rows on CPU (float32): a kernel that streams the weights once for 1..3 rows,
-``y = (W @ x^T)^T`` for 4..8, torch's own ``x @ W^T`` otherwise.
+"""Linear layers for a few rows on CPU (float32): a compiled kernel that streams the weights once, for
+1..16 rows; torch's own ``x @ W^T`` otherwise.
 
 Why: decoding feeds one token per forward and a tree verify a handful, and on CPU torch's BLAS paths for
-those shapes stream the weights far below the memory bandwidth:
-- one row (a plain decoding step) takes MKL's matrix-vector product, which runs on one thread here: the
-  linear layers of SmolLM2-135M took 35 ms per token where the 540 MB of weights can be read in ~17 ms;
-- 2..8 rows take a matrix-matrix kernel that packs the weights first, about twice the memory traffic, so a
-  verify of 2-4 tokens cost 1.6-1.8x a plain step.
-client/row_kernel.py's ``rows_matmul`` (numba, parallel over output rows) reads each weight row once and
-computes its dot products with every input row while it is in cache; from 4 rows on ``W @ x^T`` (with
-``x`` contiguous) is as fast, and from 9 rows torch's own path is (measured up to 64 rows). Figures:
-BENCHMARKS.md §8, `python -m specstore.bench.small_linear`.
+those shapes stream the weights below the memory bandwidth or spend their time packing:
+- one row (a plain decoding step) takes MKL's matrix-vector product, which ran on one thread on one of our
+  machines: the linear layers of SmolLM2-135M took 35 ms per token where the 540 MB of weights can be read
+  in ~17 ms;
+- 2..16 rows take a matrix-matrix kernel that packs the weights first (about twice the memory traffic) and
+  feeds one multiply-add per two loads, so a verify of 4 tokens cost 1.6-1.8x a plain step and one of 8
+  about 2x.
+client/row_kernel.py's ``rows_matmul`` (numba, parallel over blocks of 4 output rows) reads each weight row
+once and keeps 4 x 4 sums in registers. Figures: BENCHMARKS.md §8, `python -m specstore.bench.small_linear`.
 
 The arithmetic is the same dot products of the same rows; only the summation order (and so the rounding,
 ~1e-6 relative, as between any two kernels) differs, and it is fixed: the same input gives the same output
 whatever the thread count. Greedy output stays identical to plain decoding, which runs through the same
-layers; the tests check it on every decoding path. ``SPECSTORE_SMALL_LINEAR=0`` turns all of it off;
-``SPECSTORE_SMALL_LINEAR=mm`` keeps ``W @ x^T`` for 2..8 rows but not the compiled kernel. A layer whose
-weights need gradients (training) keeps the paths autograd knows.
+layers; the tests check it on every decoding path. ``SPECSTORE_SMALL_LINEAR=0`` turns it off. A layer whose
+weights need gradients (training) keeps the paths autograd knows, and without numba everything stays on
+torch's path.
 """
 from __future__ import annotations
 
 import os
 import threading
 import types
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 8           # from 9 rows on, torch's own GEMM is as fast (measured up to 64 rows)
-KERNEL_ROWS = 3        # up to this many rows the compiled kernel; from 4, W @ x^T is as fast
+MAX_ROWS = 16          # up to this many rows the compiled kernel; from 16 on torch's own GEMM is as fast
 _MARK = "_specstore_small_linear"
 _kernel = None         # row_kernel.rows_matmul once imported (None: not yet; False: numba unavailable)
 _threads = threading.local()   # numba's thread count is per calling thread: the last one set there
@@ -40,14 +40,8 @@ def switched_off(variable: str) -> bool:
     return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
-def _mode() -> str:
-    if switched_off("SPECSTORE_SMALL_LINEAR"):
-        return "off"
-    return "mm" if os.environ.get("SPECSTORE_SMALL_LINEAR", "").strip().lower() == "mm" else "on"
-
-
 def _load_kernel():
-    """client/row_kernel.py's kernel, or False where numba cannot be imported (W @ x^T then covers 2..8)."""
+    """client/row_kernel.py's kernel, or False where numba cannot be imported."""
     global _kernel
     if _kernel is None:
         try:
@@ -70,28 +64,22 @@ def _kernel_threads() -> None:
 
 def _small_rows_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.dim() else 0
-    if 1 <= rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32:
+    w = self.weight
+    if (rows in self._specstore_rows and x.device.type == "cpu" and x.dtype == torch.float32 and w.is_contiguous()
+            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+        # x made contiguous: the ``.t()`` output of the layer before arrives as a strided view
         x2 = x.reshape(rows, x.shape[-1]).contiguous()
-        w = self.weight
-        if rows <= KERNEL_ROWS and self._specstore_kernel and w.is_contiguous() and not (
-                torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
-            _kernel_threads()
-            y = torch.empty(rows, self.out_features)
-            self._specstore_kernel(w.detach().numpy(), x2.detach().numpy(), y.numpy())
-        elif rows >= 2:
-            # x made contiguous: the ``.t()`` output of the layer before would otherwise reach BLAS as a
-            # contiguous x^T, which takes the slow kernel again
-            y = torch.mm(w, x2.t()).t()
-        else:
-            return F.linear(x, w, self.bias)
+        _kernel_threads()
+        y = torch.empty(rows, self.out_features)
+        self._specstore_kernel(w.detach().numpy(), x2.detach().numpy(), y.numpy())
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
-    return F.linear(x, self.weight, self.bias)
+    return F.linear(x, w, self.bias)
 
 
 def enabled() -> bool:
-    return _mode() != "off"
+    return not switched_off("SPECSTORE_SMALL_LINEAR")
 
 
 def install(model: torch.nn.Module) -> bool:
@@ -100,14 +88,16 @@ def install(model: torch.nn.Module) -> bool:
     if getattr(model, _MARK, False):
         return True
     p = next(model.parameters(), None)
-    if p is None or p.device.type != "cpu" or p.dtype != torch.float32 or not enabled():
+    if p is None or p.device.type != "cpu" or p.dtype != torch.float32 or not enabled() or not _load_kernel():
         return False
-    kernel = (_load_kernel() or None) if _mode() == "on" else None
+    rows = set(range(1, MAX_ROWS + 1))          # one set for every layer: kernel_rows() narrows it in place
     for mod in model.modules():
         if type(mod) is torch.nn.Linear:         # subclasses (quantised layers, ...) keep their own forward
             mod.forward = types.MethodType(_small_rows_forward, mod)
-            mod._specstore_kernel = kernel
-    setattr(model, _MARK, "kernel" if kernel else "mm")
+            mod._specstore_kernel = _kernel
+            mod._specstore_rows = rows
+    setattr(model, _MARK, "kernel")
+    model._specstore_rows = rows
     return True
 
 
@@ -117,9 +107,27 @@ def uninstall(model: torch.nn.Module) -> None:
         if type(mod) is torch.nn.Linear:
             mod.__dict__.pop("forward", None)
             mod.__dict__.pop("_specstore_kernel", None)
+            mod.__dict__.pop("_specstore_rows", None)
     model.__dict__.pop(_MARK, None)
+    model.__dict__.pop("_specstore_rows", None)
 
 
 def installed(model: torch.nn.Module) -> str:
-    """"kernel" (the compiled kernel for 1..3 rows and W @ x^T for 4..8), "mm" (W @ x^T for 2..8) or ""."""
+    """"kernel" (the compiled kernel for 1..MAX_ROWS rows) or "" (torch's own linear)."""
     return getattr(model, _MARK, "") or ""
+
+
+def kernel_rows(model: torch.nn.Module, rows: Optional[Iterable[int]] = None) -> Optional[set[int]]:
+    """The row counts that take the kernel in ``model`` (None: not installed); with ``rows``, take the kernel
+    for those (within 1..MAX_ROWS) and torch's path for the others.
+
+    Which path is faster for a few rows depends on the machine, not only on the shapes: on one 2-core VM the
+    kernel made a one-row forward 27% faster, on another (whose OpenMP thread hand-offs between numba's and
+    torch's pools cost more) 8% slower, while it won from 4 rows on on both. The verify cost profile times
+    both paths and keeps the faster for each size (client/budget.py: ``measure_cost_profile``)."""
+    live = getattr(model, "_specstore_rows", None)
+    if live is not None and rows is not None:
+        keep = {int(r) for r in rows if 1 <= int(r) <= MAX_ROWS}
+        live.clear()
+        live.update(keep)
+    return live

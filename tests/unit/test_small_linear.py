@@ -1,7 +1,6 @@
-"""client/small_linear.py: the few-rows linear paths (the compiled kernel for 1..3 rows, W @ x^T for 4..8) give
-torch's linear's values (up to rounding), leave big inputs on torch's own path bit for bit, give the same
-values whatever the thread count, leave training to autograd's paths, and are installed only on CPU float32
-models."""
+"""client/small_linear.py: the compiled kernel for 1..16 rows gives torch's linear's values (up to rounding),
+leaves big inputs on torch's own path bit for bit, gives the same values whatever the thread count, leaves
+training to autograd's paths, and is installed only on CPU float32 models."""
 from __future__ import annotations
 
 import json
@@ -43,21 +42,11 @@ def test_same_values_as_torch_linear(n):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_the_mm_mode_leaves_one_row_to_torch(monkeypatch):
-    monkeypatch.setenv("SPECSTORE_SMALL_LINEAR", "mm")
-    model = tiny_llama(vocab=96, layers=2).cpu()
-    assert small_linear.install(model) and small_linear.installed(model) == "mm"
-    ids = torch.tensor([[5]])
-    ref = _plain_logits(model, ids)
-    with torch.inference_mode():
-        assert torch.equal(model(ids).logits, ref)
-
-
-@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
 def test_kernel_values_do_not_depend_on_threads(rows):
     import numba
 
-    lin = torch.nn.Linear(200, 75, bias=False)     # 75 outputs: blocks of 16 and a ragged last one
+    lin = torch.nn.Linear(200, 75, bias=False)     # 75 outputs: blocks of 4 and a ragged last one
     holder = torch.nn.Sequential(lin)
     assert small_linear.install(holder) and small_linear.installed(holder) == "kernel"
     x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(rows))
@@ -109,7 +98,7 @@ def test_verifier_installs_it_and_the_cost_profile_says_so(tmp_path):
     assert small_linear.installed(model)
     prof = cached_cost_profile(model, "tiny", cache_dir=tmp_path, measure=lambda sizes: CostProfile([1, 2], [1.0, 1.0]))
     (path,) = tmp_path.glob("*.json")
-    assert "-smalllinear-kernel-gqa" in path.name and json.loads(path.read_text())["sizes"] == prof.sizes
+    assert f"-smalllinear{small_linear.MAX_ROWS}-gqa" in path.name and json.loads(path.read_text())["sizes"] == prof.sizes
 
 
 def test_gqa_attention_takes_masked_steps_without_copying_the_cache(monkeypatch):
@@ -135,3 +124,42 @@ def test_gqa_attention_takes_masked_steps_without_copying_the_cache(monkeypatch)
     assert torch.equal(got, ref) and grouped == [True, True]     # one grouped call per layer
     monkeypatch.setenv("SPECSTORE_GQA_ATTENTION", "0")
     assert not gqa_attention.install(tiny_llama(vocab=96, layers=2).cpu())
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="the few-rows path is for CPU models")
+def test_cost_profile_keeps_the_faster_path_for_each_size(monkeypatch, tmp_path):
+    """The verify cost profile times the kernel and torch's linear for each size the kernel covers and keeps the
+    faster (here, by a fake clock: torch's faster for 1..3 rows, the kernel from 4); sizes between two timed
+    ones follow the smaller; a cached profile applies its choice to a fresh model."""
+    from specstore.client import budget
+
+    model = tiny_llama(vocab=96, layers=2).cpu()
+    clock = [0.0]
+    real_verify = Verifier.verify
+
+    def verify(self, tree):
+        n = len(tree.tokens)
+        on_kernel = n in small_linear.kernel_rows(self.model)
+        slower = on_kernel if n <= 3 else (not on_kernel and n <= small_linear.MAX_ROWS)
+        clock[0] += 1.0 + slower
+        return real_verify(self, tree)
+
+    monkeypatch.setattr(Verifier, "verify", verify)
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    prof = cached_cost_profile(model, "tiny", cache_dir=tmp_path, sizes=(1, 2, 6, 24))
+    assert prof.meta["kernel_rows"] == list(range(6, small_linear.MAX_ROWS + 1))
+    assert small_linear.kernel_rows(model) == set(range(6, small_linear.MAX_ROWS + 1))
+    assert prof.seconds == [1.0] * 4                 # each size's time on its faster path
+    (path,) = tmp_path.glob("*.json")                # no Verifier before: the key still names what was timed
+    assert path.name.endswith(f"-smalllinear{small_linear.MAX_ROWS}-gqa.json")
+
+    fresh = tiny_llama(vocab=96, layers=2).cpu()
+    Verifier(fresh)
+    assert small_linear.kernel_rows(fresh) == set(range(1, small_linear.MAX_ROWS + 1))
+    cached_cost_profile(fresh, "tiny", cache_dir=tmp_path, sizes=(1, 2, 6, 24))
+    assert small_linear.kernel_rows(fresh) == set(range(6, small_linear.MAX_ROWS + 1))
+    ids = torch.tensor([[5]])
+    ref = _plain_logits(fresh, ids)
+    small_linear.kernel_rows(fresh, range(6, small_linear.MAX_ROWS + 1))   # _plain_logits re-installed it
+    with torch.inference_mode():
+        assert torch.equal(fresh(ids).logits, ref)   # one row: torch's own path, bit for bit
