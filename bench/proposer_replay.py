@@ -100,6 +100,8 @@ def _replay(proposer, prompts, outputs, batch, clock, cohorts) -> dict:
                 owner[r], sampled[r], made[i] = i, [o[0]], 1
                 totals["tokens"] += 1
         drafts = proposer.propose(sampled, ntok, rows)
+        if isinstance(proposer, OracleProposer):
+            drafts = proposer.pick(drafts, [outputs[i][made[i]:] if i >= 0 else [] for i in owner])
         totals["steps"] += 1
         live = 0
         for r in range(batch):
@@ -147,6 +149,86 @@ class PlainProposer:
         pass
 
 
+class OracleProposer:
+    """Every given proposer drafts at every step (each keeps its own state and learning); each row then gets
+    whichever draft the reference accepts furthest, the shortest of those on a tie. No drafter can know this:
+    it bounds what any way of choosing between these proposers' drafts (or fusing them) could accept."""
+
+    def __init__(self, proposers: Sequence, cut: bool = False):
+        self.proposers = list(proposers)
+        self.k = max(p.k for p in self.proposers)
+        self.cut = cut      # also drop what would be rejected: a perfect choice of the chain's length
+
+    def propose(self, *args, **kwargs):
+        return [p.propose(*args, **kwargs) for p in self.proposers]
+
+    def pick(self, candidates: list, truths: list) -> list[list[int]]:
+        out = []
+        for r, truth in enumerate(truths):
+            def accepted(d):
+                n = 0
+                while n < len(d) and n < len(truth) - 1 and d[n] == truth[n]:
+                    n += 1
+                return n
+            drafts = [list(c[r]) for c in candidates]
+            best = min(drafts, key=lambda d: (-accepted(d), len(d)))
+            out.append(best[:accepted(best)] if self.cut else best)
+        return out
+
+    def close(self):
+        for p in self.proposers:
+            p.close()
+
+
+class SuffixProposer:
+    """vLLM's ``suffix`` method in the replay: arctic-inference's ``SuffixDecodingCache`` driven as vLLM 0.32's
+    ``SuffixDecodingProposer`` drives it (a prompt tree per request, a global tree of finished outputs, the
+    last ``max_tree_depth`` tokens as the pattern, vLLM's defaults), with requests told apart by row the way
+    the replay admits them (a row whose first tokens change, or that shrinks, holds a new request). Needs
+    ``arctic-inference`` (``.venv-vllm-suffix``)."""
+
+    def __init__(self, k: int, max_tree_depth: int = 24, max_spec_factor: float = 1.0, min_token_prob: float = 0.1):
+        from arctic_inference.suffix_decoding import SuffixDecodingCache
+
+        self.k, self.depth, self.factor, self.min_prob = k, max_tree_depth, max_spec_factor, min_token_prob
+        self.cache = SuffixDecodingCache(max_tree_depth=max_tree_depth, max_cached_requests=10000)
+        self._rows: dict[int, tuple] = {}       # row -> (request id, head tokens, tokens seen)
+        self._next = 0
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, **_):
+        out = []
+        seen = set()
+        for r, sampled in enumerate(sampled_token_ids):
+            n = int(num_tokens_no_spec[r])
+            if not len(sampled) or n == 0:
+                out.append([])
+                continue
+            head = tuple(int(x) for x in token_ids_cpu[r, :16])
+            held = self._rows.get(r)
+            if held is None or held[1] != head or n < held[2]:
+                if held is not None:
+                    self.cache.stop_request(held[0])
+                rid = f"r{self._next}"
+                self._next += 1
+                self.cache.start_request(rid, token_ids_cpu[r, :n - len(sampled)].astype(np.int32))
+                held = (rid, head, n)
+            self.cache.add_active_response(held[0], [int(x) for x in sampled])
+            self._rows[r] = (held[0], head, n)
+            seen.add(r)
+            pattern = token_ids_cpu[r, max(0, n - self.depth):n].astype(np.int32)
+            draft = self.cache.speculate(held[0], pattern, max_spec_tokens=min(self.k, MAX_LEN - n - 1),
+                                         max_spec_factor=self.factor, min_token_prob=self.min_prob)
+            out.append(list(draft.token_ids))
+        for r in [r for r in self._rows if r not in seen]:
+            self.cache.stop_request(self._rows.pop(r)[0])
+        return out
+
+    def close(self):
+        for rid, _, _ in self._rows.values():
+            self.cache.stop_request(rid)
+        self._rows.clear()
+
+
 def summary(name: str, t: dict, costs: Sequence[float], plain_seconds: Optional[float] = None) -> dict:
     per = max(t["row_steps"], 1)
     tps = (t["tokens"] - 0) / per        # tokens per request-step (prefill's token included, as vLLM's MAL)
@@ -162,10 +244,18 @@ def summary(name: str, t: dict, costs: Sequence[float], plain_seconds: Optional[
 
 def make_proposer(spec: str, k: int, token_cost: float, tokenizer_dir: Optional[str],
                   learn_cost: bool = False) -> tuple[str, SpecstoreProposer]:
-    """``plain`` | ``ctx`` | ``index=DIR`` | ``remote=HOST:PORT``, then optionally ``,key=value`` proposer options
+    """``plain`` | ``suffix`` (vLLM's method) | ``ctx`` | ``index=DIR`` | ``remote=HOST:PORT`` |
+    ``oracle=A|B...`` (each row's best of those proposers' drafts at each step: an upper bound; ``oracle-cut=``
+    also cuts it to what is accepted), then optionally ``,key=value`` proposer options
     (``SPECSTORE_KEY``; ``+`` separates the items of a list: ``ctx,drafters=context+outputs``)."""
     if spec == "plain":
         return spec, PlainProposer(k)
+    if spec == "suffix":
+        return spec, SuffixProposer(k)
+    if spec.startswith(("oracle=", "oracle-cut=")):
+        head, _, rest = spec.partition("=")
+        parts = [make_proposer(x, k, token_cost, tokenizer_dir, learn_cost)[1] for x in rest.split("|")]
+        return spec, OracleProposer(parts, cut=head == "oracle-cut")
     head, *opts = spec.split(",")
     name, _, where = head.partition("=")
     env = {"SPECSTORE_TOKEN_COST": str(token_cost)}
@@ -187,13 +277,17 @@ def make_proposer(spec: str, k: int, token_cost: float, tokenizer_dir: Optional[
     return spec, prop
 
 
-def report_prompts(report: dict, tokenizer, prompts_file, n_per_category: Optional[int] = None) -> list[list[int]]:
+def report_prompts(report: dict, tokenizer, prompts_file, n_per_category: Optional[int] = None,
+                   categories: Optional[list] = None) -> list[list[int]]:
     """The chat-templated prompt ids a ``vllm_bench`` report ran: its Spec-Bench selection (categories and
-    prompts per category, unless ``n_per_category`` is given) rebuilt from ``prompts_file``."""
+    prompts per category, unless ``n_per_category`` is given) rebuilt from ``prompts_file``; with
+    ``categories`` (a list), each prompt's category is appended to it."""
     from .spec_bench import load_questions, parse_categories, select_prompts
 
     qs, _ = select_prompts(load_questions(prompts_file), parse_categories(report.get("categories")),
                            n_per_category or report["n_per_category"])
+    if categories is not None:
+        categories.extend(q.category for q in qs)
     return _chat_ids(tokenizer, [q.text for q in qs])
 
 
@@ -235,7 +329,9 @@ def main(argv=None) -> int:
                     help="skip the first N prompts of each category (a tuning set apart from the benchmark's)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--model", default=None, help="HF folder (default: the converted SmolLM2-135M-Instruct)")
-    ap.add_argument("--config", action="append", default=[], help="ctx | index=DIR | remote=HOST:PORT [,opt=v]")
+    ap.add_argument("--config", action="append", default=[], help="suffix | ctx | index=DIR | remote=HOST:PORT [,opt=v] | oracle=A|B")
+    ap.add_argument("--by-category", action="store_true",
+                    help="after the whole set, each Spec-Bench category on its own (fresh proposers)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--cohorts", action="store_true",
                     help="admit --batch requests at a time once all rows are free (vllm_bench's batches), "
@@ -262,34 +358,44 @@ def main(argv=None) -> int:
         qs = _skip(qs, args.skip_per_category)
         prompts = _chat_ids(tok, [q.text for q in qs])
         outputs = _generate(model, prompts, args.max_new_tokens)
-        args.references.write_text(json.dumps({"prompts": prompts, "outputs": outputs}))
+        args.references.write_text(json.dumps({"prompts": prompts, "outputs": outputs,
+                                                "categories": [q.category for q in qs]}))
     ref = json.loads(args.references.read_text())
     if "outputs" in ref:
         prompts, outputs = ref["prompts"], ref["outputs"]
+        cats = ref.get("categories") or ["all"] * len(prompts)
     else:   # a vllm_bench report
-        prompts = report_prompts(ref, tok, args.prompts_file, args.n_per_category)
+        cats = []
+        prompts = report_prompts(ref, tok, args.prompts_file, args.n_per_category, cats)
         runs = sorted(ref["runs"], key=lambda r: r["index"])
         outputs = [r["token_ids"] for r in runs]
     keep = [i for i, o in enumerate(outputs) if o]
-    prompts, outputs = [prompts[i] for i in keep], [outputs[i] for i in keep]
+    prompts, outputs, cats = [prompts[i] for i in keep], [outputs[i] for i in keep], [cats[i] for i in keep]
+    groups = [("all", list(range(len(prompts))))]
+    if args.by_category:
+        groups += [(c, [i for i, x in enumerate(cats) if x == c]) for c in dict.fromkeys(cats)]
     costs = [float(c) for c in args.costs.split(",") if c]
     step_model = [float(x) for x in args.step_model.split(",")] if args.step_model else None
-    plain_seconds = None
-    if step_model:
-        plain_seconds = replay(PlainProposer(args.num_speculative_tokens), prompts, outputs, args.batch,
-                               SimulatedClock(*step_model, noise=args.noise), args.cohorts)["seconds"]
-    for spec in args.config or ["ctx"]:
-        t0 = time.perf_counter()
-        name, prop = make_proposer(spec, args.num_speculative_tokens, args.token_cost, model,
-                                   learn_cost=step_model is not None)
-        clock = SimulatedClock(*step_model, noise=args.noise) if step_model else None
-        try:
-            t = replay(prop, prompts, outputs, args.batch, clock, args.cohorts)
-        finally:
-            prop.close()
-        row = summary(name, t, costs, plain_seconds)
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        print(json.dumps(row), flush=True)
+    for group, idx in groups:
+        ps, outs = [prompts[i] for i in idx], [outputs[i] for i in idx]
+        plain_seconds = None
+        if step_model:
+            plain_seconds = replay(PlainProposer(args.num_speculative_tokens), ps, outs, args.batch,
+                                   SimulatedClock(*step_model, noise=args.noise), args.cohorts)["seconds"]
+        for spec in args.config or ["ctx"]:
+            t0 = time.perf_counter()
+            name, prop = make_proposer(spec, args.num_speculative_tokens, args.token_cost, model,
+                                       learn_cost=step_model is not None)
+            clock = SimulatedClock(*step_model, noise=args.noise) if step_model else None
+            try:
+                t = replay(prop, ps, outs, args.batch, clock, args.cohorts)
+            finally:
+                prop.close()
+            row = summary(name, t, costs, plain_seconds)
+            if args.by_category:
+                row = {"category": group, "prompts": len(idx), **row}
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(row), flush=True)
     return 0
 
 

@@ -1,9 +1,13 @@
 """bench/proposer_replay.py: replaying recorded greedy outputs must see what a greedy engine sees."""
 from __future__ import annotations
 
-import numpy as np
+import sys
+import types
 
-from specstore.bench.proposer_replay import PlainProposer, SimulatedClock, replay, summary
+import numpy as np
+import pytest
+
+from specstore.bench.proposer_replay import PlainProposer, SimulatedClock, SuffixProposer, replay, summary
 from specstore.client.budget import StepCostModel
 from specstore.client.vllm_proposer import ProposerOptions, SpecstoreProposer
 from tests.helpers import plain_greedy
@@ -53,3 +57,86 @@ def test_cohorts_admit_a_batch_only_once_every_row_is_free():
     cohorts = replay(PlainProposer(8), prompts, outputs, 2, cohorts=True)
     assert stream["tokens"] == cohorts["tokens"] == 28
     assert stream["steps"] == 19 and cohorts["steps"] == 19 + 2
+
+
+class _RecordingSuffixCache:
+    """Stands in for arctic-inference's cache where it is not installed: records the calls, drafts the
+    pattern's last token (a real cache's answers are checked in the test after this one, where it exists)."""
+
+    calls: list = []
+
+    def __init__(self, **kw):
+        self.kw = kw
+
+    def start_request(self, rid, prompt):
+        self.calls.append(("start", rid, list(map(int, prompt))))
+
+    def add_active_response(self, rid, ids):
+        self.calls.append(("add", rid, list(ids)))
+
+    def stop_request(self, rid):
+        self.calls.append(("stop", rid))
+
+    def speculate(self, rid, pattern, max_spec_tokens, max_spec_factor, min_token_prob):
+        return types.SimpleNamespace(token_ids=[int(pattern[-1])] * min(2, max_spec_tokens))
+
+
+def test_the_suffix_adapter_follows_requests_by_row(monkeypatch):
+    mod = types.ModuleType("arctic_inference.suffix_decoding")
+    mod.SuffixDecodingCache = _RecordingSuffixCache
+    monkeypatch.setitem(sys.modules, "arctic_inference", types.ModuleType("arctic_inference"))
+    monkeypatch.setitem(sys.modules, "arctic_inference.suffix_decoding", mod)
+    _RecordingSuffixCache.calls = []
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    outputs = [[10, 10, 10, 11], [12, 13], [14, 14, 14]]
+    prop = SuffixProposer(8)
+    t = replay(prop, prompts, outputs, batch=2)
+    prop.close()                                                 # the last request ends with the run
+    calls = _RecordingSuffixCache.calls
+    starts = [c for c in calls if c[0] == "start"]
+    assert [c[2] for c in starts] == prompts                     # each request once, with its prompt alone
+    stops = [c[1] for c in calls if c[0] == "stop"]
+    assert sorted(stops) == sorted(c[1] for c in starts)         # every request released once
+    for rid, out in zip([c[1] for c in starts], outputs):        # its response so far, in order, at each step
+        got = [x for c in calls if c[0] == "add" and c[1] == rid for x in c[2]]
+        assert got and got == out[:len(got)]
+    assert t["tokens"] == sum(map(len, outputs)) and t["accepted"] > 0   # repeated tokens drafted and accepted
+
+
+def test_the_suffix_adapter_drafts_what_arctic_inference_finds():
+    pytest.importorskip("arctic_inference.suffix_decoding", reason="arctic-inference: .venv-vllm-suffix")
+    text = [5, 6, 7, 8, 9, 10, 11, 12]
+    prompts = [[1] + text * 2]
+    outputs = [text + text[:4]]               # the answer repeats the prompt's pattern: the prompt tree has it
+    t = replay(SuffixProposer(8), prompts, outputs, batch=1)
+    assert t["accepted"] >= len(outputs[0]) // 2 and t["steps"] < len(outputs[0]) // 2
+
+
+class _Fixed:
+    """Drafts the same tokens every step."""
+
+    def __init__(self, draft):
+        self.k, self.draft, self.closed = 8, draft, False
+
+    def propose(self, sampled_token_ids, *_, **__):
+        return [list(self.draft) if len(s) else [] for s in sampled_token_ids]
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_oracle_takes_the_draft_accepted_furthest_and_cut_keeps_only_that():
+    from specstore.bench.proposer_replay import OracleProposer
+
+    prompts, outputs = [[1, 2]], [[7, 7, 7, 7, 7, 7, 7, 7, 7]]
+    right, wrong = _Fixed([7, 7, 9]), _Fixed([5, 5])
+    alone = replay(_Fixed([5, 5]), prompts, outputs, batch=1)
+    assert alone["accepted"] == 0 and alone["steps"] == 8
+    oracle = OracleProposer([wrong, right])
+    t = replay(oracle, prompts, outputs, batch=1)
+    # each step takes [7, 7, 9]: 2 accepted + the verified token; the last step has 2 tokens left to make
+    assert t["accepted"] == 2 + 2 + 1 and t["steps"] == 3 and t["drafts"] == 3 + 3 + 3
+    cut = replay(OracleProposer([wrong, right], cut=True), prompts, outputs, batch=1)
+    assert cut["accepted"] == cut["drafts"] == t["accepted"] and cut["steps"] == t["steps"]
+    oracle.close()
+    assert right.closed and wrong.closed
