@@ -332,5 +332,8 @@ def open_draft_model(path, target, tokenizer=None):
                                      f"the target's {target.config.vocab_size}")
     draft = draft.to(p.device).eval()
     small_linear.install(draft)       # it drafts a layer of a few rows per forward: client/small_linear.py
+    rows = small_linear.kernel_rows(target)
+    if rows is not None:              # the per-size choice measured with the target's layers (its cost profile)
+        small_linear.kernel_rows(draft, sorted(rows))
     gqa_attention.install(draft)      # ... with a tree mask: client/gqa_attention.py
     return draft

@@ -163,3 +163,17 @@ def test_cost_profile_keeps_the_faster_path_for_each_size(monkeypatch, tmp_path)
     small_linear.kernel_rows(fresh, range(6, small_linear.MAX_ROWS + 1))   # _plain_logits re-installed it
     with torch.inference_mode():
         assert torch.equal(fresh(ids).logits, ref)   # one row: torch's own path, bit for bit
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="the few-rows path is for CPU models")
+def test_the_draft_model_takes_the_targets_choice_of_paths(tmp_path):
+    from specstore.client.drafters.draft_model import open_draft_model
+    from specstore.client.models import load_model
+    from tests.draft_fixtures import write_tiny_target
+
+    target, tok = load_model(str(write_tiny_target(tmp_path / "target", layers=2)), device="cpu", dtype="float32")
+    assert small_linear.kernel_rows(target) == set(range(1, small_linear.MAX_ROWS + 1))
+    small_linear.kernel_rows(target, range(4, 9))              # as a cost profile measured it
+    draft = open_draft_model(str(write_tiny_target(tmp_path / "draft", layers=1, seed=1)), target, tok)
+    assert small_linear.kernel_rows(draft) == set(range(4, 9))
+    assert small_linear.kernel_rows(draft) is not small_linear.kernel_rows(target)
