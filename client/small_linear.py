@@ -2,15 +2,16 @@
 1..16 rows; torch's own ``x @ W^T`` otherwise.
 
 Why: decoding feeds one token per forward and a tree verify a handful, and on CPU torch's BLAS paths for
-those shapes stream the weights below the memory bandwidth or spend their time packing:
-- one row (a plain decoding step) takes MKL's matrix-vector product, which ran on one thread on one of our
-  machines: the linear layers of SmolLM2-135M took 35 ms per token where the 540 MB of weights can be read
-  in ~17 ms;
-- 2..16 rows take a matrix-matrix kernel that packs the weights first (about twice the memory traffic) and
-  feeds one multiply-add per two loads, so a verify of 4 tokens cost 1.6-1.8x a plain step and one of 8
-  about 2x.
+those shapes can stream the weights well below the memory bandwidth. On a 2-core AMD VM:
+- one row (a plain decoding step) took MKL's matrix-vector product on one thread: the linear layers of
+  SmolLM2-135M took 35 ms per token where the 540 MB of weights can be read in ~17 ms;
+- 2..8 rows took a matrix-matrix kernel that packs the weights first (about twice the memory traffic), so a
+  verify of 2-4 tokens cost 1.6-1.8x a plain step.
+On a 2-core Intel VM torch's paths for 1..3 rows were as fast as the kernel, and from 4 rows on slower.
 client/row_kernel.py's ``rows_matmul`` (numba, parallel over blocks of 4 output rows) reads each weight row
-once and keeps 4 x 4 sums in registers. Figures: BENCHMARKS.md §8, `python -m specstore.bench.small_linear`.
+once and keeps 4 x 4 sums in registers. Because which path wins depends on the machine, the verify cost
+profile times both for each size and keeps the faster (``kernel_rows``). Figures: BENCHMARKS.md §8,
+`python -m specstore.bench.small_linear`.
 
 The arithmetic is the same dot products of the same rows; only the summation order (and so the rounding,
 ~1e-6 relative, as between any two kernels) differs, and it is fixed: the same input gives the same output
