@@ -58,6 +58,15 @@ class SimulatedClock:
         self.engine_seconds += dt
 
 
+def accepted_length(draft: Sequence[int], truth: Sequence[int]) -> int:
+    """Draft tokens a greedy engine accepts when ``truth`` is what it generates from here: the draft's prefix
+    that ``truth`` repeats, short of ``truth``'s last token (the engine's own token of the step)."""
+    n = 0
+    while n < len(draft) and n < len(truth) - 1 and draft[n] == truth[n]:
+        n += 1
+    return n
+
+
 def replay(proposer: SpecstoreProposer, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
            batch: int = 1, clock: Optional[SimulatedClock] = None, cohorts: bool = False) -> dict:
     """Greedy engine over ``prompts`` whose target continuation is ``outputs`` (one per prompt).
@@ -113,9 +122,7 @@ def _replay(proposer, prompts, outputs, batch, clock, cohorts) -> dict:
             live += 1
             d = list(drafts[r])
             truth = out[made[i]:]
-            acc = 0
-            while acc < len(d) and acc < len(truth) - 1 and d[acc] == truth[acc]:
-                acc += 1
+            acc = accepted_length(d, truth)
             new = list(truth[:acc + 1])
             rows[r, ntok[r]:ntok[r] + len(new)] = new
             ntok[r] += len(new)
@@ -165,14 +172,9 @@ class OracleProposer:
     def pick(self, candidates: list, truths: list) -> list[list[int]]:
         out = []
         for r, truth in enumerate(truths):
-            def accepted(d):
-                n = 0
-                while n < len(d) and n < len(truth) - 1 and d[n] == truth[n]:
-                    n += 1
-                return n
             drafts = [list(c[r]) for c in candidates]
-            best = min(drafts, key=lambda d: (-accepted(d), len(d)))
-            out.append(best[:accepted(best)] if self.cut else best)
+            best = min(drafts, key=lambda d: (-accepted_length(d, truth), len(d)))
+            out.append(best[:accepted_length(best, truth)] if self.cut else best)
         return out
 
     def close(self):

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 16          # up to this many rows the compiled kernel; from 16 on torch's own GEMM is as fast
-_MARK = "_specstore_small_linear"
 _kernel = None         # row_kernel.rows_matmul once imported (None: not yet; False: numba unavailable)
 _threads = threading.local()   # numba's thread count is per calling thread: the last one set there
 
@@ -72,7 +71,7 @@ def _small_rows_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(rows, x.shape[-1]).contiguous()
         _kernel_threads()
         y = torch.empty(rows, self.out_features)
-        self._specstore_kernel(w.detach().numpy(), x2.detach().numpy(), y.numpy())
+        _kernel(w.detach().numpy(), x2.detach().numpy(), y.numpy())
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -86,7 +85,7 @@ def enabled() -> bool:
 def install(model: torch.nn.Module) -> bool:
     """Give every ``nn.Linear`` of a CPU float32 model the few-rows path (idempotent). Returns whether the
     model has it. A model on another device or dtype is left alone (GPU GEMMs have no such gap)."""
-    if getattr(model, _MARK, False):
+    if kernel_rows(model) is not None:
         return True
     p = next(model.parameters(), None)
     if p is None or p.device.type != "cpu" or p.dtype != torch.float32 or not enabled() or not _load_kernel():
@@ -95,9 +94,7 @@ def install(model: torch.nn.Module) -> bool:
     for mod in model.modules():
         if type(mod) is torch.nn.Linear:         # subclasses (quantised layers, ...) keep their own forward
             mod.forward = types.MethodType(_small_rows_forward, mod)
-            mod._specstore_kernel = _kernel
             mod._specstore_rows = rows
-    setattr(model, _MARK, "kernel")
     model._specstore_rows = rows
     return True
 
@@ -107,15 +104,13 @@ def uninstall(model: torch.nn.Module) -> None:
     for mod in model.modules():
         if type(mod) is torch.nn.Linear:
             mod.__dict__.pop("forward", None)
-            mod.__dict__.pop("_specstore_kernel", None)
             mod.__dict__.pop("_specstore_rows", None)
-    model.__dict__.pop(_MARK, None)
     model.__dict__.pop("_specstore_rows", None)
 
 
 def installed(model: torch.nn.Module) -> str:
     """"kernel" (the compiled kernel for 1..MAX_ROWS rows) or "" (torch's own linear)."""
-    return getattr(model, _MARK, "") or ""
+    return "kernel" if kernel_rows(model) is not None else ""
 
 
 def kernel_rows(model: torch.nn.Module, rows: Optional[Iterable[int]] = None) -> Optional[set[int]]:
