@@ -216,7 +216,13 @@ def run(args) -> int:
     if args.draft_model and not args.no_assisted:
         from ..client.drafters.draft_model import open_draft_model
 
-        assistant = open_draft_model(args.draft_model, model, tokenizer)
+        from ..client.feature_head import is_feature_head
+
+        if is_feature_head(args.draft_model):   # it reads the target's hidden states: not an assistant model
+            print("spec-bench: --draft-model is a feature head; transformers' assisted decoding needs a draft LM, "
+                  "so it is left out", file=sys.stderr, flush=True)
+        else:
+            assistant = open_draft_model(args.draft_model, model, tokenizer)
     methods = build_methods(model, tokenizer, configs, profile=profile, max_budget=max_budget,
                             include_pld=not args.no_pld, include_ours_plain=not args.no_ours_plain,
                             drafter_factory=_drafter_factory(model, tokenizer, args), assistant=assistant)

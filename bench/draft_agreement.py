@@ -1,4 +1,5 @@
-"""How often a draft model's top-1 next token equals the target's on the target's own greedy answers.
+"""How often a draft model's (or a feature head's) top-1 next token equals the target's on the target's own
+greedy answers.
 
 For each prompt: the target answers greedily; then both models read prompt + answer once (teacher forcing)
 and their argmax at every answer position is compared. Then the draft drafts for real (width 1, depth 1,
@@ -18,7 +19,10 @@ import torch
 def main(argv=None) -> int:
     from ..client.budget import CostProfile
     from ..client.decoder import SpeculativeDecoder
+    from ..client.draft_distill import draft_logits
     from ..client.drafters.draft_model import DraftModelDrafter, open_draft_model
+    from ..client.drafters.feature_head import FeatureHeadDrafter
+    from ..client.feature_head import FeatureHead, target_outputs
     from ..client.models import load_model
     from .spec_bench import DEFAULT_QUESTIONS, load_questions, parse_categories, select_prompts
 
@@ -35,7 +39,7 @@ def main(argv=None) -> int:
     model, tok = load_model(args.model)
     draft = open_draft_model(args.draft, model, tok)
     prompts, _ = select_prompts(load_questions(args.questions), parse_categories("all"), args.n_per_category)
-    dm = DraftModelDrafter(draft, width=1, max_depth=1)
+    dm = (FeatureHeadDrafter if isinstance(draft, FeatureHead) else DraftModelDrafter)(draft, width=1, max_depth=1)
     dec = SpeculativeDecoder(model, tok, [dm], profile=CostProfile.flat(3), max_budget=1)
     agree = total = 0
     for pr in prompts:
@@ -43,11 +47,12 @@ def main(argv=None) -> int:
         ans = dec.generate(ids, max_new_tokens=args.max_new_tokens, decode_text=False).new_tokens
         seq = torch.tensor([ids + ans])
         with torch.inference_mode():
-            a = model(seq).logits[0, len(ids) - 1:-1].argmax(-1)
-            b = draft(seq).logits[0, len(ids) - 1:-1].argmax(-1)
+            f, lg = target_outputs(model, seq)
+            a = lg[0, len(ids) - 1:-1].argmax(-1)
+            b = draft_logits(draft, seq, f)[1][0, len(ids) - 1:-1].argmax(-1)
         agree += int((a == b).sum())
         total += len(ans)
-    st = dec.drafter_stats["DraftModelDrafter"]
+    st = dec.drafter_stats[type(dm).__name__]
     print(json.dumps({"prompts": len(prompts), "positions": total, "teacher_forced_top1_agreement": agree / total,
                       "first_node_acceptance": st["accepted"] / max(st["verified"], 1)}))
     return 0

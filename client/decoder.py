@@ -129,7 +129,8 @@ class SpeculativeDecoder:
             self._stats_of(d)
         self.speculate = speculate
         self.topk = topk
-        self.verifier = Verifier(model, topk=topk)
+        self._needs_features = any(d.needs_target_features for d in self.drafters)
+        self.verifier = Verifier(model, topk=topk, keep_features=self._needs_features)
         self.vocab_size = self.verifier.vocab_size
         self.profile = profile or CostProfile.flat(max_budget + 1)
         self.controller = controller or BudgetController(self.profile, max_budget=max_budget)
@@ -234,12 +235,16 @@ class SpeculativeDecoder:
                 d.begin_request(prompt, prompt_text)
             except Exception as e:  # noqa: BLE001 - a drafter never breaks a request (drafter_errors.py)
                 self.drafter_errors.record(d, "begin_request", e)
+        feats = None   # [len(buf), h]: the target's final hidden state at each committed position
         try:
             self.verifier.prefill(buf[:L])
+            if self._needs_features and drafters:
+                feats = self._feature_buffer(len(buf), L)
             st.prefill = time.perf_counter() - t_start
             produced = 0
             while produced < max_new:
-                ctx = DecodeContext(buf[:L], len(prompt), request_id=self._request_id)
+                ctx = DecodeContext(buf[:L], len(prompt), request_id=self._request_id,
+                                    target_features=None if feats is None else feats[: L - 1])
                 tree = self._propose(ctx, drafters, max_new - produced)  # steps 1 and 2
                 # 3. verify
                 logits = self.verifier.verify(tree)
@@ -256,6 +261,8 @@ class SpeculativeDecoder:
                 #    length limit, EOS or a stop string, and are emitted after step 6 (a consumer that stops
                 #    reading at these tokens must not keep the drafters from learning this step)
                 self.verifier.commit(path)
+                if feats is not None:   # the root's and the accepted nodes' rows, at positions L-1 ..
+                    feats[L - 1: L - 1 + len(path)] = self.verifier.features[torch.as_tensor(path)]
                 accepted = [int(tree.tokens[i]) for i in path[1:]] + [int(bonus)]
                 toks = accepted[: max_new - produced]
                 for j, t in enumerate(toks):
@@ -292,6 +299,14 @@ class SpeculativeDecoder:
                     self.drafter_errors.record(d, "end_request", e)
 
     # ------------------------------------------------------------------ steps
+    def _feature_buffer(self, n: int, L: int) -> torch.Tensor:
+        """[n, h] for a request's target features, its first L - 1 rows from the prefill just run."""
+        v = self.verifier
+        buf = torch.empty((n, int(self.model.config.hidden_size)), dtype=v.dtype, device=v.device)
+        if L > 1:
+            buf[: L - 1] = v.features[-(L - 1):]
+        return buf
+
     def _propose(self, ctx: DecodeContext, drafters, remaining: int) -> DraftTree:
         """Steps 1 (propose) and 2 (fuse, then choose this step's budget): the tree to verify."""
         root = ctx.last_token

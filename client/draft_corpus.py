@@ -190,12 +190,17 @@ def eos_token_id(tokenizer, config) -> int:
 
 
 def load_corpus(index: Optional[str], texts: Optional[list], tokenizer, config) -> Corpus:
-    """The corpus from ``--index`` or ``--text`` (exactly one); ValueError on bad input."""
+    """The corpus from ``--index``, ``--text`` or both (the index's documents first); ValueError on bad input."""
     if not index and not texts:
         raise ValueError("no corpus: give --index DIR (built by index-build) or --text FILE_OR_FOLDER...")
-    if index and texts:
-        raise ValueError("give --index or --text, not both")
     eos = eos_token_id(tokenizer, config)
+    parts = []
     if index:
-        return index_corpus(index, tokenizer, int(config.vocab_size), eos)
-    return text_corpus(texts, tokenizer, eos)
+        parts.append(index_corpus(index, tokenizer, int(config.vocab_size), eos))
+    if texts:
+        parts.append(text_corpus(texts, tokenizer, eos))
+    if len(parts) == 1:
+        return parts[0]
+    a, b = parts
+    return Corpus(np.concatenate([a.stream, b.stream]), {"index": a.source, "text": b.source},
+                  a.documents + b.documents, a.skipped_files + b.skipped_files)

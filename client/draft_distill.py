@@ -19,6 +19,7 @@ device). The checkpoint is deleted when all steps are done.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -41,6 +42,8 @@ from .draft_build import build_draft, default_init_layers, freeze_shared, load_d
     trainable_state
 from .draft_compat import DISTILL_FILE, check_draft_compatible, read_distill_info
 from .draft_corpus import Windows, batch_rows, data_position, load_corpus, split_windows
+from .feature_head import (FeatureHead, build_feature_head, check_head_compatible, is_feature_head,
+                           load_feature_head, previous_features, save_feature_head, target_outputs)
 
 CHECKPOINT_FILE = "distill-checkpoint.pt"
 FORMAT = "specstore-draft-distill"
@@ -62,6 +65,8 @@ DEFAULT_TOP_K = 64
 DEFAULT_HOLDOUT = 0.05
 DEFAULT_EVAL_WINDOWS = 32
 DEFAULT_CHECKPOINT_EVERY = 25
+#: --feature-head: weight of the feature regression (smooth L1 to the target's hidden state) next to the KL
+DEFAULT_FEATURE_WEIGHT = 1.0
 
 
 @dataclass
@@ -91,6 +96,9 @@ class DistillOptions:
     max_minutes: Optional[float] = None
     seed: int = 0
     device: Optional[str] = "cpu"
+    feature_head: bool = False
+    feature_weight: float = DEFAULT_FEATURE_WEIGHT
+    precision: str = "float32"
     progress: bool = True
     log: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr))
 
@@ -101,9 +109,12 @@ class DistillOptions:
                 raise ValueError(msg)
         need(bool(self.out), "--out is required")
         need(bool(self.index or self.texts),
-             "no corpus: give --index DIR (built by index-build) or --text FILE_OR_FOLDER...")
-        need(not (self.index and self.texts), "give --index or --text, not both")
+             "no corpus: give --index DIR (built by index-build), --text FILE_OR_FOLDER... or both")
         need(self.layers is None or self.layers >= 1, "--layers must be >= 1")
+        need(not (self.feature_head and (self.layers or self.init_layers)),
+             "--feature-head trains one layer that reads the target's hidden states: drop --layers/--init-layers")
+        need(self.feature_weight >= 0, "--feature-weight must be >= 0")
+        need(self.precision in ("float32", "bfloat16"), "--precision must be float32 or bfloat16")
         need(not (self.init_from and (self.layers or self.init_layers)),
              "--init-from takes the draft's own layers: drop --layers/--init-layers")
         need(not (self.layers and self.init_layers and len(self.init_layers) != self.layers),
@@ -141,6 +152,24 @@ def kl_loss(draft_logits: torch.Tensor, idx: Optional[torch.Tensor], target_logq
     return (q * (target_logq - logp)).sum(-1).mean()
 
 
+def train_loss(target, draft, x: torch.Tensor, top_k: int, feature_weight: float = 0.0,
+               bf16: bool = False) -> torch.Tensor:
+    """One batch's loss: KL(target || draft) on ``x`` [B, T]; for a feature head plus ``feature_weight`` x the
+    smooth L1 distance of its hidden states to the target's (EAGLE's regression term: the head's output is
+    the next row's input while a tree grows, so it has to be a good feature, not only give good logits).
+    ``bf16``: the draft's forward under bfloat16 autocast (``target`` is then the bfloat16 teacher)."""
+    with torch.no_grad():
+        f, lg = target_outputs(target, x)
+        f = f.float()
+        idx, logq = target_distribution(lg, top_k)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        h, dl = draft_logits(draft, x, f)
+    loss = kl_loss(dl, idx, logq)
+    if h is not None and feature_weight:
+        loss = loss + feature_weight * torch.nn.functional.smooth_l1_loss(h.float(), f)
+    return loss
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Learning rate of the 0-based ``step``: linear warm-up over ``warmup`` steps, then a cosine decay to
     MIN_LR_FRACTION * lr at the last step."""
@@ -154,34 +183,47 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 # ----------------------------------------------------------------------------------------- evaluation
 @dataclass
 class HeldOut:
-    """The target on the held-out windows, computed once: tokens int32 [n, T], top1 int64 [n, T] and the
-    top-EVAL_TOP_K (idx int64, logq float32) [n, T, k]."""
+    """The target on the held-out windows, computed once: tokens int32 [n, T], top1 int64 [n, T], the
+    top-EVAL_TOP_K (idx int64, logq float32) [n, T, k] and, for a feature head, the target's final hidden
+    states (features float32 [n, T, h])."""
 
     tokens: torch.Tensor
     top1: torch.Tensor
     idx: torch.Tensor
     logq: torch.Tensor
+    features: Optional[torch.Tensor] = None
 
     @classmethod
     @torch.no_grad()
-    def compute(cls, target, windows: np.ndarray, batch: int) -> "HeldOut":
+    def compute(cls, target, windows: np.ndarray, batch: int, features: bool = False) -> "HeldOut":
         dev = next(target.parameters()).device
         x = torch.from_numpy(windows).long()
-        top1, idx, logq = [], [], []
+        top1, idx, logq, feats = [], [], [], []
         for i in range(0, len(x), batch):
-            lg = target(input_ids=x[i:i + batch].to(dev), use_cache=False).logits
+            f, lg = target_outputs(target, x[i:i + batch].to(dev))
             top1.append(lg.argmax(-1).cpu())
             vals, k_idx = lg.float().topk(min(EVAL_TOP_K, lg.shape[-1]), dim=-1)
             idx.append(k_idx.cpu())
             logq.append(torch.log_softmax(vals, dim=-1).cpu())
-        return cls(x.int(), torch.cat(top1), torch.cat(idx), torch.cat(logq))
+            if features:
+                feats.append(f.float().cpu())
+        return cls(x.int(), torch.cat(top1), torch.cat(idx), torch.cat(logq), torch.cat(feats) if features else None)
 
     def to_state(self) -> dict:
-        return {"tokens": self.tokens, "top1": self.top1, "idx": self.idx, "logq": self.logq}
+        return {"tokens": self.tokens, "top1": self.top1, "idx": self.idx, "logq": self.logq,
+                "features": self.features}
 
     @classmethod
     def from_state(cls, d: dict) -> "HeldOut":
-        return cls(d["tokens"], d["top1"], d["idx"], d["logq"])
+        return cls(d["tokens"], d["top1"], d["idx"], d["logq"], d.get("features"))
+
+
+def draft_logits(draft, x: torch.Tensor, features: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(the head's hidden states or None, logits [B, T, V]) of a draft LM or a feature head over ids ``x``;
+    ``features``: the target's over ``x`` (a feature head reads them one row late)."""
+    if isinstance(draft, FeatureHead):
+        return draft(x, previous_features(features), use_cache=False)
+    return None, draft(input_ids=x, use_cache=False).logits
 
 
 @torch.no_grad()
@@ -194,7 +236,8 @@ def evaluate(draft, held: HeldOut, batch: int) -> dict:
     dev = next(draft.parameters()).device
     hits, hits5, kl_sum, n = 0, 0, 0.0, 0
     for i in range(0, len(held.tokens), batch):
-        lg = draft(input_ids=held.tokens[i:i + batch].long().to(dev), use_cache=False).logits
+        f = None if held.features is None else held.features[i:i + batch].to(dev)
+        _, lg = draft_logits(draft, held.tokens[i:i + batch].long().to(dev), f)
         want = held.top1[i:i + batch]
         hits += int((lg.argmax(-1).cpu() == want).sum())
         hits5 += int((lg.topk(min(5, lg.shape[-1]), dim=-1).indices.cpu() == want[..., None]).any(-1).sum())
@@ -229,11 +272,14 @@ def make_recipe(opts: DistillOptions, target, target_folder: Path, tokenizer, co
                    "vocab_size": int(cfg.vocab_size)},
         "corpus": corpus_source,
         "draft": {"init_layers": init_layers, "init_from": init,
-                  "frozen": "input embedding and output layer (the target's)"},
+                  "frozen": "input embedding and output layer (the target's)",
+                  **({"kind": "feature head", "feature_weight": opts.feature_weight} if opts.feature_head else {})},
         "train": {"seq_len": opts.seq_len, "batch": opts.batch, "lr": opts.lr, "steps": opts.steps,
                   "warmup": _warmup(opts), "schedule": f"linear warm-up, cosine to {MIN_LR_FRACTION} x lr",
                   "optimizer": "AdamW betas (0.9, 0.95), weight decay 0, gradient norm clipped at 1",
-                  "loss": "KL(target || draft)", "top_k": opts.top_k, "seed": opts.seed},
+                  "loss": "KL(target || draft)" + (" + feature_weight x smooth L1(head's hidden state, target's)"
+                                                   if opts.feature_head else ""),
+                  "top_k": opts.top_k, "seed": opts.seed, "precision": opts.precision},
         "held_out": {"fraction": opts.holdout, "eval_windows": n_eval},
     }
 
@@ -351,7 +397,12 @@ def _prepare(opts: DistillOptions, t0: float) -> _Setup:
     if opts.layers and opts.layers > n_target:
         raise ValueError(f"--layers {opts.layers}: the target has only {n_target} layers")
     init_layers = None
-    if not opts.init_from:
+    if opts.feature_head:
+        if opts.init_from:
+            check_head_compatible(target, tok, opts.init_from)
+        else:
+            init_layers = [n_target - 1]
+    elif not opts.init_from:
         init_layers = list(opts.init_layers) if opts.init_layers else default_init_layers(opts.layers or DEFAULT_LAYERS)
     else:
         check_draft_compatible(target, tok, opts.init_from)
@@ -385,7 +436,9 @@ def _existing_run(setup: _Setup, state_kind: str, opts: DistillOptions):
         if diff:
             raise ValueError(f"--out {out}: holds a checkpoint of another recipe (differs in {', '.join(diff)}); "
                              "rerun with the same options to resume it, or choose a new folder")
-        if (out / "config.json").exists():   # a draft written when an earlier run's time budget ended
+        if opts.feature_head and is_feature_head(out):   # a head written when an earlier run's budget ended
+            check_head_compatible(setup.target, setup.tokenizer, out)
+        elif (out / "config.json").exists():   # a draft written when an earlier run's time budget ended
             check_draft_compatible(setup.target, setup.tokenizer, out, shared_embedding=opts.init_from is None)
         return "resume", ckpt
     return None, None
@@ -395,9 +448,14 @@ def _start(setup: _Setup, opts: DistillOptions, ckpt: Optional[dict]):
     """(draft, trainable params, optimizer, _Progress): fresh (the held-out targets and the "before" figure
     measured now) or as the checkpoint left them."""
     torch.manual_seed(opts.seed)
-    draft = load_draft(opts.init_from, setup.device) if opts.init_from else build_draft(setup.target,
-                                                                                        setup.init_layers)
-    params = freeze_shared(draft)
+    if opts.feature_head:
+        draft = (load_feature_head(opts.init_from, setup.target, setup.tokenizer, train=True) if opts.init_from
+                 else build_feature_head(setup.target))
+        params = [p for p in draft.parameters() if p.requires_grad]   # the target's embedding is frozen
+    else:
+        draft = load_draft(opts.init_from, setup.device) if opts.init_from else build_draft(setup.target,
+                                                                                            setup.init_layers)
+        params = freeze_shared(draft)
     opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
     if ckpt is not None:
         load_trainable_state(draft, ckpt["trainable"])
@@ -408,7 +466,7 @@ def _start(setup: _Setup, opts: DistillOptions, ckpt: Optional[dict]):
         opts.log(f"resuming {setup.out} from its checkpoint at step {prog.step} of {opts.steps}")
         return draft, params, opt, prog
     t = time.perf_counter()
-    held = HeldOut.compute(setup.target, setup.windows.held_out[:setup.n_eval], opts.batch)
+    held = HeldOut.compute(setup.target, setup.windows.held_out[:setup.n_eval], opts.batch, features=opts.feature_head)
     before = evaluate(draft, held, opts.batch)
     before["seconds"] = time.perf_counter() - t
     opts.log(f"held-out top-1 agreement before training: {before['top1_agreement']:.1%} "
@@ -424,6 +482,10 @@ def _train(setup: _Setup, opts: DistillOptions, draft, params, opt, prog: _Progr
     ckpt_path = setup.out / CHECKPOINT_FILE
     n_train, warmup = len(setup.windows.train), _warmup(opts)
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    bf16 = opts.precision == "bfloat16"
+    # the teacher's forward is half of a step: in bfloat16 it runs ~3x faster where the CPU has bf16 matrix
+    # units (BENCHMARKS.md, "Draft distillation"); the held-out figures stay on the float32 target
+    teacher = copy.deepcopy(setup.target).to(torch.bfloat16) if bf16 else setup.target
     deadline = None if opts.max_minutes is None else time.perf_counter() + 60 * opts.max_minutes
     t_train = time.perf_counter()
 
@@ -445,9 +507,7 @@ def _train(setup: _Setup, opts: DistillOptions, draft, params, opt, prog: _Progr
             x = torch.from_numpy(setup.windows.train[rows]).long().to(setup.device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(prog.step, opts.steps, opts.lr, warmup)
-            with torch.no_grad():
-                idx, logq = target_distribution(setup.target(input_ids=x, use_cache=False).logits, opts.top_k)
-            loss = kl_loss(draft(input_ids=x, use_cache=False).logits, idx, logq)
+            loss = train_loss(teacher, draft, x, opts.top_k, opts.feature_weight, bf16)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -484,7 +544,8 @@ def _report(setup: _Setup, opts: DistillOptions, draft, params, prog: _Progress,
         "command": " ".join(sys.argv),
         "complete": prog.step >= opts.steps, "stopped": stopped,
         "steps": prog.step, "tokens_trained": prog.step * opts.batch * opts.seq_len,
-        "recipe": setup.recipe, "shares_target_embedding": opts.init_from is None,
+        "recipe": setup.recipe, "shares_target_embedding": opts.init_from is None or opts.feature_head,
+        "kind": "feature head" if opts.feature_head else "draft model",
         "draft": {"num_hidden_layers": int(draft.config.num_hidden_layers),
                   "target_num_hidden_layers": int(setup.target.config.num_hidden_layers),
                   "init_layers": setup.init_layers, "parameters": sum(p.numel() for p in draft.parameters()),
@@ -527,7 +588,10 @@ def distill(opts: DistillOptions) -> dict:
     after = evaluate(draft, prog.held, opts.batch)
     after["seconds"] = time.perf_counter() - t
     info = _report(setup, opts, draft, params, prog, after, stopped, prog.step - first_step, run_train, t0)
-    save_draft_folder(draft, setup.tokenizer, setup.out)
+    if opts.feature_head:
+        save_feature_head(draft, setup.out, setup.target, setup.tokenizer)
+    else:
+        save_draft_folder(draft, setup.tokenizer, setup.out)
     write_json(setup.out / DISTILL_FILE, info)
     if info["complete"]:
         (setup.out / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -541,8 +605,10 @@ def summary(info: dict, out) -> str:
     d = info["draft"]
     sps = info.get("steps_per_second_this_run")
     tr = info["recipe"]["train"]
+    what = ("a feature head: 1 layer reading the target's hidden states" if info.get("kind") == "feature head"
+            else f"{d['num_hidden_layers']} of {d['target_num_hidden_layers']} target layers")
     lines = [
-        f"draft      {out}  ({d['num_hidden_layers']} of {d['target_num_hidden_layers']} target layers, "
+        f"draft      {out}  ({what}, "
         f"{d['parameters'] / 1e6:.1f}M parameters, {d['trainable_parameters'] / 1e6:.1f}M trained)",
         f"training   {info['steps']} of {tr['steps']} steps  {info['tokens_trained']:,} tokens  "
         f"{info['seconds']['train_total'] / 60:.1f} min" + (f"  ({sps:.3f} steps/s this run)" if sps else "")

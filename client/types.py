@@ -184,6 +184,8 @@ class DecodeContext:
     session_id: datastore session (documents found for this prompt), if any
     draft_hint: the draft model's next-token distribution after the root, (tokens [k] int, probs [k] float),
                 set during prefetch by a drafter that ``provides_hint`` (RASD: the others prune by it)
+    target_features: torch [L - 1, h]: the target's final hidden state at every position but the root's
+                (given only when a drafter ``needs_target_features``; a feature head reads it)
     """
 
     tokens: np.ndarray
@@ -191,6 +193,7 @@ class DecodeContext:
     session_id: Optional[str] = None
     request_id: int = 0
     draft_hint: Optional[tuple] = None
+    target_features: Optional[object] = None
 
     @property
     def last_token(self) -> int:
@@ -239,11 +242,13 @@ class Drafter(abc.ABC):
     needs_target_topk: ask the decoder for the target's top-k next tokens at every verified node
                        (``StepResult.node_topk_*``; costs a softmax + top-k per step, so only on request)
     provides_hint:     its prefetch sets ``ctx.draft_hint`` (a draft model): the decoder runs it first
+    needs_target_features: ask the decoder for the target's final hidden states (``ctx.target_features``)
     """
 
     source: Source = Source.NONE
     needs_target_topk: bool = False
     provides_hint: bool = False
+    needs_target_features: bool = False
 
     @abc.abstractmethod
     def propose(self, ctx: DecodeContext, budget: int) -> DraftTree:

@@ -22,9 +22,11 @@ class Verifier:
     """Owns the target model's KV cache for one sequence.
 
     past_len: number of positions in the cache (all accepted tokens but the root).
+    features: with ``keep_features``, the target's final hidden states [m, h] of the last prefill or verify
+              forward (every fed position: what a feature head reads)
     """
 
-    def __init__(self, model, topk: int = 8):
+    def __init__(self, model, topk: int = 8, keep_features: bool = False):
         self.model = model
         small_linear.install(model)     # a verify feeds a few rows per layer: client/small_linear.py
         gqa_attention.install(model)    # ... with a tree mask: client/gqa_attention.py
@@ -36,6 +38,13 @@ class Verifier:
         self.cache = None
         self.past_len = 0
         self._pending: Optional[int] = None  # tree size of the last verify, not yet committed
+        self.features: Optional[torch.Tensor] = None
+        if keep_features:
+            # the body's output, before the output layer keeps only the last rows (prefill's logits_to_keep)
+            model.get_decoder().register_forward_hook(self._keep_features)
+
+    def _keep_features(self, module, args, output) -> None:
+        self.features = output.last_hidden_state[0]
 
     @torch.inference_mode()
     def prefill(self, ids: np.ndarray) -> None:

@@ -46,6 +46,8 @@ class DraftModelDrafter(Drafter):
 
     source = Source.DRAFT_MODEL
     provides_hint = True
+    #: the rows a grown tree fed for the accepted path are kept (a feature head feeds them again)
+    reuses_tree_rows = True
 
     def __init__(self, draft, *, width: int = 8, max_depth: int = 8, vocab_ids: Optional[np.ndarray] = None,
                  verify_profile: Optional[CostProfile] = None, draft_profile: Optional[CostProfile] = None,
@@ -104,11 +106,14 @@ class DraftModelDrafter(Drafter):
     # ------------------------------------------------------------------ model calls
     @torch.inference_mode()
     def _forward(self, ids: Sequence[int], positions: Optional[Sequence[int]] = None,
-                 mask: Optional[torch.Tensor] = None, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 mask: Optional[torch.Tensor] = None, last_only: bool = False,
+                 prev: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed ``ids`` after the cache; returns the top-``width`` next tokens and probabilities after each
-        fed position ([m, width] each; the last position only with ``last_only``)."""
+        fed position ([m, width] each; the last position only with ``last_only``). ``prev``: [m, h] the
+        features the rows read (a feature head, drafters/feature_head.py); the body's output rows are left
+        in ``self._hidden``."""
         x = torch.as_tensor(np.asarray(ids, np.int64), device=self.device).view(1, -1)
-        kw = {"input_ids": x, "use_cache": True, self._cache_kw: self.cache}
+        kw = {**self._inputs(x, prev), "use_cache": True, self._cache_kw: self.cache}
         if positions is not None:
             kw["position_ids"] = torch.as_tensor(np.asarray(positions, np.int64), device=self.device).view(1, -1)
         if mask is not None:
@@ -117,6 +122,7 @@ class DraftModelDrafter(Drafter):
             h = self._body(**kw).last_hidden_state[0]
         if last_only:
             h = h[-1:]
+        self._hidden = h
         logits = torch.nn.functional.linear(h, self._head_w, self._head_bias).float()
         k = min(max(self.width, self.hint_size if last_only else 0), logits.shape[-1])
         top = torch.topk(torch.softmax(logits, -1), k, dim=-1)
@@ -124,6 +130,21 @@ class DraftModelDrafter(Drafter):
         self.stats["forwards"] += 1
         self.stats["fed_tokens"] += len(ids)
         return toks, top.values
+
+    def _inputs(self, x: torch.Tensor, prev: Optional[torch.Tensor]) -> dict:
+        """The body's input keywords for ids ``x`` [1, m] (a draft LM reads the ids alone)."""
+        return {"input_ids": x}
+
+    def _catch_up_features(self, tokens: np.ndarray, keep: int) -> Optional[torch.Tensor]:
+        """What the rows ``keep..`` of ``tokens`` read besides their ids (a draft LM: nothing)."""
+        return None
+
+    def _layer_features(self, tree: OptTree, nodes: Sequence[int]) -> Optional[torch.Tensor]:
+        """What the rows of the tree ``nodes`` about to be fed read besides their ids (a draft LM: nothing)."""
+        return None
+
+    def _fed(self, nodes: Sequence[int]) -> None:
+        """``nodes`` (tree node ids; [0] for the root's catch-up) were fed: their rows are in ``self._hidden``."""
 
     def _catch_up(self, tokens: np.ndarray) -> int:
         """Bring the cache to ``tokens`` (all accepted tokens, the root last) and score the root's children;
@@ -140,7 +161,8 @@ class DraftModelDrafter(Drafter):
         keep = int(same[0]) if len(same) else n
         if keep < cache_length(self.cache):
             keep_positions(self.cache, keep, [])
-        toks, probs = self._forward(tokens[keep:], last_only=True)
+        toks, probs = self._forward(tokens[keep:], last_only=True, prev=self._catch_up_features(tokens, keep))
+        self._fed([0])
         self.seen = tokens.tolist()
         self._root_probs = (toks[0].cpu().numpy(), probs[0].cpu().numpy())
         return L - keep
@@ -191,7 +213,8 @@ class DraftModelDrafter(Drafter):
             anc = ancestor_matrix(tree.to_tree(len(tree)))[new][:, 1:]   # [w, nodes so far]: ancestors, self
             pos = base - 1 + tree.depth
             ct, cp = self._forward([tree.tokens[i] for i in new], [pos] * len(new), additive_mask(
-                anc, base, self.device, self.dtype))
+                anc, base, self.device, self.dtype), prev=self._layer_features(tree, new))
+            self._fed(new)
             fed = len(tree) - 1
             new = tree.add_layer(ct.cpu().numpy(), cp.cpu().numpy(), self.width, scale)
         self._grown = (tree, fed, base)
@@ -207,6 +230,8 @@ class DraftModelDrafter(Drafter):
             return
         tree, fed, base = self._grown
         self._grown = None
+        if not self.reuses_tree_rows:
+            fed = 0
         # the accepted tokens this draft already fed: follow them down the grown tree
         children: dict[tuple[int, int], int] = {(tree.parents[j], tree.tokens[j]): j for j in range(1, fed + 1)}
         node, rows, toks = 0, [], []
@@ -316,20 +341,26 @@ class DraftModelDrafter(Drafter):
 
 
 def open_draft_model(path, target, tokenizer=None):
-    """The draft model in ``path`` (a local HF folder) for decoding: on the target's device and dtype, in eval
-    mode. Refuses (DraftIncompatibleError, a ValueError) a draft whose tokenizer, vocabulary or, for a draft
-    that shares the target's embedding, hidden size differ from the target's (client/draft_compat.py)."""
+    """The draft model in ``path`` for decoding: a local HF folder (a draft LM) or a feature head's folder
+    (client/feature_head.py, which borrows the target's embedding and output layer); on the target's device
+    and dtype, in eval mode. Refuses (DraftIncompatibleError, a ValueError) a draft whose tokenizer,
+    vocabulary or, for a draft that shares the target's embedding, hidden size differ from the target's
+    (client/draft_compat.py)."""
     from transformers import AutoModelForCausalLM
 
     from ..draft_compat import DraftIncompatibleError, check_draft_compatible
+    from ..feature_head import is_feature_head, load_feature_head
 
-    if tokenizer is not None:
-        check_draft_compatible(target, tokenizer, path)
     p = next(target.parameters())
-    draft = AutoModelForCausalLM.from_pretrained(str(path), dtype=p.dtype, local_files_only=True)
-    if tokenizer is None and int(draft.config.vocab_size) != int(target.config.vocab_size):   # else checked above
-        raise DraftIncompatibleError(f"draft model {path}: vocabulary size {draft.config.vocab_size} differs from "
-                                     f"the target's {target.config.vocab_size}")
+    if is_feature_head(path):
+        draft = load_feature_head(path, target, tokenizer)
+    else:
+        if tokenizer is not None:
+            check_draft_compatible(target, tokenizer, path)
+        draft = AutoModelForCausalLM.from_pretrained(str(path), dtype=p.dtype, local_files_only=True)
+        if tokenizer is None and int(draft.config.vocab_size) != int(target.config.vocab_size):   # else checked
+            raise DraftIncompatibleError(f"draft model {path}: vocabulary size {draft.config.vocab_size} differs "
+                                         f"from the target's {target.config.vocab_size}")
     draft = draft.to(p.device).eval()
     small_linear.install(draft)       # it drafts a layer of a few rows per forward: client/small_linear.py
     rows = small_linear.kernel_rows(target)

@@ -25,6 +25,8 @@ from tests.draft_fixtures import WORDS, write_corpus, write_tiny_target, write_t
 ROOT = Path(__file__).resolve().parents[2]
 # a few steps of a tiny recipe: 2 of the target's 4 layers, 16-token windows
 TINY = ["--layers", "2", "--seq-len", "16", "--batch", "4", "--lr", "3e-3", "--threads", "1", "-q"]
+# the same for a feature head (one layer, no --layers)
+TINY_HEAD = ["--feature-head", *TINY[2:]]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,8 @@ def index_dir(target, corpus_dir, tmp_path_factory):
 def _weights(folder) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(Path(folder) / "model.safetensors"))
+    f = Path(folder) / "feature_head.safetensors"
+    return load_file(str(f if f.exists() else Path(folder) / "model.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------ the draft
@@ -195,26 +198,60 @@ def test_cli_text_corpus_txt_md_jsonl(target_dir, corpus_dir, tmp_path, capsys):
     assert info["steps"] == 3 and (out / "model.safetensors").exists()
 
 
+def test_feature_head_distill_end_to_end_and_lossless_drafting(target_dir, index_dir, corpus_dir, tmp_path, capsys):
+    """--feature-head on the index and text files together, trained in bfloat16: the head learns (held-out KL
+    falls, measured in float32), its folder
+    holds no copy of the target's embedding, it loads as a drafter and decodes exactly like plain decoding."""
+    from specstore.client.budget import CostProfile
+    from specstore.client.decoder import SpeculativeDecoder
+    from specstore.client.drafters.draft_model import open_draft_model
+    from specstore.client.drafters.feature_head import FeatureHeadDrafter
+    from specstore.client.feature_head import FeatureHead
+    from specstore.client.models import load_model
+    from tests.helpers import plain_greedy
+
+    out = tmp_path / "head"
+    assert main(["distill", "--model", str(target_dir), "--index", str(index_dir), "--text", str(corpus_dir),
+                 "--out", str(out), "--steps", "30", "--precision", "bfloat16", *TINY_HEAD]) == 0
+    assert "a feature head" in capsys.readouterr().out
+    info = json.loads((out / "distill.json").read_text())
+    assert info["complete"] and info["kind"] == "feature head" and info["draft"]["num_hidden_layers"] == 1
+    assert set(info["recipe"]["corpus"]) == {"index", "text"} and info["recipe"]["train"]["precision"] == "bfloat16"
+    before, after = info["agreement"]["before"], info["agreement"]["after"]
+    assert after["kl_top64"] < before["kl_top64"]
+    assert not (out / "model.safetensors").exists() and not any("embed" in k for k in _weights(out))
+    target, tok = load_model(str(target_dir), device="cpu", dtype="float32")
+    head = open_draft_model(out, target, tok)
+    assert isinstance(head, FeatureHead)
+    fh = FeatureHeadDrafter(head, width=3, max_depth=3, min_layer_gain=0)
+    dec = SpeculativeDecoder(target, tok, [fh], profile=CostProfile.flat(17), max_budget=12)
+    prompt = [4, 12, 16, 9, 4, 13, 26]      # no id 0: plain_greedy's generate() would take it for padding
+    assert dec.generate(prompt, 24, eos_token_id=[]).new_tokens == plain_greedy(target, prompt, 24, eos=[])
+    assert fh.stats["drafted"] > 0 and not dec.drafter_errors.counts
+
+
 # ------------------------------------------------------------------------------------------- resume
-def _run_args(target_dir, index_dir, out, steps=8):
+def _run_args(target_dir, index_dir, out, steps=8, tiny=TINY):
     return ["distill", "--model", str(target_dir), "--index", str(index_dir), "--out", str(out),
-            "--steps", str(steps), "--checkpoint-every", "2", *TINY]
+            "--steps", str(steps), "--checkpoint-every", "2", *tiny]
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(target_dir, index_dir, tmp_path, capsys):
+@pytest.mark.parametrize("tiny", [TINY, TINY_HEAD], ids=["draft", "feature-head"])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, target_dir, index_dir, tmp_path, capsys):
     whole = tmp_path / "whole"
-    assert main(_run_args(target_dir, index_dir, whole)) == 0
+    assert main(_run_args(target_dir, index_dir, whole, tiny=tiny)) == 0
     # the same run, killed (SIGKILL) right after step 5: its last checkpoint is step 4
     cut = tmp_path / "cut"
     env = {**os.environ, KILL_ENV: "5", "TMPDIR": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "specstore.client.draft_cli", *_run_args(target_dir, index_dir, cut)],
+    r = subprocess.run([sys.executable, "-m", "specstore.client.draft_cli",
+                        *_run_args(target_dir, index_dir, cut, tiny=tiny)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr
     ckpt = torch.load(cut / CHECKPOINT_FILE, weights_only=True)
     assert ckpt["step"] == 4 and ckpt["data"]["windows_seen"] == 16
     assert not (cut / "distill.json").exists()
     capsys.readouterr()
-    assert main(_run_args(target_dir, index_dir, cut)) == 0
+    assert main(_run_args(target_dir, index_dir, cut, tiny=tiny)) == 0
     assert "from its checkpoint at step 4 of 8" in capsys.readouterr().err
     info = json.loads((cut / "distill.json").read_text())
     assert info["complete"] and info["steps"] == 8
@@ -331,7 +368,7 @@ def test_init_from_a_compatible_draft_trains_on(target_dir, index_dir, tmp_path,
     (["--text", "CORPUS", "--init-layers", "0,7"], "layers 0..3"),
     (["--text", "BAD_JSONL"], "bad.jsonl:2"),
     (["--text", "/no/such/file"], "no such file"),
-    (["--text", "CORPUS", "--index", "IDX"], "not both"),
+    (["--text", "CORPUS", "--feature-head", "--layers", "2"], "drop --layers"),
     (["--index", "/no/such/index"], "--index"),
     (["--index", "OTHER_IDX"], "another tokenizer"),
     (["--text", "CORPUS", "--out", "TAKEN"], "not a draft-model distill output"),
