@@ -1,5 +1,6 @@
-"""A distilled draft end to end through the commands: draft-model distill makes it, spec-generate and spec-bench
-decode with it (alone, fused with the other drafters, RASD, FR-Spec), output identical to plain greedy."""
+"""A distilled draft and a feature head end to end through the commands: draft-model distill makes them,
+spec-generate and spec-bench decode with them (alone, fused with the other drafters, RASD, FR-Spec), output
+identical to plain greedy."""
 import json
 import subprocess
 import sys
@@ -22,16 +23,21 @@ def made(tmp_path_factory):
              str(d / "draft"), "--layers", "2", "--seq-len", "16", "--batch", "4", "--steps", "6", "--threads", "1",
              "--eval-windows", "4")
     assert r.returncode == 0, r.stderr[-2000:]
+    r = _run("specstore.client.draft_cli", "distill", "--feature-head", "--model", str(target), "--text", str(corpus),
+             "--out", str(d / "head"), "--seq-len", "16", "--batch", "4", "--steps", "6", "--threads", "1",
+             "--eval-windows", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
     return d, target, corpus
 
 
 @pytest.mark.parametrize("extra", [["--drafters", "draft"],
                                    ["--drafters", "all", "--draft-vocab", "30", "--draft-vocab-from", "CORPUS"],
                                    ["--drafters", "all", "--no-rasd", "--draft-depth", "2", "--draft-width", "3"]])
-def test_spec_generate_with_the_draft_is_plain_greedy(made, extra):
+@pytest.mark.parametrize("which", ["draft", "head"])
+def test_spec_generate_with_the_draft_is_plain_greedy(made, extra, which):
     d, target, corpus = made
     extra = [str(corpus) if a == "CORPUS" else a for a in extra]
-    r = _run("specstore.client.cli", "--model", str(target), "--draft-model", str(d / "draft"), "--raw", "--prompt",
+    r = _run("specstore.client.cli", "--model", str(target), "--draft-model", str(d / which), "--raw", "--prompt",
              "the red cat runs over the hill and the", "--max-new-tokens", "40", "--json", "--compare-plain",
              "--threads", "1", *extra)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -68,13 +74,31 @@ def test_spec_bench_reports_the_draft_configurations(made, tmp_path):
     assert counters["seconds"] > 0 and counters["verified"] >= counters["accepted"] >= 0
 
 
-def test_draft_agreement_tool_measures_the_draft(made, tmp_path):
+def test_spec_bench_with_a_feature_head_leaves_out_assisted_decoding(made, tmp_path):
+    d, target, _ = made
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps({"question_id": i, "category": "qa", "turns": [t]}) + "\n" for i, t in
+                         enumerate(["the red cat runs", "the big dog sees the"])))
+    r = _run("specstore.bench.cli", "--model", str(target), "--draft-model", str(d / "head"), "--questions", str(q),
+             "--categories", "qa", "--n-per-category", "2", "--max-new-tokens", "24", "--threads", "1", "--quiet",
+             "--configs", "draft", "context,recycling,draft", "--no-pld",
+             "--report", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png"), "--json-out", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "feature head" in r.stderr
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert "assisted" not in res["methods"] and "ours:draft" in res["methods"]
+    counters = res["meta"]["drafter_counters"]["ours:context,recycling,draft"]["FeatureHeadDrafter"]
+    assert counters["seconds"] > 0 and counters["verified"] >= counters["accepted"] >= 0
+
+
+@pytest.mark.parametrize("which", ["draft", "head"])
+def test_draft_agreement_tool_measures_the_draft(made, tmp_path, which):
     d, target, _ = made
     cats = ["writing", "translation", "summarization", "qa", "math_reasoning", "rag"]
     q = tmp_path / "q.jsonl"
     q.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": ["the red cat runs over the"]}) + "\n"
                          for i, c in enumerate(cats)))
-    r = _run("specstore.bench.draft_agreement", str(d / "draft"), "--model", str(target), "--questions", str(q),
+    r = _run("specstore.bench.draft_agreement", str(d / which), "--model", str(target), "--questions", str(q),
              "--max-new-tokens", "12", "--threads", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
