@@ -96,3 +96,11 @@ def assert_two_token_distribution(counts: np.ndarray, exact: np.ndarray, n: int,
     first = counts.reshape(vocab, vocab).sum(1)
     exp1 = exact.reshape(vocab, vocab).sum(1) * n
     assert chisquare(first[exp1 > 0], exp1[exp1 > 0]).pvalue > 1e-3
+
+
+def assert_same_kv(cache, ref) -> None:
+    """Two transformers caches hold the same keys and values, layer by layer (float tolerance)."""
+    for ours, want in zip(cache.layers, ref.layers):
+        assert ours.keys.shape == want.keys.shape
+        torch.testing.assert_close(ours.keys, want.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.values, want.values, rtol=1e-4, atol=1e-5)

@@ -13,10 +13,9 @@ from specstore.client.drafters.draft_model import DraftModelDrafter
 from specstore.client.kv_cache import new_cache
 from specstore.client.opt_tree import OptTree
 from specstore.client.rasd import prune_by_hint
-from specstore.client.sampling import SamplingParams
 from specstore.client.types import DraftTree, Source
 from specstore.datastore.index import build_tree
-from tests.helpers import assert_two_token_distribution, plain_greedy, tiny_llama
+from tests.helpers import assert_same_kv, plain_greedy, tiny_llama
 
 VOCAB = 96
 
@@ -135,10 +134,7 @@ def test_draft_kv_after_commit_equals_recomputation(target):
         fresh = new_cache()
         with torch.no_grad():
             draft.get_decoder()(input_ids=torch.tensor([dm.seen]), use_cache=True, cache=fresh)
-        for ours, ref in zip(dm.cache.layers, fresh.layers):
-            assert ours.keys.shape == ref.keys.shape
-            torch.testing.assert_close(ours.keys, ref.keys, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(ours.values, ref.values, rtol=1e-4, atol=1e-5)
+        assert_same_kv(dm.cache, fresh)
         checked += 1
     assert checked > 3 and dm.stats["reused_rows"] > 0
 
@@ -165,21 +161,10 @@ def test_fr_spec_proposes_only_frequent_tokens_and_stays_lossless(target):
 
 
 def test_draft_model_sampling_follows_the_plain_distribution():
-    from tests.unit.test_sampling import exact_pair_distribution, sample_pairs
+    from tests.unit.test_sampling import assert_model_drafter_samples_exactly
 
-    vocab = 10
-    target = tiny_llama(vocab=vocab, seed=3)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(8.0)
-    dm = DraftModelDrafter(truncated_draft(target, sharpen=1.0), width=3, max_depth=2, min_layer_gain=0)
-    dec = SpeculativeDecoder(target, None, [dm], profile=CostProfile.flat(9), max_budget=8)
-    prompt = [3, 4, 5]
-    params = dict(temperature=1.0)
-    exact = exact_pair_distribution(target, prompt, SamplingParams(**params)).ravel()
-    n = 1200
-    counts, drafted = sample_pairs(dec, prompt, n, params, vocab)
-    assert drafted > 0
-    assert_two_token_distribution(counts, exact, n, vocab)
+    assert_model_drafter_samples_exactly(
+        lambda target: DraftModelDrafter(truncated_draft(target), width=3, max_depth=2, min_layer_gain=0))
 
 
 def test_costly_drafting_is_skipped(target):

@@ -14,7 +14,7 @@ from specstore.client.feature_head import (build_feature_head, is_feature_head, 
                                            previous_features, save_feature_head, target_features)
 from specstore.client.kv_cache import new_cache
 from specstore.client.types import Drafter, DraftTree
-from tests.helpers import plain_greedy, tiny_llama
+from tests.helpers import assert_same_kv, plain_greedy, tiny_llama
 
 VOCAB = 96
 
@@ -74,10 +74,7 @@ def test_head_kv_after_each_step_equals_recomputation_with_the_targets_features(
         with torch.no_grad():
             prev = previous_features(target_features(target, seen, use_cache=False))
             head.body(inputs_embeds=head.inputs(seen, prev), use_cache=True, cache=fresh)
-        for ours, ref in zip(fh.cache.layers, fresh.layers):
-            assert ours.keys.shape == ref.keys.shape
-            torch.testing.assert_close(ours.keys, ref.keys, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(ours.values, ref.values, rtol=1e-4, atol=1e-5)
+        assert_same_kv(fh.cache, fresh)
         checked += 1
     assert checked > 3 and fh.stats["forwards"] > fh.stats["drafted"]
 
@@ -96,23 +93,10 @@ def test_feature_head_is_lossless_greedy(target, seed, width, depth, budget, ple
 
 
 def test_feature_head_sampling_follows_the_plain_distribution():
-    from specstore.client.sampling import SamplingParams
-    from tests.helpers import assert_two_token_distribution
-    from tests.unit.test_sampling import exact_pair_distribution, sample_pairs
+    from tests.unit.test_sampling import assert_model_drafter_samples_exactly
 
-    vocab = 10
-    tgt = tiny_llama(vocab=vocab, seed=3)
-    with torch.no_grad():
-        tgt.lm_head.weight.mul_(8.0)
-    fh = FeatureHeadDrafter(head_for(tgt), width=3, max_depth=2, min_layer_gain=0)
-    dec = SpeculativeDecoder(tgt, None, [fh], profile=CostProfile.flat(9), max_budget=8)
-    prompt = [3, 4, 5]
-    params = dict(temperature=1.0)
-    exact = exact_pair_distribution(tgt, prompt, SamplingParams(**params)).ravel()
-    n = 1200
-    counts, drafted = sample_pairs(dec, prompt, n, params, vocab)
-    assert drafted > 0
-    assert_two_token_distribution(counts, exact, n, vocab)
+    assert_model_drafter_samples_exactly(
+        lambda target: FeatureHeadDrafter(head_for(target), width=3, max_depth=2, min_layer_gain=0))
 
 
 def test_a_saved_head_loads_with_the_same_outputs_and_refuses_another_target(target, tmp_path):

@@ -98,3 +98,21 @@ def sample_pairs(dec, prompt, n: int, params: dict, vocab: int) -> tuple[np.ndar
         counts[res.new_tokens[0] * vocab + res.new_tokens[1]] += 1
         drafted += sum(res.drafted_per_step)
     return counts, drafted
+
+
+def assert_model_drafter_samples_exactly(make_drafter) -> None:
+    """``make_drafter(target) -> Drafter`` (a model drafter for a 10-token target with sharp logits): the first two
+    tokens its decoder samples at temperature 1 follow the target's exact distribution (chi-square), with drafts
+    verified along the way."""
+    vocab = 10
+    target = tiny_llama(vocab=vocab, seed=3)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(8.0)
+    dec = SpeculativeDecoder(target, None, [make_drafter(target)], profile=CostProfile.flat(9), max_budget=8)
+    prompt = [3, 4, 5]
+    params = dict(temperature=1.0)
+    exact = exact_pair_distribution(target, prompt, SamplingParams(**params)).ravel()
+    n = 1200
+    counts, drafted = sample_pairs(dec, prompt, n, params, vocab)
+    assert drafted > 0
+    assert_two_token_distribution(counts, exact, n, vocab)
