@@ -20,9 +20,9 @@ def main(argv=None) -> int:
     from ..client.budget import CostProfile
     from ..client.decoder import SpeculativeDecoder
     from ..client.draft_distill import draft_logits
-    from ..client.drafters.draft_model import DraftModelDrafter, open_draft_model
-    from ..client.drafters.feature_head import FeatureHeadDrafter
-    from ..client.feature_head import FeatureHead, target_outputs
+    from ..client.drafters.draft_model import open_draft_model
+    from ..client.drafters.feature_head import model_drafter
+    from ..client.feature_head import target_outputs
     from ..client.models import load_model
     from .spec_bench import DEFAULT_QUESTIONS, load_questions, parse_categories, select_prompts
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     model, tok = load_model(args.model)
     draft = open_draft_model(args.draft, model, tok)
     prompts, _ = select_prompts(load_questions(args.questions), parse_categories("all"), args.n_per_category)
-    dm = (FeatureHeadDrafter if isinstance(draft, FeatureHead) else DraftModelDrafter)(draft, width=1, max_depth=1)
+    dm = model_drafter(draft, width=1, max_depth=1)
     dec = SpeculativeDecoder(model, tok, [dm], profile=CostProfile.flat(3), max_budget=1)
     agree = total = 0
     for pr in prompts:

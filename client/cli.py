@@ -161,9 +161,8 @@ def make_draft_drafter(model, tokenizer, args):
     """The draft drafter of ``--draft-model`` on the target's device and dtype, with the machine's measured
     draft forward profile (cached next to the target's t(n)) and the FR-Spec vocabulary if asked for."""
     from .budget import cached_cost_profile
-    from .drafters.draft_model import DraftModelDrafter, open_draft_model
-    from .drafters.feature_head import FeatureHeadDrafter
-    from .feature_head import FeatureHead
+    from .drafters.draft_model import open_draft_model
+    from .drafters.feature_head import model_drafter
 
     path = getattr(args, "draft_model", None)
     if not path:
@@ -181,10 +180,9 @@ def make_draft_drafter(model, tokenizer, args):
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         vocab_ids = frequent_token_ids(token_counts(sources, tokenizer, int(model.config.vocab_size)),
                                        args.draft_vocab, always=eos)
-    kind = FeatureHeadDrafter if isinstance(draft, FeatureHead) else DraftModelDrafter
-    drafter = kind(draft, width=args.draft_width, max_depth=args.draft_depth, vocab_ids=vocab_ids,
-                   verify_profile=getattr(args, "verify_profile", None),
-                   hint_size=0 if getattr(args, "no_rasd", False) else 32)
+    drafter = model_drafter(draft, width=args.draft_width, max_depth=args.draft_depth, vocab_ids=vocab_ids,
+                            verify_profile=getattr(args, "verify_profile", None),
+                            hint_size=0 if getattr(args, "no_rasd", False) else 32)
     # td(m) through the drafter's own forward (its output layer, FR-Spec cut included), cached by size of head
     name = f"draft-{Path(path).resolve().name}-v{len(vocab_ids) if vocab_ids is not None else 'all'}"
     drafter.draft_profile = cached_cost_profile(draft, name, refresh=getattr(args, "refresh_profile", False),

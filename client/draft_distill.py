@@ -450,7 +450,7 @@ def _start(setup: _Setup, opts: DistillOptions, ckpt: Optional[dict]):
     torch.manual_seed(opts.seed)
     if opts.feature_head:
         draft = (load_feature_head(opts.init_from, setup.target, setup.tokenizer, train=True) if opts.init_from
-                 else build_feature_head(setup.target))
+                 else build_feature_head(setup.target, setup.init_layers[0]))
         params = [p for p in draft.parameters() if p.requires_grad]   # the target's embedding is frozen
     else:
         draft = load_draft(opts.init_from, setup.device) if opts.init_from else build_draft(setup.target,

@@ -33,7 +33,8 @@ from typing import Optional, Union
 import torch
 
 from ..datastore.index_format import tokenizer_fingerprint
-from .draft_build import layer_list
+from .draft_build import _sub_config, layer_list
+from .draft_compat import DraftIncompatibleError
 
 HEAD_FILE = "feature_head.json"
 WEIGHTS_FILE = "feature_head.safetensors"
@@ -100,16 +101,10 @@ class FeatureHead(torch.nn.Module):
         return hidden, self._lm_head(hidden)
 
 
-def _one_layer_config(target):
-    from .draft_build import _sub_config
-    return _sub_config(target.config, [int(target.config.num_hidden_layers) - 1])
-
-
 def _new_body(cfg, dtype):
     from transformers import AutoModel
 
-    body = AutoModel.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
-    return body
+    return AutoModel.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
 
 
 def _share_embedding(body, target) -> None:
@@ -124,7 +119,7 @@ def build_feature_head(target, init_layer: int = -1) -> FeatureHead:
     prefix, layers = layer_list(target)
     n = len(layers)
     i = init_layer % n
-    cfg = _one_layer_config(target)
+    cfg = _sub_config(target.config, [i])
     body = _new_body(cfg, torch.float32)
     body.layers[0].load_state_dict(layers[i].state_dict())
     norm = getattr(target.get_decoder(), "norm", None)
@@ -165,15 +160,12 @@ def read_head_info(folder: Union[str, Path]) -> dict:
     try:
         return json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        from .draft_compat import DraftIncompatibleError
         raise DraftIncompatibleError(f"{p}: unreadable ({e})") from None
 
 
 def check_head_compatible(target, tokenizer, folder: Union[str, Path]) -> dict:
     """Raise DraftIncompatibleError unless the head in ``folder`` was made for this target; returns its
     ``feature_head.json``."""
-    from .draft_compat import DraftIncompatibleError
-
     folder = Path(folder).expanduser()
     info = read_head_info(folder)
     if info.get("format") != FORMAT:
@@ -212,7 +204,6 @@ def load_feature_head(folder: Union[str, Path], target, tokenizer=None, train: b
     missing, unexpected = head.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("body.embed_tokens")]
     if missing or unexpected:
-        from .draft_compat import DraftIncompatibleError
         raise DraftIncompatibleError(f"feature head {folder}: weights do not fit its config "
                                      f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     head = head.to(device=p.device, dtype=dtype)

@@ -39,12 +39,22 @@ class Verifier:
         self.past_len = 0
         self._pending: Optional[int] = None  # tree size of the last verify, not yet committed
         self.features: Optional[torch.Tensor] = None
-        if keep_features:
-            # the body's output, before the output layer keeps only the last rows (prefill's logits_to_keep)
-            model.get_decoder().register_forward_hook(self._keep_features)
+        self.keep_features = keep_features
 
     def _keep_features(self, module, args, output) -> None:
         self.features = output.last_hidden_state[0]
+
+    def _run(self, **kw):
+        """The target's forward; with ``keep_features`` a hook on its body keeps the body's output (before the
+        output layer keeps only the last rows, prefill's logits_to_keep). The hook lives for this call only:
+        other forwards of the same model (other decoders, plain generate) neither run it nor feed it."""
+        if not self.keep_features:
+            return self.model(**kw)
+        handle = self.model.get_decoder().register_forward_hook(self._keep_features)
+        try:
+            return self.model(**kw)
+        finally:
+            handle.remove()
 
     @torch.inference_mode()
     def prefill(self, ids: np.ndarray) -> None:
@@ -55,7 +65,7 @@ class Verifier:
         if len(ids) > 1:
             x = torch.as_tensor(np.asarray(ids[:-1], dtype=np.int64), device=self.device).view(1, -1)
             with attention_backends(self.device):
-                self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache})
+                self._run(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache})
             self.past_len = len(ids) - 1
 
     @torch.inference_mode()
@@ -65,8 +75,8 @@ class Verifier:
             raise RuntimeError("verify() called twice without commit()")
         ti = build_tree_attention(tree, self.past_len, self.device, self.dtype)
         with attention_backends(self.device):
-            out = self.model(input_ids=ti.input_ids, position_ids=ti.position_ids,
-                             attention_mask=ti.attention_mask, use_cache=True, **{self._cache_kw: self.cache})
+            out = self._run(input_ids=ti.input_ids, position_ids=ti.position_ids,
+                            attention_mask=ti.attention_mask, use_cache=True, **{self._cache_kw: self.cache})
         self._pending = len(tree)
         return out.logits[0].float()
 

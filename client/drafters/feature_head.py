@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..feature_head import FeatureHead
 from ..opt_tree import OptTree
 from ..types import DecodeContext
 from .draft_model import DraftModelDrafter
@@ -27,15 +28,10 @@ class FeatureHeadDrafter(DraftModelDrafter):
     needs_target_features = True
     reuses_tree_rows = False
 
-    def __init__(self, head, **kw):
-        super().__init__(head, **kw)
-        self._feats: Optional[torch.Tensor] = None
-        self._node_h: dict[int, torch.Tensor] = {}
-
-    def _reset(self) -> None:
+    def _reset(self) -> None:   # also DraftModelDrafter.__init__'s: sets up these attributes
         super()._reset()
-        self._feats = None
-        self._node_h = {}
+        self._feats: Optional[torch.Tensor] = None       # DecodeContext.target_features of this step
+        self._node_h: dict[int, torch.Tensor] = {}       # tree node -> the head's output row for it
 
     def prefetch(self, ctx: DecodeContext, budget: int) -> None:
         if ctx.target_features is None:
@@ -52,7 +48,7 @@ class FeatureHeadDrafter(DraftModelDrafter):
     # ------------------------------------------------------------------ what the rows read
     def _inputs(self, x: torch.Tensor, prev: Optional[torch.Tensor]) -> dict:
         if prev is None:   # a cost profile's random rows: zeros cost the same
-            prev = torch.zeros((x.shape[1], self.model.fc.in_features // 2), device=self.device, dtype=self.dtype)
+            prev = self._zeros(x.shape[1])
         return {"inputs_embeds": self.model.inputs(x, prev.to(self.dtype).view(1, x.shape[1], -1))}
 
     def _catch_up_features(self, tokens: np.ndarray, keep: int) -> Optional[torch.Tensor]:
@@ -64,11 +60,11 @@ class FeatureHeadDrafter(DraftModelDrafter):
         if len(f) < L - 1:
             raise RuntimeError(f"the target's features cover {len(f)} positions, the sequence has {L}")
         rows = f[max(keep - 1, 0): L - 1]
-        if keep == 0:
-            rows = torch.cat([torch.zeros_like(f[:1]) if len(f) else
-                              torch.zeros((1, self.model.fc.in_features // 2), device=self.device, dtype=self.dtype),
-                              rows])
-        return rows
+        return torch.cat([self._zeros(1), rows.to(self.dtype)]) if keep == 0 else rows
+
+    def _zeros(self, n: int) -> torch.Tensor:
+        """[n, h] zero features (row 0's, which has no previous position)."""
+        return torch.zeros((n, self.model.fc.in_features // 2), device=self.device, dtype=self.dtype)
 
     def _layer_features(self, tree: OptTree, nodes: Sequence[int]) -> Optional[torch.Tensor]:
         return torch.stack([self._node_h[int(tree.parents[i])] for i in nodes])
@@ -79,3 +75,9 @@ class FeatureHeadDrafter(DraftModelDrafter):
             return
         for j, i in enumerate(nodes):
             self._node_h[int(i)] = self._hidden[j]
+
+
+def model_drafter(draft, **kw) -> DraftModelDrafter:
+    """The drafter for what ``open_draft_model`` returned: a FeatureHeadDrafter for a feature head, else a
+    DraftModelDrafter; ``kw`` as theirs."""
+    return (FeatureHeadDrafter if isinstance(draft, FeatureHead) else DraftModelDrafter)(draft, **kw)
