@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-prompts", type=int, default=None, metavar="N", help="answer at most N prompts in all")
     a.add_argument("--max-minutes", type=float, default=None, metavar="M", help="stop after M minutes (rerun to go on)")
     a.add_argument("--seed", type=int, default=0, help="seed of the prompt order (default 0)")
+    a.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="the target's precision while answering: bfloat16 is ~1.7x faster where the CPU has bf16 "
+                        "matrix units (AMX, AVX512-BF16) and its greedy answers differ from float32's only here and "
+                        "there, which does not matter for training data (default: float32 on CPU, bfloat16 on CUDA)")
     a.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
     a.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -173,7 +177,7 @@ def _answers(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, None if args.device == "auto" else args.device)
+    model, tokenizer = load_model(args.model, None if args.device == "auto" else args.device, args.precision)
     info = generate_answers(model, tokenizer, prompts, args.out, batch=args.batch, max_new_tokens=args.max_new_tokens,
                             max_minutes=args.max_minutes, seed=args.seed, max_prompts=args.max_prompts,
                             progress=not args.quiet)

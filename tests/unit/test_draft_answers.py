@@ -89,6 +89,27 @@ def test_cli_answers_then_distill(target_dir, prompts_file, tmp_path, capsys):
     assert (draft / "config.json").exists()
 
 
+def test_cli_answers_in_bfloat16_are_the_bfloat16_targets_greedy(target_dir, prompts_file, tmp_path, monkeypatch):
+    from specstore.client import draft_answers
+    from specstore.client.models import load_model
+
+    seen = []
+    real = draft_answers.generate_answers
+    monkeypatch.setattr(draft_answers, "generate_answers",
+                        lambda model, *a, **kw: seen.append(model.dtype) or real(model, *a, **kw))
+    out = tmp_path / "answers.jsonl"
+    assert main(["answers", "--model", str(target_dir), "--prompts", str(prompts_file), "--out", str(out),
+                 "--max-new-tokens", "5", "--batch", "1", "--quiet", "--device", "cpu", "--precision", "bfloat16"]) == 0
+    assert seen == [torch.bfloat16]
+    model, tok = load_model(str(target_dir), device="cpu", dtype="bfloat16")
+    ps = read_prompts([prompts_file])
+    with torch.inference_mode():
+        for line in out.read_text().splitlines():
+            text = json.loads(line)["text"]
+            prompt = next(p for p in ps if text.startswith(p))
+            assert text == prompt + _greedy(model, tok, prompt, 5)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--prompts", "/nonexistent/q.jsonl"], "no such file"),
     (["--batch", "0"], "must be positive"),
