@@ -45,9 +45,9 @@ def _layers(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .draft_answers import PROMPT_KEYS
-    from .draft_distill import (DEFAULT_BATCH, DEFAULT_CHECKPOINT_EVERY, DEFAULT_EVAL_WINDOWS, DEFAULT_HOLDOUT,
-                                DEFAULT_FEATURE_WEIGHT, DEFAULT_LAYERS, DEFAULT_LR, DEFAULT_SEQ_LEN, DEFAULT_STEPS,
-                                DEFAULT_TOP_K)
+    from .draft_distill import (DEFAULT_BATCH, DEFAULT_CHECKPOINT_EVERY, DEFAULT_EVAL_WINDOWS, DEFAULT_FEATURE_WEIGHT,
+                                DEFAULT_HEAD_STEPS, DEFAULT_HOLDOUT, DEFAULT_LAYERS, DEFAULT_LR, DEFAULT_SEQ_LEN,
+                                DEFAULT_STEPS, DEFAULT_TOP_K)
 
     p = CliParser(prog="draft-model", description="Make draft models for speculative decoding.",
                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per training window (default %(default)s)")
     d.add_argument("--batch", type=int, default=DEFAULT_BATCH, metavar="N", help="windows per step (default %(default)s)")
     d.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (default %(default)g)")
-    d.add_argument("--steps", type=int, default=DEFAULT_STEPS, metavar="N",
-                   help="training steps in all (default %(default)s; the learning-rate schedule spans them)")
+    d.add_argument("--steps", type=int, default=None, metavar="N",
+                   help=f"training steps in all (the learning-rate schedule spans them; default {DEFAULT_STEPS}, and "
+                        f"for --feature-head {DEFAULT_HEAD_STEPS['bfloat16']} in bfloat16 or "
+                        f"{DEFAULT_HEAD_STEPS['float32']} in float32: about 25-30 minutes on 2 CPU cores)")
     d.add_argument("--warmup", type=int, default=None, metavar="N", help="warm-up steps (default: 5%% of --steps)")
     d.add_argument("--max-minutes", type=float, default=None, metavar="M",
                    help="stop training after M minutes (checkpoint + usable draft; rerun to continue)")
@@ -96,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY, metavar="N",
                    help="steps between checkpoints (default %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="seed of the split and the data order (default 0)")
-    d.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+    d.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="the teacher's forward and the draft's training forward: bfloat16 (weights and the optimizer "
                         "stay float32) is ~2-3x faster where the CPU has bf16 matrix units (AMX, AVX512-BF16) or "
-                        "on a GPU, and slower elsewhere (default %(default)s)")
+                        "on a GPU, and slower elsewhere; auto (the default) picks it there and float32 elsewhere")
     d.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     d.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -131,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="the target's precision while answering: bfloat16 is ~1.7x faster where the CPU has bf16 "
                         "matrix units (AMX, AVX512-BF16) and its greedy answers differ from float32's only here and "
-                        "there, which does not matter for training data (default: float32 on CPU, bfloat16 on CUDA)")
+                        "there, which does not matter for training data; auto (the default) picks bfloat16 where it "
+                        "is fast (AMX, AVX512-BF16, CUDA) and float32 elsewhere")
     a.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
     a.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -161,7 +164,7 @@ def _distill(args) -> int:
 def _answers(args) -> int:
     from ..datastore.cli_common import UsageError
     from .draft_answers import PromptFileError, generate_answers, passage_prompts, read_passages, read_prompts
-    from .models import load_model
+    from .models import fast_precision, load_model, pick_device
 
     if args.batch < 1 or args.max_new_tokens < 1 or (args.max_prompts is not None and args.max_prompts < 1):
         raise UsageError("--batch, --max-new-tokens and --max-prompts must be positive")
@@ -177,7 +180,9 @@ def _answers(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, None if args.device == "auto" else args.device, args.precision)
+    device = None if args.device == "auto" else args.device
+    precision = fast_precision(pick_device(device)) if args.precision == "auto" else args.precision
+    model, tokenizer = load_model(args.model, device, precision)
     info = generate_answers(model, tokenizer, prompts, args.out, batch=args.batch, max_new_tokens=args.max_new_tokens,
                             max_minutes=args.max_minutes, seed=args.seed, max_prompts=args.max_prompts,
                             progress=not args.quiet)

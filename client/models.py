@@ -34,6 +34,31 @@ def pick_device(device: Optional[str] = None) -> torch.device:
     return dev
 
 
+def cpu_has_fast_bf16(cpuinfo: Optional[str] = None) -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX-BF16 or AVX512-BF16), read from the
+    flags of ``/proc/cpuinfo`` (or ``cpuinfo``, its text); False where that cannot be read. Elsewhere bfloat16
+    matmuls are emulated and slower than float32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+            break
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def fast_precision(device: torch.device) -> str:
+    """``"bfloat16"`` where it computes faster than float32 (CUDA with bf16, CPUs with AMX / AVX512-BF16),
+    else ``"float32"``: the precision ``--precision auto`` picks for training and for recording answers."""
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device.type == "cpu" and cpu_has_fast_bf16() else "float32"
+
+
 def pick_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
     """``auto`` -> float32 on CPU (fast and exact there), bfloat16 on CUDA."""
     if dtype in (None, "", "auto"):

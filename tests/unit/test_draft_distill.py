@@ -17,7 +17,7 @@ import torch
 from specstore.client.draft_build import build_draft, freeze_shared
 from specstore.client.draft_compat import DraftIncompatibleError, check_draft_compatible
 from specstore.client.draft_corpus import batch_rows, split_windows
-from specstore.client.draft_distill import (CHECKPOINT_FILE, KILL_ENV, DistillOptions, distill, kl_loss, lr_at,
+from specstore.client.draft_distill import (CHECKPOINT_FILE, KILL_ENV, DistillOptions, kl_loss, lr_at,
                                             target_distribution)
 from specstore.client.draft_cli import main
 from tests.draft_fixtures import WORDS, write_corpus, write_tiny_target, write_tokenizer
@@ -144,6 +144,28 @@ def test_windows_split_and_batch_order():
         split_windows(stream[:15], 10, 0.05, 0)
     with pytest.raises(ValueError, match="empty"):
         split_windows(stream[:0], 10, 0.05, 0)
+
+
+def test_cpu_bf16_detection_reads_the_flags():
+    from specstore.client.models import cpu_has_fast_bf16, fast_precision
+
+    head = "processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse2 avx2 avx512f "
+    assert cpu_has_fast_bf16(head + "amx_bf16 amx_tile\n") and cpu_has_fast_bf16(head + "avx512_bf16\n")
+    assert not cpu_has_fast_bf16(head + "avx512_fp16 amx_int8\n") and not cpu_has_fast_bf16("")
+    assert fast_precision(torch.device("cpu")) == ("bfloat16" if cpu_has_fast_bf16() else "float32")
+
+
+def test_default_steps_and_precision_follow_what_is_trained_and_where():
+    from specstore.client.draft_distill import DEFAULT_HEAD_STEPS, DEFAULT_STEPS
+    from specstore.client.models import fast_precision
+
+    assert DistillOptions("o", precision="float32").steps == DEFAULT_STEPS
+    assert DistillOptions("o", feature_head=True, precision="bfloat16").steps == DEFAULT_HEAD_STEPS["bfloat16"]
+    assert DistillOptions("o", feature_head=True, precision="float32").steps == DEFAULT_HEAD_STEPS["float32"]
+    assert DEFAULT_HEAD_STEPS["bfloat16"] > DEFAULT_HEAD_STEPS["float32"]    # a float32 step costs ~3x as much
+    assert DistillOptions("o", feature_head=True, steps=7).steps == 7
+    auto = DistillOptions("o", feature_head=True, precision="auto", device="cpu")
+    assert auto.precision == fast_precision(torch.device("cpu")) and auto.steps == DEFAULT_HEAD_STEPS[auto.precision]
 
 
 def test_lr_schedule():
