@@ -79,9 +79,11 @@ class DraftModelDrafter(Drafter):
                 self._head_bias = self._head_bias.detach().index_select(0, self.vocab_ids)
         # calibration: accepted / predicted over this drafter's nodes whose parent was accepted (decayed)
         self._acc, self._pred = 2.0, 4.0
-        # what drafting has paid: decayed accepted drafts of ours per drafted step, seconds per drafted step
-        self._gain_avg, self._secs_avg, self._stat_w = 1.0, 0.0, 0.0
-        self._nodes_avg, self._feed_avg = 1.0, 1.0     # our verified nodes and tokens caught up, per step
+        # what drafting has paid, per drafted step (decayed): the accepted drafts that only our nodes gave (the
+        # others' trees alone would have stopped before them), those the others gave, seconds drafting
+        self._gain_avg, self._others_avg, self._secs_avg, self._stat_w = 1.0, 0.0, 0.0, 0.0
+        # verified nodes (all, and those only we proposed) and tokens caught up, per step
+        self._nodes_avg, self._only_avg, self._feed_avg = 1.0, 1.0, 1.0
         self._after_skip = False                       # the last step was skipped: the next catch-up is long
         self._skipped = 0
         self.stats = {"steps": 0, "drafted": 0, "skipped": 0, "forwards": 0, "fed_tokens": 0, "reused_rows": 0,
@@ -294,21 +296,29 @@ class DraftModelDrafter(Drafter):
         self._acc = decay * self._acc + acc
         self._pred = decay * self._pred + max(pred, 1e-3 if tried.any() else 0.0)
         self._pred = max(self._pred, 1e-3)
-        accepted_ours = float((ours & on_path).sum())
+        only = ours & ((tree.sources | int(self.source)) == int(self.source))   # no other drafter proposed them
+        only[0] = False
+        gain = marginal_gain(path, only)
         w = self._stat_w = 0.95 * self._stat_w + 1.0
-        self._gain_avg += (accepted_ours - self._gain_avg) / w
+        self._gain_avg += (gain - self._gain_avg) / w
+        self._others_avg += (len(path) - 1 - gain - self._others_avg) / w
         self._secs_avg += (self._secs - self._secs_avg) / w
-        self._nodes_avg += (float(ours[1:].sum()) - self._nodes_avg) / w
+        self._nodes_avg += (float(len(tree) - 1) - self._nodes_avg) / w
+        self._only_avg += (float(only.sum()) - self._only_avg) / w
 
     def _worth_drafting(self, budget: int) -> bool:
-        """Does drafting pay, judging by what it has paid lately (with one exploring step in 16)?"""
+        """Does drafting pay, judging by what it has paid lately (with one exploring step in 16)? Next to
+        other drafters only what it adds counts: the tokens per second of the trees it has been getting
+        verified against those of the same trees without the nodes only it proposed and the tokens they
+        gave. Alone, that is against plain decoding."""
         if self.verify_profile is None or self._stat_w < 4:
             return True
         t = self.verify_profile.t
-        rate_plain = 1.0 / t(1)
         n = min(budget, max(1, int(round(self._nodes_avg))))    # the trees it has been getting verified
-        rate = (1.0 + self._gain_avg) / (self._secs_avg + t(1 + n))
-        if rate >= rate_plain:
+        n_without = n - min(n, int(round(self._only_avg)))
+        rate_without = (1.0 + self._others_avg) / t(1 + n_without)
+        rate = (1.0 + self._others_avg + self._gain_avg) / (self._secs_avg + t(1 + n))
+        if rate >= rate_without:
             self._skipped = 0
             return True
         self._skipped += 1
@@ -338,6 +348,14 @@ class DraftModelDrafter(Drafter):
         now = g_now / (spent + t(1 + n_now))
         later = (g_now + nxt) / (spent + td(len(tree.layers[d])) + t(1 + n_next))
         return later > now
+
+
+def marginal_gain(path: np.ndarray, only: np.ndarray) -> int:
+    """Accepted drafts that a drafter's own nodes gave: those of the accepted ``path`` (node ids, the root
+    first) from the first node that only this drafter proposed (``only`` [n] bool) to the path's end; the
+    others' trees end before it. 0 when every accepted node was proposed by another drafter as well."""
+    hits = np.flatnonzero(only[np.asarray(path[1:], np.int64)])
+    return int(len(path) - 1 - hits[0]) if len(hits) else 0
 
 
 def open_draft_model(path, target, tokenizer=None):

@@ -186,6 +186,31 @@ def test_costly_drafting_is_skipped(target):
     assert dm.stats["drafted"] >= 4
 
 
+def test_marginal_gain_counts_the_path_from_the_first_node_only_ours():
+    from specstore.client.drafters.draft_model import marginal_gain
+
+    only = np.array([False, False, True, False, True, False])
+    assert marginal_gain(np.array([0, 1, 2, 3]), only) == 2        # node 2 (2nd accepted) only ours: 2 and 3
+    assert marginal_gain(np.array([0, 1, 3, 5]), only) == 0        # every accepted node proposed by another too
+    assert marginal_gain(np.array([0, 4, 5]), only) == 2           # the first accepted node is ours alone
+    assert marginal_gain(np.array([0]), only) == 0                 # nothing accepted
+
+
+@pytest.mark.parametrize("others, gain, only, drafts", [
+    (0.0, 0.5, 4, True),      # alone: half a token a step beats plain decoding at 2 ms a step
+    (1.0, 0.0, 0, False),     # next to others that propose all it does: its 2 ms buy nothing
+    (1.0, 0.3, 2, True),      # it adds 0.3 tokens a step to the others' 2: worth 2 ms and 2 nodes
+    (1.0, 0.02, 2, False),    # it adds too little to pay its forward
+])
+def test_next_to_other_drafters_only_what_the_draft_adds_pays_for_it(target, others, gain, only, drafts):
+    verify = CostProfile([1, 64], [0.05, 0.05])
+    dm = DraftModelDrafter(truncated_draft(target), width=2, max_depth=2, verify_profile=verify,
+                           draft_profile=CostProfile([1, 64], [0.002, 0.002]))
+    dm._stat_w, dm._secs_avg, dm._nodes_avg = 10.0, 0.002, 6.0
+    dm._others_avg, dm._gain_avg, dm._only_avg = others, gain, float(only)
+    assert [dm._worth_drafting(16) for _ in range(15)] == [drafts] * 15     # (every 16th skipped step explores)
+
+
 # ------------------------------------------------------------------ RASD
 def test_prune_by_hint_follows_the_datastore_rule():
     # the service's rule on a trie of continuation rows (datastore/index.py build_tree) and ours on the same
