@@ -164,7 +164,7 @@ def _distill(args) -> int:
 def _answers(args) -> int:
     from ..datastore.cli_common import UsageError
     from .draft_answers import PromptFileError, generate_answers, passage_prompts, read_passages, read_prompts
-    from .models import fast_precision, load_model, pick_device
+    from .models import load_model, resolve_precision
 
     if args.batch < 1 or args.max_new_tokens < 1 or (args.max_prompts is not None and args.max_prompts < 1):
         raise UsageError("--batch, --max-new-tokens and --max-prompts must be positive")
@@ -181,8 +181,7 @@ def _answers(args) -> int:
 
         torch.set_num_threads(args.threads)
     device = None if args.device == "auto" else args.device
-    precision = fast_precision(pick_device(device)) if args.precision == "auto" else args.precision
-    model, tokenizer = load_model(args.model, device, precision)
+    model, tokenizer = load_model(args.model, device, resolve_precision(args.precision, device))
     info = generate_answers(model, tokenizer, prompts, args.out, batch=args.batch, max_new_tokens=args.max_new_tokens,
                             max_minutes=args.max_minutes, seed=args.seed, max_prompts=args.max_prompts,
                             progress=not args.quiet)

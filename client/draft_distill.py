@@ -106,14 +106,9 @@ class DistillOptions:
     log: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr))
 
     def __post_init__(self) -> None:
-        if self.precision == "auto":
-            from .models import fast_precision, pick_device
+        from .models import resolve_precision
 
-            try:
-                dev = pick_device(None if self.device in (None, "auto") else self.device)
-            except (ValueError, RuntimeError):
-                dev = torch.device("cpu")      # a bad --device is check()'s to report
-            self.precision = fast_precision(dev)
+        self.precision = resolve_precision(self.precision, self.device)
         if self.steps is None:
             self.steps = DEFAULT_HEAD_STEPS.get(self.precision, DEFAULT_STEPS) if self.feature_head else DEFAULT_STEPS
 

@@ -59,6 +59,18 @@ def fast_precision(device: torch.device) -> str:
     return "bfloat16" if device.type == "cpu" and cpu_has_fast_bf16() else "float32"
 
 
+def resolve_precision(precision: str, device: Optional[str]) -> str:
+    """``precision`` as given, or for ``auto`` ``fast_precision`` on ``device`` (auto/None: as ``pick_device``
+    picks; a device that cannot be used: the CPU's, and the caller reports the device)."""
+    if precision != "auto":
+        return precision
+    try:
+        dev = pick_device(device)
+    except (ValueError, RuntimeError):
+        dev = torch.device("cpu")
+    return fast_precision(dev)
+
+
 def pick_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
     """``auto`` -> float32 on CPU (fast and exact there), bfloat16 on CUDA."""
     if dtype in (None, "", "auto"):
