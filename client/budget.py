@@ -152,15 +152,18 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
 
     from ..datastore.durable import write_text
     from ..datastore.model_files import cache_root
-    from . import gqa_attention, small_linear
+    from . import batch_invariant, gqa_attention, small_linear
 
     if measure is None:     # what measure_cost_profile's Verifier installs, before the key names it
+        batch_invariant.install(model)
         small_linear.install(model)
         gqa_attention.install(model)
     p = next(model.parameters())
     key = f"{model_name}-{p.device.type}-{str(p.dtype).replace('torch.', '')}-t{torch.get_num_threads()}"
     if small_linear.installed(model):       # another kernel, another curve (client/small_linear.py)
         key += f"-smalllinear{small_linear.MAX_ROWS}"
+    if batch_invariant.installed(model):
+        key += "-invariant"                 # bfloat16 attention and GEMM chunks of client/batch_invariant.py
     if gqa_attention.installed(model):
         key += "-gqa"                       # masked attention without copying the cache (client/gqa_attention.py)
     if p.device.type == "cuda":

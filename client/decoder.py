@@ -20,6 +20,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from . import batch_invariant
 from .acceptance import greedy_accept, sample_accept
 from .budget import MAX_BUDGET_CPU, BudgetController, CostProfile
 from .drafter_errors import DrafterErrors
@@ -131,6 +132,8 @@ class SpeculativeDecoder:
         self.topk = topk
         self._needs_features = any(d.needs_target_features for d in self.drafters)
         self.verifier = Verifier(model, topk=topk, keep_features=self._needs_features)
+        if speculate:
+            batch_invariant.check(model)    # half precision on CPU: lossless only with batch-invariant forwards
         self.vocab_size = self.verifier.vocab_size
         self.profile = profile or CostProfile.flat(max_budget + 1)
         self.controller = controller or BudgetController(self.profile, max_budget=max_budget)

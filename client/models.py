@@ -16,7 +16,7 @@ import torch
 
 from ..datastore.durable import atomic_dir
 from ..datastore.model_files import ModelFiles, resolve_model, tokenizer_folder
-from . import small_linear
+from . import batch_invariant, small_linear
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ def load_model(spec: Optional[str] = None, device: Optional[str] = None, dtype: 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt, attn_implementation=attn_implementation,
                                                  local_files_only=True)
     model.to(dev).eval()
+    batch_invariant.install(model)      # before anything runs it: plain decoding must get the same bits
     small_linear.install(model)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return model, tokenizer

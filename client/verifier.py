@@ -3,7 +3,8 @@ over a draft tree, then keep the accepted path.
 
 The KV cache holds every accepted token except the last one (the next tree's root). A verify forward
 feeds the whole tree; ``commit`` keeps the KV rows of the accepted path (root included) and drops the
-rest, so accepted tokens are never recomputed.
+rest, so accepted tokens are never recomputed. Only between a prefill and the first verify is the root in
+the cache already: the prefill feeds the whole prompt (see ``Verifier``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import gqa_attention, small_linear
+from . import batch_invariant, gqa_attention, small_linear
 from .kv_cache import attention_backends, cache_keyword, keep_positions, new_cache
 from .tree_attention import build_tree_attention
 from .types import DraftTree
@@ -22,12 +23,18 @@ class Verifier:
     """Owns the target model's KV cache for one sequence.
 
     past_len: number of positions in the cache (all accepted tokens but the root).
-    features: with ``keep_features``, the target's final hidden states [m, h] of the last prefill or verify
-              forward (every fed position: what a feature head reads)
+    features: with ``keep_features``, the target's final hidden states [m, h] of the last prefill (every
+              prompt position but the root's) or verify (every tree node) forward: what a feature head reads
+
+    The prefill feeds the whole prompt, the root too, and keeps the root's logits: the first verify then
+    feeds only the tree below the root. The prompt goes through one forward of the same shape as in plain
+    decoding (transformers' ``generate`` prefills the whole prompt), which batch-invariant decoding needs
+    (client/batch_invariant.py), and the root is not computed twice.
     """
 
     def __init__(self, model, topk: int = 8, keep_features: bool = False):
         self.model = model
+        batch_invariant.install(model)  # bfloat16 on CPU: a tree row gets plain decoding's bits
         small_linear.install(model)     # a verify feeds a few rows per layer: client/small_linear.py
         gqa_attention.install(model)    # ... with a tree mask: client/gqa_attention.py
         self.device = next(model.parameters()).device
@@ -40,6 +47,8 @@ class Verifier:
         self._pending: Optional[int] = None  # tree size of the last verify, not yet committed
         self.features: Optional[torch.Tensor] = None
         self.keep_features = keep_features
+        # after a prefill: the root (the prompt's last token) is already in the cache at ``past_len``
+        self._root: Optional[tuple[int, torch.Tensor, Optional[torch.Tensor]]] = None   # token, logits, feature
 
     def _keep_features(self, module, args, output) -> None:
         self.features = output.last_hidden_state[0]
@@ -58,27 +67,45 @@ class Verifier:
 
     @torch.inference_mode()
     def prefill(self, ids: np.ndarray) -> None:
-        """Feed every prompt token but the last (the first root) into a fresh cache."""
+        """Feed the whole prompt into a fresh cache; the last token is the first root."""
         self.cache = new_cache()
-        self.past_len = 0
         self._pending = None
-        if len(ids) > 1:
-            x = torch.as_tensor(np.asarray(ids[:-1], dtype=np.int64), device=self.device).view(1, -1)
-            with attention_backends(self.device):
-                self._run(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache})
-            self.past_len = len(ids) - 1
+        x = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device).view(1, -1)
+        with attention_backends(self.device):
+            out = self._run(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache})
+        self.past_len = x.shape[1] - 1
+        feature = None
+        if self.keep_features:
+            feature, self.features = self.features[-1], self.features[:-1]
+        self._root = (int(x[0, -1]), out.logits[0, -1].float(), feature)
 
     @torch.inference_mode()
     def verify(self, tree: DraftTree) -> torch.Tensor:
         """One forward over the tree. Returns logits [n, V] (float32) for every node."""
         if self._pending is not None:
             raise RuntimeError("verify() called twice without commit()")
+        root, self._root = self._root, None
+        if root is not None and root[0] != tree.root:        # another root than the prompt's: feed it after all
+            keep_positions(self.cache, self.past_len, [])
+            root = None
         ti = build_tree_attention(tree, self.past_len, self.device, self.dtype)
-        with attention_backends(self.device):
-            out = self._run(input_ids=ti.input_ids, position_ids=ti.position_ids,
-                            attention_mask=ti.attention_mask, use_cache=True, **{self._cache_kw: self.cache})
         self._pending = len(tree)
-        return out.logits[0].float()
+        if root is None:
+            with attention_backends(self.device):
+                out = self._run(input_ids=ti.input_ids, position_ids=ti.position_ids,
+                                attention_mask=ti.attention_mask, use_cache=True, **{self._cache_kw: self.cache})
+            return out.logits[0].float()
+        _, logits, feature = root                             # the root's row came with the prefill
+        if len(tree) == 1:
+            self.features = None if feature is None else feature[None]
+            return logits[None]
+        with attention_backends(self.device):
+            out = self._run(input_ids=ti.input_ids[:, 1:], position_ids=ti.position_ids[:, 1:],
+                            attention_mask=ti.attention_mask[:, :, 1:], use_cache=True,
+                            **{self._cache_kw: self.cache})
+        if feature is not None:
+            self.features = torch.cat([feature[None], self.features])
+        return torch.cat([logits[None], out.logits[0].float()])
 
     @torch.inference_mode()
     def commit(self, accepted_nodes: list[int]) -> None:

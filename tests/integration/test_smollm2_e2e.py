@@ -78,3 +78,30 @@ def test_draft_model_trees_on_the_real_model_are_plain_greedy(smol):
         assert dec.generate(ids, max_new_tokens=40).new_tokens == ref, p
     assert dm.stats["drafted"] > 0 and dm.stats["forwards"] > dm.stats["drafted"]
     assert dec.drafter_stats["DraftModelDrafter"]["verified"] > 0
+
+
+def test_bfloat16_greedy_identical_to_transformers_generate(smol):
+    """In bfloat16 a tree verify is only token-identical with batch-invariant forwards (client/batch_invariant.py):
+    plain generate and our decoder then give every token the same bits."""
+    import copy
+
+    from specstore.client import batch_invariant
+
+    model = copy.deepcopy(smol[0]).to(torch.bfloat16)
+    tok = smol[1]
+    if not batch_invariant.install(model):
+        import pytest
+
+        pytest.skip("this machine's bfloat16 GEMMs are not row-invariant (the decoder refuses bfloat16 here)")
+    dec = SpeculativeDecoder(model, tok, [ContextDrafter(), RecyclingDrafter(model.config.vocab_size)],
+                             profile=CostProfile.flat(33), max_budget=32)
+    steps = new = 0
+    for p in PROMPTS:
+        ids = dec.encode_prompt(p)
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
+                             eos_token_id=sorted(dec.eos_token_ids))[0, len(ids):].tolist()
+        res = dec.generate(ids, max_new_tokens=48)
+        assert res.new_tokens == ref, (p, res.text)
+        steps += res.steps
+        new += len(res.new_tokens)
+    assert new / steps > 1.3

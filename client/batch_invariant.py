@@ -1,0 +1,164 @@
+"""Batch-invariant bfloat16 forwards on CPU: a token's logits do not depend on how many other tokens share
+its forward, so a tree verify gives bit for bit what plain decoding gives.
+
+Why: in bfloat16 every layer's output is rounded to 8 bits of mantissa. Two kernels that sum in different
+orders (torch's attention for one query without a mask against several queries with a tree mask) differ in
+the last float32 bits, the rounding to bfloat16 makes that a whole ulp now and then, and greedy outputs part
+within a few dozen tokens (measured: 8 of 12 Spec-Bench prompts). In float32 those differences stay ~1e-6
+and leave the argmax alone. Yet on a CPU with AMX a bfloat16 verify of 32 tokens costs ~1.3x one token,
+against ~2.3x in float32 (BENCHMARKS.md §8): trees become nearly free.
+
+``install(model)`` makes a CPU bfloat16 (or float16) model batch-invariant, for every forward of that model: our decoder's
+and transformers' own ``generate`` (the plain decoding we compare with) alike:
+
+- linear layers: torch's bfloat16 GEMM gives each row the same bits for 1..``CHUNK_ROWS`` rows per call, so
+  a verify's up to ``TREE_ROWS`` rows go in chunks of at most ``CHUNK_ROWS``. That is a property of the
+  BLAS, not a promise: ``install`` checks it on the model's own weight shapes for every row count and
+  refuses (returns False, logs why) where it does not hold;
+- attention after the prompt (one decoding step's query, or a tree's queries under their mask) is
+  client/attention_kernel.py's: each (query, head) sums over exactly the keys it may see, in order, so the
+  same query over the same keys gives the same bits wherever they sit in the cache;
+- the prompt itself goes through torch's attention in one forward of the whole prompt, the same call in
+  plain decoding and in ours (client/verifier.py prefills the whole prompt for that reason).
+
+Everything else in a Llama-style layer (norms, rotary, activations, residuals) works row by row already.
+``SPECSTORE_BATCH_INVARIANT=0`` turns it off (bfloat16 outputs are then not identical to plain decoding).
+"""
+from __future__ import annotations
+
+import logging
+import types
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention_kernel import attend, visible_lists
+from .small_linear import switched_off
+
+log = logging.getLogger(__name__)
+
+NAME = "specstore_invariant"
+CHUNK_ROWS = 32         # rows per GEMM call within which rows are computed alike (checked by install)
+TREE_ROWS = 128         # inputs up to this many rows (verifies) are chunked; a longer prompt runs whole
+HALF = (torch.bfloat16, torch.float16)
+_registered = False
+
+
+def enabled() -> bool:
+    return not switched_off("SPECSTORE_BATCH_INVARIANT")
+
+
+def _chunked_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    if rows <= CHUNK_ROWS or rows > TREE_ROWS:
+        return F.linear(x, self.weight, self.bias)
+    x2 = x.reshape(rows, x.shape[-1])
+    out = torch.cat([F.linear(x2[s:s + CHUNK_ROWS], self.weight, self.bias) for s in range(0, rows, CHUNK_ROWS)])
+    return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def linear_is_invariant(weight: torch.Tensor, max_rows: int = CHUNK_ROWS, seed: int = 0) -> bool:
+    """Whether every row of ``x @ weight^T`` has the same bits for 1..max_rows rows per call."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(max_rows, weight.shape[1], generator=g).to(weight.dtype)
+    alone = torch.cat([F.linear(x[i:i + 1], weight) for i in range(max_rows)])
+    for n in range(2, max_rows + 1):
+        if not torch.equal(F.linear(x[:n], weight), alone[:n]):
+            return False
+    return True
+
+
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+              **kwargs):
+    """transformers' attention-function signature: query [b, heads, q, d], key/value [b, kv heads, k, d],
+    attention_mask [b, 1, q, >= k] (additive or boolean) or None (every key for one query, causal for
+    several). Returns (output [b, q, heads, d], None)."""
+    b, h, q, d = query.shape
+    t = key.shape[2]
+    if (q > 1 and t == q) or b != 1 or dropout or torch.is_grad_enabled() and query.requires_grad:
+        # the prompt into an empty cache (one forward, as in plain decoding), or what our decoder never runs
+        # (batches of sequences, training): torch's attention
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    scale = float(scaling) if scaling is not None else d ** -0.5
+    out = attend(query[0], key[0], value[0], *_visible(attention_mask, q, t), scale)     # [q, heads, d] float32
+    return out.to(query.dtype).unsqueeze(0), None
+
+
+_last_mask: list = [None, 0, None]      # the mask of the last call, its key count, its visible lists
+
+
+def _visible(mask, q: int, t: int) -> tuple:
+    """Which keys each query sees, as ``attention_kernel.visible_lists``. A forward hands every layer the same
+    mask: its lists are made once (the mask is held here, so that its identity is not reused meanwhile)."""
+    if mask is None:
+        if q == 1:
+            return np.array([0, t], np.int64), np.arange(t, dtype=np.int64)
+        return visible_lists(np.tril(np.ones((q, t), bool), t - q))   # new queries after a cache, causal
+    if _last_mask[0] is mask and _last_mask[1] == t:
+        return _last_mask[2]
+    m = mask[0, 0, :, :t]
+    vis = (m if m.dtype == torch.bool else m == 0).expand(q, t).cpu().numpy()
+    _last_mask[:] = [mask, t, visible_lists(vis)]
+    return _last_mask[2]
+
+
+def _register() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(NAME, attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+        _registered = True
+
+
+def installed(model) -> bool:
+    return getattr(model, "_specstore_invariant", False)
+
+
+def install(model) -> bool:
+    """Make a CPU bfloat16 model batch-invariant (idempotent). Returns whether it is; another device or dtype,
+    a BLAS whose GEMM is not row-invariant, or an attention transformers cannot swap leaves it as it was."""
+    if installed(model):
+        return True
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu" or p.dtype not in HALF or not enabled():
+        return False
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    shapes = {}
+    for m in linears:
+        shapes.setdefault(tuple(m.weight.shape), m.weight)
+    bad = [s for s, w in shapes.items() if not linear_is_invariant(w.detach())]
+    if bad:
+        log.warning("bfloat16 GEMMs on this machine are not row-invariant for weights %s: speculative decoding "
+                    "in bfloat16 would not be identical to plain decoding; use float32", bad)
+        return False
+    try:
+        _register()
+        model.set_attn_implementation(NAME)
+    except Exception as e:  # noqa: BLE001 - a transformers without attention interfaces
+        log.warning("cannot install batch-invariant attention (%s); use float32", e)
+        return False
+    for m in linears:
+        m.forward = types.MethodType(_chunked_forward, m)
+    model._specstore_invariant = True
+    return True
+
+
+def check(model) -> None:
+    """Raise unless a CPU half-precision model is batch-invariant, which lossless speculative decoding needs;
+    ``SPECSTORE_BATCH_INVARIANT=0`` (asked for by its user) only warns."""
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu" or p.dtype not in HALF or installed(model):
+        return
+    why = (f"a {str(p.dtype).replace('torch.', '')} model on CPU without batch-invariant forwards "
+           "(client/batch_invariant.py): speculative outputs can differ from plain decoding's")
+    if not enabled():
+        log.warning("%s (SPECSTORE_BATCH_INVARIANT=0)", why)
+        return
+    raise RuntimeError(f"{why}; this machine's GEMMs are not row-invariant: use --dtype float32")

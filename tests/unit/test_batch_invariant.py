@@ -1,0 +1,160 @@
+"""Batch-invariant half precision on CPU (client/batch_invariant.py, client/attention_kernel.py): a tree row
+gets plain decoding's bits, so bfloat16 speculative decoding is token-identical to plain greedy."""
+import numba
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from specstore.client import batch_invariant
+from specstore.client.attention_kernel import attend, visible_lists
+from specstore.client.budget import CostProfile
+from specstore.client.decoder import SpeculativeDecoder
+from specstore.client.drafters import ContextDrafter, RecyclingDrafter
+from specstore.client.kv_cache import cache_keyword
+from specstore.client.types import DraftTree
+from specstore.client.verifier import Verifier
+from tests.helpers import RandomTreeDrafter, plain_greedy, tiny_llama
+
+VOCAB = 96
+
+
+def _tree_visible(parents: list[int], past: int) -> np.ndarray:
+    n = len(parents)
+    vis = np.zeros((n, past + n), bool)
+    vis[:, :past] = True
+    for i in range(n):
+        j = i
+        while j >= 0:
+            vis[i, past + j] = True
+            j = parents[j]
+    return vis
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 20), past=st.integers(0, 300), dim=st.sampled_from([8, 64]))
+def test_a_tree_row_equals_the_same_query_alone(seed, n, past, dim):
+    """Each node's output has the bits of its query over its visible keys alone (plain decoding's cache),
+    and matches torch's attention to float32 rounding."""
+    rng = np.random.default_rng(seed)
+    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, n)]
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(6, n, dim, generator=g).bfloat16()
+    k = torch.randn(2, past + n, dim, generator=g).bfloat16()
+    v = torch.randn(2, past + n, dim, generator=g).bfloat16()
+    vis = _tree_visible(parents, past)
+    out = attend(q, k, v, *visible_lists(vis), dim ** -0.5)
+    for i in range(n):
+        keys = torch.as_tensor(np.flatnonzero(vis[i]))
+        alone = attend(q[:, i:i + 1], k[:, keys], v[:, keys], *visible_lists(np.ones((1, len(keys)), bool)),
+                       dim ** -0.5)
+        assert torch.equal(alone[0], out[i])
+    ref = F.scaled_dot_product_attention(q.float()[None], k.float()[None], v.float()[None],
+                                         attn_mask=torch.as_tensor(vis)[None, None], enable_gqa=True)
+    torch.testing.assert_close(out, ref[0].transpose(0, 1), atol=2e-6, rtol=1e-5)
+
+
+def test_attention_does_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(9, 12, 64, generator=g), torch.randn(3, 400, 64, generator=g),
+               torch.randn(3, 400, 64, generator=g))
+    lists = visible_lists(np.tril(np.ones((12, 400), bool), 388))
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = attend(q, k, v, *lists, 0.125)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = attend(q, k, v, *lists, 0.125)
+    finally:
+        numba.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+def test_the_gemm_check_has_teeth(monkeypatch):
+    w = torch.randn(48, 32).bfloat16()
+    if not batch_invariant.linear_is_invariant(w):
+        pytest.skip("this machine's bfloat16 GEMM is not row-invariant (install refuses; tested below)")
+    real = F.linear
+    monkeypatch.setattr(batch_invariant.F, "linear", lambda x, w, b=None: real(x, w, b) * (1 + 1e-2 * (len(x) > 3)))
+    assert not batch_invariant.linear_is_invariant(w)
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    m = tiny_llama(vocab=VOCAB, layers=2).to(torch.bfloat16)
+    if not batch_invariant.install(m):
+        pytest.skip("bfloat16 GEMMs on this machine are not row-invariant: the decoder refuses (tested below)")
+    return m
+
+
+def test_tree_logits_have_plain_decodings_bits(bf16_model):
+    """Every node's logits equal, bit for bit, those of plain incremental decoding along its path."""
+    rng = np.random.default_rng(3)
+    for trial in range(6):
+        prompt = rng.integers(3, VOCAB, int(rng.integers(1, 40))).tolist()
+        n = int(rng.integers(2, 34))
+        parents = [-1] + [int(rng.integers(0, i)) for i in range(1, n)]
+        tokens = [prompt[-1]] + rng.integers(3, VOCAB, n - 1).tolist()
+        tree = DraftTree(np.array(tokens, np.int32), np.array(parents, np.int32), np.ones(n, np.float32),
+                         np.zeros(n, np.uint8))
+        v = Verifier(bf16_model)
+        v.prefill(np.array(prompt))
+        logits = v.verify(tree)
+        for i in range(n):
+            path = [tokens[j] for j in tree.path_to(i)]
+            with torch.inference_mode():        # plain decoding: the prompt at once, then one token per forward
+                out = bf16_model(torch.tensor([prompt]), use_cache=True)
+                cache, last = out.past_key_values, out.logits[0, -1]
+                for t in path:
+                    out = bf16_model(torch.tensor([[t]]), use_cache=True, **{cache_keyword(bf16_model): cache})
+                    cache, last = out.past_key_values, out.logits[0, -1]
+            assert torch.equal(logits[i], last.float()), (trial, i)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 100_000), budget=st.integers(1, 32), plen=st.integers(1, 30),
+       p_true=st.floats(0.0, 1.0))
+def test_bfloat16_speculation_is_token_identical_to_generate(bf16_model, seed, budget, plen, p_true):
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(3, VOCAB, plen).tolist()
+    ref = plain_greedy(bf16_model, prompt, 40, eos=None)
+    dec = SpeculativeDecoder(bf16_model, None, [RandomTreeDrafter(ref, plen, VOCAB, seed, p_true=p_true),
+                                                ContextDrafter(), RecyclingDrafter(VOCAB)],
+                             profile=CostProfile.flat(budget + 1), max_budget=budget)
+    assert dec.generate(prompt, 40, eos_token_id=[]).new_tokens == ref
+
+
+def test_without_it_bfloat16_trees_part_from_plain_decoding(monkeypatch):
+    """The reason for all this: torch's own attention gives a tree row other bits than plain decoding."""
+    monkeypatch.setenv("SPECSTORE_BATCH_INVARIANT", "0")
+    m = tiny_llama(vocab=VOCAB, layers=2).to(torch.bfloat16)
+    rng = np.random.default_rng(0)
+    differ = 0
+    for _ in range(8):
+        prompt = rng.integers(3, VOCAB, 30).tolist()
+        tokens = [prompt[-1]] + rng.integers(3, VOCAB, 15).tolist()
+        tree = DraftTree(np.array(tokens, np.int32), np.arange(-1, 15, dtype=np.int32), np.ones(16, np.float32),
+                         np.zeros(16, np.uint8))
+        v = Verifier(m)
+        assert not batch_invariant.installed(m)
+        v.prefill(np.array(prompt))
+        logits = v.verify(tree)
+        with torch.inference_mode():
+            full = m(torch.tensor([prompt + tokens[1:]])).logits[0, len(prompt) - 1:].float()
+            cache = m(torch.tensor([prompt]), use_cache=True).past_key_values
+            steps = [m(torch.tensor([[t]]), use_cache=True, **{cache_keyword(m): cache}).logits[0, -1].float()
+                     for t in tokens[1:]]
+        differ += int(not torch.equal(logits[1:], torch.stack(steps))) + int(not torch.equal(logits, full))
+    assert differ > 0
+
+
+def test_the_decoder_refuses_half_precision_that_is_not_invariant(monkeypatch):
+    monkeypatch.setattr(batch_invariant, "linear_is_invariant", lambda w, *a, **k: False)
+    m = tiny_llama(vocab=VOCAB).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="float32"):
+        SpeculativeDecoder(m, None, [ContextDrafter()])
+    SpeculativeDecoder(m, None, [ContextDrafter()], speculate=False)        # plain decoding needs nothing
+    monkeypatch.setenv("SPECSTORE_BATCH_INVARIANT", "0")                    # asked for: a warning only
+    SpeculativeDecoder(tiny_llama(vocab=VOCAB).to(torch.bfloat16), None, [ContextDrafter()])
+    SpeculativeDecoder(tiny_llama(vocab=VOCAB), None, [ContextDrafter()])   # float32 needs nothing
