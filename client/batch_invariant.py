@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import gqa_attention
 from .attention_kernel import attend, visible_lists
 from .small_linear import switched_off
 
@@ -42,7 +43,6 @@ NAME = "specstore_invariant"
 CHUNK_ROWS = 32         # rows per GEMM call within which rows are computed alike (checked by install)
 TREE_ROWS = 128         # inputs up to this many rows (verifies) are chunked; a longer prompt runs whole
 HALF = (torch.bfloat16, torch.float16)
-_registered = False
 
 
 def enabled() -> bool:
@@ -106,17 +106,6 @@ def _visible(mask, q: int, t: int) -> tuple:
     return _last_mask[2]
 
 
-def _register() -> None:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionInterface.register(NAME, attention)
-        AttentionMaskInterface.register(NAME, sdpa_mask)
-        _registered = True
-
-
 def installed(model) -> bool:
     return getattr(model, "_specstore_invariant", False)
 
@@ -139,7 +128,7 @@ def install(model) -> bool:
                     "in bfloat16 would not be identical to plain decoding; use float32", bad)
         return False
     try:
-        _register()
+        gqa_attention.register(NAME, attention)
         model.set_attn_implementation(NAME)
     except Exception as e:  # noqa: BLE001 - a transformers without attention interfaces
         log.warning("cannot install batch-invariant attention (%s); use float32", e)

@@ -22,7 +22,7 @@ from .small_linear import switched_off
 log = logging.getLogger(__name__)
 
 NAME = "specstore_sdpa"
-_registered = False
+_registered: set = set()
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -42,15 +42,16 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
                                   is_causal=is_causal, **kwargs)
 
 
-def _register() -> None:
-    global _registered
-    if not _registered:
+def register(name: str, function) -> None:
+    """Register ``function`` (transformers' attention-function signature) as attention implementation ``name``,
+    with ``sdpa``'s masks (once per name)."""
+    if name not in _registered:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        AttentionInterface.register(NAME, attention)
-        AttentionMaskInterface.register(NAME, sdpa_mask)
-        _registered = True
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, sdpa_mask)
+        _registered.add(name)
 
 
 def installed(model) -> bool:
@@ -66,7 +67,7 @@ def install(model) -> bool:
             or switched_off("SPECSTORE_GQA_ATTENTION"):
         return False
     try:
-        _register()
+        register(NAME, attention)
         model.set_attn_implementation(NAME)
     except Exception as e:  # noqa: BLE001 - an older or newer transformers: keep its own sdpa
         log.debug("keeping sdpa attention: %s", e)
