@@ -88,35 +88,42 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     return out.to(query.dtype).unsqueeze(0), None
 
 
-_last_mask: list = [None, 0, None]      # the mask of the last call, its key count, its visible lists
+_last_mask: tuple = (None, 0, None)     # the mask of the last call, its key count, its visible lists
 
 
 def _visible(mask, q: int, t: int) -> tuple:
     """Which keys each query sees, as ``attention_kernel.visible_lists``. A forward hands every layer the same
-    mask: its lists are made once (the mask is held here, so that its identity is not reused meanwhile)."""
+    mask: its lists are made once (the mask is held here, so that its identity is not reused meanwhile; one
+    tuple, read and replaced whole, so that decoders in other threads never see another mask's lists)."""
+    global _last_mask
     if mask is None:
         if q == 1:
             return np.array([0, t], np.int64), np.arange(t, dtype=np.int64)
         return visible_lists(np.tril(np.ones((q, t), bool), t - q))   # new queries after a cache, causal
-    if _last_mask[0] is mask and _last_mask[1] == t:
-        return _last_mask[2]
+    last = _last_mask
+    if last[0] is mask and last[1] == t:
+        return last[2]
     m = mask[0, 0, :, :t]
-    vis = (m if m.dtype == torch.bool else m == 0).expand(q, t).cpu().numpy()
-    _last_mask[:] = [mask, t, visible_lists(vis)]
-    return _last_mask[2]
+    lists = visible_lists((m if m.dtype == torch.bool else m == 0).expand(q, t).cpu().numpy())
+    _last_mask = (mask, t, lists)
+    return lists
 
 
 def installed(model) -> bool:
     return getattr(model, "_specstore_invariant", False)
 
 
+def _applies(p) -> bool:
+    """Whether a model whose first parameter is ``p`` needs batch-invariant forwards: half precision on CPU."""
+    return p is not None and p.device.type == "cpu" and p.dtype in HALF
+
+
 def install(model) -> bool:
-    """Make a CPU bfloat16 model batch-invariant (idempotent). Returns whether it is; another device or dtype,
+    """Make a CPU half-precision model batch-invariant (idempotent). Returns whether it is; another device or dtype,
     a BLAS whose GEMM is not row-invariant, or an attention transformers cannot swap leaves it as it was."""
     if installed(model):
         return True
-    p = next(model.parameters(), None)
-    if p is None or p.device.type != "cpu" or p.dtype not in HALF or not enabled():
+    if not _applies(next(model.parameters(), None)) or not enabled():
         return False
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     shapes = {}
@@ -143,7 +150,7 @@ def check(model) -> None:
     """Raise unless a CPU half-precision model is batch-invariant, which lossless speculative decoding needs;
     ``SPECSTORE_BATCH_INVARIANT=0`` (asked for by its user) only warns."""
     p = next(model.parameters(), None)
-    if p is None or p.device.type != "cpu" or p.dtype not in HALF or installed(model):
+    if not _applies(p) or installed(model):
         return
     why = (f"a {str(p.dtype).replace('torch.', '')} model on CPU without batch-invariant forwards "
            "(client/batch_invariant.py): speculative outputs can differ from plain decoding's")

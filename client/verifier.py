@@ -90,22 +90,19 @@ class Verifier:
             root = None
         ti = build_tree_attention(tree, self.past_len, self.device, self.dtype)
         self._pending = len(tree)
-        if root is None:
+        skip = 0 if root is None else 1                       # the root's row came with the prefill
+        rows = [] if root is None else [root[1][None]]
+        feats = [] if root is None or root[2] is None else [root[2][None]]
+        if len(tree) > skip:
+            mask = None if ti.attention_mask is None else ti.attention_mask[:, :, skip:]
             with attention_backends(self.device):
-                out = self._run(input_ids=ti.input_ids, position_ids=ti.position_ids,
-                                attention_mask=ti.attention_mask, use_cache=True, **{self._cache_kw: self.cache})
-            return out.logits[0].float()
-        _, logits, feature = root                             # the root's row came with the prefill
-        if len(tree) == 1:
-            self.features = None if feature is None else feature[None]
-            return logits[None]
-        with attention_backends(self.device):
-            out = self._run(input_ids=ti.input_ids[:, 1:], position_ids=ti.position_ids[:, 1:],
-                            attention_mask=ti.attention_mask[:, :, 1:], use_cache=True,
-                            **{self._cache_kw: self.cache})
-        if feature is not None:
-            self.features = torch.cat([feature[None], self.features])
-        return torch.cat([logits[None], out.logits[0].float()])
+                out = self._run(input_ids=ti.input_ids[:, skip:], position_ids=ti.position_ids[:, skip:],
+                                attention_mask=mask, use_cache=True, **{self._cache_kw: self.cache})
+            rows.append(out.logits[0].float())
+            feats += [self.features] if feats else []
+        if feats:
+            self.features = torch.cat(feats)
+        return torch.cat(rows)
 
     @torch.inference_mode()
     def commit(self, accepted_nodes: list[int]) -> None:
