@@ -11,10 +11,16 @@ against ~2.3x in float32 (BENCHMARKS.md §8): trees become nearly free.
 ``install(model)`` makes a CPU bfloat16 (or float16) model batch-invariant, for every forward of that model: our decoder's
 and transformers' own ``generate`` (the plain decoding we compare with) alike:
 
-- linear layers: torch's bfloat16 GEMM gives each row the same bits for 1..``CHUNK_ROWS`` rows per call, so
-  a verify's up to ``TREE_ROWS`` rows go in chunks of at most ``CHUNK_ROWS``. That is a property of the
-  BLAS, not a promise: ``install`` checks it on the model's own weight shapes for every row count and
-  refuses (returns False, logs why) where it does not hold;
+- linear layers, one of two ways, each a property of the BLAS, not a promise: ``install`` checks it on the
+  model's own weight shapes for every row count it relies on, and refuses (returns False, logs why) where
+  neither holds:
+  - "packed": oneDNN's GEMM on weights packed once into its blocked layout (what torch's CPU compiler uses
+    for frozen weights) gives each row the same bits for 1..``TREE_ROWS`` rows per call. Every forward
+    takes it. It is also faster: torch's own bfloat16 GEMM repacks the weights on every call, so one
+    decoding step of SmolLM2-135M cost 43.6 ms against 34.9 packed (BENCHMARKS.md §9). It keeps a second,
+    packed copy of the linear weights in memory. ``SPECSTORE_PACKED_LINEAR=0`` turns it off;
+  - "chunked": torch's bfloat16 GEMM gives each row the same bits for 1..``CHUNK_ROWS`` rows per call, so a
+    verify's up to ``TREE_ROWS`` rows go in chunks of at most ``CHUNK_ROWS``;
 - attention after the prompt (one decoding step's query, or a tree's queries under their mask) is
   client/attention_kernel.py's: each (query, head) sums over exactly the keys it may see, in order, so the
   same query over the same keys gives the same bits wherever they sit in the cache;
@@ -22,12 +28,13 @@ and transformers' own ``generate`` (the plain decoding we compare with) alike:
   plain decoding and in ours (client/verifier.py prefills the whole prompt for that reason).
 
 Everything else in a Llama-style layer (norms, rotary, activations, residuals) works row by row already.
-``SPECSTORE_BATCH_INVARIANT=0`` turns it off (bfloat16 outputs are then not identical to plain decoding).
+``SPECSTORE_BATCH_INVARIANT=0`` turns all of it off (bfloat16 outputs are then not identical to plain decoding).
 """
 from __future__ import annotations
 
 import logging
 import types
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -49,6 +56,47 @@ def enabled() -> bool:
     return not switched_off("SPECSTORE_BATCH_INVARIANT")
 
 
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] half-precision weight -> oneDNN's opaque packed copy (for one row per call, decoding's case)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def _packed_linear(packed: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class _Packed:
+    """One layer's packed weight, packed again when the weight changes (storage, dtype, or an in-place change
+    that torch counts: not those of tensors made under ``torch.inference_mode``, which keep no count).
+    A copy of the module (deepcopy, pickle) gets an empty one and packs on first use: oneDNN's opaque
+    tensors cannot be copied."""
+
+    def __init__(self):
+        self._held: tuple = (None, None)        # (key of the weight it was packed from, packed tensor), swapped whole
+
+    def __reduce__(self):
+        return (_Packed, ())
+
+    def get(self, w: torch.Tensor) -> torch.Tensor:
+        try:
+            version = w._version
+        except RuntimeError:        # an inference tensor (made under torch.inference_mode) has no version
+            version = None
+        key = (w.data_ptr(), version, w.dtype, tuple(w.shape))
+        held = self._held
+        if held[0] != key:
+            held = (key, _pack(w))
+            self._held = held
+        return held[1]
+
+
+def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    w = self.weight
+    if x.dtype != w.dtype or not _applies(w) or torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
+        return F.linear(x, w, self.bias)       # training, or a model since moved off CPU half precision
+    return _packed_linear(self._specstore_packed.get(w), x, self.bias)
+
+
 def _chunked_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     if rows <= CHUNK_ROWS or rows > TREE_ROWS:
@@ -58,15 +106,40 @@ def _chunked_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def linear_is_invariant(weight: torch.Tensor, max_rows: int = CHUNK_ROWS, seed: int = 0) -> bool:
-    """Whether every row of ``x @ weight^T`` has the same bits for 1..max_rows rows per call."""
+def rows_are_invariant(linear: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor, max_rows: int,
+                       seed: int = 0) -> bool:
+    """Whether ``linear`` (x [rows, in] -> [rows, out], computing with ``weight``) gives every row the same
+    bits for 1..max_rows rows per call."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(max_rows, weight.shape[1], generator=g).to(weight.dtype)
-    alone = torch.cat([F.linear(x[i:i + 1], weight) for i in range(max_rows)])
-    for n in range(2, max_rows + 1):
-        if not torch.equal(F.linear(x[:n], weight), alone[:n]):
-            return False
-    return True
+    alone = torch.cat([linear(x[i:i + 1]) for i in range(max_rows)])
+    return all(torch.equal(linear(x[:n]), alone[:n]) for n in range(2, max_rows + 1))
+
+
+def linear_is_invariant(weight: torch.Tensor, max_rows: int = CHUNK_ROWS, seed: int = 0) -> bool:
+    """Whether torch's ``x @ weight^T`` gives every row the same bits for 1..max_rows rows per call."""
+    return rows_are_invariant(lambda x: F.linear(x, weight), weight, max_rows, seed)
+
+
+def packed_is_invariant(weight: torch.Tensor, max_rows: int = TREE_ROWS, seed: int = 0) -> bool:
+    """Whether oneDNN's GEMM on the packed ``weight`` gives every row the same bits for 1..max_rows rows per
+    call (False where this torch or CPU cannot pack it)."""
+    try:
+        packed = _pack(weight)
+        return rows_are_invariant(lambda x: _packed_linear(packed, x), weight, max_rows, seed)
+    except (RuntimeError, AttributeError, NotImplementedError) as e:     # no oneDNN, or not for this dtype
+        log.info("no packed half-precision GEMM here (%s)", e)
+        return False
+
+
+def _gemm_mode(weights: list[torch.Tensor]) -> str:
+    """"packed", "chunked" or "" (neither gives rows the same bits whatever the row count): see the module's
+    docstring."""
+    if not switched_off("SPECSTORE_PACKED_LINEAR") and all(packed_is_invariant(w) for w in weights):
+        return "packed"
+    if all(linear_is_invariant(w) for w in weights):
+        return "chunked"
+    return ""
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -109,8 +182,9 @@ def _visible(mask, q: int, t: int) -> tuple:
     return lists
 
 
-def installed(model) -> bool:
-    return getattr(model, "_specstore_invariant", False)
+def installed(model) -> str:
+    """The linear layers' way ("packed" or "chunked", see the module's docstring), or "" if not installed."""
+    return getattr(model, "_specstore_invariant", "")
 
 
 def _applies(p) -> bool:
@@ -129,10 +203,10 @@ def install(model) -> bool:
     shapes = {}
     for m in linears:
         shapes.setdefault(tuple(m.weight.shape), m.weight)
-    bad = [s for s, w in shapes.items() if not linear_is_invariant(w.detach())]
-    if bad:
-        log.warning("bfloat16 GEMMs on this machine are not row-invariant for weights %s: speculative decoding "
-                    "in bfloat16 would not be identical to plain decoding; use float32", bad)
+    mode = _gemm_mode([w.detach() for w in shapes.values()])
+    if not mode:
+        log.warning("half-precision GEMMs on this machine are not row-invariant for the weights %s: speculative "
+                    "decoding would not be identical to plain decoding; use float32", sorted(shapes))
         return False
     try:
         gqa_attention.register(NAME, attention)
@@ -141,8 +215,10 @@ def install(model) -> bool:
         log.warning("cannot install batch-invariant attention (%s); use float32", e)
         return False
     for m in linears:
-        m.forward = types.MethodType(_chunked_forward, m)
-    model._specstore_invariant = True
+        if mode == "packed":
+            m._specstore_packed = _Packed()
+        m.forward = types.MethodType(_packed_forward if mode == "packed" else _chunked_forward, m)
+    model._specstore_invariant = mode
     return True
 
 

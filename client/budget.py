@@ -163,7 +163,7 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
     if small_linear.installed(model):       # another kernel, another curve (client/small_linear.py)
         key += f"-smalllinear{small_linear.MAX_ROWS}"
     if batch_invariant.installed(model):
-        key += "-invariant"                 # bfloat16 attention and GEMM chunks of client/batch_invariant.py
+        key += f"-invariant-{batch_invariant.installed(model)}"     # client/batch_invariant.py: attention, GEMMs
     if gqa_attention.installed(model):
         key += "-gqa"                       # masked attention without copying the cache (client/gqa_attention.py)
     if p.device.type == "cuda":

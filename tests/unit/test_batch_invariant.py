@@ -80,12 +80,54 @@ def test_the_gemm_check_has_teeth(monkeypatch):
     assert not batch_invariant.linear_is_invariant(w)
 
 
-@pytest.fixture(scope="module")
-def bf16_model():
+def test_the_packed_gemm_check_has_teeth(monkeypatch):
+    w = torch.randn(48, 32).bfloat16()
+    if not batch_invariant.packed_is_invariant(w):
+        pytest.skip("no row-invariant packed bfloat16 GEMM on this machine (install falls back to chunks)")
+    real = batch_invariant._packed_linear
+    monkeypatch.setattr(batch_invariant, "_packed_linear",
+                        lambda p, x, b=None: real(p, x, b) * (1 + 1e-2 * (len(x) > 3)))
+    assert not batch_invariant.packed_is_invariant(w)
+    monkeypatch.setattr(batch_invariant, "_pack", lambda w: (_ for _ in ()).throw(RuntimeError("no oneDNN")))
+    assert not batch_invariant.packed_is_invariant(w)       # a torch that cannot pack: False, not an error
+
+
+@pytest.fixture(scope="module", params=["packed", "chunked"])
+def bf16_model(request):
+    """A tiny bfloat16 Llama with each way of batch-invariant linear layers (client/batch_invariant.py)."""
     m = tiny_llama(vocab=VOCAB, layers=2).to(torch.bfloat16)
-    if not batch_invariant.install(m):
-        pytest.skip("bfloat16 GEMMs on this machine are not row-invariant: the decoder refuses (tested below)")
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "chunked":
+            mp.setenv("SPECSTORE_PACKED_LINEAR", "0")
+        if not batch_invariant.install(m):
+            pytest.skip("bfloat16 GEMMs on this machine are not row-invariant: the decoder refuses (tested below)")
+    if batch_invariant.installed(m) != request.param:
+        pytest.skip(f"no row-invariant {request.param} bfloat16 GEMM on this machine")
     return m
+
+
+def test_a_packed_layer_follows_its_weight_and_survives_a_copy():
+    """The packed copy is made again when the weight changes, and a copied model (whose packed tensors cannot
+    be copied) packs its own."""
+    import copy
+
+    m = tiny_llama(vocab=VOCAB, layers=1).to(torch.bfloat16)
+    if not batch_invariant.install(m) or batch_invariant.installed(m) != "packed":
+        pytest.skip("no row-invariant packed bfloat16 GEMM on this machine")
+    x = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        before = m(x).logits                                 # packs every layer
+    twin = copy.deepcopy(m)
+    with torch.inference_mode():
+        assert torch.equal(twin(x).logits, before)
+        lin = m.model.layers[0].mlp.down_proj
+        h = torch.randn(4, lin.in_features).bfloat16()
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    with torch.inference_mode():
+        assert torch.equal(lin(h), batch_invariant._packed_linear(batch_invariant._pack(lin.weight), h))
+        assert not torch.equal(m(x).logits, before)
+        assert torch.equal(twin(x).logits, before)           # the copy has weights of its own
 
 
 def test_tree_logits_have_plain_decodings_bits(bf16_model):
@@ -150,7 +192,7 @@ def test_without_it_bfloat16_trees_part_from_plain_decoding(monkeypatch):
 
 
 def test_the_decoder_refuses_half_precision_that_is_not_invariant(monkeypatch):
-    monkeypatch.setattr(batch_invariant, "linear_is_invariant", lambda w, *a, **k: False)
+    monkeypatch.setattr(batch_invariant, "rows_are_invariant", lambda *a, **k: False)
     m = tiny_llama(vocab=VOCAB).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="float32"):
         SpeculativeDecoder(m, None, [ContextDrafter()])
