@@ -1,7 +1,7 @@
 """Attention whose result for a query depends only on that query and the keys it may see (numba).
 
-client/batch_invariant.py's attention. Each (query, head) is one task, and every loop in it runs over the
-keys the query may see, in position order (their ordinals), never over cache positions: the scores (one dot
+client/batch_invariant.py's attention. For each (query, head) every loop runs over the keys the query may see,
+in position order (their ordinals), never over cache positions: the scores (one dot
 product each), the softmax's maximum, exponentials and sum, and the weighted sum of the values. The
 compiled code of a task is fixed, so its result is a function of the query and of that ordered list of keys
 alone: a query gets the same bits whether it is a decoding step's only query over the whole cache or one
@@ -21,61 +21,95 @@ _LN2_LO = np.float32(-2.12194440e-4)
 _LOG2E = np.float32(1.44269504088896341)
 
 
-@njit(cache=True, inline="always")
-def _exp_neg(x):
-    """exp(x) for x <= 0 in float32 (Cephes' expf polynomial; inputs below -87 give ~0), without branches so
-    that loops over it vectorise (numba's np.exp calls libm one value at a time)."""
-    x = max(x, np.float32(-87.0))
-    n = np.floor(x * _LOG2E + np.float32(0.5))
-    r = x - n * _LN2_HI
-    r = r - n * _LN2_LO
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * r * r + r + np.float32(1.0)
-    return p * np.float32(2.0) ** n
+@njit(fastmath=True, cache=True, nogil=True, inline="always")
+def _exp_neg_into(x, e, bits, n):
+    """e[:n] = exp(x[:n]) for x <= 0 in float32 (Cephes' expf polynomial; inputs below -87 give ~0). The power
+    of two is built from its exponent bits (``bits`` [>= n] int32, read back as float32), so that both loops
+    vectorise without calls (numba's np.exp calls libm one value at a time, ``2.0 ** k`` calls powf)."""
+    for jj in range(n):
+        y = max(x[jj], np.float32(-87.0))
+        k = np.floor(y * _LOG2E + np.float32(0.5))
+        r = y - k * _LN2_HI
+        r = r - k * _LN2_LO
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        e[jj] = p * r * r + r + np.float32(1.0)
+        bits[jj] = (np.int32(k) + np.int32(127)) << np.int32(23)      # 2**k, k in [-125, 0]: a normal float
+    two_k = bits.view(np.float32)
+    for jj in range(n):
+        e[jj] = e[jj] * two_k[jj]
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _attend(q, k, v, indptr, idx, scale, out):
     """q [H, Q, D], k/v [KV, T, D] float32; query r sees keys idx[indptr[r]:indptr[r + 1]] (ascending);
-    out [Q, H, D] float32. Head h reads key/value head h // (H // KV)."""
+    out [Q, H, D] float32. Head h reads key/value head h // (H // KV).
+
+    One task per (query, key/value head) does that head's query heads together, so that each key and value
+    row is read once for all of them. The values are summed four keys at a time (by ordinal, so the order
+    of the additions is still fixed by the list of keys), which quarters the chain of dependent updates of
+    the sums."""
     n_heads, n_q, dim = q.shape
-    groups = n_heads // k.shape[0]
-    for task in prange(n_q * n_heads):
-        r = task // n_heads
-        h = task - r * n_heads
-        g = h // groups
+    n_kv = k.shape[0]
+    groups = n_heads // n_kv
+    for task in prange(n_q * n_kv):
+        r = task // n_kv
+        g = task - r * n_kv
         a = indptr[r]
         n = indptr[r + 1] - a
-        qs = np.empty(dim, np.float32)
-        for t in range(dim):
-            qs[t] = q[h, r, t] * scale
-        e = np.empty(n, np.float32)
-        best = np.float32(-np.inf)
+        qs = np.empty((groups, dim), np.float32)
+        for hh in range(groups):
+            for t in range(dim):
+                qs[hh, t] = q[g * groups + hh, r, t] * scale
+        s = np.empty((groups, n), np.float32)
         for jj in range(n):
             kj = k[g, idx[a + jj]]
-            s = np.float32(0.0)
-            for t in range(dim):
-                s += qs[t] * kj[t]
-            e[jj] = s
-            best = max(best, s)
-        for jj in range(n):
-            e[jj] = _exp_neg(e[jj] - best)
-        z = np.float32(0.0)
-        for jj in range(n):
-            z += e[jj]
-        acc = np.zeros(dim, np.float32)
-        for jj in range(n):
-            p = e[jj]
+            for hh in range(groups):
+                dot = np.float32(0.0)
+                for t in range(dim):
+                    dot += qs[hh, t] * kj[t]
+                s[hh, jj] = dot
+        e = np.empty((groups, n), np.float32)
+        bits = np.empty(n, np.int32)
+        z = np.empty(groups, np.float32)
+        for hh in range(groups):
+            best = np.float32(-np.inf)
+            for jj in range(n):
+                best = max(best, s[hh, jj])
+            for jj in range(n):
+                s[hh, jj] = s[hh, jj] - best
+            _exp_neg_into(s[hh], e[hh], bits, n)
+            total = np.float32(0.0)
+            for jj in range(n):
+                total += e[hh, jj]
+            z[hh] = total
+        acc = np.zeros((groups, dim), np.float32)
+        n4 = n - n % 4
+        for jj in range(0, n4, 4):
+            v0 = v[g, idx[a + jj]]
+            v1 = v[g, idx[a + jj + 1]]
+            v2 = v[g, idx[a + jj + 2]]
+            v3 = v[g, idx[a + jj + 3]]
+            for hh in range(groups):
+                p0 = e[hh, jj]
+                p1 = e[hh, jj + 1]
+                p2 = e[hh, jj + 2]
+                p3 = e[hh, jj + 3]
+                for t in range(dim):
+                    acc[hh, t] += ((p0 * v0[t] + p1 * v1[t]) + p2 * v2[t]) + p3 * v3[t]
+        for jj in range(n4, n):
             vj = v[g, idx[a + jj]]
+            for hh in range(groups):
+                p = e[hh, jj]
+                for t in range(dim):
+                    acc[hh, t] += p * vj[t]
+        for hh in range(groups):
             for t in range(dim):
-                acc[t] += p * vj[t]
-        for t in range(dim):
-            out[r, h, t] = acc[t] / z if n else np.float32(0.0)
+                out[r, g * groups + hh, t] = acc[hh, t] / z[hh] if n else np.float32(0.0)
 
 
 def visible_lists(visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

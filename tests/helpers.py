@@ -11,11 +11,12 @@ from specstore.client.types import DecodeContext, Drafter, DraftTree, Source
 TEST_DEVICE = os.environ.get("SPECSTORE_TEST_DEVICE", "cpu")
 
 
-def tiny_llama(vocab: int = 96, seed: int = 0, layers: int = 2, attn: str = "sdpa", max_pos: int = 512):
+def tiny_llama(vocab: int = 96, seed: int = 0, layers: int = 2, attn: str = "sdpa", max_pos: int = 512,
+               hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     cfg._attn_implementation = attn
