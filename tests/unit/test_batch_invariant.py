@@ -204,3 +204,16 @@ def test_the_decoder_refuses_half_precision_that_is_not_invariant(monkeypatch):
     monkeypatch.setenv("SPECSTORE_BATCH_INVARIANT", "0")                    # asked for: a warning only
     SpeculativeDecoder(tiny_llama(vocab=VOCAB).to(torch.bfloat16), None, [ContextDrafter()])
     SpeculativeDecoder(tiny_llama(vocab=VOCAB), None, [ContextDrafter()])   # float32 needs nothing
+
+
+def test_the_kernel_benchmark_runs_and_its_tree_mask_is_a_tree():
+    from specstore.bench import invariant_kernels
+
+    vis = invariant_kernels.tree_visible(6, 20)
+    assert vis[:, :14].all() and all(vis[r, 14 + r] for r in range(6))
+    assert not vis[0, 15:].any()                                  # the root sees none of its descendants
+    rows = invariant_kernels.attention_rows(4, 2, 16, 40, [1, 6], reps=2)
+    assert [r["queries"] for r in rows] == [1, 6] and all(r["invariant"] > 0 and r["torch"] > 0 for r in rows)
+    if batch_invariant.packed_is_invariant(torch.randn(32, 64).bfloat16(), max_rows=2):
+        rows = invariant_kernels.linear_rows([(32, 64)], [1, 3], reps=2)
+        assert [(r["weight"], r["rows"]) for r in rows] == [("32x64", 1), ("32x64", 3)]
