@@ -222,10 +222,25 @@ def install(model) -> bool:
     return True
 
 
+_warned_devices: set = set()
+
+
 def check(model) -> None:
     """Raise unless a CPU half-precision model is batch-invariant, which lossless speculative decoding needs;
-    ``SPECSTORE_BATCH_INVARIANT=0`` (asked for by its user) only warns."""
+    ``SPECSTORE_BATCH_INVARIANT=0`` (asked for by its user) only warns. Half precision on another device
+    (CUDA) warns once per device type: its kernels are not made batch-invariant here, and whether a tree row
+    gets plain decoding's bits there is measured by ``python -m specstore.bench.half_precision_identity``, not
+    promised."""
     p = next(model.parameters(), None)
+    if p is not None and p.dtype in HALF and p.device.type != "cpu":
+        if p.device.type not in _warned_devices:
+            _warned_devices.add(p.device.type)
+            log.warning("%s on %s: speculative outputs are token-identical to plain decoding only as far as this "
+                        "device's kernels give a tree row the bits of the same token decoded alone, which is not "
+                        "enforced here (on CPU it is: client/batch_invariant.py); measure it with python -m "
+                        "specstore.bench.half_precision_identity, or use --dtype float32",
+                        str(p.dtype).replace("torch.", ""), p.device.type)
+        return
     if not _applies(p) or installed(model):
         return
     why = (f"a {str(p.dtype).replace('torch.', '')} model on CPU without batch-invariant forwards "

@@ -217,3 +217,30 @@ def test_the_kernel_benchmark_runs_and_its_tree_mask_is_a_tree():
     if batch_invariant.packed_is_invariant(torch.randn(32, 64).bfloat16(), max_rows=2):
         rows = invariant_kernels.linear_rows([(32, 64)], [1, 3], reps=2)
         assert [(r["weight"], r["rows"]) for r in rows] == [("32x64", 1), ("32x64", 3)]
+
+
+def test_the_identity_probe_sees_what_the_invariant_forwards_fix(monkeypatch):
+    """bench/half_precision_identity.py (what a GPU session runs on CUDA): zero nodes with other bits with the
+    batch-invariant forwards, some without them."""
+    from specstore.bench import half_precision_identity as probe
+
+    m = probe.tiny_model("cpu", torch.bfloat16)
+    if not batch_invariant.install(m):
+        pytest.skip("bfloat16 GEMMs on this machine are not row-invariant")
+    assert probe.measure(m, trials=4, nodes=12)["other_bits"] == 0
+    monkeypatch.setenv("SPECSTORE_BATCH_INVARIANT", "0")
+    stock = probe.tiny_model("cpu", torch.bfloat16)
+    res = probe.measure(stock, trials=6, nodes=12)
+    assert res["other_bits"] > 0 and res["nodes"] >= 6
+
+
+def test_half_precision_off_the_cpu_warns_once(caplog):
+    """CUDA's kernels are not made batch-invariant here: the decoder says so (once per device type) instead of
+    promising identity. A meta-device layer stands in for a GPU."""
+    layer = torch.nn.Linear(4, 4, device="meta", dtype=torch.bfloat16)
+    batch_invariant._warned_devices.discard("meta")
+    with caplog.at_level("WARNING", logger="specstore.client.batch_invariant"):
+        batch_invariant.check(layer)
+        batch_invariant.check(layer)
+    warnings = [r for r in caplog.records if "half_precision_identity" in r.getMessage()]
+    assert len(warnings) == 1 and "meta" in warnings[0].getMessage()
