@@ -135,27 +135,12 @@ def test_a_packed_layer_follows_its_weight_and_survives_a_copy():
 
 
 def test_tree_logits_have_plain_decodings_bits(bf16_model):
-    """Every node's logits equal, bit for bit, those of plain incremental decoding along its path."""
-    rng = np.random.default_rng(3)
-    for trial in range(6):
-        prompt = rng.integers(3, VOCAB, int(rng.integers(1, 40))).tolist()
-        n = int(rng.integers(2, 34))
-        parents = [-1] + [int(rng.integers(0, i)) for i in range(1, n)]
-        tokens = [prompt[-1]] + rng.integers(3, VOCAB, n - 1).tolist()
-        tree = DraftTree(np.array(tokens, np.int32), np.array(parents, np.int32), np.ones(n, np.float32),
-                         np.zeros(n, np.uint8))
-        v = Verifier(bf16_model)
-        v.prefill(np.array(prompt))
-        logits = v.verify(tree)
-        for i in range(n):
-            path = [tokens[j] for j in tree.path_to(i)]
-            with torch.inference_mode():        # plain decoding: the prompt at once, then one token per forward
-                out = bf16_model(torch.tensor([prompt]), use_cache=True)
-                cache, last = out.past_key_values, out.logits[0, -1]
-                for t in path:
-                    out = bf16_model(torch.tensor([[t]]), use_cache=True, **{cache_keyword(bf16_model): cache})
-                    cache, last = out.past_key_values, out.logits[0, -1]
-            assert torch.equal(logits[i], last.float()), (trial, i)
+    """Every node's logits equal, bit for bit, those of plain incremental decoding along its path (the prompt at
+    once, then one token per forward): bench/half_precision_identity.py's measurement."""
+    from specstore.bench.half_precision_identity import measure
+
+    res = measure(bf16_model, trials=6, nodes=33, seed=3, prompt_len=(1, 40))
+    assert res["nodes"] >= 12 and res["other_bits"] == 0 and res["max_abs_diff"] == 0
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
