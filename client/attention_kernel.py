@@ -56,9 +56,9 @@ def _attend(q, k, v, indptr, idx, scale, out):
     n_heads, n_q, dim = q.shape
     n_kv = k.shape[0]
     groups = n_heads // n_kv
-    for task in prange(n_q * n_kv):
-        r = task // n_kv
-        g = task - r * n_kv
+    for task in prange(n_q * n_kv):     # key/value head major: a thread's run of tasks shares its keys and values
+        g = task // n_q
+        r = task - g * n_q
         a = indptr[r]
         n = indptr[r + 1] - a
         qs = np.empty((groups, dim), np.float32)
