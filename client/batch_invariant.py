@@ -132,9 +132,20 @@ def packed_is_invariant(weight: torch.Tensor, max_rows: int = TREE_ROWS, seed: i
         return False
 
 
+MIN_INNER = 96     # inner dimensions below this are refused (see _gemm_mode)
+
+
 def _gemm_mode(weights: list[torch.Tensor]) -> str:
     """"packed", "chunked" or "" (neither gives rows the same bits whatever the row count): see the module's
-    docstring."""
+    docstring. Weights with an inner dimension below ``MIN_INNER`` get "": on the Intel VM of BENCHMARKS.md §9.1,
+    widths of 32..64 gave about one row in 1,000 other bits alone than among others, in both ways, which a
+    check of 128 rows misses more often than not; from 96 on no row did, nor in 32,768 rows of each SmolLM2
+    shape. Real models are far wider; tiny ones decode in float32."""
+    narrow = sorted({int(w.shape[1]) for w in weights if w.shape[1] < MIN_INNER})
+    if narrow:
+        log.warning("inner dimensions %s are below %d, where half-precision GEMMs were seen to give rows other "
+                    "bits depending on the row count", narrow, MIN_INNER)
+        return ""
     if not switched_off("SPECSTORE_PACKED_LINEAR") and all(packed_is_invariant(w) for w in weights):
         return "packed"
     if all(linear_is_invariant(w) for w in weights):
@@ -248,4 +259,5 @@ def check(model) -> None:
     if not enabled():
         log.warning("%s (SPECSTORE_BATCH_INVARIANT=0)", why)
         return
-    raise RuntimeError(f"{why}; this machine's GEMMs are not row-invariant: use --dtype float32")
+    raise RuntimeError(f"{why}; its GEMMs are not row-invariant on this machine (the log says why): "
+                       "use --dtype float32")
