@@ -89,6 +89,24 @@ def test_generated_pairs_follow_the_plain_distribution(params, drafts):
     assert_two_token_distribution(counts, exact, n, VOCAB)
 
 
+def test_bfloat16_sampling_follows_the_plain_distribution():
+    """Sampling with drafts on a CPU bfloat16 model (batch-invariant forwards, client/batch_invariant.py)."""
+    from specstore.client import batch_invariant
+
+    model = tiny_llama(vocab=VOCAB, seed=3, hidden=128).to(torch.bfloat16)
+    if not batch_invariant.install(model):
+        pytest.skip("bfloat16 GEMMs on this machine are not row-invariant: the decoder refuses bfloat16")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    prompt, params = [3, 4, 5], dict(temperature=1.0)
+    exact = exact_pair_distribution(model, prompt, SamplingParams(**params)).ravel()
+    dec = SpeculativeDecoder(model, None, [FixedTreeDrafter([[2, 4], [4, 2], [4, 1], [9]])],
+                             profile=CostProfile.flat(9), max_budget=8)
+    counts, drafted = sample_pairs(dec, prompt, 1500, params, VOCAB)
+    assert drafted > 0
+    assert_two_token_distribution(counts, exact, 1500, VOCAB)
+
+
 def sample_pairs(dec, prompt, n: int, params: dict, vocab: int) -> tuple[np.ndarray, int]:
     """([vocab * vocab] counts of the first two generated tokens over n seeded generations, drafts verified)."""
     counts = np.zeros(vocab * vocab)
