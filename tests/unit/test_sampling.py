@@ -1,5 +1,4 @@
 """Lossless sampling: the speculative sampler draws from exactly the plain sampling distribution."""
-import itertools
 
 import numpy as np
 import pytest
