@@ -16,11 +16,12 @@ and transformers' own ``generate`` (the plain decoding we compare with) alike:
   neither holds:
   - "packed": oneDNN's GEMM on weights packed once into its blocked layout (what torch's CPU compiler uses
     for frozen weights) gives each row the same bits for 1..``TREE_ROWS`` rows per call. Every forward
-    takes it. It is also faster: torch's own bfloat16 GEMM repacks the weights on every call, so one
-    decoding step of SmolLM2-135M cost 43.6 ms against 34.9 packed (BENCHMARKS.md §9). It keeps a second,
-    packed copy of the linear weights in memory. ``SPECSTORE_PACKED_LINEAR=0`` turns it off;
+    takes it. It is also faster: torch's own bfloat16 GEMM repacks the weights on every call (one row of
+    SmolLM2's 1536x576 weight: 69 us, packed 45 us; BENCHMARKS.md §9.1). It keeps a second, packed copy of
+    the linear weights in memory. ``SPECSTORE_PACKED_LINEAR=0`` turns it off;
   - "chunked": torch's bfloat16 GEMM gives each row the same bits for 1..``CHUNK_ROWS`` rows per call, so a
     verify's up to ``TREE_ROWS`` rows go in chunks of at most ``CHUNK_ROWS``;
+  weights narrower than ``MIN_INNER`` are refused either way (see ``_gemm_mode``);
 - attention after the prompt (one decoding step's query, or a tree's queries under their mask) is
   client/attention_kernel.py's: each (query, head) sums over exactly the keys it may see, in order, so the
   same query over the same keys gives the same bits wherever they sit in the cache;
