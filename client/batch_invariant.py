@@ -18,7 +18,8 @@ and transformers' own ``generate`` (the plain decoding we compare with) alike:
     for frozen weights) gives each row the same bits for 1..``TREE_ROWS`` rows per call. Every forward
     takes it. It is also faster: torch's own bfloat16 GEMM repacks the weights on every call (one row of
     SmolLM2's 1536x576 weight: 69 us, packed 45 us; BENCHMARKS.md §9.1). It keeps a second, packed copy of
-    the linear weights in memory. ``SPECSTORE_PACKED_LINEAR=0`` turns it off;
+    the linear weights in memory (skipped where that would take over half the memory available).
+    ``SPECSTORE_PACKED_LINEAR=0`` turns it off;
   - "chunked": torch's bfloat16 GEMM gives each row the same bits for 1..``CHUNK_ROWS`` rows per call, so a
     verify's up to ``TREE_ROWS`` rows go in chunks of at most ``CHUNK_ROWS``;
   weights narrower than ``MIN_INNER`` are refused either way (see ``_gemm_mode``);
@@ -34,6 +35,7 @@ Everything else in a Llama-style layer (norms, rotary, activations, residuals) w
 from __future__ import annotations
 
 import logging
+import os
 import types
 from typing import Callable, Optional
 
@@ -136,7 +138,31 @@ def packed_is_invariant(weight: torch.Tensor, max_rows: int = TREE_ROWS, seed: i
 MIN_INNER = 96     # inner dimensions below this are refused (see _gemm_mode)
 
 
-def _gemm_mode(weights: list[torch.Tensor]) -> str:
+def _available_memory() -> Optional[int]:
+    """Bytes of memory available now, or None where unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - no psutil: Linux's count, else unknown
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
+def packing_fits(weights: list[torch.Tensor]) -> bool:
+    """Whether packed copies of ``weights`` (each tensor once) take at most half the memory available now."""
+    need = sum(w.numel() * w.element_size() for w in {w.data_ptr(): w for w in weights}.values())
+    avail = _available_memory()
+    if avail is not None and need > avail // 2:
+        log.warning("packed copies of the linear layers' weights would take %.2f GB of the %.2f GB available: "
+                    "torch's GEMM in chunks instead (slower)", need / 1e9, avail / 1e9)
+        return False
+    return True
+
+
+def _gemm_mode(weights: list[torch.Tensor], packed_ok: bool = True) -> str:
     """"packed", "chunked" or "" (neither gives rows the same bits whatever the row count): see the module's
     docstring. Weights with an inner dimension below ``MIN_INNER`` get "": on the Intel VM of BENCHMARKS.md §9.1,
     widths of 32..64 gave about one row in 1,000 other bits alone than among others, in both ways, which a
@@ -147,7 +173,7 @@ def _gemm_mode(weights: list[torch.Tensor]) -> str:
         log.warning("inner dimensions %s are below %d, where half-precision GEMMs were seen to give rows other "
                     "bits depending on the row count", narrow, MIN_INNER)
         return ""
-    if not switched_off("SPECSTORE_PACKED_LINEAR") and all(packed_is_invariant(w) for w in weights):
+    if packed_ok and not switched_off("SPECSTORE_PACKED_LINEAR") and all(packed_is_invariant(w) for w in weights):
         return "packed"
     if all(linear_is_invariant(w) for w in weights):
         return "chunked"
@@ -215,7 +241,7 @@ def install(model) -> bool:
     shapes = {}
     for m in linears:
         shapes.setdefault(tuple(m.weight.shape), m.weight)
-    mode = _gemm_mode([w.detach() for w in shapes.values()])
+    mode = _gemm_mode([w.detach() for w in shapes.values()], packing_fits([m.weight for m in linears]))
     if not mode:
         log.warning("half-precision GEMMs on this machine are not row-invariant for the weights %s: speculative "
                     "decoding would not be identical to plain decoding; use float32", sorted(shapes))

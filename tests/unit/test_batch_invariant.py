@@ -90,6 +90,16 @@ def test_narrow_weights_are_refused():
         SpeculativeDecoder(m, None, [ContextDrafter()])
 
 
+def test_no_packed_copies_where_memory_is_short(monkeypatch):
+    m = tiny_llama(vocab=VOCAB, layers=1, hidden=BF16_HIDDEN).to(torch.bfloat16)
+    monkeypatch.setattr(batch_invariant, "_available_memory", lambda: 4096)
+    if not batch_invariant.install(m):
+        pytest.skip("bfloat16 GEMMs on this machine are not row-invariant")
+    assert batch_invariant.installed(m) == "chunked"
+    assert batch_invariant.packing_fits([torch.zeros(512, dtype=torch.bfloat16)])         # 1 KB of 4 KB
+    assert not batch_invariant.packing_fits([torch.zeros(2048, dtype=torch.bfloat16)])    # 4 KB of 4 KB
+
+
 def test_the_packed_gemm_check_has_teeth(monkeypatch):
     w = torch.randn(48, BF16_HIDDEN, generator=torch.Generator().manual_seed(0)).bfloat16()
     if not batch_invariant.packed_is_invariant(w):
