@@ -162,22 +162,22 @@ def packing_fits(weights: list[torch.Tensor]) -> bool:
     return True
 
 
-def _gemm_mode(weights: list[torch.Tensor], packed_ok: bool = True) -> str:
-    """"packed", "chunked" or "" (neither gives rows the same bits whatever the row count): see the module's
-    docstring. Weights with an inner dimension below ``MIN_INNER`` get "": on the Intel VM of BENCHMARKS.md §9.1,
-    widths of 32..64 gave about one row in 1,000 other bits alone than among others, in both ways, which a
-    check of 128 rows misses more often than not; from 96 on no row did, nor in 32,768 rows of each SmolLM2
-    shape. Real models are far wider; tiny ones decode in float32."""
+def _gemm_mode(weights: list[torch.Tensor], packed_ok: bool = True) -> tuple[str, str]:
+    """("packed" or "chunked", "") or ("", why neither gives rows the same bits whatever the row count): see
+    the module's docstring. Weights with an inner dimension below ``MIN_INNER`` get neither: on the Intel VM of
+    BENCHMARKS.md §9.1, widths of 32..64 gave about one row in 1,000 other bits alone than among others, in both
+    ways, which a check of 128 rows misses more often than not; from 96 on no row did, nor in 32,768 rows of each
+    SmolLM2 shape. Real models are far wider; tiny ones decode in float32."""
     narrow = sorted({int(w.shape[1]) for w in weights if w.shape[1] < MIN_INNER})
     if narrow:
-        log.warning("inner dimensions %s are below %d, where half-precision GEMMs were seen to give rows other "
-                    "bits depending on the row count", narrow, MIN_INNER)
-        return ""
+        return "", (f"its weights' inner dimensions {narrow} are below {MIN_INNER}, where half-precision GEMMs were "
+                    "seen to give rows other bits depending on the row count")
     if packed_ok and not switched_off("SPECSTORE_PACKED_LINEAR") and all(packed_is_invariant(w) for w in weights):
-        return "packed"
+        return "packed", ""
     if all(linear_is_invariant(w) for w in weights):
-        return "chunked"
-    return ""
+        return "chunked", ""
+    shapes = sorted({tuple(w.shape) for w in weights})
+    return "", f"this machine's half-precision GEMMs are not row-invariant for its weights {shapes}"
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -232,25 +232,26 @@ def _applies(p) -> bool:
 
 def install(model) -> bool:
     """Make a CPU half-precision model batch-invariant (idempotent). Returns whether it is; another device or dtype,
-    a BLAS whose GEMM is not row-invariant, or an attention transformers cannot swap leaves it as it was."""
+    a BLAS whose GEMM is not row-invariant, or an attention transformers cannot swap leaves it as it was (the
+    reason kept on the model for ``check``, and not checked again)."""
     if installed(model):
         return True
-    if not _applies(next(model.parameters(), None)) or not enabled():
+    if getattr(model, "_specstore_refused", "") or not _applies(next(model.parameters(), None)) or not enabled():
         return False
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     shapes = {}
     for m in linears:
         shapes.setdefault(tuple(m.weight.shape), m.weight)
-    mode = _gemm_mode([w.detach() for w in shapes.values()], packing_fits([m.weight for m in linears]))
+    mode, why = _gemm_mode([w.detach() for w in shapes.values()], packing_fits([m.weight for m in linears]))
+    if mode:
+        try:
+            gqa_attention.register(NAME, attention)
+            model.set_attn_implementation(NAME)
+        except Exception as e:  # noqa: BLE001 - a transformers without attention interfaces
+            mode, why = "", f"its attention cannot be swapped ({e})"
     if not mode:
-        log.warning("half-precision GEMMs on this machine are not row-invariant for the weights %s: speculative "
-                    "decoding would not be identical to plain decoding; use float32", sorted(shapes))
-        return False
-    try:
-        gqa_attention.register(NAME, attention)
-        model.set_attn_implementation(NAME)
-    except Exception as e:  # noqa: BLE001 - a transformers without attention interfaces
-        log.warning("cannot install batch-invariant attention (%s); use float32", e)
+        model._specstore_refused = why
+        log.info("no batch-invariant forwards: %s", why)
         return False
     for m in linears:
         if mode == "packed":
@@ -258,6 +259,11 @@ def install(model) -> bool:
         m.forward = types.MethodType(_packed_forward if mode == "packed" else _chunked_forward, m)
     model._specstore_invariant = mode
     return True
+
+
+class NotBatchInvariantError(ValueError):
+    """Half precision on CPU that cannot be made batch-invariant here: a choice of dtype to change (the CLIs
+    report it as bad input: one line, exit status 2)."""
 
 
 _warned_devices: set = set()
@@ -286,5 +292,5 @@ def check(model) -> None:
     if not enabled():
         log.warning("%s (SPECSTORE_BATCH_INVARIANT=0)", why)
         return
-    raise RuntimeError(f"{why}; its GEMMs are not row-invariant on this machine (the log says why): "
-                       "use --dtype float32")
+    reason = getattr(model, "_specstore_refused", "") or "batch_invariant.install() was not run on it"
+    raise NotBatchInvariantError(f"{why}: {reason}; use --dtype float32")

@@ -86,7 +86,7 @@ def test_narrow_weights_are_refused():
     """Inner dimensions of 32..64 gave rare row-dependent bits in both ways of GEMM (see _gemm_mode)."""
     m = tiny_llama(vocab=VOCAB, layers=1).to(torch.bfloat16)           # width 32
     assert not batch_invariant.install(m) and not batch_invariant.installed(m)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(batch_invariant.NotBatchInvariantError, match=r"inner dimensions \[32, 64\].*float32"):
         SpeculativeDecoder(m, None, [ContextDrafter()])
 
 
@@ -199,7 +199,7 @@ def test_without_it_bfloat16_trees_part_from_plain_decoding(monkeypatch):
 def test_the_decoder_refuses_half_precision_that_is_not_invariant(monkeypatch):
     monkeypatch.setattr(batch_invariant, "rows_are_invariant", lambda *a, **k: False)
     m = tiny_llama(vocab=VOCAB).to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(batch_invariant.NotBatchInvariantError, match="float32"):
         SpeculativeDecoder(m, None, [ContextDrafter()])
     SpeculativeDecoder(m, None, [ContextDrafter()], speculate=False)        # plain decoding needs nothing
     monkeypatch.setenv("SPECSTORE_BATCH_INVARIANT", "0")                    # asked for: a warning only
