@@ -36,14 +36,14 @@ def _median_us(fns: dict, reps: int) -> dict:
 
 def tree_visible(n_q: int, n_keys: int, seed: int = 0) -> np.ndarray:
     """[n_q, n_keys] bool: every query sees the first n_keys - n_q keys, then its ancestors in a random tree."""
+    from ..client.tree_attention import ancestor_matrix
+    from ..client.types import DraftTree
+
     rng = np.random.default_rng(seed)
-    past = n_keys - n_q
-    vis = np.zeros((n_q, n_keys), bool)
-    vis[:, :past] = True
-    for r in range(n_q):
-        vis[r, past + r] = True
-        if r:
-            vis[r, past:past + r] |= vis[int(rng.integers(0, r)), past:past + r]
+    parents = np.array([-1] + [int(rng.integers(0, r)) for r in range(1, n_q)], np.int32)
+    tree = DraftTree(np.zeros(n_q, np.int32), parents, np.ones(n_q, np.float32), np.zeros(n_q, np.uint8))
+    vis = np.ones((n_q, n_keys), bool)
+    vis[:, n_keys - n_q:] = ancestor_matrix(tree)
     return vis
 
 

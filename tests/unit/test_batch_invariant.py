@@ -13,6 +13,7 @@ from specstore.client.budget import CostProfile
 from specstore.client.decoder import SpeculativeDecoder
 from specstore.client.drafters import ContextDrafter, RecyclingDrafter
 from specstore.client.kv_cache import cache_keyword
+from specstore.client.tree_attention import ancestor_matrix
 from specstore.client.types import DraftTree
 from specstore.client.verifier import Verifier
 from tests.helpers import RandomTreeDrafter, plain_greedy, tiny_llama
@@ -24,13 +25,9 @@ BF16_HIDDEN = 128
 
 def _tree_visible(parents: list[int], past: int) -> np.ndarray:
     n = len(parents)
-    vis = np.zeros((n, past + n), bool)
-    vis[:, :past] = True
-    for i in range(n):
-        j = i
-        while j >= 0:
-            vis[i, past + j] = True
-            j = parents[j]
+    tree = DraftTree(np.zeros(n, np.int32), np.array(parents, np.int32), np.ones(n, np.float32), np.zeros(n, np.uint8))
+    vis = np.ones((n, past + n), bool)
+    vis[:, past:] = ancestor_matrix(tree)
     return vis
 
 
