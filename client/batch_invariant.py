@@ -8,8 +8,8 @@ within a few dozen tokens (measured: 8 of 12 Spec-Bench prompts). In float32 tho
 and leave the argmax alone. Yet on a CPU with AMX a bfloat16 verify of 32 tokens costs ~1.3x one token,
 against ~2.3x in float32 (BENCHMARKS.md §8): trees become nearly free.
 
-``install(model)`` makes a CPU bfloat16 (or float16) model batch-invariant, for every forward of that model: our decoder's
-and transformers' own ``generate`` (the plain decoding we compare with) alike:
+``install(model)`` makes a CPU bfloat16 (or float16) model batch-invariant, for every forward of that model: our
+decoder's and transformers' own ``generate`` (the plain decoding we compare with) alike:
 
 - linear layers, one of two ways, each a property of the BLAS, not a promise: ``install`` checks it on the
   model's own weight shapes for every row count it relies on, and refuses (returns False, logs why) where
@@ -172,7 +172,7 @@ def _gemm_mode(weights: list[torch.Tensor], packed_ok: bool = True) -> tuple[str
     if narrow:
         return "", (f"its weights' inner dimensions {narrow} are below {MIN_INNER}, where half-precision GEMMs were "
                     "seen to give rows other bits depending on the row count")
-    if packed_ok and not switched_off("SPECSTORE_PACKED_LINEAR") and all(packed_is_invariant(w) for w in weights):
+    if packed_ok and all(packed_is_invariant(w) for w in weights):
         return "packed", ""
     if all(linear_is_invariant(w) for w in weights):
         return "chunked", ""
@@ -242,7 +242,8 @@ def install(model) -> bool:
     shapes = {}
     for m in linears:
         shapes.setdefault(tuple(m.weight.shape), m.weight)
-    mode, why = _gemm_mode([w.detach() for w in shapes.values()], packing_fits([m.weight for m in linears]))
+    packed_ok = not switched_off("SPECSTORE_PACKED_LINEAR") and packing_fits([m.weight for m in linears])
+    mode, why = _gemm_mode([w.detach() for w in shapes.values()], packed_ok)
     if mode:
         try:
             gqa_attention.register(NAME, attention)
