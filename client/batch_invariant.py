@@ -22,6 +22,8 @@ decoder's and transformers' own ``generate`` (the plain decoding we compare with
     ``SPECSTORE_PACKED_LINEAR=0`` turns it off;
   - "chunked": torch's bfloat16 GEMM gives each row the same bits for 1..``CHUNK_ROWS`` rows per call, so a
     verify's up to ``TREE_ROWS`` rows go in chunks of at most ``CHUNK_ROWS``;
+  where a BLAS computes one row alone in another order than several (a matrix-vector path), a layer of that
+  weight shape computes one row as two (the row twice: ``_as_pair``; checked the same way);
   weights narrower than ``MIN_INNER`` are refused either way (see ``_gemm_mode``);
 - attention after the prompt (one decoding step's query, or a tree's queries under their mask) is
   client/attention_kernel.py's: each (query, head) sums over exactly the keys it may see, in order, so the
@@ -93,15 +95,31 @@ class _Packed:
         return held[1]
 
 
+def _as_pair(linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for a one-row ``x`` [..., in] computed as two rows (the row twice), first row kept: where a
+    BLAS takes a matrix-vector path for one row that sums in another order than its path for several."""
+    x2 = x.reshape(1, x.shape[-1])
+    return linear(torch.cat([x2, x2]))[:1].reshape(*x.shape[:-1], -1)
+
+
+def _pairing(linear: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``linear`` with one-row inputs computed as two rows (``_as_pair``)."""
+    return lambda x: _as_pair(linear, x) if x.numel() == x.shape[-1] else linear(x)
+
+
 def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
     if x.dtype != w.dtype or not _applies(w) or torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
         return F.linear(x, w, self.bias)       # training, or a model since moved off CPU half precision
+    if self._specstore_pair and x.numel() == x.shape[-1]:
+        return _as_pair(lambda r: _packed_linear(self._specstore_packed.get(w), r, self.bias), x)
     return _packed_linear(self._specstore_packed.get(w), x, self.bias)
 
 
 def _chunked_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.dim() else 0
+    if rows == 1 and self._specstore_pair:
+        return _as_pair(lambda r: F.linear(r, self.weight, self.bias), x)
     if rows <= CHUNK_ROWS or rows > TREE_ROWS:
         return F.linear(x, self.weight, self.bias)
     x2 = x.reshape(rows, x.shape[-1])
@@ -119,17 +137,20 @@ def rows_are_invariant(linear: Callable[[torch.Tensor], torch.Tensor], weight: t
     return all(torch.equal(linear(x[:n]), alone[:n]) for n in range(2, max_rows + 1))
 
 
-def linear_is_invariant(weight: torch.Tensor, max_rows: int = CHUNK_ROWS, seed: int = 0) -> bool:
-    """Whether torch's ``x @ weight^T`` gives every row the same bits for 1..max_rows rows per call."""
-    return rows_are_invariant(lambda x: F.linear(x, weight), weight, max_rows, seed)
+def linear_is_invariant(weight: torch.Tensor, max_rows: int = CHUNK_ROWS, seed: int = 0, pair: bool = False) -> bool:
+    """Whether torch's ``x @ weight^T`` gives every row the same bits for 1..max_rows rows per call (with ``pair``:
+    one row computed as two, ``_as_pair``)."""
+    linear = (lambda x: F.linear(x, weight))
+    return rows_are_invariant(_pairing(linear) if pair else linear, weight, max_rows, seed)
 
 
-def packed_is_invariant(weight: torch.Tensor, max_rows: int = TREE_ROWS, seed: int = 0) -> bool:
+def packed_is_invariant(weight: torch.Tensor, max_rows: int = TREE_ROWS, seed: int = 0, pair: bool = False) -> bool:
     """Whether oneDNN's GEMM on the packed ``weight`` gives every row the same bits for 1..max_rows rows per
-    call (False where this torch or CPU cannot pack it)."""
+    call (with ``pair``: one row computed as two; False where this torch or CPU cannot pack it)."""
     try:
         packed = _pack(weight)
-        return rows_are_invariant(lambda x: _packed_linear(packed, x), weight, max_rows, seed)
+        linear = (lambda x: _packed_linear(packed, x))
+        return rows_are_invariant(_pairing(linear) if pair else linear, weight, max_rows, seed)
     except (RuntimeError, AttributeError, NotImplementedError) as e:     # no oneDNN, or not for this dtype
         log.info("no packed half-precision GEMM here (%s)", e)
         return False
@@ -162,22 +183,41 @@ def packing_fits(weights: list[torch.Tensor]) -> bool:
     return True
 
 
-def _gemm_mode(weights: list[torch.Tensor], packed_ok: bool = True) -> tuple[str, str]:
-    """("packed" or "chunked", "") or ("", why neither gives rows the same bits whatever the row count): see
-    the module's docstring. Weights with an inner dimension below ``MIN_INNER`` get neither: on the Intel VM of
-    BENCHMARKS.md §9.1, widths of 32..64 gave about one row in 1,000 other bits alone than among others, in both
-    ways, which a check of 128 rows misses more often than not; from 96 on no row did, nor in 32,768 rows of each
-    SmolLM2 shape. Real models are far wider; tiny ones decode in float32."""
+def _paired_shapes(is_invariant: Callable[..., bool], weights: list[torch.Tensor]) -> Optional[set]:
+    """The shapes of ``weights`` whose one-row inputs must go as two rows for ``is_invariant`` (a check above)
+    to hold, or None where it fails for some weight either way."""
+    paired = set()
+    for w in weights:
+        if not is_invariant(w):
+            if not is_invariant(w, pair=True):
+                return None
+            paired.add(tuple(w.shape))
+    return paired
+
+
+def _gemm_mode(weights: list[torch.Tensor], packed_ok: bool = True) -> tuple[str, str, set]:
+    """("packed" or "chunked", "", shapes whose one-row inputs go as two rows) or ("", why neither gives rows
+    the same bits whatever the row count, set()): see the module's docstring.
+
+    One row as two: on the AMD EPYC VM of BENCHMARKS.md §9.2, oneDNN took another path for one row of an inner
+    dimension of 1536 (SmolLM2's down projections), and about one row in eight then had one other bit in one
+    of its 576 outputs; two rows and more agreed with each other, so a one-row call computed as two does too.
+    Weights with an inner dimension below ``MIN_INNER`` get neither: on the Intel VM of BENCHMARKS.md §9.1,
+    widths of 32..64 gave about one row in 1,000 other bits alone than among others, in both ways, which a check
+    of 128 rows misses more often than not; from 96 on no row did, nor in 32,768 rows of each SmolLM2 shape.
+    Real models are far wider; tiny ones decode in float32."""
     narrow = sorted({int(w.shape[1]) for w in weights if w.shape[1] < MIN_INNER})
     if narrow:
         return "", (f"its weights' inner dimensions {narrow} are below {MIN_INNER}, where half-precision GEMMs were "
-                    "seen to give rows other bits depending on the row count")
-    if packed_ok and all(packed_is_invariant(w) for w in weights):
-        return "packed", ""
-    if all(linear_is_invariant(w) for w in weights):
-        return "chunked", ""
+                    "seen to give rows other bits depending on the row count"), set()
+    paired = _paired_shapes(packed_is_invariant, weights) if packed_ok else None
+    if paired is not None:
+        return "packed", "", paired
+    paired = _paired_shapes(linear_is_invariant, weights)
+    if paired is not None:
+        return "chunked", "", paired
     shapes = sorted({tuple(w.shape) for w in weights})
-    return "", f"this machine's half-precision GEMMs are not row-invariant for its weights {shapes}"
+    return "", f"this machine's half-precision GEMMs are not row-invariant for its weights {shapes}", set()
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -243,7 +283,7 @@ def install(model) -> bool:
     for m in linears:
         shapes.setdefault(tuple(m.weight.shape), m.weight)
     packed_ok = not switched_off("SPECSTORE_PACKED_LINEAR") and packing_fits([m.weight for m in linears])
-    mode, why = _gemm_mode([w.detach() for w in shapes.values()], packed_ok)
+    mode, why, paired = _gemm_mode([w.detach() for w in shapes.values()], packed_ok)
     if mode:
         try:
             gqa_attention.register(NAME, attention)
@@ -257,6 +297,7 @@ def install(model) -> bool:
     for m in linears:
         if mode == "packed":
             m._specstore_packed = _Packed()
+        m._specstore_pair = tuple(m.weight.shape) in paired
         m.forward = types.MethodType(_packed_forward if mode == "packed" else _chunked_forward, m)
     model._specstore_invariant = mode
     return True

@@ -109,6 +109,50 @@ def test_the_packed_gemm_check_has_teeth(monkeypatch):
     assert not batch_invariant.packed_is_invariant(w)       # a torch that cannot pack: False, not an error
 
 
+def test_one_row_goes_as_two_where_the_blas_computes_it_otherwise(monkeypatch):
+    """Where one row alone takes another path than several (oneDNN's matrix-vector product for SmolLM2's down
+    projections on the AMD VM), a layer of that shape computes it as two rows, and its rows agree whatever the
+    count; other shapes keep one-row calls."""
+    m = tiny_llama(vocab=VOCAB, layers=1, hidden=BF16_HIDDEN).to(torch.bfloat16)
+    down = m.model.layers[0].mlp.down_proj
+    if not batch_invariant.packed_is_invariant(down.weight.detach()):
+        pytest.skip("no row-invariant packed bfloat16 GEMM on this machine")
+    real = batch_invariant._packed_linear
+
+    def one_row_otherwise(p, x, b=None):
+        y = real(p, x, b)
+        return y * 1.01 if x.numel() == x.shape[-1] == down.in_features else y
+
+    monkeypatch.setattr(batch_invariant, "_packed_linear", one_row_otherwise)
+    assert not batch_invariant.packed_is_invariant(down.weight.detach())
+    assert batch_invariant.packed_is_invariant(down.weight.detach(), pair=True)
+    assert batch_invariant.install(m) and batch_invariant.installed(m) == "packed"
+    assert down.in_features != m.config.hidden_size              # only the down projection's inputs are this wide
+    assert down._specstore_pair and not m.model.layers[0].mlp.up_proj._specstore_pair
+    h = torch.randn(1, 5, down.in_features).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(down(h[:, :1]), down(h)[:, :1])
+        assert torch.equal(down(h[0, 2]), down(h)[0, 2])                   # a one-dimensional input too
+
+
+def test_the_gemm_stress_benchmark_counts_rows_with_other_bits(monkeypatch):
+    """bench/gemm_row_stress.py: 0 rows with other bits for the way install picks; a one-row call left unpaired
+    where the shape needs pairing is counted."""
+    from specstore.bench import gemm_row_stress
+
+    res = gemm_row_stress.stress((96, BF16_HIDDEN), 64, [3, 16])
+    if res["way"] != "packed":
+        pytest.skip("no row-invariant packed bfloat16 GEMM on this machine")
+    assert res["other_bits"] == {3: 0, 16: 0} and not res["paired"]
+    real = batch_invariant._packed_linear
+    monkeypatch.setattr(batch_invariant, "_packed_linear",
+                        lambda p, x, b=None: real(p, x, b) * (1.01 if x.numel() == x.shape[-1] else 1.0))
+    res = gemm_row_stress.stress((96, BF16_HIDDEN), 64, [3, 16])
+    assert res["paired"] and res["other_bits"] == {3: 0, 16: 0}
+    monkeypatch.setattr(batch_invariant, "_gemm_mode", lambda w, packed_ok=True: ("packed", "", set()))
+    assert gemm_row_stress.stress((96, BF16_HIDDEN), 64, [3, 16])["other_bits"][3] > 0     # pairing forgotten
+
+
 @pytest.fixture(scope="module", params=["packed", "chunked"])
 def bf16_model(request):
     """A tiny bfloat16 Llama with each way of batch-invariant linear layers (client/batch_invariant.py)."""
