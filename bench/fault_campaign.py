@@ -50,16 +50,10 @@ EOS = 2
 
 # ----------------------------------------------------------------------------------------- model, corpus
 def tiny_model(seed: int = 0):
-    """The tests' tiny random Llama (tests/helpers.py), vocabulary 96, on the CPU."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The tests' tiny random Llama (bench/tiny_llama.py), vocabulary 96, on the CPU."""
+    from .tiny_llama import tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=False)
-    cfg._attn_implementation = "sdpa"
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(VOCAB, seed, eos=EOS)
 
 
 def make_prompts(n: int, seed: int = 0, length: int = 12) -> list[list[int]]:

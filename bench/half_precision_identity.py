@@ -27,14 +27,10 @@ import torch
 
 
 def tiny_model(device: str, dtype: torch.dtype, vocab: int = 256, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """bench/tiny_llama.py's model at width 128 (half-precision GEMMs are checked from width 96 on)."""
+    from .tiny_llama import tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg._attn_implementation = "sdpa"
-    return LlamaForCausalLM(cfg).eval().to(device=device, dtype=dtype)
+    return tiny_llama(vocab, seed, max_pos=1024, hidden=128, device=device, dtype=dtype)
 
 
 def _plain_logits(model, prompt: list[int], path: list[int]) -> torch.Tensor:

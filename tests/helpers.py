@@ -13,15 +13,10 @@ TEST_DEVICE = os.environ.get("SPECSTORE_TEST_DEVICE", "cpu")
 
 def tiny_llama(vocab: int = 96, seed: int = 0, layers: int = 2, attn: str = "sdpa", max_pos: int = 512,
                hidden: int = 32):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from specstore.bench.tiny_llama import tiny_llama as build
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    cfg._attn_implementation = attn
     # SPECSTORE_TEST_DEVICE=cuda runs the same tests on a GPU (the device check script sets it)
-    return LlamaForCausalLM(cfg).eval().to(TEST_DEVICE)
+    return build(vocab, seed, layers, attn, max_pos, hidden, device=TEST_DEVICE)
 
 
 def plain_greedy(model, prompt: list[int], max_new: int, eos=None) -> list[int]:
