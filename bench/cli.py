@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help=MODEL_HELP)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on CUDA)")
+    g.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16, float16 or auto (default: bfloat16 on CUDA and on CPUs with AMX or "
+                   "AVX512-BF16, lossless there by batch-invariant forwards; else float32)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
     g = p.add_argument_group("output")

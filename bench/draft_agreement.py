@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype="float32")   # the precision of the figures in BENCHMARKS.md
     draft = open_draft_model(args.draft, model, tok)
     prompts, _ = select_prompts(load_questions(args.questions), parse_categories("all"), args.n_per_category)
     dm = model_drafter(draft, width=1, max_depth=1)

@@ -41,7 +41,7 @@ def main(argv: Optional[list] = None) -> int:
 
     torch.set_num_threads(a.threads)
     prompts, warm = select_prompts(load_questions(a.questions), CATEGORIES, a.n_per_category)
-    model, tok = load_model()
+    model, tok = load_model(dtype="float32")   # the precision of the figures in BENCHMARKS.md §6
     with tempfile.TemporaryDirectory(prefix="push-overhead-") as tmp:
         # lookups go to a server without statistics, pushes to another one: what one variant pushes must not
         # draft for the other (that is the feature's gain, bench/warm_start.py), only its cost is measured here

@@ -116,7 +116,7 @@ def main(argv: Optional[list] = None) -> int:
 
     torch.set_num_threads(a.threads)
     prompts_a, prompts_b = split_prompts(load_questions(a.questions), a.n_per_half, a.n_a)
-    model, tok = load_model()
+    model, tok = load_model(dtype="float32")   # the precision of the figures in BENCHMARKS.md §6
     from ..client.budget import CostProfile
 
     profile = CostProfile.load(a.verify_profile) if a.verify_profile else None

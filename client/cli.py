@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16, float16 or auto (default: bfloat16 on CUDA and on CPUs with AMX or "
+                   "AVX512-BF16, lossless there by batch-invariant forwards; else float32)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help="new tokens per prompt at most (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

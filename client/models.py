@@ -72,9 +72,13 @@ def resolve_precision(precision: str, device: Optional[str]) -> str:
 
 
 def pick_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
-    """``auto`` -> float32 on CPU (fast and exact there), bfloat16 on CUDA."""
+    """``auto`` (or None) -> ``fast_precision``: bfloat16 on CUDA with bf16 and on CPUs that multiply it in
+    hardware (AMX / AVX512-BF16: faster than float32 there, and lossless, since ``load_model`` makes a CPU
+    bfloat16 model batch-invariant), else float32. On CPU with ``SPECSTORE_BATCH_INVARIANT=0``: float32."""
     if dtype in (None, "", "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cpu" and not batch_invariant.enabled():
+            return torch.float32
+        return _DTYPES[fast_precision(device)]
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(set(_DTYPES))} or auto")
     return _DTYPES[dtype]
@@ -115,16 +119,33 @@ def model_folder(spec: Optional[str] = None) -> Path:
 
 def load_model(spec: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
                attn_implementation: str = "sdpa"):
-    """Returns (model in eval mode, tokenizer). Never touches a model hub."""
+    """Returns (model in eval mode, tokenizer). Never touches a model hub.
+
+    ``dtype`` auto (or None): ``pick_dtype``'s choice; where that is bfloat16 on CPU and this machine's GEMMs
+    cannot be made batch-invariant for the model (``batch_invariant.install`` refuses), the model is loaded
+    again in float32, which is exact here, instead of a half precision the decoder would refuse."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = model_folder(spec)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt, attn_implementation=attn_implementation,
-                                                 local_files_only=True)
-    model.to(dev).eval()
-    batch_invariant.install(model)      # before anything runs it: plain decoding must get the same bits
+    auto = dtype in (None, "", "auto")
+
+    def load(dt):
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt, attn_implementation=attn_implementation,
+                                                     local_files_only=True)
+        model.to(dev).eval()
+        # before anything runs it: plain decoding must get the same bits
+        return model, batch_invariant.install(model)
+
+    model, invariant = load(dt)
+    if auto and dev.type == "cpu" and dt != torch.float32 and not invariant:
+        log.warning("--dtype auto: not %s on this CPU (%s); loading float32", str(dt).replace("torch.", ""),
+                    getattr(model, "_specstore_refused", "no batch-invariant forwards"))
+        del model
+        model, _ = load(torch.float32)
+    elif auto:
+        log.info("--dtype auto: %s", str(dt).replace("torch.", ""))
     small_linear.install(model)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return model, tokenizer

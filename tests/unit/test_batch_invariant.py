@@ -248,6 +248,42 @@ def test_the_decoder_refuses_half_precision_that_is_not_invariant(monkeypatch):
     SpeculativeDecoder(tiny_llama(vocab=VOCAB), None, [ContextDrafter()])   # float32 needs nothing
 
 
+def test_dtype_auto_is_bfloat16_on_a_cpu_that_computes_it(monkeypatch, tmp_path):
+    """--dtype auto on a CPU with AMX / AVX512-BF16: bfloat16 with the batch-invariant forwards; elsewhere, or
+    with them switched off, float32."""
+    from specstore.client import models
+    from tests.draft_fixtures import write_tiny_target
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda cpuinfo=None: False)
+    assert models.pick_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda cpuinfo=None: True)
+    assert models.pick_dtype("auto", cpu) == models.pick_dtype(None, cpu) == torch.bfloat16
+    assert models.pick_dtype("float32", cpu) == torch.float32
+    model, _ = models.load_model(str(write_tiny_target(tmp_path / "t", layers=2, hidden=BF16_HIDDEN)), "cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16 and batch_invariant.installed(model)
+    SpeculativeDecoder(model, None, [ContextDrafter()])                     # which the decoder accepts
+    monkeypatch.setenv("SPECSTORE_BATCH_INVARIANT", "0")
+    assert models.pick_dtype("auto", cpu) == torch.float32
+
+
+def test_dtype_auto_falls_back_to_float32_where_the_gemms_fail(monkeypatch, tmp_path, caplog):
+    from specstore.client import models
+    from tests.draft_fixtures import write_tiny_target
+
+    folder = str(write_tiny_target(tmp_path / "t", layers=2, hidden=BF16_HIDDEN))
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda cpuinfo=None: True)
+    monkeypatch.setattr(batch_invariant, "rows_are_invariant", lambda *a, **k: False)
+    with caplog.at_level("WARNING", logger=models.__name__):
+        model, _ = models.load_model(folder, "cpu", "auto")
+    assert next(model.parameters()).dtype == torch.float32 and "loading float32" in caplog.text
+    SpeculativeDecoder(model, None, [ContextDrafter()])
+    model, _ = models.load_model(folder, "cpu", "bfloat16")                 # asked for: kept, and refused
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(batch_invariant.NotBatchInvariantError):
+        SpeculativeDecoder(model, None, [ContextDrafter()])
+
+
 def test_the_kernel_benchmark_runs_and_its_tree_mask_is_a_tree():
     from specstore.bench import invariant_kernels
 
