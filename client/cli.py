@@ -111,7 +111,25 @@ def read_prompts(args) -> list[dict]:
     return prompts
 
 
-def make_drafters(names: str, model, tokenizer, args) -> list:
+def open_datastore(args, tokenizer):
+    """The datastore drafter of ``--datastore HOST:PORT`` or ``--index PATH``: raises at once where the service
+    is down or the index was built with another tokenizer."""
+    from .datastore_drafter import make_datastore_drafter
+
+    from ..datastore.tls import client_tls_options
+
+    opts = client_tls_options(getattr(args, "datastore_tls_ca", None), getattr(args, "datastore_tls_cert", None),
+                              getattr(args, "datastore_tls_key", None))
+    if args.datastore_timeout_ms is not None:
+        opts["timeout_s"] = args.datastore_timeout_ms / 1000.0
+    return make_datastore_drafter(address=args.datastore, index_path=str(args.index) if args.index else None,
+                                  tokenizer=tokenizer, memory=not getattr(args, "no_session_memory", False),
+                                  auth_token=os.environ.get("DATASTORE_AUTH_TOKEN") or None, **opts)
+
+
+def make_drafters(names: str, model, tokenizer, args, datastore=None) -> list:
+    """The drafters of ``names`` (comma-separated), the datastore's first where ``--datastore``/``--index`` is
+    given (``datastore``: one already opened by ``open_datastore``)."""
     from .drafters import ContextDrafter, RecyclingDrafter
 
     out = []
@@ -135,24 +153,15 @@ def make_drafters(names: str, model, tokenizer, args) -> list:
             continue
         else:
             raise ValueError(f"unknown drafter {name!r}; choose from {', '.join(DRAFTER_NAMES + OPTIONAL_DRAFTERS)}")
-    if args.datastore or args.index:
-        from .datastore_drafter import make_datastore_drafter
-
-        from ..datastore.tls import client_tls_options
-
-        opts = client_tls_options(getattr(args, "datastore_tls_ca", None), getattr(args, "datastore_tls_cert", None),
-                                  getattr(args, "datastore_tls_key", None))
-        if args.datastore_timeout_ms is not None:
-            opts["timeout_s"] = args.datastore_timeout_ms / 1000.0
-        ds = make_datastore_drafter(address=args.datastore, index_path=str(args.index) if args.index else None,
-                                    tokenizer=tokenizer, memory=not getattr(args, "no_session_memory", False),
-                                    auth_token=os.environ.get("DATASTORE_AUTH_TOKEN") or None, **opts)
-        out.insert(0, ds)
+    if datastore is None and (args.datastore or args.index):
+        datastore = open_datastore(args, tokenizer)
+    if datastore is not None:
+        out.insert(0, datastore)
         if getattr(args, "share_stats", False):
             from .shared_stats import StatsSharer
 
             recycling = next((d for d in out if isinstance(d, RecyclingDrafter)), None)
-            sharer = StatsSharer(ds.backend.client, recycling=recycling,
+            sharer = StatsSharer(datastore.backend.client, recycling=recycling,
                                  share_outputs=getattr(args, "share_outputs", False))
             sharer.warm_start()
             out.append(sharer)
@@ -198,15 +207,25 @@ def build_decoder(args):
 
     from .budget import cached_cost_profile
     from .decoder import SpeculativeDecoder
-    from ..datastore.model_files import resolve_model
+    from ..datastore.model_files import load_tokenizer, resolve_model
     from .models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
-    profile = cached_cost_profile(model, resolve_model(args.model).name, refresh=args.refresh_profile)
-    args.verify_profile = profile
-    drafters = [] if args.no_speculation else make_drafters(args.drafters, model, tokenizer, args)
+    datastore = None
+    if not args.no_speculation and (args.datastore or args.index):
+        # before the model: a service that is down, or an index of another tokenizer, fails in seconds, not after
+        # a model load (or a first GGUF conversion)
+        datastore = open_datastore(args, load_tokenizer(args.model))
+    try:
+        model, tokenizer = load_model(args.model, args.device, args.dtype)
+        profile = cached_cost_profile(model, resolve_model(args.model).name, refresh=args.refresh_profile)
+        args.verify_profile = profile
+        drafters = [] if args.no_speculation else make_drafters(args.drafters, model, tokenizer, args, datastore)
+    except BaseException:
+        if datastore is not None:
+            datastore.close()
+        raise
     max_budget = choose_max_budget(args.max_budget, model, profile)
     dec = SpeculativeDecoder(model, tokenizer, drafters, profile=profile, max_budget=max_budget,
                              speculate=not args.no_speculation)

@@ -41,8 +41,8 @@ def script(name: str) -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-c", ENTRY, name, "-"]
 
 
-def run(cmd: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where internal errors write their traceback
+def run(cmd: list[str], tmp_path: Path, timeout: float = 300, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TMPDIR": str(tmp_path), **env_vars}  # TMPDIR: where internal errors write their traceback
     env.pop("DATASTORE_AUTH_TOKEN", None)
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -70,10 +70,12 @@ def test_version(name, tmp_path):
     ("draft-model", ["distill", "--text", "x", "--out", "d", "--layers", "many"]),
 ])
 def test_usage_and_input_errors_are_one_line_exit_2(name, argv, tmp_path):
-    r = run([*script(name), *argv], tmp_path)
+    cache = tmp_path / "cache"      # an empty model cache: the error must come before any model load or conversion
+    r = run([*script(name), *argv], tmp_path, SPECSTORE_CACHE=str(cache))
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(name), r.stderr
     assert "Traceback" not in r.stderr
+    assert not list(cache.glob("models/*/hf")), "the model was loaded before the error"
 
 
 @pytest.mark.parametrize("name,target,argv", [
