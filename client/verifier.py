@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import batch_invariant, gqa_attention, small_linear
+from . import batch_invariant, gqa_attention, lean_forward, small_linear
 from .kv_cache import attention_backends, cache_keyword, keep_positions, new_cache
 from .tree_attention import build_tree_attention
 from .types import DraftTree
@@ -96,9 +96,14 @@ class Verifier:
         if len(tree) > skip:
             mask = None if ti.attention_mask is None else ti.attention_mask[:, :, skip:]
             with attention_backends(self.device):
-                out = self._run(input_ids=ti.input_ids[:, skip:], position_ids=ti.position_ids[:, skip:],
-                                attention_mask=mask, use_cache=True, **{self._cache_kw: self.cache})
-            rows.append(out.logits[0].float())
+                if lean_forward.usable(self.model):      # the same operations without the module machinery
+                    logits, hidden = lean_forward.forward(self.model, ti.input_ids[:, skip:], ti.position_ids[:, skip:],
+                                                          mask, self.cache)
+                    self.features = hidden[0] if self.keep_features else None
+                else:
+                    logits = self._run(input_ids=ti.input_ids[:, skip:], position_ids=ti.position_ids[:, skip:],
+                                       attention_mask=mask, use_cache=True, **{self._cache_kw: self.cache}).logits
+            rows.append(logits[0].float())
             feats += [self.features] if feats else []
         if feats:
             self.features = torch.cat(feats)

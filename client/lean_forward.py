@@ -1,0 +1,165 @@
+"""transformers' Llama forward for the verifier: the same tensor operations in the same order, without the
+module machinery around them.
+
+Why: a verify forward of SmolLM2-135M on a 2-core CPU spends ~13 ms of its 33-45 ms outside the linear
+layers and attention, much of it in Python: ~400 ``nn.Module`` calls, keyword-argument decorators and
+output-recording wrappers per forward. Calling each module's ``forward`` directly, and the very functions
+transformers' Llama code calls, saves 1-4 ms a verify (BENCHMARKS.md §9.3) and gives the same bits.
+
+Where it applies: a model whose modules are exactly transformers' Llama classes (Llama, SmolLM2, TinyLlama,
+...), while no forward hook is set on it (hooks would be skipped: a forward with one goes the model's way). A probe checks it once per model and attention implementation: a short
+prompt and a small tree through the model's own forward and through this one, on two scratch caches; any
+difference in any logit, or any error, and the verifier keeps the model's own forward (``usable`` says why
+not in the log). ``SPECSTORE_LEAN_FORWARD=0`` switches it off.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .small_linear import switched_off
+
+log = logging.getLogger(__name__)
+
+
+def _llama_classes():
+    from transformers.models.llama import modeling_llama as ml
+
+    return ml
+
+
+def _structure_ok(model) -> str:
+    """"" if every module is the exact transformers Llama class the forward below reproduces, else why not."""
+    try:
+        ml = _llama_classes()
+    except ImportError as e:
+        return f"no transformers Llama code ({e})"
+    base = getattr(model, "model", None)
+    if type(model) is not ml.LlamaForCausalLM or type(base) is not ml.LlamaModel:
+        return f"{type(model).__name__} is not transformers' LlamaForCausalLM"
+    kinds = {ml.LlamaDecoderLayer: ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"),
+             ml.LlamaAttention: (), ml.LlamaMLP: (), ml.LlamaRMSNorm: ()}
+    for layer in base.layers:
+        parts = [layer] + [getattr(layer, n, None) for n in kinds[ml.LlamaDecoderLayer]]
+        if [type(p) for p in parts] != [ml.LlamaDecoderLayer, ml.LlamaAttention, ml.LlamaMLP, ml.LlamaRMSNorm,
+                                        ml.LlamaRMSNorm]:
+            return "a decoder layer of other classes"
+    if type(base.norm) is not ml.LlamaRMSNorm or type(base.rotary_emb) is not ml.LlamaRotaryEmbedding:
+        return "another norm or rotary embedding"
+    return ""
+
+
+def _hooked(modules: list) -> bool:
+    """Whether a forward hook is set on any of ``modules`` or globally: this forward would skip it."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+            cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids, position_ids [1, n]; attention_mask as the model's forward takes it (the verifier's [1, 1, n,
+    past + n] additive tree mask, or None); cache: the verifier's ``DynamicCache`` (appended to, as by the
+    model's forward). Returns (logits [1, n, V], final hidden states [1, n, h]), what ``model(...)`` returns
+    as ``logits`` and its body as ``last_hidden_state``. Mirrors transformers' LlamaForCausalLM.forward
+    (modeling_llama.py) line by line; ``usable`` checks that it still does."""
+    from transformers.masking_utils import create_causal_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ml = _llama_classes()
+    base, cfg = model.model, model.config
+    h = base.embed_tokens.forward(input_ids)
+    mask = create_causal_mask(config=cfg, inputs_embeds=h, attention_mask=attention_mask, position_ids=position_ids,
+                              **{_mask_cache_keyword(): cache})
+    cos, sin = base.rotary_emb.forward(h, position_ids)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(cfg._attn_implementation, ml.eager_attention_forward)
+    shape = h.shape[:-1]
+    for layer in base.layers[: cfg.num_hidden_layers]:
+        att, mlp = layer.self_attn, layer.mlp
+        residual = h
+        x = layer.input_layernorm.forward(h)
+        heads = (*shape, -1, att.head_dim)
+        q = att.q_proj.forward(x).view(heads).transpose(1, 2)
+        k = att.k_proj.forward(x).view(heads).transpose(1, 2)
+        v = att.v_proj.forward(x).view(heads).transpose(1, 2)
+        q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = cache.update(k, v, att.layer_idx)
+        out, _ = attend(att, q, k, v, mask, dropout=0.0, scaling=att.scaling)
+        h = residual + att.o_proj.forward(out.reshape(*shape, -1).contiguous())
+        residual = h
+        x = layer.post_attention_layernorm.forward(h)
+        h = residual + mlp.down_proj.forward(mlp.act_fn(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
+    h = base.norm.forward(h)
+    return model.lm_head.forward(h), h
+
+
+_MASK_KW: Optional[str] = None
+
+
+def _mask_cache_keyword() -> str:
+    """create_causal_mask's keyword for the cache (``cache`` since transformers 5.x renamed it)."""
+    global _MASK_KW
+    if _MASK_KW is None:
+        from transformers.masking_utils import create_causal_mask
+
+        _MASK_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    return _MASK_KW
+
+
+@torch.inference_mode()
+def _probe(model) -> str:
+    """"" if ``forward`` gives the model's own logits bit for bit on a prompt and a tree, else why not."""
+    from .kv_cache import cache_keyword, new_cache
+    from .tree_attention import build_tree_attention
+    from .types import DraftTree
+
+    p = next(model.parameters())
+    vocab = int(model.config.vocab_size)
+    rng = np.random.default_rng(0)
+    prompt = torch.as_tensor(rng.integers(0, vocab, 12), device=p.device).view(1, -1)
+    tree = DraftTree(rng.integers(0, vocab, 5).astype(np.int32), np.array([-1, 0, 0, 1, 3], np.int32),
+                     np.ones(5, np.float32), np.zeros(5, np.uint8))
+    kw = cache_keyword(model)
+    results = []
+    for lean in (False, True):
+        cache = new_cache()
+        model(input_ids=prompt, use_cache=True, **{kw: cache})
+        logits = []
+        for t in (DraftTree(tree.tokens[:1], tree.parents[:1], tree.probs[:1], tree.sources[:1]), tree):
+            ti = build_tree_attention(t, cache.get_seq_length(), p.device, p.dtype)
+            if lean:
+                logits.append(forward(model, ti.input_ids, ti.position_ids, ti.attention_mask, cache)[0])
+            else:
+                logits.append(model(input_ids=ti.input_ids, position_ids=ti.position_ids,
+                                    attention_mask=ti.attention_mask, use_cache=True, **{kw: cache}).logits)
+        results.append(logits)
+    for own, lean in zip(*results):
+        if not torch.equal(own, lean):
+            return "its logits differ from the model's own forward"
+    return ""
+
+
+def usable(model) -> bool:
+    """Whether the verifier may call ``forward`` for ``model`` now: checked once per attention implementation
+    (the answer kept on the model), and forward hooks, which it would skip, on every call (~20 us)."""
+    if switched_off("SPECSTORE_LEAN_FORWARD"):
+        return False
+    impl = getattr(model.config, "_attn_implementation", None)
+    known = getattr(model, "_specstore_lean", None)
+    if known is None or known[0] != impl:
+        why = _structure_ok(model)
+        if not why:
+            try:
+                why = _probe(model)
+            except Exception as e:  # noqa: BLE001 - another transformers: its own forward is always right
+                why = f"the probe failed ({type(e).__name__}: {e})"
+        if why:
+            log.info("verifying with the model's own forward: %s", why)
+        model._specstore_lean = known = (impl, not why, list(model.modules()))
+    return known[1] and not _hooked(known[2])
