@@ -1,0 +1,74 @@
+"""Verify time of the target over trees of n nodes, through client/lean_forward.py and through the model's own
+forward, interleaved step by step on two verifiers of the same model with the same trees (a warm cache of
+``--past`` tokens), medians; and whether every logit was the same.
+
+    python -m specstore.bench.lean_forward [--model PATH] [--dtype bfloat16] [--sizes 1,4,8,16,24] [--reps 31]
+
+One JSON line per size: {"n", "own_ms", "lean_ms", "saved_ms", "identical"}; exit status 1 if any differ.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder or GGUF (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--dtype", default="auto", help="as spec-generate's --dtype")
+    ap.add_argument("--sizes", default="1,4,8,16,24", help="tree sizes (root included)")
+    ap.add_argument("--reps", type=int, default=31, help="verifies per size and way (the first is dropped)")
+    ap.add_argument("--past", type=int, default=256, help="tokens in the cache before the trees")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = ap.parse_args(argv)
+    import torch
+
+    from ..client import lean_forward
+    from ..client.models import load_model
+    from ..client.types import DraftTree
+    from ..client.verifier import Verifier
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, None, args.dtype)[0]
+    lean, own = Verifier(model), Verifier(model)
+    if not lean_forward.usable(model):
+        print("the lean forward does not apply to this model (see the log)", file=sys.stderr)
+        return 2
+    rng = np.random.default_rng(0)
+    vocab = int(model.config.vocab_size)
+    past = rng.integers(100, min(vocab, 30000), args.past + 1)
+    lean.prefill(past)
+    own.prefill(past)
+    bad = False
+    for n in (int(s) for s in args.sizes.split(",")):
+        times: dict = {"lean": [], "own": []}
+        same = True
+        for r in range(args.reps + 1):
+            parents = np.concatenate([[-1], [rng.integers(0, i) for i in range(1, n)]]).astype(np.int32)
+            tree = DraftTree(np.concatenate([[past[-1]], rng.integers(100, 1000, n - 1)]).astype(np.int32), parents,
+                             np.ones(n, np.float32), np.zeros(n, np.uint8))
+            out = {}
+            for way, v in (("lean", lean), ("own", own)) if r % 2 else (("own", own), ("lean", lean)):
+                os.environ["SPECSTORE_LEAN_FORWARD"] = "1" if way == "lean" else "0"
+                t0 = time.perf_counter()
+                out[way] = v.verify(tree)
+                times[way].append(time.perf_counter() - t0)
+                v.commit([0])
+            same &= bool(torch.equal(out["lean"], out["own"])) if r else True   # the first: the prefill's root
+        os.environ.pop("SPECSTORE_LEAN_FORWARD", None)
+        med = {w: statistics.median(t[1:]) * 1e3 for w, t in times.items()}
+        bad |= not same
+        print(json.dumps({"n": n, "own_ms": round(med["own"], 2), "lean_ms": round(med["lean"], 2),
+                          "saved_ms": round(med["own"] - med["lean"], 2), "identical": same}), flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
