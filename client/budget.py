@@ -152,7 +152,7 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
 
     from ..datastore.durable import write_text
     from ..datastore.model_files import cache_root
-    from . import batch_invariant, gqa_attention, small_linear
+    from . import batch_invariant, gqa_attention, lean_forward, small_linear
 
     if measure is None:     # what measure_cost_profile's Verifier installs, before the key names it
         batch_invariant.install(model)
@@ -166,6 +166,8 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
         key += f"-invariant-{batch_invariant.installed(model)}"     # client/batch_invariant.py: attention, GEMMs
     if gqa_attention.installed(model):
         key += "-gqa"                       # masked attention without copying the cache (client/gqa_attention.py)
+    if measure is None and lean_forward.usable(model):
+        key += "-lean"                      # the verifier's forward without module calls (client/lean_forward.py)
     if p.device.type == "cuda":
         key += "-" + torch.cuda.get_device_name(p.device).replace(" ", "_")
     path = (cache_dir or cache_root() / "profiles") / f"{key}.json"

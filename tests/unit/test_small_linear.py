@@ -151,7 +151,7 @@ def test_cost_profile_keeps_the_faster_path_for_each_size(monkeypatch, tmp_path)
     assert small_linear.kernel_rows(model) == set(range(6, small_linear.MAX_ROWS + 1))
     assert prof.seconds == [1.0] * 4                 # each size's time on its faster path
     (path,) = tmp_path.glob("*.json")                # no Verifier before: the key still names what was timed
-    assert path.name.endswith(f"-smalllinear{small_linear.MAX_ROWS}-gqa.json")
+    assert path.name.endswith(f"-smalllinear{small_linear.MAX_ROWS}-gqa-lean.json")
 
     fresh = tiny_llama(vocab=96, layers=2).cpu()
     Verifier(fresh)
