@@ -87,7 +87,9 @@ class CostProfile:
 
 def measure_cost_profile(model, sizes: Sequence[int] = DEFAULT_SIZES, past_len: int = 256, reps: int = 7,
                          vocab_low: int = 100) -> CostProfile:
-    """Time one verify forward for each tree size (random chain-free star trees on a warm cache).
+    """Time one verify forward for each tree size (random trees on a warm cache), the sizes in turn ``reps``
+    times (a shared machine's slow spells then fall on every size alike and leave t(n)'s shape, which the
+    budget's choice depends on), medians.
 
     Where client/small_linear.py's kernel is installed, sizes it covers are timed with it and with torch's
     linear, interleaved, and each keeps the faster (``meta["kernel_rows"]``: the row counts left on the
@@ -108,24 +110,25 @@ def measure_cost_profile(model, sizes: Sequence[int] = DEFAULT_SIZES, past_len: 
     rows = small_linear.kernel_rows(model)
     on_kernel = {}                               # timed size -> whether the kernel was faster
     v.prefill(past)
-    for n in sizes:
-        paths = (True, False) if rows is not None and n <= small_linear.MAX_ROWS else (None,)
-        times: dict = {p: [] for p in paths}
-        for r in range(reps + 1):
+    paths = {n: (True, False) if rows is not None and n <= small_linear.MAX_ROWS else (None,) for n in sizes}
+    times: dict = {n: {p: [] for p in paths[n]} for n in sizes}
+    for r in range(reps + 1):
+        for n in sizes:     # round robin: a slow spell of a shared machine falls on every size alike
             tree = DraftTree(np.concatenate([[past[-1]], rng.integers(vocab_low, draft_hi, n - 1)]).astype(np.int32),
                              np.concatenate([[-1], rng.integers(0, np.arange(1, n).clip(1), n - 1)
                                              if n > 1 else []]).astype(np.int32),
                              np.ones(n, np.float32), np.zeros(n, np.uint8))
-            for path in paths:
+            for path in paths[n]:
                 if path is not None:
                     (rows.add if path else rows.discard)(n)
                 sync()
                 t0 = time.perf_counter()
                 v.verify(tree)
                 sync()
-                times[path].append(time.perf_counter() - t0)
+                times[n][path].append(time.perf_counter() - t0)
                 v.commit([0])  # drop the tree again: the cache grows by one root per timing
-        med = {p: float(np.median(t[1:])) for p, t in times.items()}
+    for n in sizes:
+        med = {p: float(np.median(t[1:])) for p, t in times[n].items()}
         if rows is not None and n <= small_linear.MAX_ROWS:
             on_kernel[n] = med[True] <= med[False]
         seconds.append(min(med.values()))

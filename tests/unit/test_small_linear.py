@@ -177,3 +177,24 @@ def test_the_draft_model_takes_the_targets_choice_of_paths(tmp_path):
     draft = open_draft_model(str(write_tiny_target(tmp_path / "draft", layers=1, seed=1)), target, tok)
     assert small_linear.kernel_rows(draft) == set(range(4, 9))
     assert small_linear.kernel_rows(draft) is not small_linear.kernel_rows(target)
+
+
+def test_cost_profile_times_the_sizes_in_turn(monkeypatch):
+    """A machine that slows down while the profile is measured (a fake clock: every verify costs a little more
+    than the one before, whatever its size) slows every size alike: the sizes are timed in turn, not one after
+    another, so t(n) keeps its shape (here flat), which is what the budget's choice depends on."""
+    from specstore.client import budget
+
+    model = tiny_llama(vocab=96, layers=2).cpu()
+    clock, calls = [0.0], [0]
+    real_verify = Verifier.verify
+
+    def verify(self, tree):
+        calls[0] += 1
+        clock[0] += 1.0 + 0.01 * calls[0]
+        return real_verify(self, tree)
+
+    monkeypatch.setattr(Verifier, "verify", verify)
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    prof = budget.measure_cost_profile(model, sizes=(1, 2, 6, 24, 48))
+    assert max(prof.seconds) / min(prof.seconds) < 1.1, prof.seconds
