@@ -4,13 +4,14 @@ module machinery around them.
 Why: a verify forward of SmolLM2-135M on a 2-core CPU spends ~13 ms of its 33-45 ms outside the linear
 layers and attention, much of it in Python: ~400 ``nn.Module`` calls, keyword-argument decorators and
 output-recording wrappers per forward. Calling each module's ``forward`` directly, and the very functions
-transformers' Llama code calls, saves 1-4 ms a verify (BENCHMARKS.md §9.3) and gives the same bits.
+transformers' Llama code calls, saves ~2 ms a verify (BENCHMARKS.md §9.3) and gives the same bits.
 
 Where it applies: a model whose modules are exactly transformers' Llama classes (Llama, SmolLM2, TinyLlama,
-...), while no forward hook is set on it (hooks would be skipped: a forward with one goes the model's way). A probe checks it once per model and attention implementation: a short
-prompt and a small tree through the model's own forward and through this one, on two scratch caches; any
-difference in any logit, or any error, and the verifier keeps the model's own forward (``usable`` says why
-not in the log). ``SPECSTORE_LEAN_FORWARD=0`` switches it off.
+...), while no forward hook is set on it (this forward would skip hooks: a verify then goes the model's way).
+A probe checks it once per model and attention implementation: a short prompt and a small tree through the
+model's own forward and through this one, on two scratch caches; any difference in any logit, or any error,
+and the verifier keeps the model's own forward (``usable`` says why not in the log).
+``SPECSTORE_LEAN_FORWARD=0`` switches it off.
 """
 from __future__ import annotations
 
@@ -41,12 +42,10 @@ def _structure_ok(model) -> str:
     base = getattr(model, "model", None)
     if type(model) is not ml.LlamaForCausalLM or type(base) is not ml.LlamaModel:
         return f"{type(model).__name__} is not transformers' LlamaForCausalLM"
-    kinds = {ml.LlamaDecoderLayer: ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"),
-             ml.LlamaAttention: (), ml.LlamaMLP: (), ml.LlamaRMSNorm: ()}
+    parts = (("self_attn", ml.LlamaAttention), ("mlp", ml.LlamaMLP), ("input_layernorm", ml.LlamaRMSNorm),
+             ("post_attention_layernorm", ml.LlamaRMSNorm))
     for layer in base.layers:
-        parts = [layer] + [getattr(layer, n, None) for n in kinds[ml.LlamaDecoderLayer]]
-        if [type(p) for p in parts] != [ml.LlamaDecoderLayer, ml.LlamaAttention, ml.LlamaMLP, ml.LlamaRMSNorm,
-                                        ml.LlamaRMSNorm]:
+        if type(layer) is not ml.LlamaDecoderLayer or any(type(getattr(layer, n, None)) is not c for n, c in parts):
             return "a decoder layer of other classes"
     if type(base.norm) is not ml.LlamaRMSNorm or type(base.rotary_emb) is not ml.LlamaRotaryEmbedding:
         return "another norm or rotary embedding"
