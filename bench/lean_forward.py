@@ -3,8 +3,11 @@ forward, interleaved step by step on two verifiers of the same model with the sa
 ``--past`` tokens), medians; and whether every logit was the same.
 
     python -m specstore.bench.lean_forward [--model PATH] [--dtype bfloat16] [--sizes 1,4,8,16,24] [--reps 31]
+        [--against own|unfused]
 
 One JSON line per size: {"n", "own_ms", "lean_ms", "saved_ms", "identical"}; exit status 1 if any differ.
+``--against unfused``: the lean forward with fused GEMMs (q/k/v and gate/up, half precision on CPU) against the
+lean forward without them (``SPECSTORE_FUSED_LINEAR=0``); "own_ms" is then the unfused lean forward's time.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=31, help="verifies per size and way (the first is dropped)")
     ap.add_argument("--past", type=int, default=256, help="tokens in the cache before the trees")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--against", choices=("own", "unfused"), default="own",
+                    help="the baseline: the model's own forward, or the lean forward without fused GEMMs")
     args = ap.parse_args(argv)
     import torch
 
@@ -56,13 +61,15 @@ def main(argv=None) -> int:
                              np.ones(n, np.float32), np.zeros(n, np.uint8))
             out = {}
             for way, v in (("lean", lean), ("own", own)) if r % 2 else (("own", own), ("lean", lean)):
-                os.environ["SPECSTORE_LEAN_FORWARD"] = "1" if way == "lean" else "0"
+                switch = "SPECSTORE_LEAN_FORWARD" if args.against == "own" else "SPECSTORE_FUSED_LINEAR"
+                os.environ[switch] = "1" if way == "lean" else "0"
                 t0 = time.perf_counter()
                 out[way] = v.verify(tree)
                 times[way].append(time.perf_counter() - t0)
                 v.commit([0])
             same &= bool(torch.equal(out["lean"], out["own"])) if r else True   # the first: the prefill's root
         os.environ.pop("SPECSTORE_LEAN_FORWARD", None)
+        os.environ.pop("SPECSTORE_FUSED_LINEAR", None)
         med = {w: statistics.median(t[1:]) * 1e3 for w, t in times.items()}
         bad |= not same
         print(json.dumps({"n": n, "own_ms": round(med["own"], 2), "lean_ms": round(med["lean"], 2),

@@ -82,17 +82,24 @@ class _Packed:
     def __reduce__(self):
         return (_Packed, ())
 
-    def get(self, w: torch.Tensor) -> torch.Tensor:
-        try:
-            version = w._version
-        except RuntimeError:        # an inference tensor (made under torch.inference_mode) has no version
-            version = None
-        key = (w.data_ptr(), version, w.dtype, tuple(w.shape))
+    def get(self, *ws: torch.Tensor) -> torch.Tensor:
+        """The packed copy of ``ws`` (one weight, or several side by side: ``torch.cat(ws)``, one GEMM for all)."""
+        key = tuple(_weight_key(w) for w in ws)
         held = self._held
         if held[0] != key:
-            held = (key, _pack(w))
+            held = (key, _pack(ws[0] if len(ws) == 1 else torch.cat([w.detach() for w in ws])))
             self._held = held
         return held[1]
+
+
+def _weight_key(w: torch.Tensor) -> tuple:
+    """What identifies a weight's values for ``_Packed``: its storage, dtype, shape and torch's count of its in-place
+    changes (an inference tensor, made under torch.inference_mode, keeps none)."""
+    try:
+        version = w._version
+    except RuntimeError:
+        version = None
+    return (w.data_ptr(), version, w.dtype, tuple(w.shape))
 
 
 def _as_pair(linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -218,6 +225,46 @@ def _gemm_mode(weights: list[torch.Tensor], packed_ok: bool = True) -> tuple[str
         return "chunked", "", paired
     shapes = sorted({tuple(w.shape) for w in weights})
     return "", f"this machine's half-precision GEMMs are not row-invariant for its weights {shapes}", set()
+
+
+def fused_rows_match(parts: list, max_rows: int = TREE_ROWS, seed: int = 0) -> Optional[bool]:
+    """Whether one packed GEMM over the weights of ``parts`` (installed linear layers of one input) side by side,
+    ``_Packed.get(*weights)``, gives every row, for 1..max_rows rows per call, the bits of the parts' own forwards
+    side by side: False = yes, True = yes with one-row inputs computed as two (``_as_pair``), None = neither, or
+    the parts are not packed layers of one width and dtype with all or no biases. Each output sums over the same
+    inner dimension in both, but a BLAS may block a wider weight otherwise: checked, never assumed."""
+    ws = [p.weight.detach() for p in parts]
+    biases = [p.bias for p in parts]
+    if (not all(getattr(p, "_specstore_packed", None) for p in parts) or len({(w.shape[1], w.dtype) for w in ws}) > 1
+            or len({b is None for b in biases}) > 1):
+        return None
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        x = torch.randn(max_rows, ws[0].shape[1], generator=g).to(ws[0].dtype)
+        alone = torch.cat([p(x) for p in parts], -1)     # each part's rows are row-invariant (install checked it)
+        packed = _pack(torch.cat(ws))
+
+        def fused(r):
+            return _packed_linear(packed, r, bias)
+
+        for pair in (False, True):
+            f = _pairing(fused) if pair else fused
+            if all(torch.equal(f(x[:n]), alone[:n]) for n in range(1, max_rows + 1)):
+                return pair
+    return None
+
+
+def fused_linear(holder: "_Packed", parts: list, pair: bool, x: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([p(x) for p in parts], -1)`` in one packed GEMM, for parts that ``fused_rows_match`` passed with
+    ``pair`` (``holder`` keeps the packed copy of their weights side by side)."""
+    packed = holder.get(*(p.weight for p in parts))
+    bias = parts[0].bias
+    if bias is not None:
+        bias = torch.cat([p.bias for p in parts])
+    if pair and x.numel() == x.shape[-1]:
+        return _as_pair(lambda r: _packed_linear(packed, r, bias), x)
+    return _packed_linear(packed, x, bias)
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,

@@ -171,6 +171,8 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
         key += "-gqa"                       # masked attention without copying the cache (client/gqa_attention.py)
     if measure is None and lean_forward.usable(model):
         key += "-lean"                      # the verifier's forward without module calls (client/lean_forward.py)
+        if lean_forward.fused(model):
+            key += "-fused"                 # ... with q/k/v and gate/up in one GEMM each: a lower t(n)
     if p.device.type == "cuda":
         key += "-" + torch.cuda.get_device_name(p.device).replace(" ", "_")
     path = (cache_dir or cache_root() / "profiles") / f"{key}.json"

@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import batch_invariant
 from .small_linear import switched_off
 
 log = logging.getLogger(__name__)
@@ -79,23 +80,87 @@ def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attentio
     cos, sin = base.rotary_emb.forward(h, position_ids)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(cfg._attn_implementation, ml.eager_attention_forward)
     shape = h.shape[:-1]
+    fuse_qkv, fuse_gu = (_fusion(model) if input_ids.shape[-1] <= FUSED_ROWS
+                         and h.dtype in batch_invariant.HALF else (None, None))
+    if fuse_qkv is not None:
+        cos4, sin4 = cos.unsqueeze(2), _signed_sin(sin).unsqueeze(2)      # [1, n, 1, d]: heads in dimension 2
     for layer in base.layers[: cfg.num_hidden_layers]:
         att, mlp = layer.self_attn, layer.mlp
         residual = h
         x = layer.input_layernorm.forward(h)
         heads = (*shape, -1, att.head_dim)
-        q = att.q_proj.forward(x).view(heads).transpose(1, 2)
-        k = att.k_proj.forward(x).view(heads).transpose(1, 2)
-        v = att.v_proj.forward(x).view(heads).transpose(1, 2)
-        q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
+        if fuse_qkv is None:
+            q = att.q_proj.forward(x).view(heads).transpose(1, 2)
+            k = att.k_proj.forward(x).view(heads).transpose(1, 2)
+            v = att.v_proj.forward(x).view(heads).transpose(1, 2)
+            q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
+        else:       # [1, n, q heads + 2 kv heads, d] in one GEMM; rotary over the q and k heads at once
+            parts = (att.q_proj, att.k_proj, att.v_proj)
+            qkv = batch_invariant.fused_linear(att._specstore_qkv, parts, fuse_qkv, x).view(heads)
+            nq, nk = att.q_proj.out_features // att.head_dim, att.k_proj.out_features // att.head_dim
+            qk = _rotary(qkv[:, :, : nq + nk], cos4, sin4)
+            q, k, v = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2), qkv[:, :, nq + nk:].transpose(1, 2)
         k, v = cache.update(k, v, att.layer_idx)
         out, _ = attend(att, q, k, v, mask, dropout=0.0, scaling=att.scaling)
         h = residual + att.o_proj.forward(out.reshape(*shape, -1).contiguous())
         residual = h
         x = layer.post_attention_layernorm.forward(h)
-        h = residual + mlp.down_proj.forward(mlp.act_fn(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
+        if fuse_gu is None:
+            act = mlp.act_fn(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x)
+        else:
+            gate, up = batch_invariant.fused_linear(mlp._specstore_gu, (mlp.gate_proj, mlp.up_proj), fuse_gu,
+                                                    x).split(mlp.gate_proj.out_features, -1)
+            act = mlp.act_fn(gate) * up
+        h = residual + mlp.down_proj.forward(act)
     h = base.norm.forward(h)
     return model.lm_head.forward(h), h
+
+
+FUSED_ROWS = 64      # verifies of up to this many nodes use fused GEMMs (checked for each row count 1..64)
+
+
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: ``rotate_half(x) * sin == roll(x, d / 2) * _signed_sin(sin)`` bit for bit
+    (a product's sign is its factors' signs; the magnitude and its rounding do not depend on them)."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], -1)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``x * cos + rotate_half(x) * sin`` (the same three roundings) in four ATen calls, not seven."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin
+
+
+def _fusion(model) -> tuple:
+    """(q/k/v, gate/up): for each group of linear layers, whether the verifier computes it in one GEMM (see
+    ``batch_invariant.fused_rows_match``: False, or True = one row as two) or not (None). Set by ``usable``."""
+    if switched_off("SPECSTORE_FUSED_LINEAR"):
+        return (None, None)
+    return getattr(model, "_specstore_fusion", None) or (None, None)
+
+
+def fused(model) -> bool:
+    """Whether the verifier's lean forward computes some group of ``model``'s linear layers in one GEMM now."""
+    return _fusion(model) != (None, None)
+
+
+def _check_fusion(model) -> tuple:
+    """``_fusion``'s answer for ``model``, checked on its first layer's weights (a GEMM's order of summation is a
+    property of its shapes, the same in every layer), with packed copies made ready for every layer. Only with
+    batch-invariant packed linear layers (half precision on CPU): there the verifier's attention reads any layout,
+    and one GEMM of several weights replaces several calls of ~40-80 us each (BENCHMARKS.md §9.4)."""
+    if batch_invariant.installed(model) != "packed":
+        return (None, None)
+    layers = model.model.layers
+    groups = [[(lyr.self_attn.q_proj, lyr.self_attn.k_proj, lyr.self_attn.v_proj) for lyr in layers],
+              [(lyr.mlp.gate_proj, lyr.mlp.up_proj) for lyr in layers]]
+    if not batch_invariant.packing_fits([p.weight for g in groups for parts in g for p in parts]):
+        return (None, None)
+    answer = tuple(batch_invariant.fused_rows_match(list(g[0]), FUSED_ROWS) for g in groups)
+    for lyr in layers:
+        lyr.self_attn._specstore_qkv = batch_invariant._Packed()
+        lyr.mlp._specstore_gu = batch_invariant._Packed()
+    return answer
 
 
 _MASK_KW: Optional[str] = None
@@ -155,7 +220,16 @@ def usable(model) -> bool:
         why = _structure_ok(model)
         if not why:
             try:
+                try:
+                    model._specstore_fusion = _check_fusion(model)
+                except Exception as e:  # noqa: BLE001 - the lean forward without fused GEMMs is still worth having
+                    log.info("no fused GEMMs in the lean forward (%s: %s)", type(e).__name__, e)
+                    model._specstore_fusion = (None, None)
                 why = _probe(model)
+                if why and _fusion(model) != (None, None):      # then without fused GEMMs
+                    log.info("lean forward with fused GEMMs: %s; trying it without them", why)
+                    model._specstore_fusion = (None, None)
+                    why = _probe(model)
             except Exception as e:  # noqa: BLE001 - another transformers: its own forward is always right
                 why = f"the probe failed ({type(e).__name__}: {e})"
         if why:

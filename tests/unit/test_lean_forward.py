@@ -107,3 +107,103 @@ def test_switched_off_by_the_environment(monkeypatch):
     model = tiny_llama()
     monkeypatch.setenv("SPECSTORE_LEAN_FORWARD", "0")
     assert not lean_forward.usable(model)
+
+
+def _bf16_model():
+    model = tiny_llama(dtype=torch.bfloat16, hidden=128)
+    Verifier(model)     # installs the batch-invariant forwards
+    from specstore.client import batch_invariant
+
+    if batch_invariant.installed(model) != "packed":
+        pytest.skip("no packed bfloat16 GEMM on this machine: the fused GEMMs are for packed layers only")
+    return model
+
+
+def test_fused_gemms_give_the_models_own_logits(monkeypatch):
+    """bfloat16 on CPU with packed linear layers: q/k/v and gate/up each in one GEMM, the rotary over q and k at
+    once; every verify's logits equal the model's own forward's."""
+    from specstore.client import batch_invariant
+
+    model = _bf16_model()
+    assert lean_forward.usable(model)
+    assert lean_forward._fusion(model) != (None, None), "the check refused fusing on this machine"
+    fused = []
+    real = batch_invariant.fused_linear
+    monkeypatch.setattr(batch_invariant, "fused_linear", lambda *a: fused.append(1) or real(*a))
+    assert _verify_both_ways(model, monkeypatch, steps=10) > 0
+    assert fused, "no verify used the fused GEMMs"
+
+
+def test_fused_gemms_switched_off_by_the_environment(monkeypatch):
+    from specstore.client import batch_invariant
+
+    model = _bf16_model()
+    monkeypatch.setenv("SPECSTORE_FUSED_LINEAR", "0")
+    assert lean_forward._fusion(model) == (None, None)
+    monkeypatch.setattr(batch_invariant, "fused_linear", lambda *a: pytest.fail("a fused GEMM while switched off"))
+    assert _verify_both_ways(model, monkeypatch, steps=3) > 0
+
+
+def test_a_fused_gemm_that_differs_is_refused_and_the_lean_forward_goes_on_without(monkeypatch):
+    from specstore.client import batch_invariant
+
+    real = batch_invariant.fused_linear
+    monkeypatch.setattr(batch_invariant, "fused_linear", lambda *a: real(*a) * 1.01)
+    model = _bf16_model()
+    assert lean_forward.usable(model)
+    assert model._specstore_fusion == (None, None)
+
+
+def test_fused_rows_match_checks_the_bits_for_every_row_count(monkeypatch):
+    from specstore.client import batch_invariant
+
+    model = _bf16_model()
+    att = model.model.layers[0].self_attn
+    parts = [att.q_proj, att.k_proj, att.v_proj]
+    assert batch_invariant.fused_rows_match(parts, 16) in (False, True)
+    real = batch_invariant._packed_linear
+
+    def off_at_five_rows(packed, x, bias=None):
+        out = real(packed, x, bias)
+        return out * 1.01 if x.shape[0] == 5 and packed.shape[0] == sum(p.out_features for p in parts) else out
+
+    monkeypatch.setattr(batch_invariant, "_packed_linear", off_at_five_rows)
+    assert batch_invariant.fused_rows_match(parts, 4) in (False, True)     # below the row count that differs
+    assert batch_invariant.fused_rows_match(parts, 16) is None
+
+
+def test_fused_rows_match_refuses_what_it_cannot_fuse():
+    from specstore.client import batch_invariant
+
+    model = _bf16_model()
+    att = model.model.layers[0].self_attn
+    assert batch_invariant.fused_rows_match([att.q_proj, att.o_proj, model.model.layers[0].mlp.down_proj]) is None
+    plain = torch.nn.Linear(128, 64, bias=False).to(torch.bfloat16)     # not an installed (packed) layer
+    assert batch_invariant.fused_rows_match([att.q_proj, plain]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_four_calls_gives_transformers_bits(dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(1, 7, 9, 64, generator=g) * 3).to(dtype)         # [1, n, heads, d]
+    k = (torch.randn(1, 7, 3, 64, generator=g) * 3).to(dtype)
+    cos, sin = (torch.randn(1, 7, 64, generator=g).to(dtype) for _ in range(2))
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    qk = lean_forward._rotary(torch.cat([q, k], 2), cos.unsqueeze(2), lean_forward._signed_sin(sin).unsqueeze(2))
+    assert torch.equal(qk[:, :, :9].transpose(1, 2), want_q)
+    assert torch.equal(qk[:, :, 9:].transpose(1, 2), want_k)
+
+
+def test_the_cost_profile_names_the_fused_gemms(tmp_path, monkeypatch):
+    """t(n) with fused GEMMs is lower: its cached profile is another file than the unfused one's."""
+    from specstore.client.budget import cached_cost_profile
+
+    model = _bf16_model()
+    cached_cost_profile(model, "tiny", cache_dir=tmp_path, sizes=(1, 2))
+    monkeypatch.setenv("SPECSTORE_FUSED_LINEAR", "0")
+    cached_cost_profile(model, "tiny", cache_dir=tmp_path, sizes=(1, 2))
+    names = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert len(names) == 2 and names[0].endswith("-lean-fused.json") != names[1].endswith("-lean-fused.json")
+    assert any(n.endswith("-lean.json") for n in names)
