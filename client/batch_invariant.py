@@ -262,9 +262,10 @@ def fused_linear(holder: "_Packed", parts: list, pair: bool, x: torch.Tensor) ->
     bias = parts[0].bias
     if bias is not None:
         bias = torch.cat([p.bias for p in parts])
-    if pair and x.numel() == x.shape[-1]:
-        return _as_pair(lambda r: _packed_linear(packed, r, bias), x)
-    return _packed_linear(packed, x, bias)
+    def linear(r):
+        return _packed_linear(packed, r, bias)
+
+    return (_pairing(linear) if pair else linear)(x)
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,

@@ -226,7 +226,7 @@ def usable(model) -> bool:
                     log.info("no fused GEMMs in the lean forward (%s: %s)", type(e).__name__, e)
                     model._specstore_fusion = (None, None)
                 why = _probe(model)
-                if why and _fusion(model) != (None, None):      # then without fused GEMMs
+                if why and fused(model):      # then without fused GEMMs
                     log.info("lean forward with fused GEMMs: %s; trying it without them", why)
                     model._specstore_fusion = (None, None)
                     why = _probe(model)
