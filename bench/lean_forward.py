@@ -3,11 +3,14 @@ forward, interleaved step by step on two verifiers of the same model with the sa
 ``--past`` tokens), medians; and whether every logit was the same.
 
     python -m specstore.bench.lean_forward [--model PATH] [--dtype bfloat16] [--sizes 1,4,8,16,24] [--reps 31]
-        [--against own|unfused]
+        [--against own|unfused|half-cache]
 
 One JSON line per size: {"n", "own_ms", "lean_ms", "saved_ms", "identical"}; exit status 1 if any differ.
 ``--against unfused``: the lean forward with fused GEMMs (q/k/v and gate/up, half precision on CPU) against the
 lean forward without them (``SPECSTORE_FUSED_LINEAR=0``); "own_ms" is then the unfused lean forward's time.
+``--against half-cache``: a verifier whose KV cache keeps half-precision keys and values in float32 buffers (read in
+place by the batch-invariant attention) against one whose cache keeps them in the model's dtype
+(``SPECSTORE_FLOAT_CACHE=0``, converted in every layer at every verify); "own_ms" is then the latter's time.
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=31, help="verifies per size and way (the first is dropped)")
     ap.add_argument("--past", type=int, default=256, help="tokens in the cache before the trees")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
-    ap.add_argument("--against", choices=("own", "unfused"), default="own",
-                    help="the baseline: the model's own forward, or the lean forward without fused GEMMs")
+    ap.add_argument("--against", choices=("own", "unfused", "half-cache"), default="own",
+                    help="the baseline: the model's own forward, the lean forward without fused GEMMs, or a KV cache "
+                         "in the model's dtype")
     args = ap.parse_args(argv)
     import torch
 
@@ -49,8 +53,11 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     vocab = int(model.config.vocab_size)
     past = rng.integers(100, min(vocab, 30000), args.past + 1)
-    lean.prefill(past)
-    own.prefill(past)
+    for way, v in (("lean", lean), ("own", own)):       # the cache's kind is chosen at the prefill
+        os.environ["SPECSTORE_FLOAT_CACHE"] = "0" if way == "own" and args.against == "half-cache" else "1"
+        v.prefill(past)
+    os.environ.pop("SPECSTORE_FLOAT_CACHE", None)
+    switch = {"own": "SPECSTORE_LEAN_FORWARD", "unfused": "SPECSTORE_FUSED_LINEAR"}.get(args.against)
     bad = False
     for n in (int(s) for s in args.sizes.split(",")):
         times: dict = {"lean": [], "own": []}
@@ -61,8 +68,8 @@ def main(argv=None) -> int:
                              np.ones(n, np.float32), np.zeros(n, np.uint8))
             out = {}
             for way, v in (("lean", lean), ("own", own)) if r % 2 else (("own", own), ("lean", lean)):
-                switch = "SPECSTORE_LEAN_FORWARD" if args.against == "own" else "SPECSTORE_FUSED_LINEAR"
-                os.environ[switch] = "1" if way == "lean" else "0"
+                if switch:
+                    os.environ[switch] = "1" if way == "lean" else "0"
                 t0 = time.perf_counter()
                 out[way] = v.verify(tree)
                 times[way].append(time.perf_counter() - t0)

@@ -119,13 +119,26 @@ def visible_lists(visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return indptr, np.nonzero(visible)[1].astype(np.int64)        # row-major: each row's keys in order
 
 
+def _rows(x: torch.Tensor) -> np.ndarray:
+    """[KV, T, D] -> a C-contiguous float32 array [KV, >= T, D] whose first T positions per head are ``x``'s.
+    A float32 view of the first positions of a buffer [KV, capacity, D] (a ``FloatBufferedLayer``'s keys) is
+    read in place, the whole buffer seen (the kernel reads only the positions it is given); anything else is
+    converted and copied."""
+    kv, t, d = x.shape
+    if x.dtype == torch.float32 and x.stride(2) == 1 and x.stride(1) == d and x.stride(0) % d == 0:
+        cap = x.stride(0) // d if kv > 1 else t
+        if cap >= t and x.storage_offset() + kv * cap * d <= x.untyped_storage().nbytes() // 4:
+            return torch.as_strided(x, (kv, cap, d), (cap * d, d, 1)).numpy()
+    return x.float().contiguous().numpy()
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, indptr: np.ndarray, idx: np.ndarray,
            scale: float) -> torch.Tensor:
     """query [H, Q, D], key/value [KV, T, D] (any float dtype), the visible keys of each query
     (``visible_lists``) -> [Q, H, D] float32."""
     q = query.float().contiguous().numpy()
-    k = key.float().contiguous().numpy()
-    v = value.float().contiguous().numpy()
+    k = _rows(key)
+    v = _rows(value)
     out = np.empty((q.shape[1], q.shape[0], q.shape[2]), np.float32)
     _attend(q, k, v, indptr, idx, np.float32(scale), out)
     return torch.from_numpy(out)

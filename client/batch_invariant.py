@@ -280,6 +280,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         # (batches of sequences, training): torch's attention
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        if key.dtype != query.dtype:        # a float32 cache (``float_cache``) holds half-precision values
+            key, value = key.to(query.dtype), value.to(query.dtype)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     scale = float(scaling) if scaling is not None else d ** -0.5
@@ -306,6 +308,14 @@ def _visible(mask, q: int, t: int) -> tuple:
     lists = visible_lists((m if m.dtype == torch.bool else m == 0).expand(q, t).cpu().numpy())
     _last_mask = (mask, t, lists)
     return lists
+
+
+def float_cache(model) -> bool:
+    """Whether ``model``'s KV cache may keep its keys and values in float32 (``kv_cache.new_cache``): its
+    attention is this module's, which reads float32 (the same values; no conversion per layer and step).
+    ``SPECSTORE_FLOAT_CACHE=0`` keeps the model's dtype (twice the cache's memory otherwise)."""
+    return (bool(installed(model)) and getattr(model.config, "_attn_implementation", None) == NAME
+            and not switched_off("SPECSTORE_FLOAT_CACHE"))
 
 
 def installed(model) -> str:

@@ -167,6 +167,8 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
         key += f"-smalllinear{small_linear.MAX_ROWS}"
     if batch_invariant.installed(model):
         key += f"-invariant-{batch_invariant.installed(model)}"     # client/batch_invariant.py: attention, GEMMs
+        if measure is None and batch_invariant.float_cache(model):
+            key += "-f32kv"                 # a KV cache the attention reads without converting it: a lower t(n)
     if gqa_attention.installed(model):
         key += "-gqa"                       # masked attention without copying the cache (client/gqa_attention.py)
     if measure is None and lean_forward.usable(model):

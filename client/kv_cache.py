@@ -20,24 +20,27 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def new_cache():
-    """A ``DynamicCache`` of ``BufferedLayer``s (a plain one where this transformers cannot take them)."""
+def new_cache(float_buffers: bool = False):
+    """A ``DynamicCache`` of ``BufferedLayer``s (a plain one where this transformers cannot take them).
+
+    float_buffers: keep half-precision keys and values in float32 buffers (the same values: a half-precision
+    number is a float32 one), for an attention that reads float32 (client/batch_invariant.py's): it then reads
+    the buffers in place instead of converting every cached position in every layer at every step."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     if getattr(cache, "layer_class_to_replicate", None) is not None and not cache.layers:
-        cache.layer_class_to_replicate = _buffered_layer_class()
+        cache.layer_class_to_replicate = _buffered_layer_class(float_buffers)
     return cache
 
 
-_BUFFERED = None
+_BUFFERED: dict = {}
 
 
-def _buffered_layer_class():
-    """``BufferedLayer``, made on first use (transformers is imported lazily here)."""
-    global _BUFFERED
-    if _BUFFERED is not None:
-        return _BUFFERED
+def _buffered_layer_class(float_buffers: bool = False):
+    """``BufferedLayer`` (or ``FloatBufferedLayer``), made on first use (transformers is imported lazily here)."""
+    if _BUFFERED:
+        return _BUFFERED[float_buffers]
     from transformers.cache_utils import DynamicLayer
 
     class BufferedLayer(DynamicLayer):
@@ -51,6 +54,7 @@ def _buffered_layer_class():
         keys or values replaced by another tensor are copied into a new buffer once."""
 
         MIN_CAPACITY = 256    # positions of room at least, past the ones written
+        BUFFER_DTYPE = None   # the buffers' dtype: None = the keys' own
         _bk = _bv = None      # the buffers (None until the first append)
 
         def lazy_initialization(self, key_states, value_states) -> None:
@@ -75,8 +79,9 @@ def _buffered_layer_class():
                 have = self.keys.shape[-2] if self.keys.dim() == 4 else 0
                 if not self._in_buffer() or have + n > self._bk.shape[-2]:
                     cap = have + n + max(self.MIN_CAPACITY, (have + n) // 4)
-                    bk = key_states.new_empty(*key_states.shape[:-2], cap, key_states.shape[-1])
-                    bv = value_states.new_empty(*value_states.shape[:-2], cap, value_states.shape[-1])
+                    dtype = self.BUFFER_DTYPE or key_states.dtype
+                    bk = key_states.new_empty(*key_states.shape[:-2], cap, key_states.shape[-1], dtype=dtype)
+                    bv = value_states.new_empty(*value_states.shape[:-2], cap, value_states.shape[-1], dtype=dtype)
                     if have:
                         bk[..., :have, :] = self.keys
                         bv[..., :have, :] = self.values
@@ -100,8 +105,13 @@ def _buffered_layer_class():
             self._bk = self._bv = None
             super().reset()
 
-    _BUFFERED = BufferedLayer
-    return _BUFFERED
+    class FloatBufferedLayer(BufferedLayer):
+        """A ``BufferedLayer`` whose buffers are float32 (``new_cache(float_buffers=True)``)."""
+
+        BUFFER_DTYPE = torch.float32
+
+    _BUFFERED.update({False: BufferedLayer, True: FloatBufferedLayer})
+    return _BUFFERED[float_buffers]
 
 
 def attention_backends(device: torch.device):

@@ -192,7 +192,7 @@ def _probe(model) -> str:
     kw = cache_keyword(model)
     results = []
     for lean in (False, True):
-        cache = new_cache()
+        cache = new_cache(float_buffers=batch_invariant.float_cache(model))   # as the verifier's
         model(input_ids=prompt, use_cache=True, **{kw: cache})
         logits = []
         for t in (DraftTree(tree.tokens[:1], tree.parents[:1], tree.probs[:1], tree.sources[:1]), tree):

@@ -68,7 +68,7 @@ class Verifier:
     @torch.inference_mode()
     def prefill(self, ids: np.ndarray) -> None:
         """Feed the whole prompt into a fresh cache; the last token is the first root."""
-        self.cache = new_cache()
+        self.cache = new_cache(float_buffers=batch_invariant.float_cache(self.model))
         self._pending = None
         x = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device).view(1, -1)
         with attention_backends(self.device):

@@ -322,3 +322,52 @@ def test_half_precision_off_the_cpu_warns_once(caplog):
         batch_invariant.check(layer)
     warnings = [r for r in caplog.records if "half_precision_identity" in r.getMessage()]
     assert len(warnings) == 1 and "meta" in warnings[0].getMessage()
+
+
+def test_the_verifier_keeps_half_precision_keys_in_float32_and_reads_them_in_place(bf16_model, monkeypatch):
+    """With the batch-invariant attention the verifier's cache holds the keys and values in float32 buffers (the
+    same values), the kernel reads them where they lie, and every logit equals a cache in the model's dtype
+    (``SPECSTORE_FLOAT_CACHE=0``)."""
+    from specstore.client.attention_kernel import _rows
+
+    rng = np.random.default_rng(4)
+    prompt = rng.integers(3, VOCAB, 40).tolist()
+    trees = [DraftTree(np.array([0] + rng.integers(3, VOCAB, 7).tolist(), np.int32),
+                       np.array([-1, 0, 0, 1, 2, 2, 4, 0], np.int32), np.ones(8, np.float32), np.zeros(8, np.uint8))
+             for _ in range(4)]
+    out = {}
+    for way in ("1", "0"):
+        monkeypatch.setenv("SPECSTORE_FLOAT_CACHE", way)
+        v = Verifier(bf16_model)
+        v.prefill(np.array(prompt))
+        root, out[way] = prompt[-1], []
+        for t in trees:
+            t.tokens[0] = root
+            out[way].append(v.verify(t))
+            v.commit([0, 1, 3])
+            root = int(out[way][-1][3].argmax())
+        layer = v.cache.layers[0]
+        assert layer.keys.dtype == (torch.float32 if way == "1" else torch.bfloat16)
+        if way == "1":
+            rows = _rows(layer.keys[0])
+            assert rows.ctypes.data == layer._bk.data_ptr() and rows.shape[1] == layer._bk.shape[2]  # in place
+            assert torch.equal(layer.keys, layer.keys.bfloat16().float())    # half-precision values
+    assert all(torch.equal(a, b) for a, b in zip(out["1"], out["0"]))
+
+
+@pytest.mark.parametrize("view", ["buffer", "contiguous", "offset", "transposed", "bfloat16", "one head"])
+def test_the_kernels_rows_are_the_tensors_values(view):
+    """attention_kernel._rows: float32 [KV, >= T, D] whose first T positions are the tensor's, read in place
+    where the layout allows, copied otherwise."""
+    from specstore.client.attention_kernel import _rows
+
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(1, 3, 50, 8, generator=g)
+    x = {"buffer": buf[0, :, :20], "contiguous": buf[0, :, :20].contiguous(), "offset": buf[0, 1:, :20],
+         "transposed": buf[0, :, :20].transpose(0, 1),
+         "bfloat16": buf[0, :, :20].bfloat16(), "one head": buf[0, :1, 5:25]}[view]
+    rows = _rows(x)
+    assert rows.dtype == np.float32 and rows.flags.c_contiguous and rows.shape[0] == x.shape[0]
+    assert torch.equal(torch.from_numpy(rows[:, : x.shape[1]]), x.float())
+    if view in ("buffer", "offset", "one head"):
+        assert np.shares_memory(rows, buf.numpy())

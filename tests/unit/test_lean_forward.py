@@ -197,7 +197,8 @@ def test_rotary_in_four_calls_gives_transformers_bits(dtype):
 
 
 def test_the_cost_profile_names_the_fused_gemms(tmp_path, monkeypatch):
-    """t(n) with fused GEMMs is lower: its cached profile is another file than the unfused one's."""
+    """t(n) with fused GEMMs (or a float32 KV cache) is lower: its cached profile is another file than the unfused
+    one's."""
     from specstore.client.budget import cached_cost_profile
 
     model = _bf16_model()
@@ -207,3 +208,7 @@ def test_the_cost_profile_names_the_fused_gemms(tmp_path, monkeypatch):
     names = sorted(p.name for p in tmp_path.glob("*.json"))
     assert len(names) == 2 and names[0].endswith("-lean-fused.json") != names[1].endswith("-lean-fused.json")
     assert any(n.endswith("-lean.json") for n in names)
+    assert all("-f32kv-" in n for n in names)
+    monkeypatch.setenv("SPECSTORE_FLOAT_CACHE", "0")           # a cache in the model's dtype: another curve
+    cached_cost_profile(model, "tiny", cache_dir=tmp_path, sizes=(1, 2))
+    assert len(list(tmp_path.glob("*.json"))) == 3 and len(list(tmp_path.glob("*-f32kv-*.json"))) == 2
