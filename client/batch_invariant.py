@@ -78,6 +78,7 @@ class _Packed:
 
     def __init__(self):
         self._held: tuple = (None, None)        # (key of the weight it was packed from, packed tensor), swapped whole
+        self._bias: tuple = (None, None)        # (keys of the biases, them side by side): see ``biases``
 
     def __reduce__(self):
         return (_Packed, ())
@@ -89,6 +90,15 @@ class _Packed:
         if held[0] != key:
             held = (key, _pack(ws[0] if len(ws) == 1 else torch.cat([w.detach() for w in ws])))
             self._held = held
+        return held[1]
+
+
+    def biases(self, *bs: torch.Tensor) -> torch.Tensor:
+        """``torch.cat(bs)``, made again only when one of them changes (as ``get``'s weights)."""
+        key = tuple(_weight_key(b) for b in bs)
+        held = self._bias
+        if held[0] != key:
+            held = self._bias = (key, torch.cat([b.detach() for b in bs]))
         return held[1]
 
 
@@ -259,9 +269,8 @@ def fused_linear(holder: "_Packed", parts: list, pair: bool, x: torch.Tensor) ->
     """``torch.cat([p(x) for p in parts], -1)`` in one packed GEMM, for parts that ``fused_rows_match`` passed with
     ``pair`` (``holder`` keeps the packed copy of their weights side by side)."""
     packed = holder.get(*(p.weight for p in parts))
-    bias = parts[0].bias
-    if bias is not None:
-        bias = torch.cat([p.bias for p in parts])
+    bias = None if parts[0].bias is None else holder.biases(*(p.bias for p in parts))
+
     def linear(r):
         return _packed_linear(packed, r, bias)
 

@@ -134,6 +134,35 @@ def test_fused_gemms_give_the_models_own_logits(monkeypatch):
     assert fused, "no verify used the fused GEMMs"
 
 
+def test_fused_gemms_with_biases_give_the_models_own_logits(monkeypatch):
+    """A Llama with biased projections (``attention_bias``, ``mlp_bias``): the fused GEMMs add the biases side by
+    side, kept between verifies and made again when a bias changes."""
+    from specstore.client import batch_invariant
+
+    model = tiny_llama(hidden=128)
+    model.config.attention_bias = model.config.mlp_bias = True
+    for layer in model.model.layers:
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                    layer.mlp.up_proj):
+            lin.bias = torch.nn.Parameter(torch.randn(lin.out_features) * 0.5)
+    model = model.to(torch.bfloat16)
+    Verifier(model)
+    if batch_invariant.installed(model) != "packed":
+        pytest.skip("no packed bfloat16 GEMM on this machine: the fused GEMMs are for packed layers only")
+    assert lean_forward.usable(model) and lean_forward._fusion(model) != (None, None)
+    assert _verify_both_ways(model, monkeypatch, steps=6) > 0
+    att = model.model.layers[0].self_attn
+    held = att._specstore_qkv._bias[1]
+    assert torch.equal(held, torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]))
+    _verify_both_ways(model, monkeypatch, steps=2)
+    assert att._specstore_qkv._bias[1] is held                  # kept, not concatenated at every call
+    with torch.no_grad():
+        att.k_proj.bias.add_(1.0)
+    assert _verify_both_ways(model, monkeypatch, steps=4, seed=1) > 0     # the changed bias is used
+    assert torch.equal(att._specstore_qkv._bias[1][att.q_proj.out_features:][:att.k_proj.out_features],
+                       att.k_proj.bias)
+
+
 def test_fused_gemms_switched_off_by_the_environment(monkeypatch):
     from specstore.client import batch_invariant
 
