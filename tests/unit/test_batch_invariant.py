@@ -291,7 +291,8 @@ def test_the_kernel_benchmark_runs_and_its_tree_mask_is_a_tree():
     assert vis[:, :14].all() and all(vis[r, 14 + r] for r in range(6))
     assert not vis[0, 15:].any()                                  # the root sees none of its descendants
     rows = invariant_kernels.attention_rows(4, 2, 16, 40, [1, 6], reps=2)
-    assert [r["queries"] for r in rows] == [1, 6] and all(r["invariant"] > 0 and r["torch"] > 0 for r in rows)
+    assert [r["queries"] for r in rows] == [1, 6]
+    assert all(r["invariant"] > 0 and r["in_place"] > 0 and r["torch"] > 0 for r in rows)
     if batch_invariant.packed_is_invariant(torch.randn(32, 64).bfloat16(), max_rows=2):
         rows = invariant_kernels.linear_rows([(32, 64)], [1, 3], reps=2)
         assert [(r["weight"], r["rows"]) for r in rows] == [("32x64", 1), ("32x64", 3)]
@@ -327,9 +328,11 @@ def test_half_precision_off_the_cpu_warns_once(caplog):
 def test_the_verifier_keeps_half_precision_keys_in_float32_and_reads_them_in_place(bf16_model, monkeypatch):
     """With the batch-invariant attention the verifier's cache holds the keys and values in float32 buffers (the
     same values), the kernel reads them where they lie, and every logit equals a cache in the model's dtype
-    (``SPECSTORE_FLOAT_CACHE=0``)."""
+    (``SPECSTORE_FLOAT_CACHE=0``), also across the buffer's growth."""
+    from specstore.client import kv_cache
     from specstore.client.attention_kernel import _rows
 
+    monkeypatch.setattr(kv_cache._buffered_layer_class(), "MIN_CAPACITY", 2)     # both kinds grow every few commits
     rng = np.random.default_rng(4)
     prompt = rng.integers(3, VOCAB, 40).tolist()
     trees = [DraftTree(np.array([0] + rng.integers(3, VOCAB, 7).tolist(), np.int32),
@@ -340,12 +343,14 @@ def test_the_verifier_keeps_half_precision_keys_in_float32_and_reads_them_in_pla
         monkeypatch.setenv("SPECSTORE_FLOAT_CACHE", way)
         v = Verifier(bf16_model)
         v.prefill(np.array(prompt))
-        root, out[way] = prompt[-1], []
+        root, out[way], buffers = prompt[-1], [], set()
         for t in trees:
             t.tokens[0] = root
             out[way].append(v.verify(t))
             v.commit([0, 1, 3])
             root = int(out[way][-1][3].argmax())
+            buffers.add(v.cache.layers[0]._bk.data_ptr())
+        assert len(buffers) > 1                                  # the buffer grew
         layer = v.cache.layers[0]
         assert layer.keys.dtype == (torch.float32 if way == "1" else torch.bfloat16)
         if way == "1":
