@@ -107,8 +107,8 @@ def main(argv=None) -> int:
     ints = lambda s: [int(x) for x in s.split(",") if x]        # noqa: E731
     print(f"attention, {a.heads} heads / {a.kv_heads} kv heads x {a.head_dim}, {a.keys} keys (us, medians)")
     for r in attention_rows(a.heads, a.kv_heads, a.head_dim, a.keys, ints(a.queries), a.reps):
-        print(f"  {r['queries']:>3} queries: invariant {r['invariant']:8.1f}   over float32 buffers {r['in_place']:8.1f}"
-              f"   torch {r['torch']:8.1f}")
+        print(f"  {r['queries']:>3} queries: invariant {r['invariant']:8.1f}   "
+              f"over float32 buffers {r['in_place']:8.1f}   torch {r['torch']:8.1f}")
     print("linear, bfloat16 (us, medians)")
     shapes = [tuple(int(d) for d in s.split("x")) for s in a.linear.split(",") if s]
     for r in linear_rows(shapes, ints(a.rows), a.reps):
