@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import gqa_attention
+from . import gqa_attention, kv_cache
 from .attention_kernel import attend, visible_lists
 from .small_linear import switched_off
 
@@ -85,20 +85,19 @@ class _Packed:
 
     def get(self, *ws: torch.Tensor) -> torch.Tensor:
         """The packed copy of ``ws`` (one weight, or several side by side: ``torch.cat(ws)``, one GEMM for all)."""
-        key = tuple(_weight_key(w) for w in ws)
-        held = self._held
-        if held[0] != key:
-            held = (key, _pack(ws[0] if len(ws) == 1 else torch.cat([w.detach() for w in ws])))
-            self._held = held
-        return held[1]
-
+        return self._kept("_held", ws, lambda: _pack(ws[0] if len(ws) == 1 else torch.cat([w.detach() for w in ws])))
 
     def biases(self, *bs: torch.Tensor) -> torch.Tensor:
         """``torch.cat(bs)``, made again only when one of them changes (as ``get``'s weights)."""
-        key = tuple(_weight_key(b) for b in bs)
-        held = self._bias
+        return self._kept("_bias", bs, lambda: torch.cat([b.detach() for b in bs]))
+
+    def _kept(self, slot: str, ts: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """What ``make`` made of ``ts``, kept in ``slot`` as (their keys, it) and made again when a key changes."""
+        key = tuple(_weight_key(t) for t in ts)
+        held = getattr(self, slot)
         if held[0] != key:
-            held = self._bias = (key, torch.cat([b.detach() for b in bs]))
+            held = (key, make())
+            setattr(self, slot, held)
         return held[1]
 
 
@@ -317,6 +316,11 @@ def _visible(mask, q: int, t: int) -> tuple:
     lists = visible_lists((m if m.dtype == torch.bool else m == 0).expand(q, t).cpu().numpy())
     _last_mask = (mask, t, lists)
     return lists
+
+
+def new_cache(model):
+    """A KV cache for ``model``'s verifies (``kv_cache.new_cache``), with float32 buffers where ``float_cache``."""
+    return kv_cache.new_cache(float_buffers=float_cache(model))
 
 
 def float_cache(model) -> bool:

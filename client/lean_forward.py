@@ -179,7 +179,7 @@ def _mask_cache_keyword() -> str:
 @torch.inference_mode()
 def _probe(model) -> str:
     """"" if ``forward`` gives the model's own logits bit for bit on a prompt and a tree, else why not."""
-    from .kv_cache import cache_keyword, new_cache
+    from .kv_cache import cache_keyword
     from .tree_attention import build_tree_attention
     from .types import DraftTree
 
@@ -192,7 +192,7 @@ def _probe(model) -> str:
     kw = cache_keyword(model)
     results = []
     for lean in (False, True):
-        cache = new_cache(float_buffers=batch_invariant.float_cache(model))   # as the verifier's
+        cache = batch_invariant.new_cache(model)   # as the verifier's
         model(input_ids=prompt, use_cache=True, **{kw: cache})
         logits = []
         for t in (DraftTree(tree.tokens[:1], tree.parents[:1], tree.probs[:1], tree.sources[:1]), tree):

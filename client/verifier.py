@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import batch_invariant, gqa_attention, lean_forward, small_linear
-from .kv_cache import attention_backends, cache_keyword, keep_positions, new_cache
+from .kv_cache import attention_backends, cache_keyword, keep_positions
 from .tree_attention import build_tree_attention
 from .types import DraftTree
 
@@ -68,7 +68,7 @@ class Verifier:
     @torch.inference_mode()
     def prefill(self, ids: np.ndarray) -> None:
         """Feed the whole prompt into a fresh cache; the last token is the first root."""
-        self.cache = new_cache(float_buffers=batch_invariant.float_cache(self.model))
+        self.cache = batch_invariant.new_cache(self.model)
         self._pending = None
         x = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device).view(1, -1)
         with attention_backends(self.device):
