@@ -3,14 +3,19 @@ forward, interleaved step by step on two verifiers of the same model with the sa
 ``--past`` tokens), medians; and whether every logit was the same.
 
     python -m specstore.bench.lean_forward [--model PATH] [--dtype bfloat16] [--sizes 1,4,8,16,24] [--reps 31]
-        [--against own|unfused|half-cache]
+        [--against own|unfused|half-cache|numba-rows]
 
 One JSON line per size: {"n", "own_ms", "lean_ms", "saved_ms", "identical"}; exit status 1 if any differ.
-``--against unfused``: the lean forward with fused GEMMs (q/k/v and gate/up, half precision on CPU) against the
-lean forward without them (``SPECSTORE_FUSED_LINEAR=0``); "own_ms" is then the unfused lean forward's time.
+``--against unfused``: the lean forward with fused GEMMs (q/k/v and gate/up, half precision on CPU or float32 on
+client/row_kernel.c) against the lean forward without them (``SPECSTORE_FUSED_LINEAR=0``); "own_ms" is then the
+unfused lean forward's time.
 ``--against half-cache``: a verifier whose KV cache keeps half-precision keys and values in float32 buffers (read in
 place by the batch-invariant attention) against one whose cache keeps them in the model's dtype
 (``SPECSTORE_FLOAT_CACHE=0``, converted in every layer at every verify); "own_ms" is then the latter's time.
+``--against numba-rows``: float32 linear layers over 1..16 rows through client/row_kernel.c (packed weights, fused
+q/k/v and gate/up) against client/row_kernel.py's numba kernel (unfused), both in the lean forward; "own_ms" is then
+numba's time. The two sum in other orders, so the logits differ by rounding: "identical" is then reported,
+"max_diff" added, and neither fails the run.
 """
 from __future__ import annotations
 
@@ -32,13 +37,13 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=31, help="verifies per size and way (the first is dropped)")
     ap.add_argument("--past", type=int, default=256, help="tokens in the cache before the trees")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
-    ap.add_argument("--against", choices=("own", "unfused", "half-cache"), default="own",
-                    help="the baseline: the model's own forward, the lean forward without fused GEMMs, or a KV cache "
-                         "in the model's dtype")
+    ap.add_argument("--against", choices=("own", "unfused", "half-cache", "numba-rows"), default="own",
+                    help="the baseline: the model's own forward, the lean forward without fused GEMMs, a KV cache "
+                         "in the model's dtype, or the numba few-rows kernel instead of the C one")
     args = ap.parse_args(argv)
     import torch
 
-    from ..client import lean_forward
+    from ..client import lean_forward, small_linear
     from ..client.models import load_model
     from ..client.types import DraftTree
     from ..client.verifier import Verifier
@@ -57,11 +62,18 @@ def main(argv=None) -> int:
         os.environ["SPECSTORE_FLOAT_CACHE"] = "0" if way == "own" and args.against == "half-cache" else "1"
         v.prefill(past)
     os.environ.pop("SPECSTORE_FLOAT_CACHE", None)
-    switch = {"own": "SPECSTORE_LEAN_FORWARD", "unfused": "SPECSTORE_FUSED_LINEAR"}.get(args.against)
+    switch = {"own": "SPECSTORE_LEAN_FORWARD", "unfused": "SPECSTORE_FUSED_LINEAR",
+              "numba-rows": "SPECSTORE_FUSED_LINEAR"}.get(args.against)     # numba's turn: no fused C calls either
+    panels = {}                 # --against numba-rows: each linear layer's packed weights, taken away for numba's turn
+    if args.against == "numba-rows":
+        if small_linear.installed(model) != "native" or not small_linear._load_kernel():
+            print("needs float32 on CPU with both the C and the numba kernel (see the log)", file=sys.stderr)
+            return 2
+        panels = {m: m._specstore_panels for m in model.modules() if getattr(m, "_specstore_panels", None)}
     bad = False
     for n in (int(s) for s in args.sizes.split(",")):
         times: dict = {"lean": [], "own": []}
-        same = True
+        same, diff = True, 0.0
         for r in range(args.reps + 1):
             parents = np.concatenate([[-1], [rng.integers(0, i) for i in range(1, n)]]).astype(np.int32)
             tree = DraftTree(np.concatenate([[past[-1]], rng.integers(100, 1000, n - 1)]).astype(np.int32), parents,
@@ -70,17 +82,26 @@ def main(argv=None) -> int:
             for way, v in (("lean", lean), ("own", own)) if r % 2 else (("own", own), ("lean", lean)):
                 if switch:
                     os.environ[switch] = "1" if way == "lean" else "0"
+                for m, p in panels.items():
+                    m._specstore_panels = p if way == "lean" else None
                 t0 = time.perf_counter()
                 out[way] = v.verify(tree)
                 times[way].append(time.perf_counter() - t0)
                 v.commit([0])
-            same &= bool(torch.equal(out["lean"], out["own"])) if r else True   # the first: the prefill's root
+            if r:                                                               # the first: the prefill's root
+                same &= bool(torch.equal(out["lean"], out["own"]))
+                diff = max(diff, float((out["lean"].float() - out["own"].float()).abs().max()))
         os.environ.pop("SPECSTORE_LEAN_FORWARD", None)
         os.environ.pop("SPECSTORE_FUSED_LINEAR", None)
         med = {w: statistics.median(t[1:]) * 1e3 for w, t in times.items()}
-        bad |= not same
-        print(json.dumps({"n": n, "own_ms": round(med["own"], 2), "lean_ms": round(med["lean"], 2),
-                          "saved_ms": round(med["own"] - med["lean"], 2), "identical": same}), flush=True)
+        bad |= not same and not panels
+        line = {"n": n, "own_ms": round(med["own"], 2), "lean_ms": round(med["lean"], 2),
+                "saved_ms": round(med["own"] - med["lean"], 2), "identical": same}
+        if panels:
+            line["max_diff"] = diff
+        print(json.dumps(line), flush=True)
+    for m, p in panels.items():
+        m._specstore_panels = p
     return 1 if bad else 0
 
 

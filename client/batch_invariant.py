@@ -74,18 +74,21 @@ class _Packed:
     """One layer's packed weight, packed again when the weight changes (storage, dtype, or an in-place change
     that torch counts: not those of tensors made under ``torch.inference_mode``, which keep no count).
     A copy of the module (deepcopy, pickle) gets an empty one and packs on first use: oneDNN's opaque
-    tensors cannot be copied."""
+    tensors cannot be copied. ``pack``: weight -> packed copy (oneDNN's by default; client/small_linear.py
+    gives client/native_rows.py's; a module-level function, so that a copy can name it)."""
 
-    def __init__(self):
+    def __init__(self, pack: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        self._pack = pack
         self._held: tuple = (None, None)        # (key of the weight it was packed from, packed tensor), swapped whole
         self._bias: tuple = (None, None)        # (keys of the biases, them side by side): see ``biases``
 
     def __reduce__(self):
-        return (_Packed, ())
+        return (_Packed, (self._pack,))
 
     def get(self, *ws: torch.Tensor) -> torch.Tensor:
         """The packed copy of ``ws`` (one weight, or several side by side: ``torch.cat(ws)``, one GEMM for all)."""
-        return self._kept("_held", ws, lambda: _pack(ws[0] if len(ws) == 1 else torch.cat([w.detach() for w in ws])))
+        pack = self._pack or _pack
+        return self._kept("_held", ws, lambda: pack(ws[0] if len(ws) == 1 else torch.cat([w.detach() for w in ws])))
 
     def biases(self, *bs: torch.Tensor) -> torch.Tensor:
         """``torch.cat(bs)``, made again only when one of them changes (as ``get``'s weights)."""

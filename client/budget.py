@@ -165,6 +165,8 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
     key = f"{model_name}-{p.device.type}-{str(p.dtype).replace('torch.', '')}-t{torch.get_num_threads()}"
     if small_linear.installed(model):       # another kernel, another curve (client/small_linear.py)
         key += f"-smalllinear{small_linear.MAX_ROWS}"
+        if small_linear.installed(model) == "native":
+            key += "-native"                # client/row_kernel.c, a lower t(n) from 8 rows on
     if batch_invariant.installed(model):
         key += f"-invariant-{batch_invariant.installed(model)}"     # client/batch_invariant.py: attention, GEMMs
         if measure is None and batch_invariant.float_cache(model):

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import batch_invariant
+from . import batch_invariant, small_linear
 from .small_linear import switched_off
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,7 @@ def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attentio
     cos, sin = base.rotary_emb.forward(h, position_ids)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(cfg._attn_implementation, ml.eager_attention_forward)
     shape = h.shape[:-1]
-    fuse_qkv, fuse_gu = (_fusion(model) if input_ids.shape[-1] <= FUSED_ROWS
-                         and h.dtype in batch_invariant.HALF else (None, None))
+    fuse_qkv, fuse_gu = _fusion(model) if _fuses(model, h.dtype, input_ids.shape[-1]) else (None, None)
     if fuse_qkv is not None:
         cos4, sin4 = cos.unsqueeze(2), _signed_sin(sin).unsqueeze(2)      # [1, n, 1, d]: heads in dimension 2
     for layer in base.layers[: cfg.num_hidden_layers]:
@@ -96,7 +95,7 @@ def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attentio
             q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
         else:       # [1, n, q heads + 2 kv heads, d] in one GEMM; rotary over the q and k heads at once
             parts = (att.q_proj, att.k_proj, att.v_proj)
-            qkv = batch_invariant.fused_linear(att._specstore_qkv, parts, fuse_qkv, x).view(heads)
+            qkv = _fused_linear(att._specstore_qkv, parts, fuse_qkv, x).view(heads)
             nq, nk = att.q_proj.out_features // att.head_dim, att.k_proj.out_features // att.head_dim
             qk = _rotary(qkv[:, :, : nq + nk], cos4, sin4)
             q, k, v = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2), qkv[:, :, nq + nk:].transpose(1, 2)
@@ -108,8 +107,8 @@ def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attentio
         if fuse_gu is None:
             act = mlp.act_fn(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x)
         else:
-            gate, up = batch_invariant.fused_linear(mlp._specstore_gu, (mlp.gate_proj, mlp.up_proj), fuse_gu,
-                                                    x).split(mlp.gate_proj.out_features, -1)
+            gate, up = _fused_linear(mlp._specstore_gu, (mlp.gate_proj, mlp.up_proj), fuse_gu,
+                                     x).split(mlp.gate_proj.out_features, -1)
             act = mlp.act_fn(gate) * up
         h = residual + mlp.down_proj.forward(act)
     h = base.norm.forward(h)
@@ -117,6 +116,23 @@ def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attentio
 
 
 FUSED_ROWS = 64      # verifies of up to this many nodes use fused GEMMs (checked for each row count 1..64)
+
+
+def _fuses(model, dtype: torch.dtype, rows: int) -> bool:
+    """Whether a forward of ``rows`` tokens in ``dtype`` may take the fused GEMMs that ``_fusion`` names: half
+    precision up to FUSED_ROWS; float32 where the parts themselves take the C kernel for that many rows (else they
+    take torch's linear, whose bits a fused kernel call would not give)."""
+    if dtype in batch_invariant.HALF:
+        return rows <= FUSED_ROWS
+    return dtype == torch.float32 and rows in (small_linear.kernel_rows(model) or ())
+
+
+def _fused_linear(holder, parts, pair, x: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([p(x) for p in parts], -1)`` in one call: oneDNN's packed GEMM in half precision, the C kernel
+    in float32."""
+    if x.dtype == torch.float32:
+        return small_linear.fused_rows(holder, parts, x)
+    return batch_invariant.fused_linear(holder, parts, pair, x)
 
 
 def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -146,20 +162,27 @@ def fused(model) -> bool:
 
 def _check_fusion(model) -> tuple:
     """``_fusion``'s answer for ``model``, checked on its first layer's weights (a GEMM's order of summation is a
-    property of its shapes, the same in every layer), with packed copies made ready for every layer. Only with
-    batch-invariant packed linear layers (half precision on CPU): there the verifier's attention reads any layout,
-    and one GEMM of several weights replaces several calls of ~40-80 us each (BENCHMARKS.md §9.4)."""
-    if batch_invariant.installed(model) != "packed":
+    property of its shapes, the same in every layer), with packed copies made ready for every layer. With
+    batch-invariant packed linear layers (half precision on CPU: there the verifier's attention reads any layout,
+    and one GEMM of several weights replaces several calls of ~40-80 us each, BENCHMARKS.md §9.4), and with
+    float32 linear layers on client/row_kernel.c (a call fewer per part, and the small k/v outputs spread over
+    the threads with q's, BENCHMARKS.md §10)."""
+    native = small_linear.installed(model) == "native"
+    if batch_invariant.installed(model) != "packed" and not native:
         return (None, None)
     layers = model.model.layers
     groups = [[(lyr.self_attn.q_proj, lyr.self_attn.k_proj, lyr.self_attn.v_proj) for lyr in layers],
               [(lyr.mlp.gate_proj, lyr.mlp.up_proj) for lyr in layers]]
     if not batch_invariant.packing_fits([p.weight for g in groups for parts in g for p in parts]):
         return (None, None)
-    answer = tuple(batch_invariant.fused_rows_match(list(g[0]), FUSED_ROWS) for g in groups)
+    if native:      # float32 on the C kernel (client/small_linear.py): no pairing there
+        answer = tuple(False if small_linear.fused_rows_match(list(g[0])) else None for g in groups)
+    else:
+        answer = tuple(batch_invariant.fused_rows_match(list(g[0]), FUSED_ROWS) for g in groups)
+    pack = small_linear._native_pack if native else None
     for lyr in layers:
-        lyr.self_attn._specstore_qkv = batch_invariant._Packed()
-        lyr.mlp._specstore_gu = batch_invariant._Packed()
+        lyr.self_attn._specstore_qkv = batch_invariant._Packed(pack)
+        lyr.mlp._specstore_gu = batch_invariant._Packed(pack)
     return answer
 
 

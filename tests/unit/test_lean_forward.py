@@ -134,6 +134,67 @@ def test_fused_gemms_give_the_models_own_logits(monkeypatch):
     assert fused, "no verify used the fused GEMMs"
 
 
+def _f32_native_model(bias: bool = False):
+    from specstore.client import small_linear
+
+    model = tiny_llama(hidden=128)
+    if bias:
+        model.config.attention_bias = model.config.mlp_bias = True
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                        layer.mlp.up_proj):
+                lin.bias = torch.nn.Parameter(torch.randn(lin.out_features) * 0.5)
+    Verifier(model)
+    if small_linear.installed(model) != "native":
+        pytest.skip("client/row_kernel.c does not build here (or its packed copies do not fit)")
+    return model
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_float32_fused_gemms_on_the_c_kernel_give_the_models_own_logits(bias, monkeypatch):
+    """float32 on client/row_kernel.c: q/k/v and gate/up each in one kernel call over the weights side by side;
+    every verify's logits equal the model's own forward's (the parts' own kernel calls), biases included."""
+    from specstore.client import small_linear
+
+    model = _f32_native_model(bias)
+    assert lean_forward.usable(model) and lean_forward._fusion(model) == (False, False)
+    fused = []
+    real = small_linear.fused_rows
+    monkeypatch.setattr(small_linear, "fused_rows", lambda *a: fused.append(1) or real(*a))
+    assert _verify_both_ways(model, monkeypatch, steps=8) > 0
+    assert fused, "no verify used the fused kernel calls"
+
+
+def test_float32_fused_gemms_only_for_the_row_counts_on_the_kernel(monkeypatch):
+    """Where the cost profile gave a tree size to torch's linear, the parts compute with torch's bits: no fused
+    call for that size, and the logits still equal the model's own."""
+    from specstore.client import small_linear
+
+    model = _f32_native_model()
+    assert lean_forward.usable(model)
+    small_linear.kernel_rows(model, [])              # torch's linear for every size
+    monkeypatch.setattr(small_linear, "fused_rows", lambda *a: pytest.fail("a fused call off the kernel"))
+    assert _verify_both_ways(model, monkeypatch, steps=4) > 0
+
+
+def test_float32_fused_rows_match_catches_a_difference(monkeypatch):
+    from specstore.client import native_rows, small_linear
+
+    model = _f32_native_model()
+    att = model.model.layers[0].self_attn
+    parts = [att.q_proj, att.k_proj, att.v_proj]
+    assert small_linear.fused_rows_match(parts)
+    real = native_rows.matmul
+    total = sum(p.out_features for p in parts)
+    monkeypatch.setattr(native_rows, "matmul", lambda packed, x, n_out:
+                        real(packed, x, n_out) * (1.01 if n_out == total and len(x) == 5 else 1))
+    assert not small_linear.fused_rows_match(parts)
+    down = model.model.layers[0].mlp.down_proj
+    assert down.in_features != att.q_proj.in_features
+    assert not small_linear.fused_rows_match([att.q_proj, down])        # another input width: not fused
+    assert small_linear.kernel_rows(model) == set(range(1, small_linear.MAX_ROWS + 1))   # the check left them so
+
+
 def test_fused_gemms_with_biases_give_the_models_own_logits(monkeypatch):
     """A Llama with biased projections (``attention_bias``, ``mlp_bias``): the fused GEMMs add the biases side by
     side, kept between verifies and made again when a bias changes."""

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from specstore.client import small_linear
+from specstore.client import lean_forward, small_linear
 from specstore.client.budget import CostProfile, cached_cost_profile
 from specstore.client.verifier import Verifier
 
@@ -17,6 +17,11 @@ from ..helpers import TEST_DEVICE, tiny_llama
 
 def _linears(model):
     return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+def _native_key(model) -> str:
+    """The cost profile key's mark of the C kernel (where it builds here)."""
+    return "-native" if small_linear.installed(model) == "native" else ""
 
 
 def _plain_logits(model, ids):
@@ -42,13 +47,19 @@ def test_same_values_as_torch_linear(n):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
-def test_kernel_values_do_not_depend_on_threads(rows):
+def test_kernel_values_do_not_depend_on_threads(rows, native, monkeypatch):
     import numba
 
-    lin = torch.nn.Linear(200, 75, bias=False)     # 75 outputs: blocks of 4 and a ragged last one
+    from specstore.client import native_rows
+
+    if native and native_rows.load() is None:
+        pytest.skip("client/row_kernel.c does not build here")
+    monkeypatch.setattr(small_linear, "_native_fits", lambda linears: native)
+    lin = torch.nn.Linear(200, 75, bias=False)     # 75 outputs: blocks of 4 (numba), 16 (C), and a ragged last one
     holder = torch.nn.Sequential(lin)
-    assert small_linear.install(holder) and small_linear.installed(holder) == "kernel"
+    assert small_linear.install(holder) and small_linear.installed(holder) == ("native" if native else "kernel")
     x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(rows))
     before = torch.get_num_threads()
     outs = []
@@ -98,7 +109,8 @@ def test_verifier_installs_it_and_the_cost_profile_says_so(tmp_path):
     assert small_linear.installed(model)
     prof = cached_cost_profile(model, "tiny", cache_dir=tmp_path, measure=lambda sizes: CostProfile([1, 2], [1.0, 1.0]))
     (path,) = tmp_path.glob("*.json")
-    assert f"-smalllinear{small_linear.MAX_ROWS}-gqa" in path.name and json.loads(path.read_text())["sizes"] == prof.sizes
+    assert f"-smalllinear{small_linear.MAX_ROWS}{_native_key(model)}-gqa" in path.name
+    assert json.loads(path.read_text())["sizes"] == prof.sizes
 
 
 def test_gqa_attention_takes_masked_steps_without_copying_the_cache(monkeypatch):
@@ -151,7 +163,8 @@ def test_cost_profile_keeps_the_faster_path_for_each_size(monkeypatch, tmp_path)
     assert small_linear.kernel_rows(model) == set(range(6, small_linear.MAX_ROWS + 1))
     assert prof.seconds == [1.0] * 4                 # each size's time on its faster path
     (path,) = tmp_path.glob("*.json")                # no Verifier before: the key still names what was timed
-    assert path.name.endswith(f"-smalllinear{small_linear.MAX_ROWS}-gqa-lean.json")
+    fused = "-fused" if lean_forward.fused(model) else ""          # float32 on the C kernel fuses q/k/v, gate/up
+    assert path.name.endswith(f"-smalllinear{small_linear.MAX_ROWS}{_native_key(model)}-gqa-lean{fused}.json")
 
     fresh = tiny_llama(vocab=96, layers=2).cpu()
     Verifier(fresh)
