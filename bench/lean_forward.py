@@ -12,7 +12,7 @@ unfused lean forward's time.
 ``--against half-cache``: a verifier whose KV cache keeps half-precision keys and values in float32 buffers (read in
 place by the batch-invariant attention) against one whose cache keeps them in the model's dtype
 (``SPECSTORE_FLOAT_CACHE=0``, converted in every layer at every verify); "own_ms" is then the latter's time.
-``--against numba-rows``: float32 linear layers over 1..16 rows through client/row_kernel.c (packed weights, fused
+``--against numba-rows``: float32 linear layers over 1..32 rows through client/row_kernel.c (packed weights, fused
 q/k/v and gate/up) against client/row_kernel.py's numba kernel (unfused), both in the lean forward; "own_ms" is then
 numba's time. The two sum in other orders, so the logits differ by rounding: "identical" is then reported,
 "max_diff" added, and neither fails the run.

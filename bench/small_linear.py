@@ -1,5 +1,5 @@
 """Forward time of the target over n new tokens (on a warm 200-token cache) with torch's linear and with
-client/small_linear.py's compiled kernel for 1..16 rows (``kernel``, the default), interleaved, medians; and
+client/small_linear.py's compiled kernel for 1..32 rows (``kernel``, the default), interleaved, medians; and
 the largest logit difference from torch's.
 
     python -m specstore.bench.small_linear [--model PATH] [--sizes 1,2,4,8,16,32,64,128] [--reps 9]

@@ -1,5 +1,5 @@
 """Linear layers for a few rows on CPU (float32): a compiled kernel that streams the weights once, for
-1..16 rows; torch's own ``x @ W^T`` otherwise.
+1..32 rows; torch's own ``x @ W^T`` otherwise.
 
 Why: decoding feeds one token per forward and a tree verify a handful, and on CPU torch's BLAS paths for
 those shapes can stream the weights well below the memory bandwidth. On a 2-core AMD VM:
@@ -36,7 +36,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 16          # up to this many rows the compiled kernel; from 16 on torch's own GEMM is as fast
+MAX_ROWS = 32          # up to this many rows a compiled kernel (where the cost profile finds it the faster path)
 _kernel = None         # row_kernel.rows_matmul once imported (None: not yet; False: numba unavailable)
 _threads = threading.local()   # numba's thread count is per calling thread: the last one set there
 

@@ -1,4 +1,4 @@
-"""client/small_linear.py: the compiled kernel for 1..16 rows gives torch's linear's values (up to rounding),
+"""client/small_linear.py: the compiled kernel for 1..MAX_ROWS rows gives torch's linear's values (up to rounding),
 leaves big inputs on torch's own path bit for bit, gives the same values whatever the thread count, leaves
 training to autograd's paths, and is installed only on CPU float32 models."""
 from __future__ import annotations
