@@ -239,17 +239,25 @@ def _gemm_mode(weights: list[torch.Tensor], packed_ok: bool = True) -> tuple[str
     return "", f"this machine's half-precision GEMMs are not row-invariant for its weights {shapes}", set()
 
 
+def fusable(parts: list, holder: str) -> bool:
+    """Whether linear layers ``parts`` can share one GEMM over their weights side by side: each keeps a packed
+    copy in attribute ``holder`` (its path is installed), and they have one input width, one dtype, and all or no
+    biases."""
+    return (all(getattr(p, holder, None) is not None for p in parts)
+            and len({(p.weight.shape[1], p.weight.dtype) for p in parts}) == 1
+            and len({p.bias is None for p in parts}) == 1)
+
+
 def fused_rows_match(parts: list, max_rows: int = TREE_ROWS, seed: int = 0) -> Optional[bool]:
     """Whether one packed GEMM over the weights of ``parts`` (installed linear layers of one input) side by side,
     ``_Packed.get(*weights)``, gives every row, for 1..max_rows rows per call, the bits of the parts' own forwards
     side by side: False = yes, True = yes with one-row inputs computed as two (``_as_pair``), None = neither, or
     the parts are not packed layers of one width and dtype with all or no biases. Each output sums over the same
     inner dimension in both, but a BLAS may block a wider weight otherwise: checked, never assumed."""
+    if not fusable(parts, "_specstore_packed"):
+        return None
     ws = [p.weight.detach() for p in parts]
     biases = [p.bias for p in parts]
-    if (not all(getattr(p, "_specstore_packed", None) for p in parts) or len({(w.shape[1], w.dtype) for w in ws}) > 1
-            or len({b is None for b in biases}) > 1):
-        return None
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
     g = torch.Generator().manual_seed(seed)
     with torch.inference_mode():

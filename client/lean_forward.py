@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import batch_invariant, small_linear
+from . import batch_invariant, native_rows, small_linear
 from .small_linear import switched_off
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def _check_fusion(model) -> tuple:
         answer = tuple(False if small_linear.fused_rows_match(list(g[0])) else None for g in groups)
     else:
         answer = tuple(batch_invariant.fused_rows_match(list(g[0]), FUSED_ROWS) for g in groups)
-    pack = small_linear._native_pack if native else None
+    pack = native_rows.pack if native else None
     for lyr in layers:
         lyr.self_attn._specstore_qkv = batch_invariant._Packed(pack)
         lyr.mlp._specstore_gu = batch_invariant._Packed(pack)

@@ -87,7 +87,9 @@ def load():
 
 
 def _try_load():
-    if os.environ.get("SPECSTORE_NATIVE_ROWS", "1").strip().lower() in ("0", "false", "no", "off"):
+    from .small_linear import switched_off      # here, not above: client/small_linear.py imports this module
+
+    if switched_off("SPECSTORE_NATIVE_ROWS"):
         return None
     cc = _compiler()
     if cc is None:

@@ -36,6 +36,8 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from . import native_rows
+
 MAX_ROWS = 32          # up to this many rows a compiled kernel (where the cost profile finds it the faster path)
 _kernel = None         # row_kernel.rows_matmul once imported (None: not yet; False: numba unavailable)
 _threads = threading.local()   # numba's thread count is per calling thread: the last one set there
@@ -76,8 +78,6 @@ def _small_rows_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         # x made contiguous: the ``.t()`` output of the layer before arrives as a strided view
         x2 = x.reshape(rows, x.shape[-1]).contiguous()
         if self._specstore_panels is not None:
-            from . import native_rows
-
             y = native_rows.matmul(self._specstore_panels.get(w), x2, self.out_features)
         else:
             _kernel_threads()
@@ -112,7 +112,7 @@ def install(model: torch.nn.Module) -> bool:
     for mod in linears:
         mod.forward = types.MethodType(_small_rows_forward, mod)
         mod._specstore_rows = rows
-        mod._specstore_panels = _Packed(_native_pack) if native else None     # packed at first use
+        mod._specstore_panels = _Packed(native_rows.pack) if native else None     # packed at first use
     model._specstore_rows = rows
     model._specstore_native = native
     return True
@@ -122,14 +122,12 @@ def fused_rows_match(parts: list) -> bool:
     """Whether ``fused_rows`` over ``parts`` (linear layers of one input, each on the C kernel) gives, for 1..MAX_ROWS
     rows, the bits of the parts' own calls side by side. Each output is its own multiply-add chain, so it should;
     checked on the weights, not assumed."""
-    from .batch_invariant import _Packed
+    from .batch_invariant import _Packed, fusable
 
-    ws = [p.weight for p in parts]
-    if (not all(getattr(p, "_specstore_panels", None) is not None for p in parts)
-            or len({(w.shape[1], w.dtype) for w in ws}) > 1 or len({p.bias is None for p in parts}) > 1):
+    if not fusable(parts, "_specstore_panels"):
         return False
-    x = torch.randn(MAX_ROWS, ws[0].shape[1], generator=torch.Generator().manual_seed(0))
-    holder = _Packed(_native_pack)
+    x = torch.randn(MAX_ROWS, parts[0].weight.shape[1], generator=torch.Generator().manual_seed(0))
+    holder = _Packed(native_rows.pack)
     rows = parts[0]._specstore_rows
     with torch.inference_mode():
         every = set(range(1, MAX_ROWS + 1))
@@ -145,10 +143,8 @@ def fused_rows_match(parts: list) -> bool:
 
 def fused_rows(holder, parts: list, x: torch.Tensor) -> torch.Tensor:
     """``torch.cat([p(x) for p in parts], -1)`` in one call of the C kernel over the parts' weights side by side
-    (``holder``: a ``batch_invariant._Packed(_native_pack)``, which keeps that packed copy). x [..., in], float32,
+    (``holder``: a ``batch_invariant._Packed(native_rows.pack)``, which keeps that packed copy). x [..., in], float32,
     at most MAX_ROWS rows."""
-    from . import native_rows
-
     rows = x.numel() // x.shape[-1]
     y = native_rows.matmul(holder.get(*(p.weight for p in parts)), x.reshape(rows, x.shape[-1]).contiguous(),
                            sum(p.out_features for p in parts))
@@ -157,15 +153,8 @@ def fused_rows(holder, parts: list, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], -1)
 
 
-def _native_pack(w: torch.Tensor) -> torch.Tensor:
-    from . import native_rows
-
-    return native_rows.pack(w)
-
-
 def _native_fits(linears: list) -> bool:
     """Whether the C kernel builds here and packed copies of these layers' weights fit in memory."""
-    from . import native_rows
     from .batch_invariant import packing_fits
 
     return bool(linears) and native_rows.load() is not None and packing_fits([m.weight for m in linears])
