@@ -3,7 +3,7 @@ forward, interleaved step by step on two verifiers of the same model with the sa
 ``--past`` tokens), medians; and whether every logit was the same.
 
     python -m specstore.bench.lean_forward [--model PATH] [--dtype bfloat16] [--sizes 1,4,8,16,24] [--reps 31]
-        [--against own|unfused|half-cache|numba-rows]
+        [--against own|unfused|half-cache|numba-rows|numba-attention]
 
 One JSON line per size: {"n", "own_ms", "lean_ms", "saved_ms", "identical"}; exit status 1 if any differ.
 ``--against unfused``: the lean forward with fused GEMMs (q/k/v and gate/up, half precision on CPU or float32 on
@@ -16,6 +16,9 @@ place by the batch-invariant attention) against one whose cache keeps them in th
 q/k/v and gate/up) against client/row_kernel.py's numba kernel (unfused), both in the lean forward; "own_ms" is then
 numba's time. The two sum in other orders, so the logits differ by rounding: "identical" is then reported,
 "max_diff" added, and neither fails the run.
+``--against numba-attention``: the batch-invariant attention (half precision on CPU) through
+client/attention_kernel.c against client/attention_kernel.py's numba kernel (``SPECSTORE_NATIVE_ATTENTION=0``), both in
+the lean forward; "own_ms" is then numba's time; rounding differs as with numba-rows.
 """
 from __future__ import annotations
 
@@ -37,13 +40,14 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=31, help="verifies per size and way (the first is dropped)")
     ap.add_argument("--past", type=int, default=256, help="tokens in the cache before the trees")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
-    ap.add_argument("--against", choices=("own", "unfused", "half-cache", "numba-rows"), default="own",
+    ap.add_argument("--against", choices=("own", "unfused", "half-cache", "numba-rows", "numba-attention"),
+                    default="own",
                     help="the baseline: the model's own forward, the lean forward without fused GEMMs, a KV cache "
-                         "in the model's dtype, or the numba few-rows kernel instead of the C one")
+                         "in the model's dtype, or the numba few-rows (attention) kernel instead of the C one")
     args = ap.parse_args(argv)
     import torch
 
-    from ..client import lean_forward, small_linear
+    from ..client import batch_invariant, lean_forward, small_linear
     from ..client.models import load_model
     from ..client.types import DraftTree
     from ..client.verifier import Verifier
@@ -63,7 +67,13 @@ def main(argv=None) -> int:
         v.prefill(past)
     os.environ.pop("SPECSTORE_FLOAT_CACHE", None)
     switch = {"own": "SPECSTORE_LEAN_FORWARD", "unfused": "SPECSTORE_FUSED_LINEAR",
-              "numba-rows": "SPECSTORE_FUSED_LINEAR"}.get(args.against)     # numba's turn: no fused C calls either
+              "numba-rows": "SPECSTORE_FUSED_LINEAR",         # numba's turn: no fused C calls either
+              "numba-attention": "SPECSTORE_NATIVE_ATTENTION"}.get(args.against)
+    rounding = args.against in ("numba-rows", "numba-attention")       # two kernels: logits equal up to rounding
+    if args.against == "numba-attention" and batch_invariant.attention_kernel(model) != "native":
+        print("needs the batch-invariant attention (half precision on CPU) on client/attention_kernel.c (see the log)",
+              file=sys.stderr)
+        return 2
     panels = {}                 # --against numba-rows: each linear layer's packed weights, taken away for numba's turn
     if args.against == "numba-rows":
         if small_linear.installed(model) != "native" or not small_linear._load_kernel():
@@ -93,11 +103,12 @@ def main(argv=None) -> int:
                 diff = max(diff, float((out["lean"].float() - out["own"].float()).abs().max()))
         os.environ.pop("SPECSTORE_LEAN_FORWARD", None)
         os.environ.pop("SPECSTORE_FUSED_LINEAR", None)
+        os.environ.pop("SPECSTORE_NATIVE_ATTENTION", None)
         med = {w: statistics.median(t[1:]) * 1e3 for w, t in times.items()}
-        bad |= not same and not panels
+        bad |= not same and not rounding
         line = {"n": n, "own_ms": round(med["own"], 2), "lean_ms": round(med["lean"], 2),
                 "saved_ms": round(med["own"] - med["lean"], 2), "identical": same}
-        if panels:
+        if rounding:
             line["max_diff"] = diff
         print(json.dumps(line), flush=True)
     for m, p in panels.items():

@@ -1,4 +1,4 @@
-"""Attention whose result for a query depends only on that query and the keys it may see (numba).
+"""Attention whose result for a query depends only on that query and the keys it may see.
 
 client/batch_invariant.py's attention. For each (query, head) every loop runs over the keys the query may see,
 in position order (their ordinals), never over cache positions: the scores (one dot
@@ -9,12 +9,21 @@ node of a tree whose mask hides the other branches (masked keys are skipped, not
 lets the compiler vectorise and reorder within that fixed code; it does not make a result depend on where
 the keys sit or on other queries. Compiled once (cached on disk), parallel over tasks; the result does not
 depend on the thread count.
+
+Two kernels hold to this: client/attention_kernel.c (built by client/native.py; the same loops, with sixteen
+keys' scores summed at once by a transposing tree) where it builds and the head dimension is a multiple of 16,
+else ``_attend`` below (numba). They round differently (~1e-7), so a process keeps one: the choice depends only on
+the machine, the head dimension and ``SPECSTORE_NATIVE_ATTENTION`` (0: numba), all fixed while a model decodes.
+The C kernel ran 1.3-2.0x faster from 8 queries on (BENCHMARKS.md §11).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from numba import njit, prange
+
+from . import native
+from .small_linear import switched_off
 
 _LN2_HI = np.float32(0.693359375)
 _LN2_LO = np.float32(-2.12194440e-4)
@@ -140,5 +149,28 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, indptr: 
     k = _rows(key)
     v = _rows(value)
     out = np.empty((q.shape[1], q.shape[0], q.shape[2]), np.float32)
-    _attend(q, k, v, indptr, idx, np.float32(scale), out)
+    lib = _native(q.shape[2])
+    if lib is None:
+        _attend(q, k, v, indptr, idx, np.float32(scale), out)
+    else:
+        n_heads, n_q, dim = q.shape
+        indptr = np.ascontiguousarray(indptr, np.int64)
+        idx = np.ascontiguousarray(idx, np.int64)
+        rc = lib.attend(q.ctypes.data, k.ctypes.data, v.ctypes.data, k.strides[0] // 4, indptr.ctypes.data,
+                        idx.ctypes.data, scale, out.ctypes.data, n_heads, n_q, k.shape[0], dim,
+                        torch.get_num_threads())
+        if rc:
+            raise MemoryError("client/attention_kernel.c could not allocate its buffers")
     return torch.from_numpy(out)
+
+
+def _native(dim: int):
+    """The C kernels' library for a head dimension of ``dim``, or None for the numba kernel."""
+    if dim % 16 or dim > 512 or switched_off("SPECSTORE_NATIVE_ATTENTION"):
+        return None
+    return native.load()
+
+
+def kernel(dim: int) -> str:
+    """"native" (client/attention_kernel.c) or "numba": which kernel ``attend`` runs for a head dimension of ``dim``."""
+    return "numba" if _native(dim) is None else "native"

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gqa_attention, kv_cache
-from .attention_kernel import attend, visible_lists
+from .attention_kernel import attend, kernel, visible_lists
 from .small_linear import switched_off
 
 log = logging.getLogger(__name__)
@@ -340,6 +340,12 @@ def float_cache(model) -> bool:
     ``SPECSTORE_FLOAT_CACHE=0`` keeps the model's dtype (twice the cache's memory otherwise)."""
     return (bool(installed(model)) and getattr(model.config, "_attn_implementation", None) == NAME
             and not switched_off("SPECSTORE_FLOAT_CACHE"))
+
+
+def attention_kernel(model) -> str:
+    """"native" or "numba": which kernel this module's attention runs for ``model`` (client/attention_kernel.py)."""
+    c = model.config
+    return kernel(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
 
 def installed(model) -> str:

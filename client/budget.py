@@ -169,6 +169,8 @@ def cached_cost_profile(model, model_name: str, cache_dir: Optional[Path] = None
             key += "-native"                # client/row_kernel.c, a lower t(n) from 8 rows on
     if batch_invariant.installed(model):
         key += f"-invariant-{batch_invariant.installed(model)}"     # client/batch_invariant.py: attention, GEMMs
+        if batch_invariant.attention_kernel(model) == "native":
+            key += "-cattn"                 # client/attention_kernel.c, not numba's: a lower t(n) from 8 nodes on
         if measure is None and batch_invariant.float_cache(model):
             key += "-f32kv"                 # a KV cache the attention reads without converting it: a lower t(n)
     if gqa_attention.installed(model):

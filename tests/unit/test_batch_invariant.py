@@ -1,5 +1,9 @@
-"""Batch-invariant half precision on CPU (client/batch_invariant.py, client/attention_kernel.py): a tree row
+"""Batch-invariant half precision on CPU (client/batch_invariant.py, client/attention_kernel.py and .c): a tree row
 gets plain decoding's bits, so bfloat16 speculative decoding is token-identical to plain greedy."""
+import os
+from contextlib import contextmanager
+from unittest import mock
+
 import numba
 import numpy as np
 import pytest
@@ -7,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from specstore.client import batch_invariant
-from specstore.client.attention_kernel import attend, visible_lists
+from specstore.client import batch_invariant, native
+from specstore.client.attention_kernel import attend, kernel, visible_lists
 from specstore.client.budget import CostProfile
 from specstore.client.decoder import SpeculativeDecoder
 from specstore.client.drafters import ContextDrafter, RecyclingDrafter
@@ -31,43 +35,79 @@ def _tree_visible(parents: list[int], past: int) -> np.ndarray:
     return vis
 
 
+KERNELS = ["numba", pytest.param("native", marks=pytest.mark.skipif(
+    native.load() is None, reason="client/attention_kernel.c does not build here"))]
+
+
+@contextmanager
+def _attention_kernel(name: str):
+    """attend() on the numba kernel or on client/attention_kernel.c (where the head dimension allows it)."""
+    with mock.patch.dict(os.environ, {"SPECSTORE_NATIVE_ATTENTION": "1" if name == "native" else "0"}):
+        yield
+
+
+@pytest.mark.parametrize("which", KERNELS)
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 20), past=st.integers(0, 300), dim=st.sampled_from([8, 64]))
-def test_a_tree_row_equals_the_same_query_alone(seed, n, past, dim):
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 20), past=st.integers(0, 300),
+       dim=st.sampled_from([8, 16, 64, 128]), heads=st.sampled_from([(6, 2), (12, 2), (5, 5)]))
+def test_a_tree_row_equals_the_same_query_alone(which, seed, n, past, dim, heads):
     """Each node's output has the bits of its query over its visible keys alone (plain decoding's cache),
-    and matches torch's attention to float32 rounding."""
+    and matches torch's attention to float32 rounding: on either kernel, for head groups of 3, 6 (more than the C
+    kernel's 4 heads per pass) and 1, and past the C kernel's blocks of 16 keys."""
     rng = np.random.default_rng(seed)
     parents = [-1] + [int(rng.integers(0, i)) for i in range(1, n)]
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(6, n, dim, generator=g).bfloat16()
-    k = torch.randn(2, past + n, dim, generator=g).bfloat16()
-    v = torch.randn(2, past + n, dim, generator=g).bfloat16()
+    q = torch.randn(heads[0], n, dim, generator=g).bfloat16()
+    k = torch.randn(heads[1], past + n, dim, generator=g).bfloat16()
+    v = torch.randn(heads[1], past + n, dim, generator=g).bfloat16()
     vis = _tree_visible(parents, past)
-    out = attend(q, k, v, *visible_lists(vis), dim ** -0.5)
-    for i in range(n):
-        keys = torch.as_tensor(np.flatnonzero(vis[i]))
-        alone = attend(q[:, i:i + 1], k[:, keys], v[:, keys], *visible_lists(np.ones((1, len(keys)), bool)),
-                       dim ** -0.5)
-        assert torch.equal(alone[0], out[i])
+    with _attention_kernel(which):
+        assert kernel(dim) == ("numba" if dim % 16 else which)
+        out = attend(q, k, v, *visible_lists(vis), dim ** -0.5)
+        for i in range(n):
+            keys = torch.as_tensor(np.flatnonzero(vis[i]))
+            alone = attend(q[:, i:i + 1], k[:, keys], v[:, keys], *visible_lists(np.ones((1, len(keys)), bool)),
+                           dim ** -0.5)
+            assert torch.equal(alone[0], out[i])
     ref = F.scaled_dot_product_attention(q.float()[None], k.float()[None], v.float()[None],
                                          attn_mask=torch.as_tensor(vis)[None, None], enable_gqa=True)
     torch.testing.assert_close(out, ref[0].transpose(0, 1), atol=2e-6, rtol=1e-5)
 
 
-def test_attention_does_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("which", KERNELS)
+def test_attention_does_not_depend_on_the_thread_count(which):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(9, 12, 64, generator=g), torch.randn(3, 400, 64, generator=g),
                torch.randn(3, 400, 64, generator=g))
     lists = visible_lists(np.tril(np.ones((12, 400), bool), 388))
-    before = numba.get_num_threads()
+    before, torch_before = numba.get_num_threads(), torch.get_num_threads()
     try:
-        numba.set_num_threads(1)
-        one = attend(q, k, v, *lists, 0.125)
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        many = attend(q, k, v, *lists, 0.125)
+        with _attention_kernel(which):
+            numba.set_num_threads(1)
+            torch.set_num_threads(1)
+            one = attend(q, k, v, *lists, 0.125)
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+            torch.set_num_threads(max(2, os.cpu_count() or 2))
+            many = attend(q, k, v, *lists, 0.125)
     finally:
         numba.set_num_threads(before)
+        torch.set_num_threads(torch_before)
     assert torch.equal(one, many)
+
+
+@pytest.mark.skipif(native.load() is None, reason="client/attention_kernel.c does not build here")
+def test_the_two_attention_kernels_agree_to_rounding_and_a_query_that_sees_nothing_gets_zeros():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(8, 40, 64, generator=g)
+    k, v = torch.randn(2, 90, 64, generator=g), torch.randn(2, 90, 64, generator=g)
+    vis = np.random.default_rng(2).random((40, 90)) < 0.7
+    vis[5] = False
+    outs = []
+    for which in ("numba", "native"):
+        with _attention_kernel(which):
+            outs.append(attend(q, k, v, *visible_lists(vis), 0.125))
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-6, rtol=1e-5)
+    assert not outs[1][5].any() and not torch.equal(outs[0], outs[1])   # two kernels, rounded each its own way
 
 
 def test_the_gemm_check_has_teeth(monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specstore.bench.tiny_llama import tiny_llama
-from specstore.client import lean_forward
+from specstore.client import batch_invariant, lean_forward
 from specstore.client.types import DraftTree
 from specstore.client.verifier import Verifier
 
@@ -302,3 +302,8 @@ def test_the_cost_profile_names_the_fused_gemms(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECSTORE_FLOAT_CACHE", "0")           # a cache in the model's dtype: another curve
     cached_cost_profile(model, "tiny", cache_dir=tmp_path, sizes=(1, 2))
     assert len(list(tmp_path.glob("*.json"))) == 3 and len(list(tmp_path.glob("*-f32kv-*.json"))) == 2
+    cattn = batch_invariant.attention_kernel(model) == "native"     # client/attention_kernel.c: another curve
+    assert all(("-cattn-" in p.name) == cattn for p in tmp_path.glob("*.json"))
+    monkeypatch.setenv("SPECSTORE_NATIVE_ATTENTION", "0")
+    cached_cost_profile(model, "tiny", cache_dir=tmp_path, sizes=(1, 2))
+    assert len(list(tmp_path.glob("*.json"))) == 3 + cattn

@@ -1,7 +1,8 @@
-"""client/native_rows.py and client/row_kernel.c: the C few-rows linear layer gives x @ w^T up to rounding for every
-shape (ragged panels, odd input sizes, 1..MAX_ROWS rows), gives a row the same bits alone as within any batch and
-whatever the thread count, packs again when a weight changes, survives a deepcopy, is cached on disk, and gives
-way to the numba kernel where it cannot be built, is switched off, or its packed copies do not fit in memory."""
+"""client/native.py, client/native_rows.py and client/row_kernel.c: the C few-rows linear layer gives x @ w^T up to
+rounding for every shape (ragged panels, odd input sizes, 1..MAX_ROWS rows), gives a row the same bits alone as
+within any batch and whatever the thread count, packs again when a weight changes, survives a deepcopy, is cached on
+disk, and gives way to the numba kernel where it cannot be built, is switched off, or its packed copies do not fit
+in memory."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from specstore.client import native_rows, small_linear
+from specstore.client import native, native_rows, small_linear
 
 from ..helpers import tiny_llama
 
@@ -72,24 +73,24 @@ def test_a_changed_weight_is_packed_again_and_a_copy_packs_its_own(monkeypatch):
 
 def test_built_once_and_cached_on_disk(monkeypatch, tmp_path):
     monkeypatch.setenv("SPECSTORE_CACHE", str(tmp_path))
-    monkeypatch.setattr(native_rows, "_lib", None)
+    monkeypatch.setattr(native, "_lib", None)
     assert native_rows.load() is not None
-    (built,) = (tmp_path / "kernels").glob("row_kernel-*.so")
+    (built,) = (tmp_path / "kernels").glob("kernels-*.so")
     stamp = built.stat().st_mtime_ns
-    monkeypatch.setattr(native_rows, "_lib", None)
+    monkeypatch.setattr(native, "_lib", None)
     assert native_rows.load() is not None and built.stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("why", ["switched off", "no compiler", "build fails", "does not fit"])
 def test_the_numba_kernel_takes_over(why, monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("SPECSTORE_CACHE", str(tmp_path))
-    monkeypatch.setattr(native_rows, "_lib", None)
+    monkeypatch.setattr(native, "_lib", None)
     if why == "switched off":
         monkeypatch.setenv("SPECSTORE_NATIVE_ROWS", "0")
     elif why == "no compiler":
-        monkeypatch.setattr(native_rows, "_compiler", lambda: None)
+        monkeypatch.setattr(native, "_compiler", lambda: None)
     elif why == "build fails":
-        monkeypatch.setattr(native_rows, "FLAGS", native_rows.FLAGS + ["-include", "/nonexistent.h"])
+        monkeypatch.setattr(native, "FLAGS", native.FLAGS + ["-include", "/nonexistent.h"])
     else:
         from specstore.client import batch_invariant
 
@@ -99,7 +100,7 @@ def test_the_numba_kernel_takes_over(why, monkeypatch, tmp_path, caplog):
         assert small_linear.install(model)
     assert small_linear.installed(model) == "kernel"
     if why == "build fails":
-        assert "could not build client/row_kernel.c" in caplog.text and not list((tmp_path / "kernels").glob("*.so"))
+        assert "could not build the C kernels" in caplog.text and not list((tmp_path / "kernels").glob("*.so"))
     ids = torch.tensor([[5, 7, 9]])
     with torch.inference_mode():
         got = model(ids).logits
