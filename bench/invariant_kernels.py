@@ -2,9 +2,10 @@
 medians (microseconds):
 
 - attention: the invariant kernel (client/attention_kernel.py) against torch's scaled_dot_product_attention on
-  the same queries, keys and tree mask (a prefix every query sees, then a random tree); the kernel twice: over a
-  bfloat16 cache (converted to float32 at every call) and over float32 buffers read in place (the verifier's
-  cache, ``kv_cache.new_cache(float_buffers=True)``);
+  the same queries, keys and tree mask (a prefix every query sees, then a random tree); the kernel three times:
+  over a bfloat16 cache (converted to float32 at every call), and over float32 buffers read in place (the
+  verifier's cache, ``kv_cache.new_cache(float_buffers=True)``) on the numba kernel and on the C one
+  (client/attention_kernel.c, where it builds);
 - linear: oneDNN's GEMM on a weight packed once against torch's ``F.linear`` (which repacks on every call).
 
     python -m specstore.bench.invariant_kernels [--heads 9 --kv-heads 3 --head-dim 64 --keys 400]
@@ -50,6 +51,7 @@ def tree_visible(n_q: int, n_keys: int, seed: int = 0) -> np.ndarray:
 
 
 def attention_rows(heads: int, kv_heads: int, dim: int, keys: int, queries, reps: int) -> list[dict]:
+    from ..client import native
     from ..client.attention_kernel import attend, visible_lists
 
     out = []
@@ -64,11 +66,14 @@ def attention_rows(heads: int, kv_heads: int, dim: int, keys: int, queries, reps
         room = 256                                  # a FloatBufferedLayer's buffer: positions of room past the keys
         bk, bv = (torch.cat([x.float(), torch.zeros(kv_heads, room, dim)], 1) for x in (k, v))
         kf, vf = bk[:, :keys], bv[:, :keys]
-        t = _median_us({
+        fns = {
             "invariant": lambda: attend(q, k, v, *lists, dim ** -0.5),
-            "in_place": lambda: attend(q, kf, vf, *lists, dim ** -0.5),
+            "in_place": lambda: attend(q, kf, vf, *lists, dim ** -0.5, "numba"),
             "torch": lambda: F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
-                                                            enable_gqa=True)}, reps)
+                                                            enable_gqa=True)}
+        if native.load() is not None and dim % 16 == 0:
+            fns["in_place_c"] = lambda: attend(q, kf, vf, *lists, dim ** -0.5, "native")
+        t = _median_us(fns, reps)
         out.append({"queries": n_q, **t})
     return out
 
@@ -107,8 +112,9 @@ def main(argv=None) -> int:
     ints = lambda s: [int(x) for x in s.split(",") if x]        # noqa: E731
     print(f"attention, {a.heads} heads / {a.kv_heads} kv heads x {a.head_dim}, {a.keys} keys (us, medians)")
     for r in attention_rows(a.heads, a.kv_heads, a.head_dim, a.keys, ints(a.queries), a.reps):
+        c = f"   C {r['in_place_c']:8.1f}" if "in_place_c" in r else ""
         print(f"  {r['queries']:>3} queries: invariant {r['invariant']:8.1f}   "
-              f"over float32 buffers {r['in_place']:8.1f}   torch {r['torch']:8.1f}")
+              f"over float32 buffers: numba {r['in_place']:8.1f}{c}   torch {r['torch']:8.1f}")
     print("linear, bfloat16 (us, medians)")
     shapes = [tuple(int(d) for d in s.split("x")) for s in a.linear.split(",") if s]
     for r in linear_rows(shapes, ints(a.rows), a.reps):

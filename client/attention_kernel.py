@@ -18,6 +18,8 @@ The C kernel ran 1.3-2.0x faster from 8 queries on (BENCHMARKS.md §11).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from numba import njit, prange
@@ -142,14 +144,15 @@ def _rows(x: torch.Tensor) -> np.ndarray:
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, indptr: np.ndarray, idx: np.ndarray,
-           scale: float) -> torch.Tensor:
+           scale: float, which: Optional[str] = None) -> torch.Tensor:
     """query [H, Q, D], key/value [KV, T, D] (any float dtype), the visible keys of each query
-    (``visible_lists``) -> [Q, H, D] float32."""
+    (``visible_lists``) -> [Q, H, D] float32. ``which``: "numba" or "native" for that kernel (a comparison,
+    bench/invariant_kernels.py), else ``kernel(D)``'s."""
     q = query.float().contiguous().numpy()
     k = _rows(key)
     v = _rows(value)
     out = np.empty((q.shape[1], q.shape[0], q.shape[2]), np.float32)
-    lib = _native(q.shape[2])
+    lib = None if which == "numba" else native.load() if which == "native" else _native(q.shape[2])
     if lib is None:
         _attend(q, k, v, indptr, idx, np.float32(scale), out)
     else:

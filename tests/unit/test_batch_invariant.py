@@ -333,6 +333,7 @@ def test_the_kernel_benchmark_runs_and_its_tree_mask_is_a_tree():
     rows = invariant_kernels.attention_rows(4, 2, 16, 40, [1, 6], reps=2)
     assert [r["queries"] for r in rows] == [1, 6]
     assert all(r["invariant"] > 0 and r["in_place"] > 0 and r["torch"] > 0 for r in rows)
+    assert all((r.get("in_place_c", 0) > 0) == (native.load() is not None) for r in rows)
     if batch_invariant.packed_is_invariant(torch.randn(32, 64).bfloat16(), max_rows=2):
         rows = invariant_kernels.linear_rows([(32, 64)], [1, 3], reps=2)
         assert [(r["weight"], r["rows"]) for r in rows] == [("32x64", 1), ("32x64", 3)]
