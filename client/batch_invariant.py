@@ -33,6 +33,15 @@ decoder's and transformers' own ``generate`` (the plain decoding we compare with
 
 Everything else in a Llama-style layer (norms, rotary, activations, residuals) works row by row already.
 ``SPECSTORE_BATCH_INVARIANT=0`` turns all of it off (bfloat16 outputs are then not identical to plain decoding).
+
+float32 on CPU ("rows"): where the C kernels build (client/native.py), every linear layer runs on
+client/row_kernel.c for 1..``TREE_ROWS`` rows (each output one multiply-add chain: a row's bits do not depend on
+the other rows, by construction; the cost profile no longer hands some row counts to torch's faster-or-not GEMM)
+and the attention after the prompt on client/attention_kernel.c. In float32 kernels' different summation orders
+move logits by ~1e-6, which leaves the argmax alone but for near-ties; with this, a tree node gets plain decoding's
+bits there too. Without a C compiler, for a head dimension that is not a multiple of 16, or with
+``SPECSTORE_BATCH_INVARIANT=0``, float32 keeps torch's kernels (and the few-rows kernel of client/small_linear.py
+where it is faster), as before: equal to plain decoding up to such near-ties.
 """
 from __future__ import annotations
 
@@ -349,13 +358,65 @@ def attention_kernel(model) -> str:
 
 
 def installed(model) -> str:
-    """The linear layers' way ("packed" or "chunked", see the module's docstring), or "" if not installed."""
-    return getattr(model, "_specstore_invariant", "")
+    """The linear layers' way ("packed" or "chunked" in half precision, "rows" in float32, see the module's
+    docstring), or "" if not installed (or installed for the dtype the model had before a conversion)."""
+    mode = getattr(model, "_specstore_invariant", "")
+    return mode if mode and (mode == "rows") == (_dtype(model) == torch.float32) else ""
+
+
+def _dtype(model) -> Optional[torch.dtype]:
+    p = next(model.parameters(), None)
+    return None if p is None else p.dtype
+
+
+def _forget(model) -> None:
+    """Undo an install made for another dtype (the model was converted since, e.g. ``.to(torch.bfloat16)``)."""
+    from . import small_linear
+
+    small_linear.uninstall(model)       # every nn.Linear back to its class's forward
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            m.__dict__.pop("_specstore_packed", None)
+            m.__dict__.pop("_specstore_pair", None)
+    for attr in ("_specstore_invariant", "_specstore_refused", "_specstore_refused_for"):
+        model.__dict__.pop(attr, None)
+
+
+def _refuse(model, why: str) -> None:
+    model._specstore_refused = why
+    model._specstore_refused_for = _dtype(model)        # a converted model is looked at again
 
 
 def _applies(p) -> bool:
     """Whether a model whose first parameter is ``p`` needs batch-invariant forwards: half precision on CPU."""
     return p is not None and p.device.type == "cpu" and p.dtype in HALF
+
+
+def _install_rows(model) -> bool:
+    """float32 on CPU: the linear layers on client/row_kernel.c for 1..TREE_ROWS rows and this module's attention on
+    client/attention_kernel.c (the module's docstring). Returns whether installed; why not goes to the log."""
+    from . import small_linear
+
+    why = ""
+    if not small_linear.install(model) or small_linear.installed(model) != "native":
+        why = ("its linear layers are not on client/row_kernel.c (no C compiler, switched off, or no memory for a "
+               "packed copy)")
+    elif attention_kernel(model) != "native":
+        why = "client/attention_kernel.c does not take it (a head dimension not a multiple of 16, or switched off)"
+    else:
+        try:
+            gqa_attention.register(NAME, attention)
+            model.set_attn_implementation(NAME)
+        except Exception as e:  # noqa: BLE001 - a transformers without attention interfaces
+            why = f"its attention cannot be swapped ({e})"
+    if why:
+        _refuse(model, why)
+        log.info("float32 without batch-invariant forwards (a tree row equals plain decoding's to rounding, not "
+                 "bit for bit): %s", why)
+        return False
+    small_linear.pin(model, TREE_ROWS)
+    model._specstore_invariant = "rows"
+    return True
 
 
 def install(model) -> bool:
@@ -364,7 +425,15 @@ def install(model) -> bool:
     reason kept on the model for ``check``, and not checked again)."""
     if installed(model):
         return True
-    if getattr(model, "_specstore_refused", "") or not _applies(next(model.parameters(), None)) or not enabled():
+    p = next(model.parameters(), None)
+    if getattr(model, "_specstore_invariant", ""):
+        _forget(model)
+    if (getattr(model, "_specstore_refused", "") and getattr(model, "_specstore_refused_for", None) == _dtype(model)
+            or not enabled()):
+        return False
+    if p is not None and p.device.type == "cpu" and p.dtype == torch.float32:
+        return _install_rows(model)
+    if not _applies(p):
         return False
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     shapes = {}
@@ -379,7 +448,7 @@ def install(model) -> bool:
         except Exception as e:  # noqa: BLE001 - a transformers without attention interfaces
             mode, why = "", f"its attention cannot be swapped ({e})"
     if not mode:
-        model._specstore_refused = why
+        _refuse(model, why)
         log.info("no batch-invariant forwards: %s", why)
         return False
     for m in linears:

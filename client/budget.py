@@ -107,7 +107,7 @@ def measure_cost_profile(model, sizes: Sequence[int] = DEFAULT_SIZES, past_len: 
     past = rng.integers(vocab_low, hi, size=past_len + 1)
     seconds = []
     sync = torch.cuda.synchronize if v.device.type == "cuda" else (lambda: None)
-    rows = small_linear.kernel_rows(model)
+    rows = None if small_linear.pinned(model) else small_linear.kernel_rows(model)    # pinned: nothing to choose
     on_kernel = {}                               # timed size -> whether the kernel was faster
     v.prefill(past)
     paths = {n: (True, False) if rows is not None and n <= small_linear.MAX_ROWS else (None,) for n in sizes}

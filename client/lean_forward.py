@@ -233,11 +233,12 @@ def _probe(model) -> str:
 
 
 def usable(model) -> bool:
-    """Whether the verifier may call ``forward`` for ``model`` now: checked once per attention implementation
-    (the answer kept on the model), and forward hooks, which it would skip, on every call (~20 us)."""
+    """Whether the verifier may call ``forward`` for ``model`` now: checked once per attention implementation and
+    dtype (the answer kept on the model), and forward hooks, which it would skip, on every call (~20 us)."""
     if switched_off("SPECSTORE_LEAN_FORWARD"):
         return False
-    impl = getattr(model.config, "_attn_implementation", None)
+    p = next(model.parameters(), None)
+    impl = (getattr(model.config, "_attn_implementation", None), None if p is None else p.dtype)
     known = getattr(model, "_specstore_lean", None)
     if known is None or known[0] != impl:
         why = _structure_ok(model)

@@ -169,6 +169,7 @@ def uninstall(model: torch.nn.Module) -> None:
             mod.__dict__.pop("_specstore_panels", None)
     model.__dict__.pop("_specstore_rows", None)
     model.__dict__.pop("_specstore_native", None)
+    model.__dict__.pop("_specstore_pinned", None)
 
 
 def installed(model: torch.nn.Module) -> str:
@@ -177,6 +178,20 @@ def installed(model: torch.nn.Module) -> str:
     if kernel_rows(model) is None:
         return ""
     return "native" if getattr(model, "_specstore_native", False) else "kernel"
+
+
+def pin(model: torch.nn.Module, rows: int) -> None:
+    """Every row count 1..rows on the C kernel (installed) for good: ``kernel_rows`` no longer narrows it. For
+    client/batch_invariant.py's float32 forwards, where a row's bits must not depend on how many rows share its call
+    (torch's GEMM for some counts would sum in another order)."""
+    live = model._specstore_rows
+    live.clear()
+    live.update(range(1, rows + 1))
+    model._specstore_pinned = True
+
+
+def pinned(model: torch.nn.Module) -> bool:
+    return getattr(model, "_specstore_pinned", False)
 
 
 def kernel_rows(model: torch.nn.Module, rows: Optional[Iterable[int]] = None) -> Optional[set[int]]:
@@ -188,7 +203,7 @@ def kernel_rows(model: torch.nn.Module, rows: Optional[Iterable[int]] = None) ->
     torch's pools cost more) 8% slower, while it won from 4 rows on on both. The verify cost profile times
     both paths and keeps the faster for each size (client/budget.py: ``measure_cost_profile``)."""
     live = getattr(model, "_specstore_rows", None)
-    if live is not None and rows is not None:
+    if live is not None and rows is not None and not pinned(model):
         keep = {int(r) for r in rows if 1 <= int(r) <= MAX_ROWS}
         live.clear()
         live.update(keep)

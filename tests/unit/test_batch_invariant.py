@@ -253,6 +253,85 @@ def test_bfloat16_speculation_is_token_identical_to_generate(bf16_model, seed, b
     assert dec.generate(prompt, 40, eos_token_id=[]).new_tokens == ref
 
 
+NEEDS_C = pytest.mark.skipif(native.load() is None, reason="the C kernels do not build here")
+
+
+@NEEDS_C
+def test_float32_tree_logits_have_plain_decodings_bits_on_the_c_kernels(monkeypatch):
+    """float32 on CPU ("rows"): every linear layer on client/row_kernel.c for 1..TREE_ROWS rows and the attention on
+    client/attention_kernel.c give every node plain decoding's bits; torch's kernels do not (the reason)."""
+    from specstore.bench.half_precision_identity import measure
+    from specstore.client import small_linear
+
+    m = tiny_llama(vocab=VOCAB, layers=2, hidden=BF16_HIDDEN)
+    res = measure(m, trials=6, nodes=33, seed=3, prompt_len=(1, 40))
+    assert batch_invariant.installed(m) == "rows" and small_linear.pinned(m)
+    assert res["nodes"] >= 12 and res["other_bits"] == 0 and res["max_abs_diff"] == 0
+    small_linear.kernel_rows(m, [1, 2])                 # what a cost profile does: refused, every count stays
+    assert small_linear.kernel_rows(m) == set(range(1, batch_invariant.TREE_ROWS + 1))
+    monkeypatch.setenv("SPECSTORE_BATCH_INVARIANT", "0")
+    m = tiny_llama(vocab=VOCAB, layers=2, hidden=BF16_HIDDEN)
+    res = measure(m, trials=6, nodes=33, seed=3, prompt_len=(1, 40))
+    assert not batch_invariant.installed(m) and res["other_bits"] > 0
+
+
+@NEEDS_C
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 100_000), budget=st.integers(1, 40), plen=st.integers(1, 30),
+       p_true=st.floats(0.0, 1.0))
+def test_float32_speculation_on_the_c_kernels_is_token_identical_to_generate(seed, budget, plen, p_true):
+    m = tiny_llama(vocab=VOCAB, layers=2, hidden=BF16_HIDDEN, seed=seed % 7)
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(3, VOCAB, plen).tolist()
+    assert batch_invariant.install(m) and batch_invariant.installed(m) == "rows"
+    ref = plain_greedy(m, prompt, 40, eos=None)
+    dec = SpeculativeDecoder(m, None, [RandomTreeDrafter(ref, plen, VOCAB, seed, p_true=p_true), ContextDrafter(),
+                                       RecyclingDrafter(VOCAB)], profile=CostProfile.flat(budget + 1),
+                             max_budget=budget)
+    assert dec.generate(prompt, 40, eos_token_id=[]).new_tokens == ref
+
+
+@NEEDS_C
+def test_a_model_converted_after_install_is_installed_again_for_its_new_dtype():
+    """float32 ("rows") then ``.to(bfloat16)``, the copy of an installed model included: install starts afresh
+    (packed or chunked GEMMs, the lean forward checked again), and tree nodes keep plain decoding's bits."""
+    import copy
+
+    from specstore.bench.half_precision_identity import measure
+
+    m = tiny_llama(vocab=VOCAB, layers=2, hidden=BF16_HIDDEN)
+    assert measure(m, trials=2, nodes=9, seed=1, prompt_len=(1, 20))["other_bits"] == 0
+    assert batch_invariant.installed(m) == "rows"
+    half = copy.deepcopy(m).to(torch.bfloat16)
+    assert batch_invariant.installed(half) == ""            # installed for float32, not for what it is now
+    if not batch_invariant.install(half):
+        pytest.skip("bfloat16 GEMMs on this machine are not row-invariant")
+    assert batch_invariant.installed(half) in ("packed", "chunked")
+    res = measure(half, trials=3, nodes=17, seed=2, prompt_len=(1, 30))
+    assert res["other_bits"] == 0 and res["nodes"] >= 6
+    back = half.to(torch.float32)
+    assert batch_invariant.install(back) and batch_invariant.installed(back) == "rows"
+    assert measure(back, trials=2, nodes=9, seed=3, prompt_len=(1, 20))["other_bits"] == 0
+
+
+@pytest.mark.parametrize("why", ["head dimension", "attention switched off", "no C kernels"])
+def test_float32_keeps_torchs_kernels_where_the_c_kernels_do_not_apply(why, monkeypatch, caplog):
+    import logging
+
+    from specstore.client import native_rows
+
+    hidden = 32 if why == "head dimension" else BF16_HIDDEN           # 4 heads of 8: not a multiple of 16
+    if why == "attention switched off":
+        monkeypatch.setenv("SPECSTORE_NATIVE_ATTENTION", "0")
+    elif why == "no C kernels":
+        monkeypatch.setattr(native_rows, "load", lambda: None)
+    m = tiny_llama(vocab=VOCAB, layers=1, hidden=hidden)
+    with caplog.at_level(logging.INFO):
+        assert not batch_invariant.install(m)
+    assert not batch_invariant.installed(m) and "float32 without batch-invariant forwards" in caplog.text
+    SpeculativeDecoder(m, None, [ContextDrafter()])                      # float32 is never refused
+
+
 def test_without_it_bfloat16_trees_part_from_plain_decoding(monkeypatch):
     """The reason for all this: torch's own attention gives a tree row other bits than plain decoding."""
     monkeypatch.setenv("SPECSTORE_BATCH_INVARIANT", "0")

@@ -167,9 +167,11 @@ def test_float32_fused_gemms_on_the_c_kernel_give_the_models_own_logits(bias, mo
 
 def test_float32_fused_gemms_only_for_the_row_counts_on_the_kernel(monkeypatch):
     """Where the cost profile gave a tree size to torch's linear, the parts compute with torch's bits: no fused
-    call for that size, and the logits still equal the model's own."""
+    call for that size, and the logits still equal the model's own (float32 without the batch-invariant forwards,
+    whose rows are pinned to the kernel)."""
     from specstore.client import small_linear
 
+    monkeypatch.setenv("SPECSTORE_BATCH_INVARIANT", "0")
     model = _f32_native_model()
     assert lean_forward.usable(model)
     small_linear.kernel_rows(model, [])              # torch's linear for every size
@@ -180,6 +182,7 @@ def test_float32_fused_gemms_only_for_the_row_counts_on_the_kernel(monkeypatch):
 def test_float32_fused_rows_match_catches_a_difference(monkeypatch):
     from specstore.client import native_rows, small_linear
 
+    monkeypatch.setenv("SPECSTORE_BATCH_INVARIANT", "0")       # rows not pinned: the check must leave them as they were
     model = _f32_native_model()
     att = model.model.layers[0].self_attn
     parts = [att.q_proj, att.k_proj, att.v_proj]
