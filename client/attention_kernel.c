@@ -1,5 +1,5 @@
-/* The batch-invariant attention of client/attention_kernel.py in C (built with client/row_kernel.c by
- * client/native_rows.py: gcc -O3 -march=native -fopenmp).
+/* The batch-invariant attention of client/attention_kernel.py in C (built with client/row_kernel.c into one library
+ * by client/native.py: gcc -O3 -march=native -fopenmp).
  *
  * For each query r and head h: out[r, h] = softmax(scale * q[h, r] . k[j]) @ v[j] over the keys j that r may see,
  * idx[indptr[r] .. indptr[r + 1] - 1] (ascending cache positions). A query's result must depend only on that query

@@ -14,7 +14,7 @@ Two kernels hold to this: client/attention_kernel.c (built by client/native.py; 
 keys' scores summed at once by a transposing tree) where it builds and the head dimension is a multiple of 16,
 else ``_attend`` below (numba). They round differently (~1e-7), so a process keeps one: the choice depends only on
 the machine, the head dimension and ``SPECSTORE_NATIVE_ATTENTION`` (0: numba), all fixed while a model decodes.
-The C kernel ran 1.3-2.0x faster from 8 queries on (BENCHMARKS.md §11).
+The C kernel ran 1.6-2.0x faster from 8 queries on (BENCHMARKS.md §11).
 """
 from __future__ import annotations
 

@@ -420,16 +420,17 @@ def _install_rows(model) -> bool:
 
 
 def install(model) -> bool:
-    """Make a CPU half-precision model batch-invariant (idempotent). Returns whether it is; another device or dtype,
-    a BLAS whose GEMM is not row-invariant, or an attention transformers cannot swap leaves it as it was (the
-    reason kept on the model for ``check``, and not checked again)."""
+    """Make a CPU half-precision (or, on the C kernels, float32) model batch-invariant (idempotent). Returns whether
+    it is; another device or dtype, a BLAS whose GEMM is not row-invariant, or an attention transformers cannot swap
+    leaves it as it was (the reason kept on the model for ``check``, and not checked again for that dtype)."""
     if installed(model):
         return True
     p = next(model.parameters(), None)
     if getattr(model, "_specstore_invariant", ""):
         _forget(model)
-    if (getattr(model, "_specstore_refused", "") and getattr(model, "_specstore_refused_for", None) == _dtype(model)
-            or not enabled()):
+    dtype = None if p is None else p.dtype
+    if getattr(model, "_specstore_refused", "") and getattr(model, "_specstore_refused_for", None) == dtype \
+            or not enabled():
         return False
     if p is not None and p.device.type == "cpu" and p.dtype == torch.float32:
         return _install_rows(model)
